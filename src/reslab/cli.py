@@ -1,0 +1,136 @@
+"""`reslab` command line: argparse subcommands mapped to plain functions.
+
+User mistakes end in one line `reslab: error: ...` on stderr and exit code 2 (3 for a diverged run,
+130 for Ctrl-C); no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import ReslabError
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from . import config
+    from .engine import fit
+
+    if args.resume:
+        if not args.out:
+            raise ReslabError("--resume needs --out DIR, the run directory to continue")
+        saved = Path(args.out) / "config.yaml"
+        if not saved.is_file():
+            raise ReslabError(f"cannot resume: {saved} not found (no run was started in {args.out})")
+        cfg = config.load(saved, args.set)
+    else:
+        cfg = config.load(args.config, args.set)
+    out = args.out or f"runs/{cfg.name}"
+    summary = fit(cfg, out, resume=args.resume, quiet=args.quiet)
+    if summary["test_acc"] is not None:
+        print(
+            f"done: test acc {summary['test_acc']:.4f} (best {summary['best_test_acc']:.4f}) after "
+            f"{summary['epochs']} epochs, {summary['wall_seconds']:.0f} s -> {out}"
+        )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .report import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.path, out=args.out, data_dir=args.data_dir, limit=args.limit)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(
+            f"test loss {result['test_loss']:.4f}  test acc {result['test_acc']:.4f}  top-2 {result['top2_acc']:.4f}"
+        )
+        for name, acc in result["per_class_acc"].items():
+            print(f"  {name:<12} {acc:.4f}")
+        if result.get("outputs"):
+            print("wrote " + ", ".join(result["outputs"]))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import build_model, count_params, list_models
+
+    for name in list_models():
+        params = (
+            count_params(build_model(name, args.in_channels, args.num_classes)) if not args.names else None
+        )
+        print(name if params is None else f"{name:<20} {params:>12,}")
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from .models import build_model, summary
+
+    try:
+        shape = tuple(int(s) for s in args.input.split(","))
+    except ValueError:
+        raise ReslabError(
+            f"--input {args.input!r}: expected comma-separated sizes like 1,1,224,224"
+        ) from None
+    if len(shape) != 4 or min(shape) < 1:
+        raise ReslabError(f"--input {args.input!r}: expected 4 positive sizes N,C,H,W like 1,1,224,224")
+    model = build_model(args.model, shape[1], args.num_classes)
+    try:
+        summary(model, shape)
+    except RuntimeError as e:
+        raise ReslabError(f"{args.model} cannot take input {shape}: {str(e).splitlines()[0]}") from None
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reslab", description="Build, train and study residual networks.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    p.add_argument("--config", default="configs/fast.yaml", help="YAML recipe (default: configs/fast.yaml)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides: optim.lr=0.1")
+    p.add_argument("--out", help="run directory (default: runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run directory or checkpoint on the test set, with a report")
+    p.add_argument("path", help="run directory (uses best.pt) or checkpoint file")
+    p.add_argument("--out", help="write eval.json, confusion.png and errors.png here")
+    p.add_argument("--data-dir", help="directory of the dataset files (default: the run's own)")
+    p.add_argument("--limit", type=int, help="evaluate on the first N test images only")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("models", help="list the registered models with parameter counts")
+    p.add_argument("--in-channels", type=int, default=1)
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--names", action="store_true", help="names only (fast)")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("summary", help="layer table of a model: output shapes, parameters, FLOPs")
+    p.add_argument("model")
+    p.add_argument("--input", default="1,1,224,224", help="input shape N,C,H,W (default 1,1,224,224)")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.set_defaults(func=cmd_summary)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ReslabError as e:
+        print(f"reslab: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("reslab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Typed run configuration: dataclasses, YAML loading, dotted `--set a.b=c` overrides, validation.
+
+Every user mistake (unknown key, wrong type, value out of range, contradictory options) raises a
+`ReslabError` naming the key and the fix; the CLI turns it into one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ReslabError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet20"  # any name of `reslab models`
+    options: dict[str, Any] = field(default_factory=dict)  # builder options: order, shortcut, width, ...
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion-mnist"  # fashion-mnist | idx (any IDX files in root) | folder (class_name/*.png)
+    root: str | None = None  # directory of the files; None = search the standard places
+    download: bool = True  # fetch the official files when none are found
+    limit: int | None = None  # use only the first N training and N test images
+    resize: int | None = None  # square side in pixels after resizing (the notebook's 96); None = native
+    normalize: bool = True  # subtract the dataset mean, divide by its std (the notebook: False, [0, 1])
+    crop_padding: int = 0  # random crop after padding by this many pixels; 0 = off
+    flip: bool = False  # random horizontal flip
+    erasing: float = 0.0  # random erasing probability (Zhong et al. 2017); 0 = off
+    classes: list[str] | None = None  # class names for idx/folder data
+    split: float = 0.0  # folder data without train/ and test/: fraction held out for testing
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.05  # peak learning rate, for the global batch
+    momentum: float = 0.9  # SGD momentum
+    nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW
+    weight_decay: float = 0.0  # never applied to BN parameters and biases
+    schedule: str = "constant"  # constant | step | cosine | onecycle
+    warmup_epochs: float = 0.0  # linear warm-up from 0 (fractions of an epoch allowed)
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # step: fractions of the run
+    gamma: float = 0.1  # step: lr multiplier at each milestone
+    label_smoothing: float = 0.0
+    grad_clip: float = 0.0  # max global gradient norm; 0 = off
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 256  # global: split over ranks under torchrun
+    eval_batch_size: int = 1000
+    channels_last: bool = True  # NHWC memory format: faster convolutions on CPU and CUDA
+    compile: bool = False  # torch.compile the model
+    ema: float = 0.0  # decay of an exponential moving average of the weights, evaluated when > 0
+    tta_flip: bool = False  # evaluate on each image and its mirror, averaging the logits
+    sync_bn: bool = False  # SyncBatchNorm under torchrun
+    max_retries: int = 3  # divergence guard: restarts of an epoch (lr halved each time) before giving up
+    on_checkpoint_error: str = "stop"  # stop | continue: what a failed checkpoint write does
+    checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch; 0 = at epoch ends only
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 where the hardware has it, else fp32)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+CHOICES = {
+    "device": ("auto", "cpu", "cuda"),
+    "precision": ("auto", "fp32", "bf16", "fp16"),
+    "data.name": ("fashion-mnist", "idx", "folder"),
+    "optim.name": ("sgd", "adamw"),
+    "optim.schedule": ("constant", "step", "cosine", "onecycle"),
+    "train.on_checkpoint_error": ("stop", "continue"),
+}
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check `value` against the type hint of field `key`; ints are accepted for floats."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(key, value, inner)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ReslabError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ReslabError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is Any or isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise ReslabError(f"{key}: expected {hint.__name__}, got {value!r}")
+
+
+def _merge(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in values.items():
+        full = prefix + str(key)
+        if key not in names:
+            raise ReslabError(f"unknown config key {full!r}; valid keys here: {', '.join(names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ReslabError(
+                    f"{full}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(current))}"
+                )
+            _merge(current, value, full + ".")
+        else:
+            setattr(obj, key, _coerce(full, value, hints[key]))
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """['optim.lr=0.1', 'model.options.order=full-preact'] -> nested dict, values parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ReslabError(f"--set {pair!r}: expected key=value, e.g. optim.lr=0.1")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ReslabError(f"--set {pair!r}: {part!r} is set twice")
+        node[parts[-1]] = value
+    return nested
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """The config from a YAML file (or the defaults), with dotted overrides applied, validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ReslabError(f"config file {path} not found; see configs/ for examples")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ReslabError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(values, dict):
+            raise ReslabError(
+                f"config file {path} must be a mapping of keys, e.g. `model: {{name: resnet20}}`"
+            )
+        values.setdefault("name", path.stem)
+        _merge(cfg, values)
+    if overrides:
+        _merge(cfg, parse_overrides(overrides))
+    validate(cfg)
+    return cfg
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    cfg = Config()
+    _merge(cfg, values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    flat = {
+        "device": cfg.device,
+        "precision": cfg.precision,
+        "data.name": cfg.data.name,
+        "optim.name": cfg.optim.name,
+        "optim.schedule": cfg.optim.schedule,
+        "train.on_checkpoint_error": cfg.train.on_checkpoint_error,
+    }
+    for key, value in flat.items():
+        if value not in CHOICES[key]:
+            raise ReslabError(f"{key}: {value!r} is not one of {', '.join(CHOICES[key])}")
+
+    def positive(key: str, value: float | None, allow_zero: bool = False) -> None:
+        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+            raise ReslabError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+    positive("train.epochs", cfg.train.epochs)
+    positive("train.batch_size", cfg.train.batch_size)
+    positive("train.eval_batch_size", cfg.train.eval_batch_size)
+    positive("optim.lr", cfg.optim.lr)
+    positive("data.limit", cfg.data.limit)
+    positive("data.resize", cfg.data.resize)
+    for key in ("optim.weight_decay", "optim.warmup_epochs", "optim.grad_clip", "optim.momentum"):
+        section, name = key.split(".")
+        positive(key, getattr(getattr(cfg, section), name), allow_zero=True)
+    positive("data.crop_padding", cfg.data.crop_padding, allow_zero=True)
+    positive("train.max_retries", cfg.train.max_retries, allow_zero=True)
+    positive("train.checkpoint_every", cfg.train.checkpoint_every, allow_zero=True)
+    for key, value in (
+        ("data.erasing", cfg.data.erasing),
+        ("optim.label_smoothing", cfg.optim.label_smoothing),
+        ("train.ema", cfg.train.ema),
+        ("data.split", cfg.data.split),
+    ):
+        if not 0 <= value < 1:
+            raise ReslabError(f"{key}: must be in [0, 1), got {value}")
+    if cfg.optim.warmup_epochs > cfg.train.epochs:
+        raise ReslabError(
+            f"optim.warmup_epochs ({cfg.optim.warmup_epochs}) exceeds train.epochs ({cfg.train.epochs})"
+        )
+    if any(not 0 < m < 1 for m in cfg.optim.milestones):
+        raise ReslabError(f"optim.milestones: fractions of the run in (0, 1), got {cfg.optim.milestones}")
+    if cfg.precision == "fp16" and cfg.device == "cpu":
+        raise ReslabError(
+            "precision fp16 needs a CUDA device (fp16 on the CPU is slow and unscaled); use bf16 or fp32"
+        )
+    if cfg.data.name == "folder" and not cfg.data.root:
+        raise ReslabError("data.name folder needs data.root: a directory of class_name/*.png folders")
+    # the model name and options are checked here too, before anything is written
+    from .models import model_options
+
+    valid = model_options(cfg.model.name)
+    for option in cfg.model.options:
+        if option not in valid:
+            raise ReslabError(
+                f"model.options.{option}: {cfg.model.name} has no such option; its options: {', '.join(valid)}"
+            )
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

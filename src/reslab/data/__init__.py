@@ -1,0 +1,103 @@
+"""Datasets as in-memory tensors and the batch loader over them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..config import DataConfig
+from . import fashion_mnist
+from .loader import Augment, TensorLoader, flip, random_crop, random_erasing, resize
+
+
+@dataclass
+class Dataset:
+    """A split dataset in memory: uint8 images (N, C, H, W), int64 labels, class names, pixel statistics."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str
+
+    @property
+    def in_channels(self) -> int:
+        return self.train_images.shape[1]
+
+
+def _stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    x = images.float().div_(255).transpose(0, 1).reshape(images.shape[1], -1)
+    return tuple(x.mean(1).tolist()), tuple(x.std(1).tolist())
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    """Read the configured dataset into memory (uint8), first `limit` images of each split if set."""
+    if cfg.name == "folder":
+        from .folder import load_folder
+
+        arrays = load_folder(cfg.root, cfg.split, cfg.resize, cfg.classes)
+    else:
+        classes = fashion_mnist.CLASSES if cfg.name == "fashion-mnist" else cfg.classes
+        arrays = fashion_mnist.load_arrays(cfg.root, tuple(classes) if classes else None, cfg.download)
+
+    def tensor(a: np.ndarray) -> torch.Tensor:
+        a = a[: cfg.limit] if cfg.limit else a
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        return t.unsqueeze(1) if t.ndim == 3 else t
+
+    train_x, test_x = tensor(arrays.train_images), tensor(arrays.test_images)
+    if cfg.name == "fashion-mnist":
+        mean, std = (fashion_mnist.MEAN,), (fashion_mnist.STD,)
+    else:
+        mean, std = _stats(train_x)
+    if not cfg.normalize:
+        mean, std = (0.0,) * len(mean), (1.0,) * len(std)
+    return Dataset(
+        train_x,
+        tensor(arrays.train_labels).long(),
+        test_x,
+        tensor(arrays.test_labels).long(),
+        arrays.classes,
+        mean,
+        std,
+        arrays.source,
+    )
+
+
+def make_loaders(
+    data: Dataset,
+    cfg: DataConfig,
+    batch_size: int,
+    eval_batch_size: int,
+    seed: int,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[TensorLoader, TensorLoader]:
+    augment = Augment(cfg.crop_padding, cfg.flip, cfg.erasing)
+    common = dict(
+        mean=data.mean, std=data.std, resize=cfg.resize, device=device, rank=rank, world_size=world_size
+    )
+    train = TensorLoader(
+        data.train_images, data.train_labels, batch_size, train=True, augment=augment, seed=seed, **common
+    )
+    test = TensorLoader(data.test_images, data.test_labels, eval_batch_size, train=False, **common)
+    return train, test
+
+
+__all__ = [
+    "Augment",
+    "Dataset",
+    "TensorLoader",
+    "flip",
+    "load_dataset",
+    "make_loaders",
+    "random_crop",
+    "random_erasing",
+    "resize",
+]

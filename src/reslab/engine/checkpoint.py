@@ -1,0 +1,74 @@
+"""Atomic checkpoint writes and safe loads.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so that it loads with
+`torch.load(weights_only=True)`: a file that carries code is refused, never executed. Writes go to a temporary
+file in the same directory, are flushed to disk, then renamed over the old file: a crash at any moment leaves
+either the old or the new checkpoint, both complete.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ReslabError
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ReslabError):
+    """A checkpoint that cannot be written or trusted."""
+
+
+def save(state: dict[str, Any], path: str | Path) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format_version": FORMAT_VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot write checkpoint {path}: {e.strerror or e}; the previous one is intact"
+        ) from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Load a reslab checkpoint safely (weights only) onto the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
+        raise CheckpointError(
+            f"{path}: refused, it holds more than weights (possible code): {first}"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {msg}") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path}: not a reslab checkpoint (no model weights inside)")
+    version = state.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format {version} is newer than this reslab understands ({FORMAT_VERSION}); upgrade reslab"
+        )
+    return state

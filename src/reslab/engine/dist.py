@@ -1,0 +1,59 @@
+"""torch.distributed set-up for runs launched by torchrun; a no-op for a single process."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device_type: str) -> DistContext:
+    """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    ctx = DistContext(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=int(os.environ.get("RESLAB_DIST_TIMEOUT", "600")))
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            torch.cuda.set_device(ctx.local_rank)
+        dist.init_process_group(backend, timeout=timeout)
+    return ctx
+
+
+def all_reduce_sum(values: list[float], device: torch.device, ctx: DistContext) -> list[float]:
+    """Sum a few numbers over all ranks (float64); unchanged for a single process."""
+    if not ctx.active:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.active:
+        dist.barrier()
+
+
+def cleanup(ctx: DistContext) -> None:
+    if ctx.active and dist.is_initialized():
+        dist.destroy_process_group()

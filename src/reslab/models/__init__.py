@@ -1,0 +1,24 @@
+"""The model library: residual units, every ResNet of the two papers, a registry and a summary tool."""
+
+from .blocks import ORDERS, SHORTCUTS, ResidualUnit, ZeroPadShortcut
+from .nets import cifar_resnet, d2l_resnet18, imagenet_resnet, init_weights, make_stage, wide_resnet
+from .registry import build_model, count_params, list_models, model_options
+from .summary import summary
+
+__all__ = [
+    "ORDERS",
+    "SHORTCUTS",
+    "ResidualUnit",
+    "ZeroPadShortcut",
+    "build_model",
+    "cifar_resnet",
+    "count_params",
+    "d2l_resnet18",
+    "imagenet_resnet",
+    "init_weights",
+    "list_models",
+    "make_stage",
+    "model_options",
+    "summary",
+    "wide_resnet",
+]

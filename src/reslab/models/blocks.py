@@ -1,0 +1,172 @@
+"""The residual unit y = h(x) + F(x), x' = f(y) and its variants (He et al. 2015; 2016).
+
+One class, `ResidualUnit`, covers every unit of both papers:
+- the shortcut h: identity, 1x1 projection (with or without BN), the zero-padding
+  option A of the 2015 paper, or none at all (a plain net with the same layers);
+- the residual function F: basic (3x3, 3x3) or bottleneck (1x1, 3x3, 1x1, expansion 4);
+- the unit order, one of the five of the 2016 paper's Table 2 (`ORDERS`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import ReslabError
+
+ORDERS = ("original", "bn-after-add", "relu-before-add", "relu-preact", "full-preact")
+SHORTCUTS = ("identity", "projection", "projection-nobn", "zeropad", "none")
+KINDS = ("basic", "bottleneck")
+EXPANSION = {"basic": 1, "bottleneck": 4}
+
+
+def check_choice(what: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ReslabError(f"unknown {what} {value!r}; choose one of: {', '.join(choices)}")
+    return value
+
+
+class ZeroPadShortcut(nn.Module):
+    """Option A of He et al. 2015: strided identity, extra channels are zeros. No parameters."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.extra = out_channels - in_channels
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        if self.extra > 0:
+            # pad (W left, W right, H top, H bottom, C front, C back)
+            x = nn.functional.pad(x, (0, 0, 0, 0, 0, self.extra))
+        return x
+
+
+def make_shortcut(
+    kind: str, in_channels: int, out_channels: int, stride: int, bias: bool, always_project: bool = False
+) -> nn.Module | None:
+    """The shortcut h. Identity where shapes allow it (the papers' option A and B), unless always_project
+    (option C, and the notebook's `Residual(..., use_1x1conv=True)` at equal shapes)."""
+    check_choice("shortcut", kind, SHORTCUTS)
+    if kind == "none":
+        return None
+    same_shape = stride == 1 and in_channels == out_channels
+    if kind == "identity" or (same_shape and not (always_project and kind.startswith("projection"))):
+        if not same_shape:
+            raise ReslabError(
+                f"identity shortcut cannot map {in_channels} to {out_channels} channels at stride {stride}; "
+                "use shortcut projection, projection-nobn or zeropad"
+            )
+        return nn.Identity()
+    if kind == "zeropad":
+        return ZeroPadShortcut(in_channels, out_channels, stride)
+    if kind == "projection-nobn":
+        return nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=bias)
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
+    )
+
+
+def _convs(kind: str, in_channels: int, channels: int, stride: int, bias: bool) -> list[nn.Conv2d]:
+    if kind == "basic":
+        return [
+            nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=bias),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=bias),
+        ]
+    # bottleneck, stride on the 3x3 as in torchvision ("ResNet v1.5")
+    return [
+        nn.Conv2d(in_channels, channels, 1, bias=bias),
+        nn.Conv2d(channels, channels, 3, stride=stride, padding=1, bias=bias),
+        nn.Conv2d(channels, channels * 4, 1, bias=bias),
+    ]
+
+
+def _residual_branch(order: str, convs: list[nn.Conv2d]) -> nn.Sequential:
+    """F as a flat Sequential, its layers placed by the unit order (2016 paper, Fig. 4)."""
+    layers: list[nn.Module] = []
+    last = len(convs) - 1
+    for i, conv in enumerate(convs):
+        if order == "full-preact":
+            # the first BN-ReLU is applied by the unit itself (shared with a projection shortcut)
+            if i > 0:
+                layers += [nn.BatchNorm2d(conv.in_channels), nn.ReLU(inplace=True)]
+            layers.append(conv)
+        elif order == "relu-preact":
+            # not in place on the unit's input: the identity shortcut still needs x
+            layers += [nn.ReLU(inplace=i > 0), conv, nn.BatchNorm2d(conv.out_channels)]
+        else:  # original, bn-after-add, relu-before-add
+            layers.append(conv)
+            if i < last or order != "bn-after-add":
+                layers.append(nn.BatchNorm2d(conv.out_channels))
+            if i < last or order == "relu-before-add":
+                layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class ResidualUnit(nn.Module):
+    """y = scale * h(x) + F(x), x' = f(y).
+
+    Args:
+        in_channels: channels of x.
+        channels: width of F; the unit outputs channels * expansion.
+        stride: spatial stride of the unit (on the first 3x3 of F and on h).
+        kind: "basic" or "bottleneck".
+        order: one of ORDERS (He et al. 2016, Table 2).
+        shortcut: one of SHORTCUTS; "none" gives the plain unit with the same layers.
+        bias: convolutions carry a bias (the d2l notebook's convs do; the papers' do not).
+        shortcut_scale: constant scaling of h (2016 paper, Table 1, 0.5), 1.0 = none.
+        always_project: project even where shapes allow the identity (2015 paper's option C).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        stride: int = 1,
+        kind: str = "basic",
+        order: str = "original",
+        shortcut: str = "projection",
+        bias: bool = False,
+        shortcut_scale: float = 1.0,
+        always_project: bool = False,
+    ):
+        super().__init__()
+        check_choice("block kind", kind, KINDS)
+        self.order = check_choice("unit order", order, ORDERS)
+        self.expansion = EXPANSION[kind]
+        self.out_channels = channels * self.expansion
+        self.shortcut_scale = shortcut_scale
+        # full pre-activation: BN-ReLU on x before F (and before a projection shortcut, as in the paper's code)
+        self.pre = (
+            nn.Sequential(nn.BatchNorm2d(in_channels), nn.ReLU(inplace=False))
+            if order == "full-preact"
+            else None
+        )
+        self.residual = _residual_branch(order, _convs(kind, in_channels, channels, stride, bias))
+        self.shortcut = make_shortcut(shortcut, in_channels, self.out_channels, stride, bias, always_project)
+        if order == "original":
+            self.post = nn.ReLU(inplace=True)
+        elif order == "bn-after-add":
+            self.post = nn.Sequential(nn.BatchNorm2d(self.out_channels), nn.ReLU(inplace=True))
+        else:
+            self.post = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.pre(x) if self.pre is not None else x
+        out = self.residual(pre)
+        if self.shortcut is not None:
+            # a projection sees the pre-activated input; an identity keeps the clean x (2016 paper)
+            identity = self.shortcut(x if isinstance(self.shortcut, nn.Identity) else pre)
+            if self.shortcut_scale != 1.0:
+                identity = identity * self.shortcut_scale
+            out = out + identity
+        if self.post is not None:
+            out = self.post(out)
+        return out
+
+    def zero_init_last_bn(self) -> None:
+        """Start the unit as (almost) the identity: the last BN of F gets gamma = 0 (Goyal et al. 2017)."""
+        last = self.residual[-1]
+        if isinstance(last, nn.BatchNorm2d):
+            nn.init.zeros_(last.weight)

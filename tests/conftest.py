@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny IDX datasets written by the tests themselves (no network, no real files needed)."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REAL_DATA = Path("/usr/share/datasets/fashion-mnist")
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    codes = {np.dtype(np.uint8): 0x08, np.dtype(np.int32): 0x0C}
+    header = bytes([0, 0, codes[array.dtype], array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> Path:
+    data = idx_bytes(array)
+    path.write_bytes(gzip.compress(data) if compress else data)
+    return path
+
+
+def make_images(n: int, seed: int, size: int = 28, classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable toy images: class k is a bright horizontal band at row 2k+3 (not mirror-symmetric: a
+    bright left half), plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n).astype(np.uint8)
+    images = rng.integers(0, 60, (n, size, size)).astype(np.uint8)
+    for i, k in enumerate(labels):
+        row = 2 * int(k) + 3
+        images[i, row : row + 2, : size // 2 + 4] = 230
+    return images, labels
+
+
+def make_dataset(directory: Path, n_train: int = 512, n_test: int = 256, compress: bool = True) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    suffix = ".gz" if compress else ""
+    for split, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
+        images, labels = make_images(n, seed)
+        write_idx(directory / f"{split}-images-idx3-ubyte{suffix}", images, compress)
+        write_idx(directory / f"{split}-labels-idx1-ubyte{suffix}", labels, compress)
+    return directory
+
+
+@pytest.fixture
+def tiny_data(tmp_path: Path) -> Path:
+    return make_dataset(tmp_path / "data")
+
+
+def tiny_overrides(data_dir: Path, **extra) -> list[str]:
+    """Overrides for a fast run on the tiny dataset."""
+    values = {
+        "data.root": str(data_dir),
+        "model.name": "resnet8",
+        "train.epochs": 2,
+        "train.batch_size": 64,
+        "train.eval_batch_size": 128,
+        "optim.lr": 0.05,
+        "precision": "fp32",
+        "device": "cpu",
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]

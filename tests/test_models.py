@@ -1,0 +1,164 @@
+import pytest
+import torch
+from torch import nn
+
+from reslab.errors import ReslabError
+from reslab.models import ORDERS, ResidualUnit, build_model, count_params, list_models, model_options, summary
+
+# full-size ImageNet-style and very deep nets get a smaller input; every model must run forward and backward
+SLOW_MODELS = {"resnet1202", "preact-resnet1001", "wrn-28-10"}
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_builds_runs_and_backprops(name):
+    if name in SLOW_MODELS:
+        pytest.skip("covered by test_very_deep_models (slow)")
+    torch.manual_seed(0)
+    model = build_model(name, in_channels=1, num_classes=7)
+    size = 64 if name.startswith(("resnet1", "resnet5", "resnet3", "plain1", "plain3", "d2l")) else 28
+    x = torch.randn(2, 1, size, size)
+    out = model(x)
+    assert out.shape == (2, 7)
+    assert torch.isfinite(out).all()
+    out.square().mean().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SLOW_MODELS))
+def test_very_deep_models(name):
+    model = build_model(name, in_channels=3, num_classes=10)
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    out.sum().backward()
+
+
+@pytest.mark.parametrize(
+    "name,channels,classes,expected",
+    [
+        ("d2l-resnet18", 1, 10, 11_178_378),
+        ("resnet20", 3, 10, 269_722),
+        ("resnet110", 3, 10, 1_727_962),
+        ("resnet18", 3, 1000, 11_689_512),
+        ("resnet34", 3, 1000, 21_797_672),
+        ("resnet50", 3, 1000, 25_557_032),
+        ("resnet101", 3, 1000, 44_549_160),
+        ("resnet152", 3, 1000, 60_192_808),
+        ("wrn-28-10", 3, 10, 36_479_194),
+    ],
+)
+def test_exact_parameter_counts(name, channels, classes, expected):
+    assert count_params(build_model(name, channels, classes)) == expected
+
+
+@pytest.mark.parametrize("name,low,high", [("preact-resnet164", 1.65e6, 1.75e6), ("preact-resnet1001", 10.1e6, 10.4e6)])
+def test_preact_parameter_counts_match_the_paper(name, low, high):
+    assert low <= count_params(build_model(name, 3, 10)) <= high
+
+
+@pytest.mark.parametrize("depth", [20, 32, 44, 56, 110])
+def test_plain_twin_has_the_same_layers_minus_shortcuts(depth):
+    plain, res = build_model(f"plain{depth}", 3, 10), build_model(f"resnet{depth}", 3, 10)
+    assert count_params(plain) == count_params(res)  # option A shortcuts have no parameters
+    convs = lambda m: [tuple(c.weight.shape) for c in m.modules() if isinstance(c, nn.Conv2d)]  # noqa: E731
+    assert convs(plain) == convs(res)
+    assert all(u.shortcut is None for u in plain.modules() if isinstance(u, ResidualUnit))
+    assert all(u.shortcut is not None for u in res.modules() if isinstance(u, ResidualUnit))
+    assert len([u for u in res.modules() if isinstance(u, ResidualUnit)]) * 2 + 2 == depth
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("depth", [20, 110])
+def test_every_unit_order_builds(order, depth):
+    model = build_model(f"resnet{depth}", 1, 10, order=order)
+    out = model(torch.randn(2, 1, 16, 16))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+
+
+def test_unit_orders_place_layers_as_in_the_2016_paper():
+    def layer_types(order):
+        unit = ResidualUnit(16, 16, order=order, shortcut="identity")
+        return [type(m).__name__ for m in unit.residual], unit.post, unit.pre
+
+    assert layer_types("original")[0] == ["Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "BatchNorm2d"]
+    assert isinstance(layer_types("original")[1], nn.ReLU)
+    branch, post, _ = layer_types("bn-after-add")
+    assert branch == ["Conv2d", "BatchNorm2d", "ReLU", "Conv2d"] and isinstance(post[0], nn.BatchNorm2d)
+    branch, post, _ = layer_types("relu-before-add")
+    assert branch[-1] == "ReLU" and post is None
+    branch, post, _ = layer_types("relu-preact")
+    assert branch == ["ReLU", "Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "BatchNorm2d"] and post is None
+    branch, post, pre = layer_types("full-preact")
+    assert branch == ["Conv2d", "BatchNorm2d", "ReLU", "Conv2d"] and post is None
+    assert [type(m).__name__ for m in pre] == ["BatchNorm2d", "ReLU"]
+
+
+def test_identity_shortcut_keeps_the_input_intact():
+    # in-place ReLUs must not overwrite x, which the shortcut still needs
+    for order in ORDERS:
+        unit = ResidualUnit(8, 8, order=order, shortcut="identity").eval()
+        x = torch.randn(2, 8, 6, 6)
+        x_copy = x.clone()
+        unit(x)
+        assert torch.equal(x, x_copy), order
+
+
+def test_zero_init_residual_makes_units_start_as_identity():
+    unit = ResidualUnit(8, 8, order="relu-before-add", shortcut="identity").eval()
+    unit.residual[-2].weight.data.zero_()  # BN before the final ReLU: zero output of F
+    x = torch.randn(1, 8, 5, 5)
+    assert torch.allclose(unit(x), x)
+    model = build_model("resnet20", 1, 10, zero_init_residual=True)
+    units = [m for m in model.modules() if isinstance(m, ResidualUnit)]
+    assert all(float(u.residual[-1].weight.detach().abs().sum()) == 0 for u in units)
+
+
+def test_zeropad_shortcut_downsamples_and_pads_with_zeros():
+    unit = ResidualUnit(16, 32, stride=2, shortcut="zeropad")
+    x = torch.randn(2, 16, 8, 8)
+    h = unit.shortcut(x)
+    assert h.shape == (2, 32, 4, 4)
+    assert torch.equal(h[:, :16], x[:, :, ::2, ::2]) and h[:, 16:].abs().sum() == 0
+
+
+def test_shortcut_scale_and_bottleneck():
+    unit = ResidualUnit(64, 16, kind="bottleneck", shortcut="projection", shortcut_scale=0.5)
+    assert unit.out_channels == 64 and unit(torch.randn(1, 64, 4, 4)).shape == (1, 64, 4, 4)
+
+
+def test_summary_rows_match_the_notebook():
+    rows = summary(build_model("d2l-resnet18"), (1, 1, 224, 224), print_table=False)
+    assert [r.output_shape for r in rows] == [
+        (1, 64, 56, 56),
+        (1, 64, 56, 56),
+        (1, 128, 28, 28),
+        (1, 256, 14, 14),
+        (1, 512, 7, 7),
+        (1, 512, 1, 1),
+        (1, 512),
+        (1, 10),
+    ]
+    assert sum(r.params for r in rows) == 11_178_378
+    # ResNet-18 at 224 px is about 1.8 GMACs for 3 channels; 1 channel saves a little in the stem
+    assert 3.3e9 < sum(r.flops for r in rows) < 3.7e9
+
+
+def test_bad_names_and_options_list_the_choices():
+    with pytest.raises(ReslabError, match="choose one of: d2l-resnet18"):
+        build_model("resnet19")
+    with pytest.raises(ReslabError, match="no option 'colour'"):
+        build_model("resnet20", colour="red")
+    with pytest.raises(ReslabError, match="unit order"):
+        build_model("resnet20", order="sideways")
+    with pytest.raises(ReslabError, match="6n\\+2"):
+        from reslab.models import cifar_resnet
+
+        cifar_resnet(21)
+    assert "order" in model_options("resnet56") and "stem" in model_options("resnet18")
+
+
+def test_stem_small_keeps_resolution():
+    model = build_model("resnet18", 1, 10, stem="small")
+    rows = summary(model, (1, 1, 28, 28), print_table=False)
+    assert rows[0].output_shape == (1, 64, 28, 28)

@@ -52,7 +52,9 @@ def test_exact_parameter_counts(name, channels, classes, expected):
     assert count_params(build_model(name, channels, classes)) == expected
 
 
-@pytest.mark.parametrize("name,low,high", [("preact-resnet164", 1.65e6, 1.75e6), ("preact-resnet1001", 10.1e6, 10.4e6)])
+@pytest.mark.parametrize(
+    "name,low,high", [("preact-resnet164", 1.65e6, 1.75e6), ("preact-resnet1001", 10.1e6, 10.4e6)]
+)
 def test_preact_parameter_counts_match_the_paper(name, low, high):
     assert low <= count_params(build_model(name, 3, 10)) <= high
 

@@ -3,8 +3,12 @@ notebook's cells run unchanged: these are thin wrappers over the library, not a 
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
+from .config import DataConfig
+from .data import TensorLoader, load_dataset, make_loaders
+from .engine.fit import evaluate, train_step
 from .models.blocks import ResidualUnit
 
 
@@ -38,3 +42,71 @@ def resnet_block(
         else:
             blk.append(Residual(num_channels, num_channels))
     return blk
+
+
+class _Sized:
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class DataIter:
+    """Behaves like the notebook's DataLoader: iterate (X, y), `len()` batches, `.dataset` with `len()`.
+    Each new iteration of a training iterator is a new epoch with a new shuffle."""
+
+    def __init__(self, loader: TensorLoader):
+        self.loader = loader
+        self.dataset = _Sized(loader.num_examples)
+        self._epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        self.loader.set_epoch(self._epoch)
+        self._epoch += 1
+        return iter(self.loader)
+
+
+def load_fashion_mnist_dataset(
+    batch_size: int, resize: int | None = None, root: str | None = None, limit: int | None = None
+) -> tuple[DataIter, DataIter]:
+    """The notebook's loader, in memory: (train_iter, test_iter) of Fashion-MNIST in [0, 1] (as ToTensor),
+    resized to `resize` pixels. The training iterator shuffles each epoch and drops the last partial batch
+    (the engine's rule: every step sees a full batch); the test iterator covers every image."""
+    cfg = DataConfig(root=root, limit=limit, resize=resize, normalize=False)
+    data = load_dataset(cfg)
+    train, test = make_loaders(data, cfg, batch_size, batch_size, seed=0, device=torch.device("cpu"))
+    return DataIter(train), DataIter(test)
+
+
+load_data_fashion_mnist = load_fashion_mnist_dataset  # the name in the d2l book
+
+
+def train_3ch(net, loss, num_epochs, train_iter, optimizer, test_iter, device) -> list[dict]:
+    """The notebook's training function on reslab's engine: train mode every epoch (the notebook's NaN bug is
+    fixed), guarded steps, true mean losses. Prints the notebook's line for each epoch; returns the metrics."""
+    device = torch.device(device)
+    net.to(device)
+    history = []
+    for epoch in range(num_epochs):
+        net.train()
+        loss_sum, correct, count = 0.0, 0, 0
+        for b, (X, y) in enumerate(train_iter):
+            X, y = X.to(device), y.to(device)
+            batch_loss, batch_correct = train_step(
+                net, X, y, optimizer, loss, epoch * len(train_iter) + b, device
+            )
+            loss_sum += batch_loss * y.numel()
+            correct += batch_correct
+            count += y.numel()
+        test = evaluate(net, test_iter, device, channels_last=False)
+        m = {"epoch": epoch, "train_loss": loss_sum / count, "train_acc": correct / count, **test}
+        history.append(m)
+        print(
+            f"epoch {epoch}, training loss {m['train_loss']:.4f}, training accuracy {m['train_acc']:.4f}, "
+            f"testing loss {m['test_loss']:.4f}, testing accuracy {m['test_acc']:.4f}"
+        )
+    return history

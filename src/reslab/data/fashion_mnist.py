@@ -79,13 +79,10 @@ def _complete(directory: Path) -> dict[str, Path] | None:
     return found if all(found.values()) else None  # type: ignore[return-value]
 
 
-def candidates(root: str | os.PathLike | None) -> list[Path]:
-    dirs = []
-    if root:
-        dirs.append(Path(root).expanduser())
-    elif os.environ.get("RESLAB_DATA"):
-        dirs.append(Path(os.environ["RESLAB_DATA"]).expanduser())
-    return dirs + [CACHE, SYSTEM]
+def user_root(root: str | os.PathLike | None) -> Path | None:
+    """The directory the user named (config, --data-dir, or RESLAB_DATA), if any."""
+    root = root or os.environ.get("RESLAB_DATA")
+    return Path(root).expanduser() if root else None
 
 
 def download(directory: Path = CACHE, url: str = URL, quiet: bool = False) -> dict[str, Path]:
@@ -137,27 +134,30 @@ def verify(path: Path, stem: str) -> bytes:
 
 
 def locate(root: str | os.PathLike | None = None, download_ok: bool = True) -> tuple[dict[str, Path], bool]:
-    """(paths, canonical): the first complete directory in the search order; canonical is False for a
-    user's own directory, which is validated by structure only (any IDX dataset works there)."""
-    dirs = candidates(root)
-    for i, directory in enumerate(dirs):
-        found = _complete(directory)
+    """(paths, canonical). A directory the user names is the only place looked at, and is validated by
+    structure only (any IDX dataset works there); otherwise the cache, Debian's directory, then a download,
+    all checked against the canonical checksums."""
+    user = user_root(root)
+    if user is not None:
+        found = _complete(user)
         if found:
-            return found, not (root or os.environ.get("RESLAB_DATA")) or i > 0
-    if root or os.environ.get("RESLAB_DATA"):
-        user = dirs[0]
+            return found, False
         missing = [s for s in FILES.values() if not _find_file(user, s)] if user.is_dir() else []
         what = f"is missing {', '.join(missing)}" if missing else "does not exist"
         raise ReslabError(f"data directory {user} {what} (each file as .gz or raw IDX)")
+    for directory in (CACHE, SYSTEM):
+        found = _complete(directory)
+        if found:
+            return found, True
     if download_ok:
         try:
-            return download(), True
+            return download(CACHE), True
         except OSError as e:
-            reason = f"download failed ({e})"
+            reason = f"the download failed ({e})"
     else:
-        reason = "downloads are off"
+        reason = "downloads are off (data.download: false)"
     raise ReslabError(
-        f"Fashion-MNIST not found in {', '.join(map(str, dirs))} and {reason}; fix: "
+        f"Fashion-MNIST not found in {CACHE} or {SYSTEM}, and {reason}; fix: "
         "`apt-get install dataset-fashion-mnist`, or put the four files in a directory and pass --data-dir DIR"
     )
 

@@ -63,8 +63,9 @@ def random_erasing(
     apply = uniform(0, 1) < p
     r = torch.arange(h, device=images.device)[None, :, None]
     c = torch.arange(w, device=images.device)[None, None, :]
-    inside = (r >= y0[:, None, None]) & (r < (y0 + eh)[:, None, None])
-    inside &= (c >= x0[:, None, None]) & (c < (x0 + ew)[:, None, None])
+    rows = (r >= y0[:, None, None]) & (r < (y0 + eh)[:, None, None])  # (B, H, 1)
+    cols = (c >= x0[:, None, None]) & (c < (x0 + ew)[:, None, None])  # (B, 1, W)
+    inside = rows & cols  # (B, H, W)
     mask = (inside & apply[:, None, None]).unsqueeze(1)  # (B, 1, H, W)
     return images.masked_fill(mask, value)
 

@@ -73,6 +73,35 @@ def _loss_fn(label_smoothing: float) -> nn.Module:
     return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
 
+def train_step(
+    net: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    step: int,
+    device: torch.device,
+    precision: str = "fp32",
+    clip: float = math.inf,
+    ctx: dist.DistContext | None = None,
+) -> tuple[float, int]:
+    """One optimiser step, guarded: raises guard.Divergence before a non-finite update reaches the weights.
+    Returns (mean loss of the batch, number of correct predictions)."""
+    with autocast(device, precision):
+        logits = net(x)
+        loss = criterion(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    # one number for loss and gradients: a NaN/Inf anywhere makes the norm non-finite (the same on all ranks)
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    health = dist.all_reduce_sum([loss.item(), norm.item()], device, ctx or dist.DistContext())
+    guard.check(health[0], "loss", step)
+    guard.check(health[1], "gradient norm", step)
+    optimizer.step()
+    return loss.item(), int((logits.argmax(1) == y).sum())
+
+
 def train_one_epoch(run: Run, epoch: int, on_step=None) -> dict:
     """One pass over the training data from batch `run.batch` on; returns the epoch's training metrics.
 
@@ -83,7 +112,6 @@ def train_one_epoch(run: Run, epoch: int, on_step=None) -> dict:
     loader.set_epoch(epoch)
     criterion = _loss_fn(cfg.optim.label_smoothing)
     total = cfg.train.epochs * run.steps_per_epoch
-    params = [p for p in run.model.parameters() if p.requires_grad]
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
     mem = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     show = not run.quiet and run.ctx.is_main and sys.stderr.isatty()
@@ -95,23 +123,14 @@ def train_one_epoch(run: Run, epoch: int, on_step=None) -> dict:
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         x = x.contiguous(memory_format=mem)
-        with autocast(run.device, run.precision):
-            logits = run.net(x)
-            loss = criterion(logits, y)
-        run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        # one number for loss and gradient: a NaN/Inf anywhere makes the norm non-finite (same on all ranks)
-        norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        health = dist.all_reduce_sum([loss.item(), norm.item()], run.device, run.ctx)
-        guard.check(health[0], "loss", step)
-        guard.check(health[1], "gradient norm", step)
-        run.optimizer.step()
+        loss, correct = train_step(
+            run.net, x, y, run.optimizer, criterion, step, run.device, run.precision, clip, run.ctx
+        )
         if run.ema is not None:
             run.ema.update(run.model)
-        n = y.numel()
-        run.sums[0] += loss.item() * n
-        run.sums[1] += (logits.argmax(1) == y).sum().item()
-        run.sums[2] += n
+        run.sums[0] += loss * y.numel()
+        run.sums[1] += correct
+        run.sums[2] += y.numel()
         run.batch = b + 1
         bar.update(1)
         if on_step is not None:
@@ -431,4 +450,4 @@ def _summary(run: Run, wall: float) -> dict:
     }
 
 
-__all__ = ["Interrupted", "Run", "evaluate", "fit", "prepare", "train_one_epoch"]
+__all__ = ["Interrupted", "Run", "evaluate", "fit", "prepare", "train_one_epoch", "train_step"]

@@ -1,0 +1,243 @@
+import gzip
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from conftest import REAL_DATA, idx_bytes, make_dataset, write_idx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from reslab.config import DataConfig
+from reslab.data import Augment, TensorLoader, flip, load_dataset, random_crop, random_erasing, resize
+from reslab.data import fashion_mnist as fm
+from reslab.data.idx import IdxError, check_pair, parse_idx, read_idx
+from reslab.errors import ReslabError
+
+
+# ------------------------------------------------------------------ the IDX reader
+def test_reads_gzip_and_raw(tmp_path):
+    a = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    assert np.array_equal(read_idx(write_idx(tmp_path / "a.gz", a)), a)
+    assert np.array_equal(read_idx(write_idx(tmp_path / "a", a, compress=False)), a)
+    b = np.array([1, -5, 70000], dtype=np.int32)
+    assert np.array_equal(read_idx(write_idx(tmp_path / "b", b)), b)
+
+
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (lambda d: b"", "empty file"),
+        (lambda d: d[:2], "truncated header"),
+        (lambda d: d[:-5], "truncated payload"),
+        (lambda d: d + b"xyz", "trailing data"),
+        (lambda d: b"\x08\x03" + d[2:], "wrong magic"),
+        (lambda d: d[:2] + b"\x42" + d[3:], "unknown IDX dtype"),
+        (lambda d: d[:3] + b"\x05" + d[4:], "trailing data"),
+        (lambda d: d[:4] + (1000).to_bytes(4, "big") + d[8:], "truncated payload"),
+        (lambda d: d[:3] + b"\x00" + d[4:], "0 dimensions"),
+    ],
+)
+def test_each_corruption_gives_its_own_clear_error(tmp_path, mutate, message):
+    data = idx_bytes(np.zeros((3, 4, 4), dtype=np.uint8))
+    path = tmp_path / "bad-images-idx3-ubyte"
+    path.write_bytes(mutate(data))
+    with pytest.raises(IdxError, match=message) as info:
+        read_idx(path)
+    assert str(path) in str(info.value)
+
+
+def test_gzip_faults(tmp_path):
+    data = gzip.compress(idx_bytes(np.zeros((30, 28, 28), dtype=np.uint8)))
+    (tmp_path / "cut.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(IdxError, match="truncated gzip"):
+        read_idx(tmp_path / "cut.gz")
+    (tmp_path / "garbage.gz").write_bytes(b"\x1f\x8b" + b"not gzip at all" * 10)
+    with pytest.raises(IdxError, match="corrupt gzip"):
+        read_idx(tmp_path / "garbage.gz")
+    with pytest.raises(IdxError, match="cannot read"):
+        read_idx(tmp_path / "missing.gz")
+
+
+def test_pair_checks():
+    images = np.zeros((3, 4, 4), np.uint8)
+    with pytest.raises(IdxError, match="2 labels for 3 images"):
+        check_pair(images, np.zeros(2, np.uint8), 10, ("img", "lab"))
+    with pytest.raises(IdxError, match="label 37 out of range 0..9"):
+        check_pair(images, np.array([1, 37, 2], np.uint8), 10, ("img", "lab"))
+    with pytest.raises(IdxError, match="3 dimensions"):
+        check_pair(np.zeros((3, 16), np.uint8), np.zeros(3, np.uint8), 10, ("img", "lab"))
+    with pytest.raises(IdxError, match="1 dimension"):
+        check_pair(images, np.zeros((3, 1), np.uint8), 10, ("img", "lab"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_fuzz_any_bytes_give_an_array_or_the_readers_error(data):
+    try:
+        out = parse_idx(data)
+    except IdxError:
+        return
+    assert isinstance(out, np.ndarray)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(min_size=4, max_size=64))
+def test_fuzz_valid_header_with_random_payload(payload):
+    header = bytes([0, 0, 0x08, 1]) + len(payload).to_bytes(4, "big")
+    assert parse_idx(header + payload).tobytes() == payload
+
+
+# ------------------------------------------------------------------ finding and verifying files
+def test_user_directory_is_validated_by_structure(tmp_path):
+    root = make_dataset(tmp_path / "d", 100, 40)
+    data = load_dataset(DataConfig(root=str(root), name="idx"))
+    assert data.train_images.shape == (100, 1, 28, 28) and data.train_images.dtype == torch.uint8
+    assert len(data.test_labels) == 40 and data.classes == tuple(str(i) for i in range(10))
+    limited = load_dataset(DataConfig(root=str(root), limit=32))
+    assert len(limited.train_labels) == 32 and len(limited.test_labels) == 32
+    assert limited.classes == fm.CLASSES
+
+
+def test_missing_file_and_nothing_found(tmp_path, monkeypatch):
+    root = make_dataset(tmp_path / "d", 10, 10)
+    (root / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(ReslabError, match="missing t10k-labels-idx1-ubyte"):
+        load_dataset(DataConfig(root=str(root)))
+    monkeypatch.setattr(fm, "CACHE", tmp_path / "nocache")
+    monkeypatch.setattr(fm, "SYSTEM", tmp_path / "nosystem")
+    monkeypatch.delenv("RESLAB_DATA", raising=False)
+    with pytest.raises(ReslabError, match="not found in .*downloads are off.*; fix: `apt-get install"):
+        fm.load_arrays(None, download_ok=False)
+
+
+def test_download_writes_verified_files_atomically(tmp_path, monkeypatch):
+    source = make_dataset(tmp_path / "mirror", 20, 10)
+    sums = {
+        stem: hashlib.sha256(gzip.decompress((source / f"{stem}.gz").read_bytes())).hexdigest()
+        for stem in fm.FILES.values()
+    }
+    monkeypatch.setattr(fm, "SHA256", sums)
+    cache = tmp_path / "cache"
+    paths = fm.download(cache, url=source.as_uri() + "/", quiet=True)
+    assert all(p.is_file() for p in paths.values())
+    assert not list(cache.glob(".*part"))
+    # a corrupted mirror: nothing is kept
+    bad = tmp_path / "bad"
+    make_dataset(bad, 21, 10)
+    with pytest.raises(IdxError, match="SHA-256"):
+        fm.download(tmp_path / "cache2", url=bad.as_uri() + "/", quiet=True)
+    assert not any((tmp_path / "cache2").iterdir())
+
+
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason="Fashion-MNIST files not installed")
+def test_real_fashion_mnist_files():
+    arrays = fm.load_arrays(REAL_DATA)  # a user root: structure; verify() checks the checksums too
+    for key, stem in fm.FILES.items():
+        fm.verify(REAL_DATA / f"{stem}.gz", stem)
+    assert arrays.train_images.shape == (60000, 28, 28) and arrays.test_images.shape == (10000, 28, 28)
+    assert np.bincount(arrays.train_labels).tolist() == [6000] * 10
+    x = arrays.train_images / 255.0
+    assert abs(x.mean() - fm.MEAN) < 1e-4 and abs(x.std() - fm.STD) < 1e-4
+
+
+# ------------------------------------------------------------------ loader and augmentations
+def _loader(n=100, batch=32, train=True, seed=0, augment=None, world_size=1, rank=0):
+    g = torch.Generator().manual_seed(123)
+    images, labels = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=g), torch.arange(n) % 10
+    return TensorLoader(
+        images,
+        labels,
+        batch,
+        train=train,
+        seed=seed,
+        augment=augment,
+        rank=rank,
+        world_size=world_size,
+        mean=0.3,
+        std=0.4,
+    )
+
+
+def test_drop_last_for_training_never_for_evaluation():
+    assert len(_loader(100, 32, train=True)) == 3 and len(list(_loader(100, 32, train=True))) == 3
+    test = _loader(100, 32, train=False)
+    assert len(test) == 4 and sum(len(y) for _, y in test) == 100
+
+
+def test_normalised_once():
+    loader = _loader()
+    x = loader.images
+    assert x.dtype == torch.float32 and x.shape == (100, 1, 28, 28)
+    assert abs(loader.fill - (-0.3 / 0.4)) < 1e-6
+
+
+def test_same_seed_same_batches_and_new_order_each_epoch():
+    aug = Augment(crop_padding=2, flip=True, erasing=0.5)
+    a, b = _loader(augment=aug), _loader(augment=Augment(crop_padding=2, flip=True, erasing=0.5))
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    first = [y for _, y in a]
+    a.set_epoch(1)
+    assert not all(torch.equal(p, q) for p, q in zip(first, [y for _, y in a]))
+    c = _loader(seed=1)
+    assert not torch.equal(next(iter(c))[1], first[0])
+    # resuming mid-epoch replays the same batches
+    a.set_epoch(0)
+    assert torch.equal(list(a.batches(2))[0][1], first[2])
+
+
+def test_ranks_split_each_global_batch():
+    whole = [y for _, y in _loader(world_size=1)]
+    parts = [[y for _, y in _loader(world_size=2, rank=r)] for r in (0, 1)]
+    for b, y in enumerate(whole):
+        assert torch.equal(torch.cat([parts[0][b], parts[1][b]]), y)
+    test = [torch.cat([y for _, y in _loader(train=False, world_size=2, rank=r)]) for r in (0, 1)]
+    assert sorted(torch.cat(test).tolist()) == sorted((torch.arange(100) % 10).tolist())
+
+
+def test_flip_is_an_involution_and_flips_about_half():
+    x = torch.randn(400, 1, 5, 5)
+    once = flip(x, torch.Generator().manual_seed(3))
+    assert torch.equal(flip(once, torch.Generator().manual_seed(3)), x)
+    flipped = (once != x).flatten(1).any(1).float().mean()
+    assert 0.4 < flipped < 0.6
+    assert torch.equal(flip(x, torch.Generator(), p=1.0), x.flip(-1))
+
+
+def test_crop_keeps_shape_and_content_is_a_shifted_window():
+    x = torch.randn(50, 1, 8, 8)
+    out = random_crop(x, torch.Generator().manual_seed(0), padding=2, fill=-9.0)
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), value=-9.0)
+    for i in range(50):
+        windows = [padded[i, :, dy : dy + 8, dx : dx + 8] for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(out[i], w) for w in windows)
+    assert torch.equal(random_crop(x, torch.Generator(), padding=0), x)
+
+
+def test_erasing_changes_only_one_rectangle():
+    x = torch.randn(200, 1, 28, 28) + 5
+    out = random_erasing(x, torch.Generator().manual_seed(0), p=1.0, value=0.0)
+    changed = out != x
+    assert changed.flatten(1).any(1).all()
+    for i in range(200):
+        rows = changed[i, 0].any(1).nonzero().flatten()
+        cols = changed[i, 0].any(0).nonzero().flatten()
+        box = changed[i, 0, rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+        assert box.all()  # the changed pixels fill their bounding box: one rectangle
+        area = box.numel() / (28 * 28)
+        assert 0.01 < area < 0.5
+    assert torch.equal(random_erasing(x, torch.Generator(), p=0.0), x)
+
+
+def test_resize_matches_pil_bilinear():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (28, 28), dtype=np.uint8)
+    for size in (96, 224, 20):
+        ours = resize(torch.from_numpy(img).float()[None, None] / 255, size)[0, 0].numpy()
+        pil = np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR), dtype=np.float64) / 255
+        assert ours.shape == pil.shape
+        assert np.abs(ours - pil).mean() < 0.01, size
+        assert np.abs(ours - pil).max() < 0.06, size

@@ -1,0 +1,307 @@
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny_overrides
+
+from reslab import config
+from reslab.cli import main
+from reslab.data import load_dataset, make_loaders
+from reslab.engine import checkpoint, evaluate, fit
+from reslab.engine.guard import DivergenceError
+from reslab.engine.schedule import lr_at
+from reslab.models import build_model
+
+
+def tiny_cfg(data_dir, **extra):
+    return config.load(None, tiny_overrides(data_dir, **extra))
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_directory_contract(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    summary = fit(tiny_cfg(tiny_data, **{"train.epochs": 3}), out, quiet=True)
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "last.pt", "best.pt", "curves.png"):
+        assert (out / name).is_file(), name
+    rows = read_metrics(out)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    keys = {
+        "epoch",
+        "train_loss",
+        "train_acc",
+        "test_loss",
+        "test_acc",
+        "lr",
+        "images_per_sec",
+        "epoch_seconds",
+        "world_size",
+    }
+    assert all(keys <= set(r) for r in rows)
+    saved = json.loads((out / "summary.json").read_text())
+    for key in (
+        "test_acc",
+        "test_loss",
+        "best_test_acc",
+        "epochs",
+        "wall_seconds",
+        "model",
+        "params",
+        "device",
+        "precision",
+    ):
+        assert key in saved
+    assert saved["test_acc"] == rows[-1]["test_acc"] and saved["best_test_acc"] == max(
+        r["test_acc"] for r in rows
+    )
+    assert summary["epochs"] == 3 and rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert rows[-1]["test_acc"] > 0.3  # three times chance: the toy data is learnable
+    assert config.load(out / "config.yaml").model.name == "resnet8"
+    assert all(math.isfinite(v) for r in rows for v in r.values())
+
+
+def test_model_is_in_train_mode_every_epoch(tiny_data, tmp_path):
+    """Regression test for the notebook's bug: eval() for measuring and never train() again froze BN."""
+    seen = []
+
+    def spy(run):
+        bn = next(m for m in run.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        seen.append((run.epoch, run.model.training, bn.running_mean.clone()))
+
+    fit(tiny_cfg(tiny_data, **{"train.epochs": 3}), tmp_path / "run", quiet=True, on_step=spy)
+    assert all(training for _, training, _ in seen)
+    second = [stats for epoch, _, stats in seen if epoch == 1]
+    assert len(second) >= 2 and not torch.equal(second[0], second[-1])  # BN statistics move in epoch 2
+
+
+def test_metric_definitions(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_cfg(tiny_data, **{"train.epochs": 1})
+    fit(cfg, out, quiet=True)
+    row = read_metrics(out)[0]
+    # test loss and accuracy over the full test set, recomputed from the saved weights
+    state = checkpoint.load(out / "last.pt")
+    data = load_dataset(cfg.data)
+    model = build_model("resnet8", 1, 10)
+    model.load_state_dict(state["model"])
+    _, test = make_loaders(data, cfg.data, 64, 100, 0, torch.device("cpu"))
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat([model(x) for x, _ in test])
+    labels = data.test_labels
+    assert abs(torch.nn.functional.cross_entropy(logits, labels).item() - row["test_loss"]) < 1e-4
+    assert abs((logits.argmax(1) == labels).float().mean().item() - row["test_acc"]) < 1e-9
+    # training metrics over the epoch's examples: 512 images, batches of 64, none dropped
+    assert row["train_acc"] * 512 == pytest.approx(round(row["train_acc"] * 512))
+
+
+def test_schedules_are_pure_functions_of_the_step():
+    o = config.OptimConfig(lr=1.0, schedule="cosine", warmup_epochs=1)
+    lrs = [lr_at(s, 100, 10, o) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 0.01
+    step = config.OptimConfig(lr=1.0, schedule="step", milestones=[0.5, 0.75], gamma=0.1)
+    assert [lr_at(s, 100, 10, step) for s in (0, 49, 50, 75, 99)] == pytest.approx([1, 1, 0.1, 0.01, 0.01])
+    one = config.OptimConfig(lr=2.0, schedule="onecycle", warmup_epochs=3)
+    assert max(lr_at(s, 100, 10, one) for s in range(100)) == pytest.approx(2.0)
+    assert lr_at(99, 100, 10, one) < 0.05
+    assert lr_at(50, 100, 10, config.OptimConfig(lr=0.3)) == 0.3
+
+
+def test_guard_rolls_back_and_halves_the_lr_on_injected_nan(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    injected = []
+
+    def poison(run):
+        if run.epoch == 1 and run.batch == 3 and not injected:
+            injected.append(1)
+            with torch.no_grad():
+                next(run.model.parameters()).fill_(float("nan"))
+
+    summary = fit(tiny_cfg(tiny_data, **{"train.epochs": 3}), out, quiet=True, on_step=poison)
+    assert injected and len(summary["guard_events"]) == 1
+    assert summary["guard_events"][0]["lr_scale"] == 0.5
+    rows = read_metrics(out)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert all(math.isfinite(v) for r in rows for v in r.values())
+    assert rows[1]["lr"] == pytest.approx(0.025)  # halved from epoch 2 on
+    assert all(
+        torch.isfinite(p).all()
+        for p in checkpoint.load(out / "last.pt")["model"].values()
+        if p.is_floating_point()
+    )
+
+
+def test_hopeless_run_stops_cleanly(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "--out",
+        str(out),
+        "--quiet",
+        "--set",
+        *tiny_overrides(tiny_data, **{"optim.lr": 1e9, "train.epochs": 1}),
+    ]
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert "diverged" in err and "after 3 retries" in err and "Traceback" not in err
+    assert not (out / "metrics.jsonl").exists()  # no NaN metric was ever written
+
+
+def test_seed_recipe_with_absurd_lr_never_writes_nan(tiny_data, tmp_path):
+    overrides = tiny_overrides(
+        tiny_data, **{"model.name": "d2l-resnet18", "optim.lr": 50.0, "train.epochs": 2, "data.resize": 32}
+    )
+    cfg = config.load("configs/seed.yaml", overrides)
+    try:
+        fit(cfg, tmp_path / "run", quiet=True)
+    except DivergenceError:
+        pass
+    path = tmp_path / "run" / "metrics.jsonl"
+    if path.exists():
+        assert all(math.isfinite(v) for r in read_metrics(tmp_path / "run") for v in r.values())
+
+
+def test_resume_after_a_crash_is_bit_identical(tiny_data, tmp_path):
+    extra = {
+        "train.epochs": 3,
+        "data.crop_padding": 2,
+        "data.flip": True,
+        "train.ema": 0.9,
+        "optim.schedule": "cosine",
+    }
+    fit(tiny_cfg(tiny_data, **extra), tmp_path / "a", quiet=True)
+
+    class Crash(Exception):
+        pass
+
+    def crash(run):
+        if run.epoch == 1 and run.batch == 5:
+            raise Crash
+
+    with pytest.raises(Crash):
+        fit(tiny_cfg(tiny_data, **extra), tmp_path / "b", quiet=True, on_step=crash)
+    assert len(read_metrics(tmp_path / "b")) == 1
+    fit(config.load(tmp_path / "b" / "config.yaml"), tmp_path / "b", resume=True, quiet=True)
+    a, b = checkpoint.load(tmp_path / "a" / "last.pt"), checkpoint.load(tmp_path / "b" / "last.pt")
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in a["ema"]:
+        assert torch.equal(a["ema"][key], b["ema"][key]), key
+    strip = lambda rows: [
+        {k: v for k, v in r.items() if k not in ("images_per_sec", "epoch_seconds")} for r in rows
+    ]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "a")) == strip(read_metrics(tmp_path / "b"))
+
+
+def test_mid_epoch_checkpoint_resume_is_bit_identical(tiny_data, tmp_path):
+    extra = {"train.epochs": 2, "train.checkpoint_every": 3, "data.flip": True}
+    fit(tiny_cfg(tiny_data, **extra), tmp_path / "a", quiet=True)
+
+    def crash(run):
+        if run.epoch == 1 and run.batch == 7:
+            raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        fit(tiny_cfg(tiny_data, **extra), tmp_path / "b", quiet=True, on_step=crash)
+    assert checkpoint.load(tmp_path / "b" / "last.pt")["batch"] == 6
+    fit(tiny_cfg(tiny_data, **extra), tmp_path / "b", resume=True, quiet=True)
+    a, b = checkpoint.load(tmp_path / "a" / "last.pt"), checkpoint.load(tmp_path / "b" / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
+
+
+def test_evaluate_tta_flip_and_ema_runs(tiny_data, tmp_path):
+    summary = fit(
+        tiny_cfg(
+            tiny_data, **{"train.tta_flip": True, "train.ema": 0.8, "optim.name": "adamw", "optim.lr": 0.003}
+        ),
+        tmp_path / "r",
+        quiet=True,
+    )
+    assert 0 <= summary["test_acc"] <= 1
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["optim.lrr=0.1"], "unknown config key 'optim.lrr'"),
+        (["optim.lr=fast"], "optim.lr: expected float"),
+        (["optim.lr=-1"], "optim.lr: must be > 0"),
+        (["train.epochs=2.5"], "train.epochs: expected int"),
+        (["precision=fp8"], "precision: 'fp8' is not one of"),
+        (["precision=fp16", "device=cpu"], "fp16 needs a CUDA device"),
+        (["model.name=resnet19"], "unknown model 'resnet19'"),
+        (["model.options.colour=red"], "model.options.colour"),
+        (["data.erasing=1.5"], "data.erasing: must be in"),
+        (["optim.schedule=linear"], "optim.schedule"),
+        (["nonsense"], "expected key=value"),
+    ],
+)
+def test_config_errors_exit_2_and_write_nothing(tmp_path, capsys, overrides, message):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--set", *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and err.startswith("reslab: error:")
+    assert not out.exists()
+
+
+def test_missing_config_file_and_bad_yaml(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    (tmp_path / "bad.yaml").write_text("model: [unclosed")
+    assert main(["train", "--config", str(tmp_path / "bad.yaml")]) == 2
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    assert main(["train", "--config", str(tmp_path / "list.yaml")]) == 2
+    assert main(["train", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "not found" in err
+        and "not valid YAML" in err
+        and "must be a mapping" in err
+        and "--resume needs --out" in err
+    )
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    checkpoint.save({"model": {"w": torch.ones(3)}}, path)
+
+    def broken(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(
+        checkpoint.CheckpointError, match="No space left on device; the previous one is intact"
+    ):
+        checkpoint.save({"model": {"w": torch.zeros(3)}}, path)
+    monkeypatch.undo()
+    assert torch.equal(checkpoint.load(path)["model"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_d2l_train_3ch_prints_the_notebook_lines(tiny_data, capsys):
+    from torch import nn
+
+    from reslab.d2l import load_fashion_mnist_dataset, train_3ch
+
+    train_iter, test_iter = load_fashion_mnist_dataset(64, resize=32, root=str(tiny_data))
+    assert len(train_iter.dataset) == 512 and len(test_iter.dataset) == 256 and len(train_iter) == 8
+    X, y = next(iter(train_iter))
+    assert X.shape == (64, 1, 32, 32) and 0 <= X.min() and X.max() <= 1
+    net = build_model("resnet8", 1, 10)
+    history = train_3ch(
+        net,
+        nn.CrossEntropyLoss(),
+        2,
+        train_iter,
+        torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9),
+        test_iter,
+        "cpu",
+    )
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("epoch 0, training loss ") and "testing accuracy" in lines[1]
+    assert len(history) == 2 and all(math.isfinite(h["train_loss"]) for h in history)

@@ -134,7 +134,7 @@ def test_download_writes_verified_files_atomically(tmp_path, monkeypatch):
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason="Fashion-MNIST files not installed")
 def test_real_fashion_mnist_files():
     arrays = fm.load_arrays(REAL_DATA)  # a user root: structure; verify() checks the checksums too
-    for key, stem in fm.FILES.items():
+    for stem in fm.FILES.values():
         fm.verify(REAL_DATA / f"{stem}.gz", stem)
     assert arrays.train_images.shape == (60000, 28, 28) and arrays.test_images.shape == (10000, 28, 28)
     assert np.bincount(arrays.train_labels).tolist() == [6000] * 10

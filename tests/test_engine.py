@@ -8,7 +8,7 @@ from conftest import tiny_overrides
 from reslab import config
 from reslab.cli import main
 from reslab.data import load_dataset, make_loaders
-from reslab.engine import checkpoint, evaluate, fit
+from reslab.engine import checkpoint, fit
 from reslab.engine.guard import DivergenceError
 from reslab.engine.schedule import lr_at
 from reslab.models import build_model
@@ -191,9 +191,10 @@ def test_resume_after_a_crash_is_bit_identical(tiny_data, tmp_path):
         assert torch.equal(a["model"][key], b["model"][key]), key
     for key in a["ema"]:
         assert torch.equal(a["ema"][key], b["ema"][key]), key
-    strip = lambda rows: [
-        {k: v for k, v in r.items() if k not in ("images_per_sec", "epoch_seconds")} for r in rows
-    ]  # noqa: E731
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k not in ("images_per_sec", "epoch_seconds")} for r in rows]
+
     assert strip(read_metrics(tmp_path / "a")) == strip(read_metrics(tmp_path / "b"))
 
 

@@ -84,6 +84,54 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    if args.seeds < 1:
+        raise ReslabError("--seeds must be at least 1")
+    out = Path(args.out or f"runs/study-{args.study}{'-quick' if args.quick else ''}")
+    if args.study == "degradation":
+        from .studies import degradation
+
+        payload = degradation.run(out, args.quick, args.seeds, args.set)
+    else:
+        from .studies import units
+
+        payload = units.run(out, args.quick, args.seeds, args.set, depth=args.depth)
+    print((out / "table.md").read_text())
+    print(f"wrote {out}/results.json, table.md, figure.png in {payload['seconds']:.0f} s")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .report import predict
+
+    if args.top_k < 1:
+        raise ReslabError("--top-k must be at least 1")
+    results = predict(args.checkpoint, args.images, args.top_k, args.invert)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    width = max(len(r["file"]) for r in results)
+    for r in results:
+        guesses = "  ".join(f"{t['class']}  {t['probability']:.3f}" for t in r["top"])
+        print(f"{r['file']:<{width}}  {guesses}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .report import export
+
+    path = export(args.checkpoint, args.format, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run
+
+    run(Path(args.out) if args.out else None, quick=args.quick, seed_limit=args.seed_limit)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reslab", description="Build, train and study residual networks.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -115,6 +163,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", default="1,1,224,224", help="input shape N,C,H,W (default 1,1,224,224)")
     p.add_argument("--num-classes", type=int, default=10)
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser(
+        "study", help="plain vs residual at growing depth; the unit variants of He et al. 2016"
+    )
+    p.add_argument("study", choices=["degradation", "units"])
+    p.add_argument("--quick", action="store_true", help="the CPU budget: a subset and few epochs (~30 min)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per configuration (default 1)")
+    p.add_argument(
+        "--depth", type=int, default=56, help="units: depth of the CIFAR-style ResNet (default 56)"
+    )
+    p.add_argument("--out", help="study directory (default runs/study-NAME[-quick]); rerun to resume")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("predict", help="classify image files with a trained model")
+    p.add_argument("checkpoint", help="run directory or checkpoint file")
+    p.add_argument("images", nargs="+", help="PNG, JPEG, BMP or GIF files")
+    p.add_argument("--top-k", type=int, default=1, help="show the k most likely classes")
+    p.add_argument(
+        "--invert", action="store_true", help="dark object on a light background (photos): invert first"
+    )
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a trained model to ONNX or TorchScript")
+    p.add_argument("checkpoint", help="run directory or checkpoint file")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--out", required=True, help="output file, e.g. model.onnx")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bench", help="throughput, MFU, engine overhead, and the seed notebook as a baseline")
+    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--quick", action="store_true", help="small models only, no seed-notebook comparison")
+    p.add_argument(
+        "--seed-limit", type=int, default=2560, help="images for the seed comparison (default 2560)"
+    )
+    p.set_defaults(func=cmd_bench)
 
     return parser
 

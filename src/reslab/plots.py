@@ -39,3 +39,56 @@ def curves(history: list[dict], path: str | Path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def confusion_matrix(counts, classes: list[str], path: str | Path) -> None:
+    """Row-normalised confusion matrix (true class per row), the counts written in each cell."""
+    import numpy as np
+
+    counts = np.asarray(counts)
+    rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.62 * k, 0.8 + 0.55 * k))
+    im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            if counts[i, j]:
+                ax.text(
+                    j,
+                    i,
+                    str(counts[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if rates[i, j] > 0.5 else "black",
+                )
+    ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), classes, fontsize=8)
+    ax.set(
+        xlabel="predicted class",
+        ylabel="true class",
+        title=f"confusion matrix ({counts.trace() / max(counts.sum(), 1):.2%} correct)",
+    )
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def error_grid(
+    images, true: list[str], predicted: list[str], confidence: list[float], path: str | Path
+) -> None:
+    """The most confidently misclassified test images, each titled true -> predicted (confidence)."""
+    n = len(true)
+    cols = 6
+    rows = max(1, -(-n // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.9, rows * 2.15), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i], cmap="gray" if images[i].ndim == 2 else None)
+            ax.set_title(f"{true[i]}\n-> {predicted[i]} ({confidence[i]:.0%})", fontsize=7)
+    fig.suptitle("most confident mistakes: true -> predicted (probability)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .. import faults
 from ..errors import ReslabError
 
 FORMAT_VERSION = 1
@@ -34,6 +35,7 @@ def save(state: dict[str, Any], path: str | Path) -> None:
             torch.save({"format_version": FORMAT_VERSION, **state}, f)
             f.flush()
             os.fsync(f.fileno())
+        faults.reached("checkpoint-write")  # the new file is complete but not yet in place
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:

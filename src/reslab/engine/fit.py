@@ -23,6 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import config as config_mod
+from .. import faults
 from ..config import Config
 from ..data import TensorLoader, load_dataset, make_loaders
 from ..errors import ReslabError
@@ -133,6 +134,7 @@ def train_one_epoch(run: Run, epoch: int, on_step=None) -> dict:
         run.sums[2] += y.numel()
         run.batch = b + 1
         bar.update(1)
+        faults.reached("step")
         if on_step is not None:
             on_step(run)
     run.sums[3] += time.perf_counter() - start
@@ -169,6 +171,7 @@ def evaluate(
         loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
         count += y.numel()
+        faults.reached("eval")
     loss_sum, correct, count = dist.all_reduce_sum(
         [loss_sum, correct, count], device, ctx or dist.DistContext()
     )
@@ -352,6 +355,7 @@ def fit(cfg: Config, out: str | Path, resume: bool = False, quiet: bool = False,
         run.interrupted = True
 
     previous = signal.signal(signal.SIGINT, on_sigint) if not run.ctx.active else None
+    faults.reached("start")
     best = max((h["test_acc"] for h in run.history), default=-1.0)
     try:
         while run.epoch < cfg.train.epochs:
@@ -391,11 +395,13 @@ def fit(cfg: Config, out: str | Path, resume: bool = False, quiet: bool = False,
             run.history.append(metrics)
             run.epoch, run.batch, run.sums = epoch + 1, 0, [0.0, 0.0, 0.0, 0.0]
             _save(run, "last.pt")
+            faults.reached("after-checkpoint")
             if metrics["test_acc"] > best:
                 best = metrics["test_acc"]
                 _save(run, "best.pt", {k: v for k, v in _state(run).items() if k not in ("optimizer",)})
             _write_outputs(run)
             _log(run, _epoch_line(metrics, cfg.train.epochs))
+            faults.reached("epoch-end")
             if run.interrupted:
                 raise Interrupted(
                     f"interrupted; saved {out / 'last.pt'}; continue with: reslab train --out {out} --resume"

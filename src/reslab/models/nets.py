@@ -100,6 +100,7 @@ def cifar_resnet(
     width: int = 16,
     zero_init_residual: bool = False,
     shortcut_scale: float = 1.0,
+    always_project: bool = False,
 ) -> nn.Sequential:
     """He et al. 2015 section 4.2: 3x3 stem, three stages of widths w, 2w, 4w (16/32/64), 6n+2 layers
     (9n+2 with bottlenecks), global average pooling and a linear head."""
@@ -119,6 +120,7 @@ def cifar_resnet(
         order=order,
         shortcut=shortcut,
         shortcut_scale=shortcut_scale,
+        always_project=always_project,
     )
 
 

@@ -1,0 +1,228 @@
+"""`reslab bench`: training-step throughput and MFU against a GEMM peak measured in the same run, engine
+overhead, and the seed notebook's code against reslab as whole processes. Every ratio compares two things
+measured side by side in one run; times are medians."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .engine.precision import autocast, bf16_native
+from .models import build_model, summary
+from .studies.common import machine
+
+CASES = (("d2l-resnet18", 96), ("resnet20", 28), ("resnet56", 28))
+
+
+def _median_time(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def gemm_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of an n x n matrix multiply, the ceiling MFU is measured against."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n**3 / _median_time(lambda: a @ b, repeats) / 1e9
+
+
+def train_flops(name: str, size: int) -> float:
+    """FLOPs of one training image: forward (convs and linear) x 3 for forward + backward."""
+    rows = summary(build_model(name, 1, 10), (1, 1, size, size), print_table=False)
+    return 3.0 * sum(r.flops for r in rows)
+
+
+def step_throughput(
+    name: str, size: int, batch: int, precision: str, channels_last: bool = True, repeats: int = 5
+) -> float:
+    """Images per second of bare training steps (forward, backward, SGD) on a fixed random batch."""
+    torch.manual_seed(0)
+    mem = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_model(name, 1, 10).to(memory_format=mem).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(batch, 1, size, size).contiguous(memory_format=mem)
+    y = torch.randint(0, 10, (batch,))
+    device = torch.device("cpu")
+
+    def step():
+        with autocast(device, precision):
+            loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return batch / _median_time(step, repeats)
+
+
+def engine_overhead(name: str = "resnet20", batch: int = 256, batches: int = 12) -> dict:
+    """A full reslab epoch (data slicing, augmentation, guard checks, metrics, evaluation excluded) against
+    bare steps on the same number of images."""
+    from .config import load
+    from .engine.fit import prepare, train_one_epoch
+
+    cfg = load(
+        None,
+        [
+            f"model.name={name}",
+            f"train.batch_size={batch}",
+            f"data.limit={batch * batches}",
+            "data.flip=true",
+            "data.crop_padding=2",
+            "precision=fp32",
+            "device=cpu",
+            "train.epochs=1",
+        ],
+    )
+    run = prepare(cfg, Path("/nonexistent"), quiet=True)
+    train_one_epoch(run, 0)  # warm-up epoch
+    engine = []
+    for epoch in range(1, 4):
+        run.batch, run.sums = 0, [0.0, 0.0, 0.0, 0.0]
+        start = time.perf_counter()
+        train_one_epoch(run, epoch)
+        engine.append(batch * batches / (time.perf_counter() - start))
+    bare = step_throughput(name, 28, batch, "fp32", repeats=batches)
+    engine_ips = statistics.median(engine)
+    return {
+        "model": name,
+        "batch": batch,
+        "engine_img_s": engine_ips,
+        "bare_img_s": bare,
+        "overhead": bare / engine_ips - 1,
+    }
+
+
+def _timed_process(cmd: list[str]) -> tuple[float, str]:
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return time.perf_counter() - start, done.stdout
+
+
+def seed_vs_reslab(limit: int = 2560, epochs: int = 1, workers: int = 4) -> dict:
+    """The notebook's code (benchmarks/seed_baseline.py) against `reslab train --config configs/seed.yaml`,
+    each as a whole process on the same first `limit` images."""
+    root = Path(__file__).resolve().parents[2]
+    baseline = [
+        sys.executable,
+        str(root / "benchmarks" / "seed_baseline.py"),
+        "--limit",
+        str(limit),
+        "--epochs",
+        str(epochs),
+        "--workers",
+        str(workers),
+    ]
+    ours = [
+        sys.executable,
+        "-m",
+        "reslab",
+        "train",
+        "--config",
+        str(root / "configs" / "seed.yaml"),
+        "--quiet",
+        "--out",
+        f"/tmp/reslab-bench-seed-{os.getpid()}",
+        "--set",
+        f"data.limit={limit}",
+        f"train.epochs={epochs}",
+    ]
+    seed_s, seed_out = _timed_process(baseline)
+    ours_s, ours_out = _timed_process(ours)
+    seed_acc = json.loads(seed_out.strip().splitlines()[-1])["history"][-1]["test_acc"]
+    match = re.search(r"test acc (\d\.\d+)", ours_out)
+    return {
+        "images": limit,
+        "epochs": epochs,
+        "seed_notebook_seconds": seed_s,
+        "reslab_seconds": ours_s,
+        "speedup": seed_s / ours_s,
+        "seed_notebook_test_acc": seed_acc,
+        "reslab_test_acc": float(match.group(1)) if match else None,
+    }
+
+
+def run(out: Path | None = None, quick: bool = False, seed_limit: int = 2560) -> dict:
+    bf16_ok = bf16_native(torch.device("cpu"))
+    peaks = {"fp32": gemm_peak(torch.float32)}
+    peaks["bf16"] = gemm_peak(torch.bfloat16, n=2048 if bf16_ok else 256, repeats=3)
+    results = {"machine": machine(), "bf16_native": bf16_ok, "gemm_gflops": peaks, "steps": []}
+    precisions = ["fp32", "bf16"] if bf16_ok else ["fp32"]
+    for name, size in CASES[1:] if quick else CASES:
+        flops = train_flops(name, size)
+        batch = 64 if name == "d2l-resnet18" else 256
+        for precision in precisions:
+            for channels_last in (False, True):
+                ips = step_throughput(name, size, batch, precision, channels_last, repeats=3 if quick else 5)
+                gflops = ips * flops / 1e9
+                results["steps"].append(
+                    {
+                        "model": name,
+                        "size": size,
+                        "batch": batch,
+                        "precision": precision,
+                        "channels_last": channels_last,
+                        "img_s": ips,
+                        "gflops": gflops,
+                        "mfu": gflops / peaks[precision],
+                        "train_gflop_per_image": flops / 1e9,
+                    }
+                )
+                print(_step_line(results["steps"][-1]), flush=True)
+    results["engine_overhead"] = engine_overhead()
+    print(f"engine overhead: {results['engine_overhead']}", flush=True)
+    if not quick:
+        results["seed_vs_reslab"] = seed_vs_reslab(seed_limit)
+        print(f"seed notebook vs reslab: {results['seed_vs_reslab']}", flush=True)
+    if out is not None:
+        Path(out).write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+    return results
+
+
+def _step_line(s: dict) -> str:
+    layout = "channels_last" if s["channels_last"] else "NCHW"
+    return (
+        f"| {s['model']} @ {s['size']} | {s['precision']} {layout} | {s['batch']} | {s['img_s']:,.0f} | "
+        f"{s['gflops']:.0f} | {100 * s['mfu']:.0f}% |"
+    )
+
+
+def table(results: dict) -> str:
+    peaks = results["gemm_gflops"]
+    lines = [
+        f"GEMM peak in this run: {peaks['fp32']:.0f} GFLOP/s fp32, {peaks['bf16']:.1f} GFLOP/s bf16"
+        f"{'' if results['bf16_native'] else ' (no native bf16 on this CPU: emulated)'}",
+        "",
+        "| model @ px | precision, layout | batch | img/s | GFLOP/s | MFU |",
+        "|---|---|---:|---:|---:|---:|",
+        *(_step_line(s) for s in results["steps"]),
+    ]
+    o = results["engine_overhead"]
+    lines += [
+        "",
+        f"Engine overhead ({o['model']}, batch {o['batch']}): full epoch {o['engine_img_s']:,.0f} img/s vs "
+        f"bare steps {o['bare_img_s']:,.0f} img/s: {100 * o['overhead']:+.1f}%",
+    ]
+    if "seed_vs_reslab" in results:
+        s = results["seed_vs_reslab"]
+        lines += [
+            f"Seed notebook code vs reslab seed.yaml ({s['images']} images, {s['epochs']} epoch, whole processes): "
+            f"{s['seed_notebook_seconds']:.0f} s vs {s['reslab_seconds']:.0f} s, {s['speedup']:.2f}x"
+        ]
+    return "\n".join(lines)

@@ -1,0 +1,72 @@
+"""A user's own images: `root/train/<class>/*.png` and `root/test/<class>/*.png`, or `root/<class>/*.png` with a
+held-out fraction. Loaded once into the same in-memory uint8 arrays as Fashion-MNIST, resized once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ReslabError
+from .fashion_mnist import Arrays
+
+EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def _scan(directory: Path) -> dict[str, list[Path]]:
+    classes = sorted(p for p in directory.iterdir() if p.is_dir())
+    return {c.name: sorted(f for f in c.iterdir() if f.suffix.lower() in EXTENSIONS) for c in classes}
+
+
+def load_folder(root: str, split: float, size: int | None, classes: list[str] | None = None) -> Arrays:
+    from PIL import Image
+
+    from ..report import read_image
+
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise ReslabError(f"data.root {base} is not a directory of class folders")
+    if (base / "train").is_dir() and (base / "test").is_dir():
+        train, test = _scan(base / "train"), _scan(base / "test")
+        if sorted(train) != sorted(test):
+            raise ReslabError(
+                f"{base}: train/ and test/ hold different class folders: {sorted(train)} vs {sorted(test)}"
+            )
+    else:
+        if not 0 < split < 1:
+            raise ReslabError(
+                f"{base} has no train/ and test/ folders: set data.split, e.g. 0.2, to hold out a test fraction"
+            )
+        rng = np.random.default_rng(0)
+        train, test = {}, {}
+        for name, files in _scan(base).items():
+            order = rng.permutation(len(files))
+            cut = max(1, round(len(files) * split)) if len(files) > 1 else 0
+            test[name] = [files[i] for i in sorted(order[:cut])]
+            train[name] = [files[i] for i in sorted(order[cut:])]
+    names = sorted(train)
+    if classes and len(classes) != len(names):
+        raise ReslabError(f"data.classes names {len(classes)} classes, {base} has {len(names)} class folders")
+    if len(names) < 2 or not any(train.values()):
+        raise ReslabError(
+            f"{base}: need at least 2 class folders with images ({', '.join(sorted(EXTENSIONS))})"
+        )
+    first = next(f for files in train.values() for f in files)
+    with Image.open(first) as img:
+        side = size or max(img.size)
+        channels = 1 if img.mode in ("L", "1", "I;16", "I", "LA") else 3
+
+    def read(split_files: dict[str, list[Path]]) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = [], []
+        for label, name in enumerate(names):
+            for f in split_files[name]:
+                images.append(read_image(f, channels, side))
+                labels.append(label)
+        if not images:
+            raise ReslabError(f"{base}: a split has no images")
+        array = np.stack(images)
+        return (array if channels == 1 else array.transpose(0, 3, 1, 2)), np.array(labels, dtype=np.int64)
+
+    train_x, train_y = read(train)
+    test_x, test_y = read(test)
+    return Arrays(train_x, train_y, test_x, test_y, tuple(classes or names), str(base))

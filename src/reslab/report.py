@@ -1,0 +1,202 @@
+"""After training: an evaluation report, predictions on image files, and export to ONNX / TorchScript."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import config as config_mod
+from .data import load_dataset, make_loaders, resize
+from .engine import checkpoint
+from .errors import ReslabError
+from .models import build_model
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, dict, dict]:
+    """(model in eval mode, meta, checkpoint) from a run directory (its best.pt) or a checkpoint file.
+    The EMA weights are used when the run kept them: they are what the run evaluated."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.pt" if (path / "best.pt").is_file() else path / "last.pt"
+    state = checkpoint.load(path)
+    meta = state.get("meta")
+    if not isinstance(meta, dict) or "model_name" not in meta:
+        raise checkpoint.CheckpointError(f"{path}: no model description inside (not written by reslab train)")
+    model = build_model(
+        meta["model_name"], meta["in_channels"], len(meta["classes"]), **meta["model_options"]
+    )
+    weights = state["ema"] if state.get("ema") else state["model"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise checkpoint.CheckpointError(
+            f"{path}: weights do not fit {meta['model_name']}: {str(e).splitlines()[0]}"
+        ) from None
+    return model.eval(), meta, state
+
+
+# ------------------------------------------------------------------------------------------- eval
+@torch.no_grad()
+def evaluate_checkpoint(
+    path: str | Path, out: str | Path | None = None, data_dir: str | None = None, limit: int | None = None
+) -> dict:
+    model, meta, state = load_model(path)
+    cfg = config_mod.from_dict(state["config"])
+    if data_dir:
+        cfg.data.root = data_dir
+    cfg.data.limit = limit
+    data = load_dataset(cfg.data)
+    if len(data.classes) != len(meta["classes"]):
+        raise ReslabError(
+            f"the model predicts {len(meta['classes'])} classes, the data has {len(data.classes)}"
+        )
+    _, test = make_loaders(data, cfg.data, 1, cfg.train.eval_batch_size, 0, torch.device("cpu"))
+    logits = torch.cat([_tta(model, x, cfg.train.tta_flip) for x, _ in test])
+    labels = data.test_labels
+    probs = logits.softmax(1)
+    pred = probs.argmax(1)
+    k = len(meta["classes"])
+    confusion = torch.zeros(k, k, dtype=torch.long)
+    confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
+    per_class = {
+        name: float(confusion[i, i] / confusion[i].sum().clamp(min=1))
+        for i, name in enumerate(meta["classes"])
+    }
+    result = {
+        "checkpoint": str(path),
+        "test_images": len(labels),
+        "test_loss": float(nn.functional.cross_entropy(logits, labels)),
+        "test_acc": float((pred == labels).float().mean()),
+        "top2_acc": float((probs.topk(min(2, k), 1).indices == labels[:, None]).any(1).float().mean()),
+        "per_class_acc": per_class,
+        "confusion": confusion.tolist(),
+        "classes": meta["classes"],
+    }
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        from .plots import confusion_matrix, error_grid
+
+        confusion_matrix(confusion.numpy(), meta["classes"], out / "confusion.png")
+        wrong = (pred != labels).nonzero().flatten()
+        worst = wrong[probs[wrong, pred[wrong]].argsort(descending=True)][:24]
+        error_grid(
+            data.test_images[worst, 0].numpy()
+            if data.in_channels == 1
+            else data.test_images[worst].permute(0, 2, 3, 1).numpy(),
+            [meta["classes"][i] for i in labels[worst]],
+            [meta["classes"][i] for i in pred[worst]],
+            probs[worst, pred[worst]].tolist(),
+            out / "errors.png",
+        )
+        result["outputs"] = [str(out / n) for n in ("eval.json", "confusion.png", "errors.png")]
+        (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _tta(model: nn.Module, x: torch.Tensor, flip: bool) -> torch.Tensor:
+    logits = model(x)
+    return (logits + model(x.flip(-1))) / 2 if flip else logits
+
+
+# ------------------------------------------------------------------------------------------- predict
+MAX_PIXELS = 50_000_000  # refuse decompression bombs: 20000 x 20000 is 400 M pixels
+
+
+def read_image(path: str | Path, channels: int, size: int, invert: bool = False) -> np.ndarray:
+    """A user's image file as the training data looked: grayscale (or RGB) uint8, `size` x `size`.
+
+    Conversions: RGBA and LA are laid on black (Fashion-MNIST items are light on black), CMYK and palette
+    images become RGB then grayscale, 16-bit and 32-bit images are scaled to 8 bits, an animated GIF gives its
+    first frame. `invert` turns a dark object on a light background (most photos) into light on dark."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    try:
+        with Image.open(path) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise ReslabError(
+                    f"{path}: {img.width}x{img.height} is too large (limit {MAX_PIXELS:,} pixels)"
+                )
+            img.seek(0)  # animated: the first frame
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                arr = np.asarray(img, dtype=np.float64)
+                span = arr.max() - arr.min()
+                img = Image.fromarray(((arr - arr.min()) / (span if span > 0 else 1) * 255).astype(np.uint8))
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                rgba = img.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+                img = Image.alpha_composite(background, rgba)
+            img = img.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
+    except FileNotFoundError:
+        raise ReslabError(f"{path}: no such file") from None
+    except UnidentifiedImageError:
+        raise ReslabError(f"{path}: not an image PIL can read (PNG, JPEG, BMP, GIF, ...)") from None
+    except Image.DecompressionBombError as e:
+        raise ReslabError(f"{path}: too large ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ReslabError(f"{path}: broken image file ({e})") from None
+    arr = np.asarray(img, dtype=np.uint8)
+    return 255 - arr if invert else arr
+
+
+@torch.no_grad()
+def predict(path: str | Path, images: list[str], top_k: int = 1, invert: bool = False) -> list[dict]:
+    model, meta, _ = load_model(path)
+    channels, size = meta["in_channels"], meta["image_size"]
+    arrays = [read_image(p, channels, size, invert) for p in images]
+    x = torch.from_numpy(np.stack(arrays)).float() / 255
+    x = x.unsqueeze(1) if channels == 1 else x.permute(0, 3, 1, 2)
+    mean = torch.tensor(meta["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(meta["std"]).view(1, -1, 1, 1)
+    x = resize((x - mean) / std, meta["resize"])
+    probs = model(x).softmax(1)
+    k = min(top_k, probs.shape[1])
+    top = probs.topk(k, 1)
+    return [
+        {
+            "file": str(f),
+            "top": [
+                {"class": meta["classes"][i], "probability": float(p)}
+                for p, i in zip(ps.tolist(), idx.tolist())
+            ],
+        }
+        for f, ps, idx in zip(images, top.values, top.indices)
+    ]
+
+
+# ------------------------------------------------------------------------------------------- export
+def export(path: str | Path, fmt: str, out: str | Path) -> Path:
+    """Write the model as ONNX (opset 18, dynamic batch) or TorchScript; the input is normalised images of
+    the model's input size, (N, C, H, W)."""
+    model, meta, _ = load_model(path)
+    side = meta["resize"] or meta["image_size"]
+    example = torch.randn(2, meta["in_channels"], side, side)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "torchscript":
+        scripted = torch.jit.trace(model, example)
+        scripted.save(str(out))
+    elif fmt == "onnx":
+        try:
+            import onnx  # noqa: F401
+        except ImportError:
+            raise ReslabError("ONNX export needs the export extra: pip install 'reslab[export]'") from None
+        torch.onnx.export(
+            model,
+            (example,),
+            str(out),
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+            dynamo=True,
+        )
+    else:
+        raise ReslabError(f"unknown export format {fmt!r}; choose one of: onnx, torchscript")
+    return out

@@ -1,0 +1,91 @@
+"""What every study shares: a grid of ordinary runs (finished ones skipped), results.json, the machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .. import config as config_mod
+from ..config import Config
+
+
+def machine() -> dict:
+    """A description of where the numbers were measured."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def run_grid(runs: list[tuple[str, Config]], out: Path, quiet: bool = True) -> list[dict]:
+    """Train each (name, config) into out/runs/name, skipping runs whose summary.json exists (resumable).
+    A run interrupted mid-way resumes from its last checkpoint. Returns [{name, summary, history}]."""
+    from ..engine import checkpoint, fit
+
+    results = []
+    for i, (name, cfg) in enumerate(runs, 1):
+        run_dir = out / "runs" / name
+        if not (run_dir / "summary.json").is_file():
+            print(f"[{i}/{len(runs)}] {name}", flush=True)
+            resume = (run_dir / "last.pt").is_file()
+            if resume:
+                try:
+                    checkpoint.load(run_dir / "last.pt")
+                except checkpoint.CheckpointError:
+                    resume = False
+            fit(cfg, run_dir, resume=resume, quiet=quiet)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        results.append({"name": name, "summary": summary, "history": history})
+    return results
+
+
+def base_config(path: str | None, overrides: list[str]) -> Config:
+    return config_mod.load(path, overrides)
+
+
+def with_changes(cfg: Config, **changes) -> Config:
+    """A copy of cfg with dotted changes: with_changes(cfg, **{"model.name": "plain20"})."""
+    values = cfg.to_dict()
+    for key, value in changes.items():
+        node = values
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return config_mod.from_dict(values)
+
+
+def mean_spread(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start

@@ -1,0 +1,165 @@
+"""The degradation problem (He et al. 2015, Fig. 1 and 6): deeper plain nets train worse; residual nets don't.
+
+Trains plain-N and resnet-N (CIFAR-style 6n+2, option-A shortcuts, identical recipe) for each depth and
+records training and test error per epoch. `--quick` fits a 2-core CPU in about half an hour.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import Config
+from .common import Timer, base_config, machine, mean_spread, run_grid, with_changes, write_json
+
+DEPTHS = (20, 32, 44, 56)
+# the paper's CIFAR recipe, shortened: SGD 0.1, momentum 0.9, weight decay 1e-4, batch 128, lr / 10 at
+# 50% and 75% of the run; a short warm-up so that the deepest plain nets start at all (as the paper's 110)
+RECIPE = [
+    "optim.name=sgd",
+    "optim.lr=0.1",
+    "optim.momentum=0.9",
+    "optim.weight_decay=1e-4",
+    "optim.schedule=step",
+    "optim.warmup_epochs=0.5",
+    "train.batch_size=128",
+    "train.ema=0",
+    "train.tta_flip=false",
+]
+FULL = ["train.epochs=30"]
+QUICK = ["data.limit=8000", "train.epochs=5"]
+
+
+def plan(quick: bool, seeds: int, overrides: list[str], depths=DEPTHS) -> list[tuple[str, Config]]:
+    base = base_config(None, RECIPE + (QUICK if quick else FULL) + overrides)
+    runs = []
+    for residual in (False, True):
+        for depth in depths:
+            for seed in range(seeds):
+                model = f"{'resnet' if residual else 'plain'}{depth}"
+                cfg = with_changes(base, **{"model.name": model, "seed": seed, "name": f"{model}-s{seed}"})
+                runs.append((cfg.name, cfg))
+    return runs
+
+
+def run(
+    out: Path, quick: bool = False, seeds: int = 1, overrides: list[str] | None = None, depths=DEPTHS
+) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = plan(quick, seeds, overrides or [], depths)
+    with Timer() as timer:
+        results = run_grid(runs, out)
+    rows = []
+    for r in results:
+        s, h = r["summary"], r["history"]
+        depth = int("".join(c for c in s["model"] if c.isdigit()))
+        rows.append(
+            {
+                "model": s["model"],
+                "depth": depth,
+                "residual": s["model"].startswith("resnet"),
+                "seed": int(r["name"].rsplit("-s", 1)[1]),
+                "final_train_error": 1 - h[-1]["train_acc"],
+                "final_test_error": 1 - h[-1]["test_acc"],
+                "curve": [
+                    {"epoch": e["epoch"], "train_error": 1 - e["train_acc"], "test_error": 1 - e["test_acc"]}
+                    for e in h
+                ],
+                "train_seconds": s["train_seconds"],
+            }
+        )
+    payload = {
+        "study": "degradation",
+        "quick": quick,
+        "runs": rows,
+        "aggregate": aggregate(rows),
+        "config": runs[0][1].to_dict(),
+        "machine": machine(),
+        "seconds": timer.seconds,
+    }
+    write_json(out / "results.json", payload)
+    (out / "table.md").write_text(table(payload))
+    figure(rows, out / "figure.png")
+    return payload
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["model"], []).append(r)
+    out = []
+    for model, rs in groups.items():
+        train_m, train_s = mean_spread([r["final_train_error"] for r in rs])
+        test_m, test_s = mean_spread([r["final_test_error"] for r in rs])
+        out.append(
+            {
+                "model": model,
+                "depth": rs[0]["depth"],
+                "residual": rs[0]["residual"],
+                "seeds": len(rs),
+                "train_error": train_m,
+                "train_error_std": train_s,
+                "test_error": test_m,
+                "test_error_std": test_s,
+            }
+        )
+    return out
+
+
+def table(payload: dict) -> str:
+    lines = [
+        "| depth | plain train error | plain test error | ResNet train error | ResNet test error |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    agg = {(a["depth"], a["residual"]): a for a in payload["aggregate"]}
+
+    def cell(a: dict | None, key: str) -> str:
+        if a is None:
+            return "-"
+        spread = f" ± {a[key + '_std']:.3f}" if a["seeds"] > 1 else ""
+        return f"{a[key]:.3f}{spread}"
+
+    for depth in sorted({d for d, _ in agg}):
+        p, r = agg.get((depth, False)), agg.get((depth, True))
+        lines.append(
+            f"| {depth} | {cell(p, 'train_error')} | {cell(p, 'test_error')} | {cell(r, 'train_error')} | {cell(r, 'test_error')} |"
+        )
+    seeds = max(a["seeds"] for a in payload["aggregate"])
+    lines.append("")
+    lines.append(
+        f"Final-epoch errors, mean{' ± std' if seeds > 1 else ''} over {seeds} seed(s); training error is"
+    )
+    lines.append("measured over the last epoch's batches in train mode, as in the paper's curves.")
+    return "\n".join(lines) + "\n"
+
+
+def figure(rows: list[dict], path: Path) -> None:
+    """Like the paper's Fig. 6: plain nets left, ResNets right; thin dashed training error, bold test error."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depths = sorted({r["depth"] for r in rows})
+    colours = dict(
+        zip(depths, plt.cm.viridis([i / max(1, len(depths) - 1) * 0.85 for i in range(len(depths))]))
+    )
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, residual in zip(axes, (False, True)):
+        for r in rows:
+            if r["residual"] != residual or r["seed"] != 0:
+                continue
+            epochs = [c["epoch"] for c in r["curve"]]
+            colour = colours[r["depth"]]
+            label = f"{'ResNet' if residual else 'plain'}-{r['depth']}"
+            ax.plot(epochs, [100 * c["train_error"] for c in r["curve"]], "--", lw=1, color=colour)
+            ax.plot(
+                epochs, [100 * c["test_error"] for c in r["curve"]], "-", lw=2.2, color=colour, label=label
+            )
+        ax.set(xlabel="epoch", title="residual networks" if residual else "plain networks")
+        ax.grid(alpha=0.3)
+        ax.legend(title="bold: test, dashed: train", fontsize=8, title_fontsize=8)
+    axes[0].set_ylabel("error (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,176 @@
+"""Unit variants (He et al. 2016, Tables 1 and 2) on Fashion-MNIST: where BN, ReLU and the addition go, and
+what a non-identity shortcut costs. One depth, one recipe, one run directory per variant."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import Config
+from .common import Timer, base_config, machine, mean_spread, run_grid, with_changes, write_json
+from .degradation import RECIPE
+
+# name -> (model options, the paper's CIFAR-10 test error of ResNet-110 in %, Table 2 or Table 1)
+VARIANTS = {
+    "original": ({"order": "original"}, 6.61),
+    "bn-after-add": ({"order": "bn-after-add"}, 8.17),
+    "relu-before-add": ({"order": "relu-before-add"}, 7.84),
+    "relu-preact": ({"order": "relu-preact"}, 6.71),
+    "full-preact": ({"order": "full-preact"}, 6.37),
+    "1x1-conv-shortcut": ({"shortcut": "projection", "always_project": True}, 12.22),
+    "constant-scaling-0.5": ({"shortcut_scale": 0.5}, 12.35),
+}
+FULL = ["train.epochs=30", "data.crop_padding=2", "data.flip=true"]
+QUICK = ["data.limit=8000", "train.epochs=5"]
+
+
+def plan(
+    quick: bool, seeds: int, overrides: list[str], depth: int, variants=tuple(VARIANTS)
+) -> list[tuple[str, Config]]:
+    base = base_config(None, RECIPE + (QUICK if quick else FULL) + overrides)
+    runs = []
+    for variant in variants:
+        options, _ = VARIANTS[variant]
+        for seed in range(seeds):
+            name = f"resnet{depth}-{variant}-s{seed}"
+            cfg = with_changes(
+                base,
+                **{
+                    "model.name": f"resnet{depth}",
+                    "model.options": dict(options),
+                    "seed": seed,
+                    "name": name,
+                },
+            )
+            runs.append((name, cfg))
+    return runs
+
+
+def run(
+    out: Path,
+    quick: bool = False,
+    seeds: int = 1,
+    overrides: list[str] | None = None,
+    depth: int = 56,
+    variants=tuple(VARIANTS),
+) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = plan(quick, seeds, overrides or [], depth, variants)
+    with Timer() as timer:
+        results = run_grid(runs, out)
+    rows = []
+    for (name, _), r in zip(runs, results):
+        variant = name[len(f"resnet{depth}-") : name.rindex("-s")]
+        h = r["history"]
+        rows.append(
+            {
+                "variant": variant,
+                "seed": int(name.rsplit("-s", 1)[1]),
+                "final_train_error": 1 - h[-1]["train_acc"],
+                "final_test_error": 1 - h[-1]["test_acc"],
+                "curve": [
+                    {"epoch": e["epoch"], "train_error": 1 - e["train_acc"], "test_error": 1 - e["test_acc"]}
+                    for e in h
+                ],
+            }
+        )
+    aggregate = []
+    for variant in variants:
+        rs = [r for r in rows if r["variant"] == variant]
+        test_m, test_s = mean_spread([r["final_test_error"] for r in rs])
+        train_m, train_s = mean_spread([r["final_train_error"] for r in rs])
+        aggregate.append(
+            {
+                "variant": variant,
+                "seeds": len(rs),
+                "test_error": test_m,
+                "test_error_std": test_s,
+                "train_error": train_m,
+                "train_error_std": train_s,
+                "paper_cifar10_resnet110_error": VARIANTS[variant][1] / 100,
+            }
+        )
+    payload = {
+        "study": "units",
+        "depth": depth,
+        "quick": quick,
+        "runs": rows,
+        "aggregate": aggregate,
+        "config": runs[0][1].to_dict(),
+        "machine": machine(),
+        "seconds": timer.seconds,
+    }
+    write_json(out / "results.json", payload)
+    (out / "table.md").write_text(table(payload))
+    figure(payload, out / "figure.png")
+    return payload
+
+
+def table(payload: dict) -> str:
+    seeds = max(a["seeds"] for a in payload["aggregate"])
+    pm = " ± std" if seeds > 1 else ""
+    lines = [
+        f"| unit (ResNet-{payload['depth']}) | Fashion-MNIST test error{pm} | train error{pm} | paper: CIFAR-10, ResNet-110 |",
+        "|---|---:|---:|---:|",
+    ]
+    for a in payload["aggregate"]:
+
+        def cell(key: str, a: dict = a) -> str:
+            spread = f" ± {100 * a[key + '_std']:.2f}" if seeds > 1 else ""
+            return f"{100 * a[key]:.2f}%{spread}"
+
+        lines.append(
+            f"| {a['variant']} | {cell('test_error')} | {cell('train_error')} | {100 * a['paper_cifar10_resnet110_error']:.2f}% |"
+        )
+    lines.append("")
+    lines.append(
+        f"{seeds} seed(s) per variant; the paper's numbers are from Tables 1 and 2 of He et al. 2016."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def figure(payload: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agg = payload["aggregate"]
+    names = [a["variant"] for a in agg]
+    fig, (ax_bar, ax_curve) = plt.subplots(1, 2, figsize=(12, 4.2))
+    y = range(len(agg))
+    ax_bar.barh(
+        list(y),
+        [100 * a["test_error"] for a in agg],
+        xerr=[100 * a["test_error_std"] for a in agg],
+        color="tab:blue",
+        alpha=0.8,
+        label="Fashion-MNIST (ours)",
+    )
+    ax_bar.scatter(
+        [100 * a["paper_cifar10_resnet110_error"] for a in agg],
+        list(y),
+        color="tab:red",
+        marker="x",
+        zorder=3,
+        label="CIFAR-10, ResNet-110 (paper)",
+    )
+    ax_bar.set_yticks(list(y), names)
+    ax_bar.invert_yaxis()
+    ax_bar.set(xlabel="final test error (%)", title=f"unit variants, ResNet-{payload['depth']}")
+    ax_bar.legend(fontsize=8)
+    ax_bar.grid(axis="x", alpha=0.3)
+    for r in payload["runs"]:
+        if r["seed"] == 0:
+            ax_curve.plot(
+                [c["epoch"] for c in r["curve"]],
+                [100 * c["test_error"] for c in r["curve"]],
+                lw=1.8,
+                label=r["variant"],
+            )
+    ax_curve.set(xlabel="epoch", ylabel="test error (%)", title="test error per epoch (seed 0)")
+    ax_curve.grid(alpha=0.3)
+    ax_curve.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

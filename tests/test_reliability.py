@@ -1,0 +1,214 @@
+"""Faults, hostile files and bad input: a crash, a broken file or a typo never costs a user their run."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+from conftest import tiny_overrides
+
+from reslab.engine import checkpoint
+from reslab.engine.checkpoint import CheckpointError
+
+KILL_POINTS = [
+    "start:1",  # before the first checkpoint
+    "step:3",  # mid-epoch 1
+    "step:13",  # mid-epoch 2 (after a checkpoint)
+    "eval:1",  # during the first evaluation
+    "checkpoint-write:1",  # the first last.pt written to a temp file, not yet renamed
+    "checkpoint-write:3",  # a later one, while the previous last.pt is in place
+    "after-checkpoint:2",  # last.pt saved, metrics.jsonl not yet rewritten
+    "epoch-end:1",  # between epochs
+]
+
+
+def train_process(out, data, extra=(), env_extra=None, resume=False):
+    env = dict(os.environ, **(env_extra or {}))
+    overrides = tiny_overrides(
+        data, **{"train.epochs": 3, "data.flip": True, "data.crop_padding": 2, "train.ema": 0.9}
+    )
+    cmd = [sys.executable, "-m", "reslab", "train", "--out", str(out), "--quiet"]
+    cmd += ["--resume"] if resume else ["--set", *overrides, *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def outcome(out):
+    state = checkpoint.load(out / "last.pt")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    strip = [{k: v for k, v in r.items() if k not in ("images_per_sec", "epoch_seconds")} for r in rows]
+    return state["model"], state["ema"], strip
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    from conftest import make_dataset
+
+    tmp = tmp_path_factory.mktemp("ref")
+    data = make_dataset(tmp / "data")
+    done = train_process(tmp / "run", data)
+    assert done.returncode == 0, done.stderr
+    return data, outcome(tmp / "run")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_sigkill_anywhere_then_resume_is_bit_identical(reference, tmp_path, point):
+    data, (ref_model, ref_ema, ref_rows) = reference
+    out = tmp_path / "run"
+    killed = train_process(out, data, env_extra={"RESLAB_KILL_AT": point})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not list(out.glob(".*.tmp")) or point.startswith("checkpoint-write")
+    if (out / "last.pt").exists():
+        checkpoint.load(out / "last.pt")  # never a half-written checkpoint in place
+        resumed = train_process(out, data, resume=True)
+    else:  # killed before anything was saved: start again
+        resumed = train_process(out, data)
+    assert resumed.returncode == 0, resumed.stderr
+    model, ema, rows = outcome(out)
+    assert rows == ref_rows
+    assert all(torch.equal(model[k], ref_model[k]) for k in ref_model)
+    assert all(torch.equal(ema[k], ref_ema[k]) for k in ref_ema)
+
+
+@pytest.mark.slow
+def test_sigint_saves_a_resumable_checkpoint(reference, tmp_path):
+    data, (ref_model, _, ref_rows) = reference
+    out = tmp_path / "run"
+    overrides = tiny_overrides(
+        data, **{"train.epochs": 3, "data.flip": True, "data.crop_padding": 2, "train.ema": 0.9}
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reslab", "train", "--out", str(out), "--quiet", "--set", *overrides],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # wait until training is under way (the first epoch line), then press Ctrl-C
+    line = proc.stdout.readline()
+    while line and not line.startswith("epoch"):
+        line = proc.stdout.readline()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 130 and "continue with: reslab train --out" in err and "Traceback" not in err
+    resumed = train_process(out, data, resume=True)
+    assert resumed.returncode == 0, resumed.stderr
+    model, _, rows = outcome(out)
+    assert rows == ref_rows and all(torch.equal(model[k], ref_model[k]) for k in ref_model)
+
+
+def test_disk_full_on_checkpoint_stops_cleanly_or_continues(tiny_data, tmp_path, monkeypatch, capsys):
+    from reslab import config
+    from reslab.cli import main
+    from reslab.engine import fit
+
+    real_save = torch.save
+    calls = []
+
+    def flaky(obj, f, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:  # the second epoch's last.pt
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", flaky)
+    out = tmp_path / "stop"
+    assert main(["train", "--out", str(out), "--quiet", "--set", *tiny_overrides(tiny_data)]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device; the previous one is intact" in err and len(err.strip().splitlines()) == 1
+    assert checkpoint.load(out / "last.pt")["epoch"] == 1  # epoch 1's checkpoint survived
+    calls.clear()
+    cfg = config.load(None, tiny_overrides(tiny_data, **{"train.on_checkpoint_error": "continue"}))
+    summary = fit(cfg, tmp_path / "go-on", quiet=True)
+    assert summary["epochs"] == 2 and "training goes on" in capsys.readouterr().err
+
+
+def test_read_only_run_directory(tiny_data, tmp_path, capsys):
+    from reslab.cli import main
+
+    if os.geteuid() == 0:
+        pytest.skip("root ignores directory permissions")
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o500)
+    assert main(["train", "--out", str(out), "--quiet", "--set", *tiny_overrides(tiny_data)]) == 2
+
+
+# ------------------------------------------------------------------ hostile and broken checkpoints
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/reslab-pwned",))
+
+
+def test_pickle_carrying_code_is_refused_and_never_runs(tmp_path):
+    path = tmp_path / "evil.pt"
+    if os.path.exists("/tmp/reslab-pwned"):
+        os.unlink("/tmp/reslab-pwned")
+    torch.save({"model": {}, "payload": Evil()}, path)
+    with pytest.raises(CheckpointError, match="refused"):
+        checkpoint.load(path)
+    (tmp_path / "raw.pt").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(CheckpointError):
+        checkpoint.load(tmp_path / "raw.pt")
+    assert not os.path.exists("/tmp/reslab-pwned")
+
+
+def test_truncated_garbage_and_foreign_checkpoints(tmp_path):
+    good = tmp_path / "good.pt"
+    checkpoint.save({"model": {"w": torch.ones(2)}}, good)
+    data = good.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        checkpoint.load(tmp_path / "cut.pt")
+    with zipfile.ZipFile(tmp_path / "zip.pt", "w") as z:
+        z.writestr("archive/data.pkl", b"garbage")
+    with pytest.raises(CheckpointError):
+        checkpoint.load(tmp_path / "zip.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError):
+        checkpoint.load(tmp_path / "empty.pt")
+    torch.save({"format_version": 99, "model": {}}, tmp_path / "new.pt")
+    with pytest.raises(CheckpointError, match="newer than this reslab"):
+        checkpoint.load(tmp_path / "new.pt")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="not a reslab checkpoint"):
+        checkpoint.load(tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="not found"):
+        checkpoint.load(tmp_path / "missing.pt")
+
+
+def test_checkpoint_of_another_architecture_or_class_count(tiny_data, tmp_path, capsys):
+    from reslab.cli import main
+
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                "--out",
+                str(out),
+                "--quiet",
+                "--set",
+                *tiny_overrides(tiny_data, **{"train.epochs": 1}),
+            ]
+        )
+        == 0
+    )
+    # resuming with another model or class count: one clear line naming the mismatch
+    assert (
+        main(["train", "--out", str(out), "--resume", "--set", "model.name=resnet14", "train.epochs=2"]) == 2
+    )
+    assert "does not fit model resnet14" in capsys.readouterr().err
+    from reslab.report import load_model
+
+    state = checkpoint.load(out / "last.pt")
+    state["meta"]["classes"] = state["meta"]["classes"][:5]
+    checkpoint.save(state, tmp_path / "five.pt")
+    with pytest.raises(CheckpointError, match="do not fit resnet8"):
+        load_model(tmp_path / "five.pt")

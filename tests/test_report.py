@@ -1,0 +1,194 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import REAL_DATA, make_images, tiny_overrides
+from PIL import Image
+
+from reslab import config
+from reslab.cli import main
+from reslab.engine import fit
+from reslab.report import evaluate_checkpoint, export, load_model, predict, read_image
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small model trained on the real test-style data when present, else on the toy data."""
+    tmp = tmp_path_factory.mktemp("trained")
+    if REAL_DATA.is_dir():
+        overrides = [
+            f"data.root={REAL_DATA}",
+            "data.limit=3000",
+            "model.name=resnet8",
+            "train.epochs=2",
+            "train.batch_size=64",
+            "optim.name=adamw",
+            "optim.lr=0.003",
+            "precision=fp32",
+            "device=cpu",
+        ]
+    else:
+        from conftest import make_dataset
+
+        data = make_dataset(tmp / "data", 1024, 256)
+        overrides = tiny_overrides(data, **{"train.epochs": 4, "optim.name": "adamw", "optim.lr": 0.003})
+    fit(config.load(None, overrides), tmp / "run", quiet=True)
+    return tmp / "run"
+
+
+def test_eval_report_is_consistent_with_the_run(trained, tmp_path):
+    result = evaluate_checkpoint(trained, out=tmp_path / "eval")
+    summary = json.loads((trained / "summary.json").read_text())
+    assert result["test_acc"] == pytest.approx(summary["best_test_acc"], abs=1e-9)
+    assert result["top2_acc"] >= result["test_acc"]
+    confusion = np.array(result["confusion"])
+    assert confusion.sum() == result["test_images"] and confusion.trace() / confusion.sum() == pytest.approx(
+        result["test_acc"]
+    )
+    assert set(result["per_class_acc"]) == set(result["classes"])
+    for name in ("eval.json", "confusion.png", "errors.png"):
+        assert (tmp_path / "eval" / name).stat().st_size > 1000
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["test_acc"] == result["test_acc"]
+
+
+def test_predict_on_png_files_matches_the_tensor_pipeline(trained, tmp_path, capsys):
+    model, meta, state = load_model(trained)
+    cfg = config.from_dict(state["config"])
+    from reslab.data import load_dataset, make_loaders
+
+    data = load_dataset(cfg.data)
+    _, test = make_loaders(data, cfg.data, 1, 20, 0, torch.device("cpu"))
+    x, y = next(iter(test))
+    with torch.no_grad():
+        expected = model(x).argmax(1)
+    files = []
+    for i in range(20):
+        f = tmp_path / f"img{i}.png"
+        Image.fromarray(data.test_images[i, 0].numpy()).save(f)
+        files.append(str(f))
+    results = predict(trained, files, top_k=3)
+    got = [meta["classes"].index(r["top"][0]["class"]) for r in results]
+    assert got == expected.tolist()
+    assert (torch.tensor(got) == y).float().mean() >= 0.6  # a trained model names the true class
+    assert all(
+        len(r["top"]) == 3 and r["top"][0]["probability"] >= r["top"][1]["probability"] for r in results
+    )
+    assert main(["predict", str(trained), *files[:2], "--top-k", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(files[0])
+
+
+@pytest.mark.parametrize(
+    "make,error",
+    [
+        (lambda p: p.write_bytes(b"this is not an image"), "not an image"),
+        (lambda p: p.write_bytes(b""), "not an image"),
+        (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40), "not an image|broken image"),
+    ],
+)
+def test_bad_image_files_give_one_clear_error(trained, tmp_path, capsys, make, error):
+    bad = tmp_path / "bad.png"
+    make(bad)
+    assert main(["predict", str(trained), str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bad.png" in err
+    import re
+
+    assert re.search(error, err)
+
+
+def test_huge_image_is_refused(tmp_path):
+    # a 20000 x 20000 PNG header: PIL sees the size before decoding anything
+    path = tmp_path / "huge.png"
+    Image.new("1", (20000, 20000)).save(path)
+    from reslab.errors import ReslabError
+
+    with pytest.raises(ReslabError, match="too large"):
+        read_image(path, 1, 28)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "CMYK", "I;16", "P", "RGB", "LA"])
+def test_image_modes_are_converted(tmp_path, mode):
+    rng = np.random.default_rng(0)
+    if mode == "I;16":
+        img = Image.fromarray(rng.integers(0, 65535, (40, 30), dtype=np.uint16))
+    else:
+        img = Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).convert(mode)
+    img.save(tmp_path / "x.tiff" if mode in ("CMYK", "I;16") else tmp_path / "x.png")
+    path = tmp_path / ("x.tiff" if mode in ("CMYK", "I;16") else "x.png")
+    arr = read_image(path, 1, 28)
+    assert arr.shape == (28, 28) and arr.dtype == np.uint8
+    assert read_image(path, 3, 28).shape == (28, 28, 3)
+    assert np.array_equal(read_image(path, 1, 28, invert=True), 255 - arr)
+
+
+def test_animated_gif_uses_the_first_frame(tmp_path):
+    frames = [Image.new("L", (28, 28), v) for v in (200, 10, 90)]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    assert abs(int(read_image(tmp_path / "a.gif", 1, 28).mean()) - 200) <= 2
+
+
+def test_torchscript_and_onnx_match_pytorch(trained, tmp_path):
+    model, meta, _ = load_model(trained)
+    x = torch.randn(5, meta["in_channels"], meta["image_size"], meta["image_size"])
+    with torch.no_grad():
+        reference = model(x).numpy()
+    ts = torch.jit.load(str(export(trained, "torchscript", tmp_path / "m.pt")))
+    assert np.abs(ts(x).detach().numpy() - reference).max() < 1e-4
+    ort = pytest.importorskip("onnxruntime")
+    path = export(trained, "onnx", tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert np.abs(logits - reference).max() < 1e-4
+
+
+def test_folder_dataset_round_trip(tmp_path):
+    images, labels = make_images(120, 0)
+    names = ["alpha", "beta", "gamma"]
+    for split, sl in (("train", slice(0, 90)), ("test", slice(90, 120))):
+        for i, (img, lab) in enumerate(zip(images[sl], labels[sl] % 3)):
+            d = tmp_path / "pics" / split / names[lab]
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).convert("RGB").save(d / f"{i}.png")
+    overrides = [
+        "data.name=folder",
+        f"data.root={tmp_path / 'pics'}",
+        "model.name=resnet8",
+        "train.epochs=1",
+        "train.batch_size=30",
+        "precision=fp32",
+        "device=cpu",
+    ]
+    summary = fit(config.load(None, overrides), tmp_path / "run", quiet=True)
+    assert summary["epochs"] == 1
+    model, meta, _ = load_model(tmp_path / "run")
+    assert meta["classes"] == names and meta["in_channels"] == 3
+    # a flat folder with a held-out fraction
+    flat = tmp_path / "flat"
+    for i, (img, lab) in enumerate(zip(images[:40], labels[:40] % 2)):
+        (flat / names[lab]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(flat / names[lab] / f"{i}.png")
+    from reslab.config import DataConfig
+    from reslab.data import load_dataset
+
+    data = load_dataset(DataConfig(name="folder", root=str(flat), split=0.25))
+    assert len(data.train_labels) + len(data.test_labels) == 40 and data.in_channels == 1
+    assert 8 <= len(data.test_labels) <= 12
+
+
+def test_cli_eval_and_models_from_a_fresh_process(trained, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "reslab", "eval", str(trained), "--out", str(tmp_path / "e")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0 and "test acc" in done.stdout
+    done = subprocess.run(
+        [sys.executable, "-m", "reslab", "summary", "d2l-resnet18", "--input", "1,1,224,224"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0 and "(1, 512, 7, 7)" in done.stdout and "11,178,378" in done.stdout

@@ -52,10 +52,11 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_data, tmp_path)
 
 
 @pytest.mark.slow
-def test_sync_bn_run(tiny_data, tmp_path):
+def test_sync_bn_on_cpu_is_a_clear_error(tiny_data, tmp_path):
     done = launch(tmp_path / "sync", tiny_data, 2, {"train.sync_bn": True}, epochs=1)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert metrics(tmp_path / "sync")[0]["world_size"] == 2
+    assert done.returncode != 0
+    # each rank prints the one line (torchrun then adds its own report of the failed children)
+    assert "reslab: error: train.sync_bn needs CUDA devices" in done.stderr
 
 
 @pytest.mark.slow

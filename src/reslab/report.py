@@ -48,7 +48,8 @@ def evaluate_checkpoint(
     cfg = config_mod.from_dict(state["config"])
     if data_dir:
         cfg.data.root = data_dir
-    cfg.data.limit = limit
+    if limit:
+        cfg.data.limit = limit
     data = load_dataset(cfg.data)
     if len(data.classes) != len(meta["classes"]):
         raise ReslabError(
@@ -70,8 +71,8 @@ def evaluate_checkpoint(
         "checkpoint": str(path),
         "test_images": len(labels),
         "test_loss": float(nn.functional.cross_entropy(logits, labels)),
-        "test_acc": float((pred == labels).float().mean()),
-        "top2_acc": float((probs.topk(min(2, k), 1).indices == labels[:, None]).any(1).float().mean()),
+        "test_acc": int((pred == labels).sum()) / len(labels),
+        "top2_acc": int((probs.topk(min(2, k), 1).indices == labels[:, None]).any(1).sum()) / len(labels),
         "per_class_acc": per_class,
         "confusion": confusion.tolist(),
         "classes": meta["classes"],

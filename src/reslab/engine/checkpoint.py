@@ -29,8 +29,9 @@ class CheckpointError(ReslabError):
 
 def save(state: dict[str, Any], path: str | Path) -> None:
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             torch.save({"format_version": FORMAT_VERSION, **state}, f)
             f.flush()
@@ -47,7 +48,7 @@ def save(state: dict[str, Any], path: str | Path) -> None:
             f"cannot write checkpoint {path}: {e.strerror or e}; the previous one is intact"
         ) from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 

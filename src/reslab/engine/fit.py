@@ -194,6 +194,10 @@ def prepare(cfg: Config, out: Path, quiet: bool = False) -> Run:
     data = load_dataset(cfg.data)
     model = build_model(cfg.model.name, data.in_channels, len(data.classes), **cfg.model.options)
     if ctx.active and cfg.train.sync_bn:
+        if device.type != "cuda":
+            raise ReslabError(
+                "train.sync_bn needs CUDA devices (PyTorch's SyncBatchNorm); set it false on the CPU"
+            )
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     mem = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=mem)

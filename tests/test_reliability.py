@@ -213,3 +213,52 @@ def test_checkpoint_of_another_architecture_or_class_count(tiny_data, tmp_path, 
     checkpoint.save(state, tmp_path / "five.pt")
     with pytest.raises(CheckpointError, match="do not fit resnet8"):
         load_model(tmp_path / "five.pt")
+
+
+# ------------------------------------------------------------------ injected non-finite values
+@pytest.mark.parametrize("where", ["input", "gradient", "loss-inf"])
+def test_guard_catches_nan_and_inf_in_inputs_gradients_and_loss(tiny_data, tmp_path, monkeypatch, where):
+    import math
+
+    from reslab import config
+    from reslab.data.loader import TensorLoader
+    from reslab.engine import fit
+
+    fired = []
+    real_batches = TensorLoader.batches
+
+    def poisoned_batches(self, start=0):
+        for b, (x, y) in enumerate(real_batches(self, start), start):
+            if self.train and self.epoch == 1 and b == 2 and not fired:
+                fired.append(where)
+                if where == "input":
+                    x = x.clone()
+                    x[0, 0, 0, 0] = float("nan")
+                elif where == "loss-inf":
+                    x = x.clone()
+                    x[0] = float("inf")
+                else:
+                    self._poison_grad = True
+            yield x, y
+
+    monkeypatch.setattr(TensorLoader, "batches", poisoned_batches)
+
+    def on_step(run):
+        if getattr(run.train_loader, "_poison_grad", False):
+            run.train_loader._poison_grad = False
+            shots = []
+
+            def once(grad):  # the next backward pass only
+                if shots:
+                    return grad
+                shots.append(1)
+                return grad * float("inf")
+
+            next(run.model.parameters()).register_hook(once)
+
+    cfg = config.load(None, tiny_overrides(tiny_data, **{"train.epochs": 3}))
+    summary = fit(cfg, tmp_path / "run", quiet=True, on_step=on_step)
+    assert fired == [where]
+    assert len(summary["guard_events"]) >= 1 and summary["epochs"] == 3
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(v) for r in rows for v in r.values())

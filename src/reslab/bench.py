@@ -47,12 +47,12 @@ def train_flops(name: str, size: int) -> float:
 
 
 def step_throughput(
-    name: str, size: int, batch: int, precision: str, channels_last: bool = True, repeats: int = 5
+    name: str, size: int, batch: int, precision: str, channels_last: bool = True, repeats: int = 5, **options
 ) -> float:
     """Images per second of bare training steps (forward, backward, SGD) on a fixed random batch."""
     torch.manual_seed(0)
     mem = torch.channels_last if channels_last else torch.contiguous_format
-    model = build_model(name, 1, 10).to(memory_format=mem).train()
+    model = build_model(name, 1, 10, **options).to(memory_format=mem).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(batch, 1, size, size).contiguous(memory_format=mem)
     y = torch.randint(0, 10, (batch,))
@@ -68,25 +68,14 @@ def step_throughput(
     return batch / _median_time(step, repeats)
 
 
-def engine_overhead(name: str = "resnet20", batch: int = 256, batches: int = 12) -> dict:
-    """A full reslab epoch (data slicing, augmentation, guard checks, metrics, evaluation excluded) against
-    bare steps on the same number of images."""
+def engine_overhead(config_path: str = "configs/fast.yaml", batches: int = 40) -> dict:
+    """One reslab training epoch (data slicing, augmentation, guard checks, metrics; evaluation excluded)
+    against bare steps of the same model and batch size on the same number of images."""
     from .config import load
     from .engine.fit import prepare, train_one_epoch
 
-    cfg = load(
-        None,
-        [
-            f"model.name={name}",
-            f"train.batch_size={batch}",
-            f"data.limit={batch * batches}",
-            "data.flip=true",
-            "data.crop_padding=2",
-            "precision=fp32",
-            "device=cpu",
-            "train.epochs=1",
-        ],
-    )
+    cfg = load(config_path, ["precision=fp32", "device=cpu", "train.epochs=1"])
+    cfg.data.limit = cfg.train.batch_size * batches
     run = prepare(cfg, Path("/nonexistent"), quiet=True)
     train_one_epoch(run, 0)  # warm-up epoch
     engine = []
@@ -94,15 +83,56 @@ def engine_overhead(name: str = "resnet20", batch: int = 256, batches: int = 12)
         run.batch, run.sums = 0, [0.0, 0.0, 0.0, 0.0]
         start = time.perf_counter()
         train_one_epoch(run, epoch)
-        engine.append(batch * batches / (time.perf_counter() - start))
-    bare = step_throughput(name, 28, batch, "fp32", repeats=batches)
+        engine.append(cfg.data.limit / (time.perf_counter() - start))
+    size = cfg.data.resize or 28
+    bare = step_throughput(
+        cfg.model.name,
+        size,
+        cfg.train.batch_size,
+        "fp32",
+        cfg.train.channels_last,
+        repeats=batches,
+        **cfg.model.options,
+    )
     engine_ips = statistics.median(engine)
     return {
-        "model": name,
-        "batch": batch,
+        "config": config_path,
+        "model": cfg.model.name,
+        "batch": cfg.train.batch_size,
         "engine_img_s": engine_ips,
         "bare_img_s": bare,
         "overhead": bare / engine_ips - 1,
+    }
+
+
+def data_cost(config_path: str = "configs/fast.yaml") -> dict:
+    """Reading the files, building the loaders and one epoch of augmented batches without a model, against one
+    epoch of bare training steps of the recipe's model."""
+    from .config import load
+    from .data import load_dataset, make_loaders
+
+    cfg = load(config_path, ["device=cpu"])
+    start = time.perf_counter()
+    data = load_dataset(cfg.data)
+    train, _ = make_loaders(
+        data, cfg.data, cfg.train.batch_size, cfg.train.eval_batch_size, 0, torch.device("cpu")
+    )
+    load_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    for x, _ in train:
+        x.contiguous(memory_format=torch.channels_last)
+    batch_seconds = time.perf_counter() - start
+    size = cfg.data.resize or data.train_images.shape[-1]
+    ips = step_throughput(
+        cfg.model.name, size, cfg.train.batch_size, "fp32", cfg.train.channels_last, **cfg.model.options
+    )
+    epoch_seconds = train.num_examples / ips
+    return {
+        "config": config_path,
+        "load_seconds": load_seconds,
+        "batches_seconds": batch_seconds,
+        "model_epoch_seconds": epoch_seconds,
+        "fraction": (load_seconds + batch_seconds) / epoch_seconds,
     }
 
 
@@ -186,6 +216,8 @@ def run(out: Path | None = None, quick: bool = False, seed_limit: int = 2560) ->
                 print(_step_line(results["steps"][-1]), flush=True)
     results["engine_overhead"] = engine_overhead()
     print(f"engine overhead: {results['engine_overhead']}", flush=True)
+    results["data_cost"] = data_cost()
+    print(f"data cost: {results['data_cost']}", flush=True)
     if not quick:
         results["seed_vs_reslab"] = seed_vs_reslab(seed_limit)
         print(f"seed notebook vs reslab: {results['seed_vs_reslab']}", flush=True)
@@ -216,8 +248,13 @@ def table(results: dict) -> str:
     o = results["engine_overhead"]
     lines += [
         "",
-        f"Engine overhead ({o['model']}, batch {o['batch']}): full epoch {o['engine_img_s']:,.0f} img/s vs "
+        f"Engine overhead ({o['config']}: {o['model']}, batch {o['batch']}): full epoch {o['engine_img_s']:,.0f} img/s vs "
         f"bare steps {o['bare_img_s']:,.0f} img/s: {100 * o['overhead']:+.1f}%",
+    ]
+    d = results["data_cost"]
+    lines += [
+        f"Data ({d['config']}): loading {d['load_seconds']:.2f} s + one epoch of batches {d['batches_seconds']:.2f} s "
+        f"= {100 * d['fraction']:.1f}% of one epoch of model steps ({d['model_epoch_seconds']:.0f} s)"
     ]
     if "seed_vs_reslab" in results:
         s = results["seed_vs_reslab"]

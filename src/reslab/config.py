@@ -115,6 +115,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         return dict(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if hint is Any or isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
     raise ReslabError(f"{key}: expected {hint.__name__}, got {value!r}")

@@ -10,11 +10,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def curves(history: list[dict], path: str | Path, title: str = "") -> None:
-    """Loss and accuracy per epoch, training and test, side by side."""
+def curves(history: list[dict], path: str | Path, title: str = "", train_note: str = "") -> None:
+    """Loss and accuracy per epoch, training and test, side by side. train_note says how the training loss
+    differs from the test loss (e.g. label smoothing)."""
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    ax_loss.plot(
+        epochs,
+        [h["train_loss"] for h in history],
+        "o-",
+        label=f"train{f' ({train_note})' if train_note else ''}",
+    )
     ax_loss.plot(epochs, [h["test_loss"] for h in history], "s-", label="test")
     ax_loss.set(xlabel="epoch", ylabel="loss (mean cross-entropy)", title="loss")
     ax_acc.plot(epochs, [h["train_acc"] for h in history], "o-", label="train")

@@ -435,7 +435,9 @@ def _write_outputs(run: Run) -> None:
     _write_text(run.out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in run.history))
     from ..plots import curves
 
-    curves(run.history, run.out / "curves.png", f"{run.cfg.name}: {run.cfg.model.name}")
+    smoothing = run.cfg.optim.label_smoothing
+    note = f"label smoothing {smoothing:g}" if smoothing else ""
+    curves(run.history, run.out / "curves.png", f"{run.cfg.name}: {run.cfg.model.name}", note)
 
 
 def _summary(run: Run, wall: float) -> dict:

@@ -26,7 +26,7 @@ RECIPE = [
     "train.tta_flip=false",
 ]
 FULL = ["train.epochs=30"]
-QUICK = ["data.limit=8000", "train.epochs=5"]
+QUICK = ["data.limit=6000", "train.epochs=5"]
 
 
 def plan(quick: bool, seeds: int, overrides: list[str], depths=DEPTHS) -> list[tuple[str, Config]]:

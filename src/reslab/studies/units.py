@@ -20,7 +20,7 @@ VARIANTS = {
     "constant-scaling-0.5": ({"shortcut_scale": 0.5}, 12.35),
 }
 FULL = ["train.epochs=30", "data.crop_padding=2", "data.flip=true"]
-QUICK = ["data.limit=8000", "train.epochs=5"]
+QUICK = ["data.limit=4000", "train.epochs=4"]
 
 
 def plan(

@@ -1,0 +1,50 @@
+"""The benchmark's pieces on small inputs: real measurements, compared side by side in the same process."""
+
+import pytest
+
+from reslab import bench
+
+
+def test_gemm_peak_and_flops_are_plausible():
+    assert bench.gemm_peak(__import__("torch").float32, n=256, repeats=2) > 1.0  # GFLOP/s
+    # per training image (forward x 3): ResNet-20 at 28 px 0.19 GFLOP, the notebook's ResNet-18 at 96 px 1.90
+    assert 0.17e9 < bench.train_flops("resnet20", 28) < 0.20e9
+    assert 1.8e9 < bench.train_flops("d2l-resnet18", 96) < 2.0e9
+
+
+def test_step_throughput_and_engine_overhead():
+    ips = bench.step_throughput("resnet8", 28, 32, "fp32", repeats=2)
+    assert ips > 10
+    o = bench.engine_overhead(batches=4)
+    assert o["engine_img_s"] > 0 and o["bare_img_s"] > 0 and o["model"] == "resnet8"
+
+
+@pytest.mark.slow
+def test_seed_notebook_against_reslab_as_processes():
+    result = bench.seed_vs_reslab(limit=256, epochs=1, workers=2)
+    assert result["seed_notebook_seconds"] > 0 and result["reslab_seconds"] > 0
+    assert 0 <= result["seed_notebook_test_acc"] <= 1 and 0 <= result["reslab_test_acc"] <= 1
+    table = bench.table(
+        {
+            "gemm_gflops": {"fp32": 100.0, "bf16": 1.0},
+            "bf16_native": False,
+            "steps": [],
+            "engine_overhead": {
+                "config": "c",
+                "model": "m",
+                "batch": 1,
+                "engine_img_s": 9,
+                "bare_img_s": 10,
+                "overhead": 0.1,
+            },
+            "data_cost": {
+                "config": "c",
+                "load_seconds": 1,
+                "batches_seconds": 1,
+                "model_epoch_seconds": 100,
+                "fraction": 0.02,
+            },
+            "seed_vs_reslab": result,
+        }
+    )
+    assert "Seed notebook code vs reslab" in table and "2.0% of one epoch" in table

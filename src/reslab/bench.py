@@ -136,12 +136,21 @@ def data_cost(config_path: str = "configs/fast.yaml") -> dict:
     }
 
 
-def _timed_process(cmd: list[str]) -> tuple[float, str]:
-    start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip().splitlines()[-1:]}")
-    return time.perf_counter() - start, done.stdout
+def _timed_process(cmd: list[str]) -> tuple[float, str, float]:
+    """(wall seconds, stdout, peak RSS in MB) of a whole process."""
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {err.read().strip().splitlines()[-1:]}")
+        return seconds, out.read(), usage.ru_maxrss / 1024
 
 
 def seed_vs_reslab(limit: int = 2560, epochs: int = 1, workers: int = 4) -> dict:
@@ -172,8 +181,8 @@ def seed_vs_reslab(limit: int = 2560, epochs: int = 1, workers: int = 4) -> dict
         f"data.limit={limit}",
         f"train.epochs={epochs}",
     ]
-    seed_s, seed_out = _timed_process(baseline)
-    ours_s, ours_out = _timed_process(ours)
+    seed_s, seed_out, seed_rss = _timed_process(baseline)
+    ours_s, ours_out, ours_rss = _timed_process(ours)
     seed_acc = json.loads(seed_out.strip().splitlines()[-1])["history"][-1]["test_acc"]
     match = re.search(r"test acc (\d\.\d+)", ours_out)
     return {
@@ -182,6 +191,8 @@ def seed_vs_reslab(limit: int = 2560, epochs: int = 1, workers: int = 4) -> dict
         "seed_notebook_seconds": seed_s,
         "reslab_seconds": ours_s,
         "speedup": seed_s / ours_s,
+        "seed_notebook_peak_rss_mb": seed_rss,
+        "reslab_peak_rss_mb": ours_rss,
         "seed_notebook_test_acc": seed_acc,
         "reslab_test_acc": float(match.group(1)) if match else None,
     }
@@ -260,6 +271,7 @@ def table(results: dict) -> str:
         s = results["seed_vs_reslab"]
         lines += [
             f"Seed notebook code vs reslab seed.yaml ({s['images']} images, {s['epochs']} epoch, whole processes): "
-            f"{s['seed_notebook_seconds']:.0f} s vs {s['reslab_seconds']:.0f} s, {s['speedup']:.2f}x"
+            f"{s['seed_notebook_seconds']:.0f} s vs {s['reslab_seconds']:.0f} s, {s['speedup']:.2f}x; peak RSS of the "
+            f"main process {s['seed_notebook_peak_rss_mb']:.0f} MB vs {s['reslab_peak_rss_mb']:.0f} MB"
         ]
     return "\n".join(lines)

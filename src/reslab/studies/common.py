@@ -78,6 +78,35 @@ def mean_spread(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def error_curve(history: list[dict]) -> list[dict]:
+    """Training and test error per epoch of a run's metrics."""
+    return [
+        {"epoch": e["epoch"], "train_error": 1 - e["train_acc"], "test_error": 1 - e["test_acc"]}
+        for e in history
+    ]
+
+
+def error_stats(rows: list[dict]) -> dict:
+    """Mean and spread over seeds of the final training and test errors of some runs."""
+    train_m, train_s = mean_spread([r["final_train_error"] for r in rows])
+    test_m, test_s = mean_spread([r["final_test_error"] for r in rows])
+    return {
+        "seeds": len(rows),
+        "train_error": train_m,
+        "train_error_std": train_s,
+        "test_error": test_m,
+        "test_error_std": test_s,
+    }
+
+
+def finish(out: Path, payload: dict, table, figure) -> dict:
+    """Write results.json, table.md and figure.png of a study."""
+    write_json(out / "results.json", payload)
+    (out / "table.md").write_text(table(payload))
+    figure(payload, out / "figure.png")
+    return payload
+
+
 def write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=2) + "\n")
 

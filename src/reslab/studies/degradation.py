@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import Config
-from .common import Timer, base_config, machine, mean_spread, run_grid, with_changes, write_json
+from .common import Timer, base_config, error_curve, error_stats, finish, machine, run_grid, with_changes
 
 DEPTHS = (20, 32, 44, 56)
 # the paper's CIFAR recipe, shortened: SGD 0.1, momentum 0.9, weight decay 1e-4, batch 128, lr / 10 at
@@ -61,10 +61,7 @@ def run(
                 "seed": int(r["name"].rsplit("-s", 1)[1]),
                 "final_train_error": 1 - h[-1]["train_acc"],
                 "final_test_error": 1 - h[-1]["test_acc"],
-                "curve": [
-                    {"epoch": e["epoch"], "train_error": 1 - e["train_acc"], "test_error": 1 - e["test_acc"]}
-                    for e in h
-                ],
+                "curve": error_curve(h),
                 "train_seconds": s["train_seconds"],
             }
         )
@@ -77,33 +74,17 @@ def run(
         "machine": machine(),
         "seconds": timer.seconds,
     }
-    write_json(out / "results.json", payload)
-    (out / "table.md").write_text(table(payload))
-    figure(rows, out / "figure.png")
-    return payload
+    return finish(out, payload, table, figure)
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r["model"], []).append(r)
-    out = []
-    for model, rs in groups.items():
-        train_m, train_s = mean_spread([r["final_train_error"] for r in rs])
-        test_m, test_s = mean_spread([r["final_test_error"] for r in rs])
-        out.append(
-            {
-                "model": model,
-                "depth": rs[0]["depth"],
-                "residual": rs[0]["residual"],
-                "seeds": len(rs),
-                "train_error": train_m,
-                "train_error_std": train_s,
-                "test_error": test_m,
-                "test_error_std": test_s,
-            }
-        )
-    return out
+    return [
+        {"model": model, "depth": rs[0]["depth"], "residual": rs[0]["residual"], **error_stats(rs)}
+        for model, rs in groups.items()
+    ]
 
 
 def table(payload: dict) -> str:
@@ -133,8 +114,9 @@ def table(payload: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def figure(rows: list[dict], path: Path) -> None:
+def figure(payload: dict, path: Path) -> None:
     """Like the paper's Fig. 6: plain nets left, ResNets right; thin dashed training error, bold test error."""
+    rows = payload["runs"]
     import matplotlib
 
     matplotlib.use("Agg")

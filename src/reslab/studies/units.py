@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import Config
-from .common import Timer, base_config, machine, mean_spread, run_grid, with_changes, write_json
+from .common import Timer, base_config, error_curve, error_stats, finish, machine, run_grid, with_changes
 from .degradation import RECIPE
 
 # name -> (model options, the paper's CIFAR-10 test error of ResNet-110 in %, Table 2 or Table 1)
@@ -68,28 +68,17 @@ def run(
                 "seed": int(name.rsplit("-s", 1)[1]),
                 "final_train_error": 1 - h[-1]["train_acc"],
                 "final_test_error": 1 - h[-1]["test_acc"],
-                "curve": [
-                    {"epoch": e["epoch"], "train_error": 1 - e["train_acc"], "test_error": 1 - e["test_acc"]}
-                    for e in h
-                ],
+                "curve": error_curve(h),
             }
         )
-    aggregate = []
-    for variant in variants:
-        rs = [r for r in rows if r["variant"] == variant]
-        test_m, test_s = mean_spread([r["final_test_error"] for r in rs])
-        train_m, train_s = mean_spread([r["final_train_error"] for r in rs])
-        aggregate.append(
-            {
-                "variant": variant,
-                "seeds": len(rs),
-                "test_error": test_m,
-                "test_error_std": test_s,
-                "train_error": train_m,
-                "train_error_std": train_s,
-                "paper_cifar10_resnet110_error": VARIANTS[variant][1] / 100,
-            }
-        )
+    aggregate = [
+        {
+            "variant": variant,
+            **error_stats([r for r in rows if r["variant"] == variant]),
+            "paper_cifar10_resnet110_error": VARIANTS[variant][1] / 100,
+        }
+        for variant in variants
+    ]
     payload = {
         "study": "units",
         "depth": depth,
@@ -100,10 +89,7 @@ def run(
         "machine": machine(),
         "seconds": timer.seconds,
     }
-    write_json(out / "results.json", payload)
-    (out / "table.md").write_text(table(payload))
-    figure(payload, out / "figure.png")
-    return payload
+    return finish(out, payload, table, figure)
 
 
 def table(payload: dict) -> str:

@@ -1,0 +1,48 @@
+import json
+
+from reslab.studies import degradation, units
+
+
+def test_degradation_study_writes_results_and_skips_finished_runs(tiny_data, tmp_path):
+    overrides = [
+        f"data.root={tiny_data}",
+        "train.epochs=1",
+        "data.limit=128",
+        "train.batch_size=64",
+        "device=cpu",
+    ]
+    payload = degradation.run(tmp_path / "deg", quick=True, seeds=1, overrides=overrides, depths=(8, 14))
+    saved = json.loads((tmp_path / "deg" / "results.json").read_text())
+    assert {(r["model"], r["residual"]) for r in saved["runs"]} == {
+        ("plain8", False),
+        ("plain14", False),
+        ("resnet8", True),
+        ("resnet14", True),
+    }
+    for r in saved["runs"]:
+        assert 0 <= r["final_train_error"] <= 1 and len(r["curve"]) == 1
+        assert r["curve"][-1]["test_error"] == r["final_test_error"]
+    assert saved["machine"]["cores"] >= 1 and saved["config"]["optim"]["lr"] == 0.1
+    assert (tmp_path / "deg" / "figure.png").stat().st_size > 1000
+    assert "| 14 |" in (tmp_path / "deg" / "table.md").read_text()
+    # a second call trains nothing: every run has its summary.json
+    before = {p: p.stat().st_mtime for p in (tmp_path / "deg" / "runs").glob("*/last.pt")}
+    again = degradation.run(tmp_path / "deg", quick=True, seeds=1, overrides=overrides, depths=(8, 14))
+    assert again["runs"] == payload["runs"]
+    assert before == {p: p.stat().st_mtime for p in (tmp_path / "deg" / "runs").glob("*/last.pt")}
+
+
+def test_units_study_covers_every_variant(tiny_data, tmp_path):
+    overrides = [
+        f"data.root={tiny_data}",
+        "train.epochs=1",
+        "data.limit=64",
+        "train.batch_size=64",
+        "device=cpu",
+    ]
+    payload = units.run(tmp_path / "u", quick=True, seeds=1, overrides=overrides, depth=8)
+    assert [a["variant"] for a in payload["aggregate"]] == list(units.VARIANTS)
+    table = (tmp_path / "u" / "table.md").read_text()
+    assert "full-preact" in table and "6.37%" in table
+    cfg = json.loads((tmp_path / "u" / "runs" / "resnet8-1x1-conv-shortcut-s0" / "summary.json").read_text())
+    assert cfg["model"] == "resnet8"

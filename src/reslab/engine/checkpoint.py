@@ -27,29 +27,43 @@ class CheckpointError(ReslabError):
     """A checkpoint that cannot be written or trusted."""
 
 
-def save(state: dict[str, Any], path: str | Path) -> None:
-    path = Path(path)
+def _umask_mode() -> int:
+    """The mode a plain open() would give a new file (mkstemp's own is 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write a file by calling write(f) on a temporary file beside it, fsync, rename over `path`."""
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, _umask_mode())
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **state}, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        faults.reached("checkpoint-write")  # the new file is complete but not yet in place
+        faults.reached("checkpoint-write" if path.suffix == ".pt" else "write")  # complete, not yet in place
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save(state: dict[str, Any], path: str | Path) -> None:
+    path = Path(path)
+    try:
+        atomic_write(path, lambda f: torch.save({"format_version": FORMAT_VERSION, **state}, f))
     except OSError as e:
         raise CheckpointError(
             f"cannot write checkpoint {path}: {e.strerror or e}; the previous one is intact"
         ) from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load(path: str | Path) -> dict[str, Any]:

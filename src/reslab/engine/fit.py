@@ -10,10 +10,8 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,10 +290,10 @@ def _snapshot(run: Run) -> dict:
 
 
 def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        checkpoint.atomic_write(path, lambda f: f.write(text.encode()))
+    except OSError as e:
+        raise ReslabError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def _save(run: Run, name: str, state: dict | None = None) -> None:

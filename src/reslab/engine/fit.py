@@ -347,9 +347,7 @@ def fit(cfg: Config, out: str | Path, resume: bool = False, quiet: bool = False,
         if (every and r.batch % every == 0 and r.batch < r.steps_per_epoch) or r.interrupted:
             _save(r, "last.pt")
         if r.interrupted:
-            raise Interrupted(
-                f"interrupted; saved {out / 'last.pt'}; continue with: reslab train --out {out} --resume"
-            )
+            raise Interrupted(_interrupted_message(out))
         if on_step is not None:
             on_step(r)
 
@@ -364,36 +362,12 @@ def fit(cfg: Config, out: str | Path, resume: bool = False, quiet: bool = False,
             epoch = run.epoch
             snap = _snapshot(run)
             try:
-                train_m = train_one_epoch(run, epoch, step_hook)
-                eval_model = run.ema.model if run.ema is not None else run.net
-                eval_start = time.perf_counter()
-                test_m = evaluate(
-                    eval_model,
-                    run.test_loader,
-                    run.device,
-                    run.precision,
-                    cfg.train.tta_flip,
-                    cfg.train.channels_last,
-                    run.ctx,
-                )
-                guard.check(test_m["test_loss"], "test loss", (epoch + 1) * run.steps_per_epoch)
-                eval_seconds = time.perf_counter() - eval_start
+                metrics = _train_and_evaluate(run, epoch, step_hook)
             except guard.Divergence as e:
                 _log(run, guard.recover(run.guard, e, epoch, cfg.train.max_retries), err=True)
                 _restore_snapshot(run, snap)
                 continue
             run.guard.retries = 0
-            last_step = (epoch + 1) * run.steps_per_epoch - 1
-            lr = lr_at(last_step, cfg.train.epochs * run.steps_per_epoch, run.steps_per_epoch, cfg.optim)
-            metrics = {
-                "epoch": epoch + 1,
-                **{k: train_m[k] for k in ("train_loss", "train_acc")},
-                **test_m,
-                "lr": lr * run.guard.lr_scale,
-                "images_per_sec": train_m["images_per_sec"],
-                "epoch_seconds": train_m["train_seconds"] + eval_seconds,
-                "world_size": run.ctx.world_size,
-            }
             run.history.append(metrics)
             run.epoch, run.batch, run.sums = epoch + 1, 0, [0.0, 0.0, 0.0, 0.0]
             _save(run, "last.pt")
@@ -405,9 +379,7 @@ def fit(cfg: Config, out: str | Path, resume: bool = False, quiet: bool = False,
             _log(run, _epoch_line(metrics, cfg.train.epochs))
             faults.reached("epoch-end")
             if run.interrupted:
-                raise Interrupted(
-                    f"interrupted; saved {out / 'last.pt'}; continue with: reslab train --out {out} --resume"
-                )
+                raise Interrupted(_interrupted_message(out))
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
@@ -416,6 +388,40 @@ def fit(cfg: Config, out: str | Path, resume: bool = False, quiet: bool = False,
         _write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     dist.cleanup(run.ctx)
     return summary
+
+
+def _interrupted_message(out: Path) -> str:
+    return f"interrupted; saved {out / 'last.pt'}; continue with: reslab train --out {out} --resume"
+
+
+def _train_and_evaluate(run: Run, epoch: int, step_hook) -> dict:
+    """One epoch of training then evaluation; the epoch's metrics. Raises guard.Divergence."""
+    cfg = run.cfg
+    train_m = train_one_epoch(run, epoch, step_hook)
+    eval_model = run.ema.model if run.ema is not None else run.net
+    start = time.perf_counter()
+    test_m = evaluate(
+        eval_model,
+        run.test_loader,
+        run.device,
+        run.precision,
+        cfg.train.tta_flip,
+        cfg.train.channels_last,
+        run.ctx,
+    )
+    guard.check(test_m["test_loss"], "test loss", (epoch + 1) * run.steps_per_epoch)
+    last_step = (epoch + 1) * run.steps_per_epoch - 1
+    lr = lr_at(last_step, cfg.train.epochs * run.steps_per_epoch, run.steps_per_epoch, cfg.optim)
+    return {
+        "epoch": epoch + 1,
+        "train_loss": train_m["train_loss"],
+        "train_acc": train_m["train_acc"],
+        **test_m,
+        "lr": lr * run.guard.lr_scale,
+        "images_per_sec": train_m["images_per_sec"],
+        "epoch_seconds": train_m["train_seconds"] + time.perf_counter() - start,
+        "world_size": run.ctx.world_size,
+    }
 
 
 def _restore_snapshot(run: Run, snap: dict) -> None:

@@ -121,6 +121,7 @@ def figure(payload: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     depths = sorted({r["depth"] for r in rows})
     colours = dict(
@@ -139,6 +140,7 @@ def figure(payload: dict, path: Path) -> None:
                 epochs, [100 * c["test_error"] for c in r["curve"]], "-", lw=2.2, color=colour, label=label
             )
         ax.set(xlabel="epoch", title="residual networks" if residual else "plain networks")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(title="bold: test, dashed: train", fontsize=8, title_fontsize=8)
     axes[0].set_ylabel("error (%)")

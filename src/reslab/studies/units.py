@@ -120,6 +120,7 @@ def figure(payload: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     agg = payload["aggregate"]
     names = [a["variant"] for a in agg]
@@ -155,6 +156,7 @@ def figure(payload: dict, path: Path) -> None:
                 label=r["variant"],
             )
     ax_curve.set(xlabel="epoch", ylabel="test error (%)", title="test error per epoch (seed 0)")
+    ax_curve.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_curve.grid(alpha=0.3)
     ax_curve.legend(fontsize=7)
     fig.tight_layout()

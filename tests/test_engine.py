@@ -306,3 +306,27 @@ def test_d2l_train_3ch_prints_the_notebook_lines(tiny_data, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("epoch 0, training loss ") and "testing accuracy" in lines[1]
     assert len(history) == 2 and all(math.isfinite(h["train_loss"]) for h in history)
+
+
+def test_grad_scaler_path_skips_overflow_but_stops_on_nan_loss():
+    """The fp16 path (CUDA in practice) with a gradient scaler, exercised on the CPU: an overflowing
+    gradient is the scaler's business (step skipped, scale lowered), a non-finite loss is divergence."""
+    from reslab.engine.fit import train_step
+    from reslab.engine.guard import Divergence
+
+    torch.manual_seed(0)
+    net = build_model("resnet8", 1, 10)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    cpu = torch.device("cpu")
+    before = [p.detach().clone() for p in net.parameters()]
+    hook = next(net.parameters()).register_hook(lambda g: g * float("inf"))
+    train_step(net, x, y, opt, torch.nn.CrossEntropyLoss(), 0, cpu, scaler=scaler)
+    hook.remove()
+    assert all(torch.equal(a, p) for a, p in zip(before, net.parameters()))  # the step was skipped
+    assert scaler.get_scale() < 2.0**16
+    loss, _ = train_step(net, x, y, opt, torch.nn.CrossEntropyLoss(), 1, cpu, scaler=scaler)
+    assert math.isfinite(loss) and not all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
+    with pytest.raises(Divergence, match="loss"):
+        train_step(net, x * float("nan"), y, opt, torch.nn.CrossEntropyLoss(), 2, cpu, scaler=scaler)

@@ -54,6 +54,7 @@ class Run:
     train_loader: TensorLoader
     test_loader: TensorLoader
     meta: dict  # what eval/predict need to rebuild the model and its input pipeline
+    scaler: torch.amp.GradScaler | None = None  # fp16 only
     quiet: bool = False
     guard: guard.GuardState = field(default_factory=guard.GuardState)
     history: list[dict] = field(default_factory=list)
@@ -83,21 +84,30 @@ def train_step(
     precision: str = "fp32",
     clip: float = math.inf,
     ctx: dist.DistContext | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[float, int]:
     """One optimiser step, guarded: raises guard.Divergence before a non-finite update reaches the weights.
+    With fp16 a gradient scaler multiplies the loss; an overflow in its scaled gradients is not divergence
+    (the scaler skips that step and lowers its scale), a non-finite loss is.
     Returns (mean loss of the batch, number of correct predictions)."""
     with autocast(device, precision):
         logits = net(x)
         loss = criterion(logits, y)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     # one number for loss and gradients: a NaN/Inf anywhere makes the norm non-finite (the same on all ranks)
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, clip)
     health = dist.all_reduce_sum([loss.item(), norm.item()], device, ctx or dist.DistContext())
     guard.check(health[0], "loss", step)
-    guard.check(health[1], "gradient norm", step)
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        guard.check(health[1], "gradient norm", step)
+        optimizer.step()
     return loss.item(), int((logits.argmax(1) == y).sum())
 
 
@@ -123,7 +133,17 @@ def train_one_epoch(run: Run, epoch: int, on_step=None) -> dict:
             group["lr"] = lr
         x = x.contiguous(memory_format=mem)
         loss, correct = train_step(
-            run.net, x, y, run.optimizer, criterion, step, run.device, run.precision, clip, run.ctx
+            run.net,
+            x,
+            y,
+            run.optimizer,
+            criterion,
+            step,
+            run.device,
+            run.precision,
+            clip,
+            run.ctx,
+            run.scaler,
         )
         if run.ema is not None:
             run.ema.update(run.model)
@@ -244,6 +264,7 @@ def prepare(cfg: Config, out: Path, quiet: bool = False) -> Run:
         train_loader,
         test_loader,
         meta,
+        torch.amp.GradScaler(device.type) if precision == "fp16" else None,
         quiet,
     )
 
@@ -254,6 +275,7 @@ def _state(run: Run) -> dict:
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "ema": run.ema.state_dict() if run.ema else None,
+        "scaler": run.scaler.state_dict() if run.scaler else None,
         "guard": run.guard.to_dict(),
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else [],
@@ -276,6 +298,8 @@ def _restore(run: Run, state: dict) -> None:
     run.optimizer.load_state_dict(state["optimizer"])
     if run.ema is not None and state.get("ema") is not None:
         run.ema.load_state_dict(state["ema"])
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
     run.guard = guard.GuardState(**state["guard"])
     torch.set_rng_state(state["rng"])
     if state.get("cuda_rng") and run.device.type == "cuda":
@@ -429,6 +453,8 @@ def _restore_snapshot(run: Run, snap: dict) -> None:
     run.optimizer.load_state_dict(snap["optimizer"])
     if run.ema is not None:
         run.ema.load_state_dict(snap["ema"])
+    if run.scaler is not None:
+        run.scaler.load_state_dict(snap["scaler"])
     torch.set_rng_state(snap["rng"])
     run.batch, run.sums = snap["batch"], snap["sums"]
 

@@ -330,3 +330,13 @@ def test_grad_scaler_path_skips_overflow_but_stops_on_nan_loss():
     assert math.isfinite(loss) and not all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
     with pytest.raises(Divergence, match="loss"):
         train_step(net, x * float("nan"), y, opt, torch.nn.CrossEntropyLoss(), 2, cpu, scaler=scaler)
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_and_checkpoints_plain_weights(tiny_data, tmp_path):
+    cfg = tiny_cfg(tiny_data, **{"train.compile": True, "train.epochs": 1})
+    summary = fit(cfg, tmp_path / "run", quiet=True)
+    assert summary["epochs"] == 1 and math.isfinite(summary["test_loss"])
+    state = checkpoint.load(tmp_path / "run" / "last.pt")
+    assert not any(k.startswith("_orig_mod") for k in state["model"])  # loads into an uncompiled model
+    build_model("resnet8", 1, 10).load_state_dict(state["model"])

@@ -58,10 +58,6 @@ def run_grid(runs: list[tuple[str, Config]], out: Path, quiet: bool = True) -> l
     return results
 
 
-def base_config(path: str | None, overrides: list[str]) -> Config:
-    return config_mod.load(path, overrides)
-
-
 def with_changes(cfg: Config, **changes) -> Config:
     """A copy of cfg with dotted changes: with_changes(cfg, **{"model.name": "plain20"})."""
     values = cfg.to_dict()

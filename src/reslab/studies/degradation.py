@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import config
 from ..config import Config
-from .common import Timer, base_config, error_curve, error_stats, finish, machine, run_grid, with_changes
+from .common import Timer, error_curve, error_stats, finish, machine, run_grid, with_changes
 
 DEPTHS = (20, 32, 44, 56)
 # the paper's CIFAR recipe, shortened: SGD 0.1, momentum 0.9, weight decay 1e-4, batch 128, lr / 10 at
@@ -30,7 +31,7 @@ QUICK = ["data.limit=6000", "train.epochs=5"]
 
 
 def plan(quick: bool, seeds: int, overrides: list[str], depths=DEPTHS) -> list[tuple[str, Config]]:
-    base = base_config(None, RECIPE + (QUICK if quick else FULL) + overrides)
+    base = config.load(None, RECIPE + (QUICK if quick else FULL) + overrides)
     runs = []
     for residual in (False, True):
         for depth in depths:

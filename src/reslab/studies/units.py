@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import config
 from ..config import Config
-from .common import Timer, base_config, error_curve, error_stats, finish, machine, run_grid, with_changes
+from .common import Timer, error_curve, error_stats, finish, machine, run_grid, with_changes
 from .degradation import RECIPE
 
 # name -> (model options, the paper's CIFAR-10 test error of ResNet-110 in %, Table 2 or Table 1)
@@ -26,7 +27,7 @@ QUICK = ["data.limit=4000", "train.epochs=4"]
 def plan(
     quick: bool, seeds: int, overrides: list[str], depth: int, variants=tuple(VARIANTS)
 ) -> list[tuple[str, Config]]:
-    base = base_config(None, RECIPE + (QUICK if quick else FULL) + overrides)
+    base = config.load(None, RECIPE + (QUICK if quick else FULL) + overrides)
     runs = []
     for variant in variants:
         options, _ = VARIANTS[variant]

@@ -71,11 +71,15 @@ def main() -> None:
                 result = f"pass: {meaning}"
                 counts["passed"] += 1
             rows.append(f"| {area} | `{case.get('name')}` | {result} |")
+    from reslab.studies.common import machine
+
+    m = machine()
     lines = [
         "# Reliability: faults, hostile files and bad input",
         "",
         "Every row is one test case of the suite (tests/), run by `.venv/bin/python benchmarks/reliability_report.py`,",
-        f"which wrote this page on {platform.node() or 'this machine'} ({platform.machine()}, Python {platform.python_version()})",
+        f"which wrote this page on {m['cores']} cores of an {m['cpu']} ({platform.machine()}, Python {m['python']}, "
+        f"PyTorch {m['torch']})",
         f"in {seconds:.0f} s: **{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped**.",
         "",
         "Kill points of the SIGKILL tests: before the first checkpoint, mid-epoch 1, mid-epoch 2, during the first",

@@ -289,23 +289,32 @@ def _state(run: Run) -> dict:
 
 
 def _restore(run: Run, state: dict) -> None:
+    """Continue from a checkpoint: the training state plus the guard and the run's history."""
     try:
         run.model.load_state_dict(state["model"])
     except RuntimeError as e:
         raise checkpoint.CheckpointError(
             f"checkpoint does not fit model {run.cfg.model.name}: {str(e).splitlines()[0]}"
         ) from None
+    _restore_training_state(run, state)
+    run.guard = guard.GuardState(**state["guard"])
+    run.history = list(state["history"])
+    run.epoch = state["epoch"]
+
+
+def _restore_training_state(run: Run, state: dict) -> None:
+    """Weights, optimiser, EMA, scaler, RNGs and the position in the epoch; not the guard, whose halved lr must
+    survive a rollback."""
+    run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     if run.ema is not None and state.get("ema") is not None:
         run.ema.load_state_dict(state["ema"])
     if run.scaler is not None and state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
-    run.guard = guard.GuardState(**state["guard"])
     torch.set_rng_state(state["rng"])
     if state.get("cuda_rng") and run.device.type == "cuda":
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    run.history = list(state["history"])
-    run.epoch, run.batch, run.sums = state["epoch"], state["batch"], list(state["sums"])
+    run.batch, run.sums = state["batch"], list(state["sums"])  # a copy: the epoch adds to run.sums in place
 
 
 def _snapshot(run: Run) -> dict:
@@ -389,16 +398,17 @@ def fit(cfg: Config, out: str | Path, resume: bool = False, quiet: bool = False,
                 metrics = _train_and_evaluate(run, epoch, step_hook)
             except guard.Divergence as e:
                 _log(run, guard.recover(run.guard, e, epoch, cfg.train.max_retries), err=True)
-                _restore_snapshot(run, snap)
+                _restore_training_state(run, snap)
                 continue
             run.guard.retries = 0
             run.history.append(metrics)
             run.epoch, run.batch, run.sums = epoch + 1, 0, [0.0, 0.0, 0.0, 0.0]
-            _save(run, "last.pt")
+            saved = _state(run)
+            _save(run, "last.pt", saved)
             faults.reached("after-checkpoint")
             if metrics["test_acc"] > best:
                 best = metrics["test_acc"]
-                _save(run, "best.pt", {k: v for k, v in _state(run).items() if k not in ("optimizer",)})
+                _save(run, "best.pt", {k: v for k, v in saved.items() if k != "optimizer"})
             _write_outputs(run)
             _log(run, _epoch_line(metrics, cfg.train.epochs))
             faults.reached("epoch-end")
@@ -446,17 +456,6 @@ def _train_and_evaluate(run: Run, epoch: int, step_hook) -> dict:
         "epoch_seconds": train_m["train_seconds"] + time.perf_counter() - start,
         "world_size": run.ctx.world_size,
     }
-
-
-def _restore_snapshot(run: Run, snap: dict) -> None:
-    run.model.load_state_dict(snap["model"])
-    run.optimizer.load_state_dict(snap["optimizer"])
-    if run.ema is not None:
-        run.ema.load_state_dict(snap["ema"])
-    if run.scaler is not None:
-        run.scaler.load_state_dict(snap["scaler"])
-    torch.set_rng_state(snap["rng"])
-    run.batch, run.sums = snap["batch"], snap["sums"]
 
 
 def _write_outputs(run: Run) -> None:

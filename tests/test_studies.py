@@ -46,3 +46,14 @@ def test_units_study_covers_every_variant(tiny_data, tmp_path):
     assert "full-preact" in table and "6.37%" in table
     cfg = json.loads((tmp_path / "u" / "runs" / "resnet8-1x1-conv-shortcut-s0" / "summary.json").read_text())
     assert cfg["model"] == "resnet8"
+
+
+def test_study_cli_rejects_bad_depths_before_training(tmp_path, capsys):
+    from reslab.cli import main
+
+    for depths, message in [("20,57", "depth 57"), ("20,x", "20,56"), ("34", "depth 34")]:
+        out = tmp_path / "study"
+        assert main(["study", "degradation", "--depths", depths, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
+        assert not out.exists()

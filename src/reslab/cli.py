@@ -87,11 +87,26 @@ def cmd_summary(args: argparse.Namespace) -> int:
 def cmd_study(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ReslabError("--seeds must be at least 1")
+    try:
+        args.depths = tuple(int(d) for d in args.depths.split(","))
+    except ValueError:
+        raise ReslabError(f"--depths: expected depths like 20,56, got {args.depths!r}") from None
+    if args.study == "degradation":
+        from .models import list_models
+
+        # the CIFAR-style 6n+2 nets that exist both plain and residual
+        names = list_models()
+        valid = [int(n[5:]) for n in names if n[:5] == "plain" and f"resnet{n[5:]}" in names]
+        valid = [d for d in valid if (d - 2) % 6 == 0]
+        if bad := [d for d in args.depths if d not in valid]:
+            raise ReslabError(
+                f"--depths: no CIFAR-style plain/ResNet pair of depth {bad[0]}; choose from {valid}"
+            )
     out = Path(args.out or f"runs/study-{args.study}{'-quick' if args.quick else ''}")
     if args.study == "degradation":
         from .studies import degradation
 
-        payload = degradation.run(out, args.quick, args.seeds, args.set)
+        payload = degradation.run(out, args.quick, args.seeds, args.set, depths=args.depths)
     else:
         from .studies import units
 
@@ -172,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1, help="seeds per configuration (default 1)")
     p.add_argument(
         "--depth", type=int, default=56, help="units: depth of the CIFAR-style ResNet (default 56)"
+    )
+    p.add_argument(
+        "--depths",
+        default="20,32,44,56",
+        help="degradation: depths of the plain and residual nets (default 20,32,44,56)",
     )
     p.add_argument("--out", help="study directory (default runs/study-NAME[-quick]); rerun to resume")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")

@@ -32,6 +32,14 @@ def test_degradation_study_writes_results_and_skips_finished_runs(tiny_data, tmp
     assert before == {p: p.stat().st_mtime for p in (tmp_path / "deg" / "runs").glob("*/last.pt")}
 
 
+def test_degradation_study_of_the_residual_nets_only(tiny_data, tmp_path):
+    overrides = [f"data.root={tiny_data}", "train.epochs=1", "data.limit=64", "train.batch_size=64"]
+    payload = degradation.run(tmp_path / "d", seeds=1, overrides=overrides, depths=(8,), nets=("resnet",))
+    assert [(r["model"], r["residual"]) for r in payload["runs"]] == [("resnet8", True)]
+    assert "| 8 | - | - |" in (tmp_path / "d" / "table.md").read_text()
+    assert (tmp_path / "d" / "figure.png").stat().st_size > 1000
+
+
 def test_units_study_covers_every_variant(tiny_data, tmp_path):
     overrides = [
         f"data.root={tiny_data}",
@@ -51,9 +59,14 @@ def test_units_study_covers_every_variant(tiny_data, tmp_path):
 def test_study_cli_rejects_bad_depths_before_training(tmp_path, capsys):
     from reslab.cli import main
 
-    for depths, message in [("20,57", "depth 57"), ("20,x", "20,56"), ("34", "depth 34")]:
+    for flags, message in [
+        (["--depths", "20,57"], "depth 57"),
+        (["--depths", "20,x"], "20,56"),
+        (["--depths", "34"], "depth 34"),
+        (["--nets", "resnet,highway"], "'highway'"),
+    ]:
         out = tmp_path / "study"
-        assert main(["study", "degradation", "--depths", depths, "--out", str(out)]) == 2
+        assert main(["study", "degradation", *flags, "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1
         assert not out.exists()

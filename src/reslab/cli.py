@@ -106,7 +106,10 @@ def cmd_study(args: argparse.Namespace) -> int:
     if args.study == "degradation":
         from .studies import degradation
 
-        payload = degradation.run(out, args.quick, args.seeds, args.set, depths=args.depths)
+        nets = tuple(args.nets.split(","))
+        if bad := [n for n in nets if n not in degradation.NETS]:
+            raise ReslabError(f"--nets: unknown net {bad[0]!r}; choose from plain, resnet")
+        payload = degradation.run(out, args.quick, args.seeds, args.set, args.depths, nets)
     else:
         from .studies import units
 
@@ -193,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="20,32,44,56",
         help="degradation: depths of the plain and residual nets (default 20,32,44,56)",
     )
+    p.add_argument("--nets", default="plain,resnet", help="degradation: plain, resnet or both (default)")
     p.add_argument("--out", help="study directory (default runs/study-NAME[-quick]); rerun to resume")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
     p.set_defaults(func=cmd_study)

@@ -28,26 +28,32 @@ RECIPE = [
 ]
 FULL = ["train.epochs=30"]
 QUICK = ["data.limit=6000", "train.epochs=5"]
+NETS = ("plain", "resnet")
 
 
-def plan(quick: bool, seeds: int, overrides: list[str], depths=DEPTHS) -> list[tuple[str, Config]]:
+def plan(quick: bool, seeds: int, overrides: list[str], depths=DEPTHS, nets=NETS) -> list[tuple[str, Config]]:
     base = config.load(None, RECIPE + (QUICK if quick else FULL) + overrides)
     runs = []
-    for residual in (False, True):
+    for net in nets:
         for depth in depths:
             for seed in range(seeds):
-                model = f"{'resnet' if residual else 'plain'}{depth}"
+                model = f"{net}{depth}"
                 cfg = with_changes(base, **{"model.name": model, "seed": seed, "name": f"{model}-s{seed}"})
                 runs.append((cfg.name, cfg))
     return runs
 
 
 def run(
-    out: Path, quick: bool = False, seeds: int = 1, overrides: list[str] | None = None, depths=DEPTHS
+    out: Path,
+    quick: bool = False,
+    seeds: int = 1,
+    overrides: list[str] | None = None,
+    depths=DEPTHS,
+    nets=NETS,
 ) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = plan(quick, seeds, overrides or [], depths)
+    runs = plan(quick, seeds, overrides or [], depths, nets)
     with Timer() as timer:
         results = run_grid(runs, out)
     rows = []
@@ -128,8 +134,9 @@ def figure(payload: dict, path: Path) -> None:
     colours = dict(
         zip(depths, plt.cm.viridis([i / max(1, len(depths) - 1) * 0.85 for i in range(len(depths))]))
     )
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, residual in zip(axes, (False, True)):
+    panels = [residual for residual in (False, True) if any(r["residual"] == residual for r in rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), sharey=True, squeeze=False)
+    for ax, residual in zip(axes[0], panels):
         for r in rows:
             if r["residual"] != residual or r["seed"] != 0:
                 continue
@@ -144,7 +151,7 @@ def figure(payload: dict, path: Path) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(title="bold: test, dashed: train", fontsize=8, title_fontsize=8)
-    axes[0].set_ylabel("error (%)")
+    axes[0][0].set_ylabel("error (%)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -290,12 +290,6 @@ def _state(run: Run) -> dict:
 
 def _restore(run: Run, state: dict) -> None:
     """Continue from a checkpoint: the training state plus the guard and the run's history."""
-    try:
-        run.model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise checkpoint.CheckpointError(
-            f"checkpoint does not fit model {run.cfg.model.name}: {str(e).splitlines()[0]}"
-        ) from None
     _restore_training_state(run, state)
     run.guard = guard.GuardState(**state["guard"])
     run.history = list(state["history"])
@@ -305,7 +299,12 @@ def _restore(run: Run, state: dict) -> None:
 def _restore_training_state(run: Run, state: dict) -> None:
     """Weights, optimiser, EMA, scaler, RNGs and the position in the epoch; not the guard, whose halved lr must
     survive a rollback."""
-    run.model.load_state_dict(state["model"])
+    try:
+        run.model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise checkpoint.CheckpointError(
+            f"checkpoint does not fit model {run.cfg.model.name}: {str(e).splitlines()[0]}"
+        ) from None
     run.optimizer.load_state_dict(state["optimizer"])
     if run.ema is not None and state.get("ema") is not None:
         run.ema.load_state_dict(state["ema"])

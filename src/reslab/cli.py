@@ -87,29 +87,16 @@ def cmd_summary(args: argparse.Namespace) -> int:
 def cmd_study(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ReslabError("--seeds must be at least 1")
-    try:
-        args.depths = tuple(int(d) for d in args.depths.split(","))
-    except ValueError:
-        raise ReslabError(f"--depths: expected depths like 20,56, got {args.depths!r}") from None
-    if args.study == "degradation":
-        from .models import list_models
-
-        # the CIFAR-style 6n+2 nets that exist both plain and residual
-        names = list_models()
-        valid = [int(n[5:]) for n in names if n[:5] == "plain" and f"resnet{n[5:]}" in names]
-        valid = [d for d in valid if (d - 2) % 6 == 0]
-        if bad := [d for d in args.depths if d not in valid]:
-            raise ReslabError(
-                f"--depths: no CIFAR-style plain/ResNet pair of depth {bad[0]}; choose from {valid}"
-            )
     out = Path(args.out or f"runs/study-{args.study}{'-quick' if args.quick else ''}")
     if args.study == "degradation":
         from .studies import degradation
 
+        try:
+            depths = tuple(int(d) for d in args.depths.split(","))
+        except ValueError:
+            raise ReslabError(f"--depths: expected depths like 20,56, got {args.depths!r}") from None
         nets = tuple(args.nets.split(","))
-        if bad := [n for n in nets if n not in degradation.NETS]:
-            raise ReslabError(f"--nets: unknown net {bad[0]!r}; choose from plain, resnet")
-        payload = degradation.run(out, args.quick, args.seeds, args.set, args.depths, nets)
+        payload = degradation.run(out, args.quick, args.seeds, args.set, depths, nets)
     else:
         from .studies import units
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from .. import config
 from ..config import Config
+from ..errors import ReslabError
+from ..models import list_models
 from .common import Timer, error_curve, error_stats, finish, machine, run_grid, with_changes
 
 DEPTHS = (20, 32, 44, 56)
@@ -32,6 +34,7 @@ NETS = ("plain", "resnet")
 
 
 def plan(quick: bool, seeds: int, overrides: list[str], depths=DEPTHS, nets=NETS) -> list[tuple[str, Config]]:
+    check(depths, nets)
     base = config.load(None, RECIPE + (QUICK if quick else FULL) + overrides)
     runs = []
     for net in nets:
@@ -43,6 +46,19 @@ def plan(quick: bool, seeds: int, overrides: list[str], depths=DEPTHS, nets=NETS
     return runs
 
 
+def check(depths, nets) -> None:
+    """Only the CIFAR-style 6n+2 nets that exist both plain and residual; raises ReslabError."""
+    if bad := [n for n in nets if n not in NETS]:
+        raise ReslabError(f"--nets: unknown net {bad[0]!r}; choose from plain, resnet")
+    names = list_models()
+    valid = [int(n[5:]) for n in names if n[:5] == "plain" and f"resnet{n[5:]}" in names]
+    valid = [d for d in valid if (d - 2) % 6 == 0]
+    if bad := [d for d in depths if d not in valid]:
+        raise ReslabError(
+            f"--depths: no CIFAR-style plain/ResNet pair of depth {bad[0]}; choose from {valid}"
+        )
+
+
 def run(
     out: Path,
     quick: bool = False,
@@ -51,9 +67,9 @@ def run(
     depths=DEPTHS,
     nets=NETS,
 ) -> dict:
+    runs = plan(quick, seeds, overrides or [], depths, nets)  # before anything is written: it checks
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = plan(quick, seeds, overrides or [], depths, nets)
     with Timer() as timer:
         results = run_grid(runs, out)
     rows = []

@@ -64,6 +64,8 @@ def test_study_cli_rejects_bad_depths_before_training(tmp_path, capsys):
         (["--depths", "20,x"], "20,56"),
         (["--depths", "34"], "depth 34"),
         (["--nets", "resnet,highway"], "'highway'"),
+        (["--depths", "20,56,20"], "twice"),
+        (["--nets", "plain,plain"], "twice"),
     ]:
         out = tmp_path / "study"
         assert main(["study", "degradation", *flags, "--out", str(out)]) == 2

@@ -10,6 +10,7 @@ from reslab.cli import main
 from reslab.data import load_dataset, make_loaders
 from reslab.engine import checkpoint, fit
 from reslab.engine.guard import DivergenceError
+from reslab.engine.optim import EMA
 from reslab.engine.schedule import lr_at
 from reslab.models import build_model
 
@@ -163,6 +164,18 @@ def test_seed_recipe_with_absurd_lr_never_writes_nan(tiny_data, tmp_path):
     path = tmp_path / "run" / "metrics.jsonl"
     if path.exists():
         assert all(math.isfinite(v) for r in read_metrics(tmp_path / "run") for v in r.values())
+
+
+def test_ema_decay_warms_up_then_holds():
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = EMA(model, 0.999)
+    model.weight.data.fill_(1.0)
+    ema.update(model, step=0)  # decay min(0.999, 1/10): the first weights after init count 90%
+    assert ema.model.weight.item() == pytest.approx(0.9)
+    ema.model.weight.data.zero_()
+    ema.update(model, step=100_000)  # warmed up: the configured decay
+    assert ema.model.weight.item() == pytest.approx(0.001)
 
 
 def test_resume_after_a_crash_is_bit_identical(tiny_data, tmp_path):

@@ -146,7 +146,7 @@ def train_one_epoch(run: Run, epoch: int, on_step=None) -> dict:
             run.scaler,
         )
         if run.ema is not None:
-            run.ema.update(run.model)
+            run.ema.update(run.model, step)
         run.sums[0] += loss * y.numel()
         run.sums[1] += correct
         run.sums[2] += y.numel()

@@ -25,7 +25,10 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
 
 
 class EMA:
-    """Exponential moving average of a model's parameters (buffers copied), evaluated instead of the model."""
+    """Exponential moving average of a model's parameters (buffers copied), evaluated instead of the model.
+    The decay warms up as min(decay, (1 + step) / (10 + step)), as in TensorFlow's and timm's: without it the
+    average of a 0.999 run still holds 37% of the random initial weights after 1,000 steps, and evaluates at
+    chance for the first epochs."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
@@ -34,9 +37,11 @@ class EMA:
             p.requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, step: int) -> None:
+        """Fold in the weights after optimiser step `step` (0-based, counted over the whole run)."""
+        decay = min(self.decay, (1 + step) / (10 + step))
         ema_params = list(self.model.parameters())
-        torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1 - self.decay)
+        torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1 - decay)
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             b_ema.copy_(b)
 

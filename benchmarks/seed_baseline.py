@@ -1,9 +1,10 @@
 """The seed notebook's own code, as a baseline: its Residual/ResNet-18, torch DataLoader with per-image PIL
 resize to 96 and ToTensor, 4 workers, eager fp32 NCHW, SGD 0.05/0.9, batch 256. The one change: the missing
-`net.train()` is put back at the start of each epoch (without it the notebook went NaN).
+`net.train()` is put back at the start of each epoch (without it the notebook went NaN). Like d2l's
+train_ch6 it moves the net and each batch to --device (the notebook used d2l.try_gpu()).
 
 It reads the same files as reslab (no torchvision: a tiny Dataset does what FashionMNIST + Resize + ToTensor
-did). Usage: python benchmarks/seed_baseline.py [--limit N] [--epochs E] [--workers 4]
+did). Usage: python benchmarks/seed_baseline.py [--limit N] [--epochs E] [--workers 4] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--resize", type=int, default=96)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     start = time.perf_counter()
     arrays = load_arrays()
@@ -97,7 +99,8 @@ def main() -> None:
     train_iter = data.DataLoader(train, 256, shuffle=True, num_workers=args.workers)
     test_iter = data.DataLoader(test, 256, shuffle=False, num_workers=args.workers)
     torch.manual_seed(0)
-    net = resnet18()
+    device = torch.device(args.device)
+    net = resnet18().to(device)
     loss = nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     history = []
@@ -106,6 +109,7 @@ def main() -> None:
         t0 = time.perf_counter()
         total_loss, correct, count = 0.0, 0, 0
         for X, y in train_iter:
+            X, y = X.to(device), y.to(device)
             y_hat = net(X)
             l = loss(y_hat, y)
             optimizer.zero_grad()
@@ -119,6 +123,7 @@ def main() -> None:
         test_loss, test_correct, test_count = 0.0, 0, 0
         with torch.no_grad():
             for X, y in test_iter:
+                X, y = X.to(device), y.to(device)
                 y_hat = net(X)
                 test_loss += loss(y_hat, y).item() * len(y)
                 test_correct += (y_hat.argmax(1) == y).sum().item()

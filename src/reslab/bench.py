@@ -16,28 +16,37 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .engine.precision import autocast, bf16_native
+from .engine.precision import autocast, bf16_native, resolve_device
 from .models import build_model, summary
 from .studies.common import machine
 
 CASES = (("d2l-resnet18", 96), ("resnet20", 28), ("resnet56", 28))
+CPU = torch.device("cpu")
 
 
-def _median_time(fn, repeats: int, warmup: int = 2) -> float:
+def _median_time(fn, repeats: int, warmup: int = 2, device: torch.device = CPU) -> float:
+    """Median seconds of fn(); on a GPU each call is waited for, so its queued kernels are counted."""
+
+    def wait():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     for _ in range(warmup):
         fn()
+    wait()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        wait()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def gemm_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+def gemm_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5, device: torch.device = CPU) -> float:
     """GFLOP/s of an n x n matrix multiply, the ceiling MFU is measured against."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n**3 / _median_time(lambda: a @ b, repeats) / 1e9
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+    return 2 * n**3 / _median_time(lambda: a @ b, repeats, device=device) / 1e9
 
 
 def train_flops(name: str, size: int) -> float:
@@ -47,16 +56,22 @@ def train_flops(name: str, size: int) -> float:
 
 
 def step_throughput(
-    name: str, size: int, batch: int, precision: str, channels_last: bool = True, repeats: int = 5, **options
+    name: str,
+    size: int,
+    batch: int,
+    precision: str,
+    channels_last: bool = True,
+    repeats: int = 5,
+    device: torch.device = CPU,
+    **options,
 ) -> float:
     """Images per second of bare training steps (forward, backward, SGD) on a fixed random batch."""
     torch.manual_seed(0)
     mem = torch.channels_last if channels_last else torch.contiguous_format
-    model = build_model(name, 1, 10, **options).to(memory_format=mem).train()
+    model = build_model(name, 1, 10, **options).to(device=device, memory_format=mem).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(batch, 1, size, size).contiguous(memory_format=mem)
-    y = torch.randint(0, 10, (batch,))
-    device = torch.device("cpu")
+    x = torch.randn(batch, 1, size, size, device=device).contiguous(memory_format=mem)
+    y = torch.randint(0, 10, (batch,), device=device)
 
     def step():
         with autocast(device, precision):
@@ -65,16 +80,24 @@ def step_throughput(
         loss.backward()
         opt.step()
 
-    return batch / _median_time(step, repeats)
+    return batch / _median_time(step, repeats, device=device)
 
 
-def engine_overhead(config_path: str = "configs/fast.yaml", batches: int = 40) -> dict:
+def _precision(device: torch.device) -> str:
+    """The precision side-by-side comparisons use: bf16 where it is native, else fp32."""
+    return "bf16" if device.type == "cuda" and bf16_native(device) else "fp32"
+
+
+def engine_overhead(
+    config_path: str = "configs/fast.yaml", batches: int = 40, device: torch.device = CPU
+) -> dict:
     """One reslab training epoch (data slicing, augmentation, guard checks, metrics; evaluation excluded)
     against bare steps of the same model and batch size on the same number of images."""
     from .config import load
     from .engine.fit import prepare, train_one_epoch
 
-    cfg = load(config_path, ["precision=fp32", "device=cpu", "train.epochs=1"])
+    precision = _precision(device)
+    cfg = load(config_path, [f"precision={precision}", f"device={device.type}", "train.epochs=1"])
     cfg.data.limit = cfg.train.batch_size * batches
     run = prepare(cfg, Path("/nonexistent"), quiet=True)
     train_one_epoch(run, 0)  # warm-up epoch
@@ -89,9 +112,10 @@ def engine_overhead(config_path: str = "configs/fast.yaml", batches: int = 40) -
         cfg.model.name,
         size,
         cfg.train.batch_size,
-        "fp32",
+        precision,
         cfg.train.channels_last,
         repeats=batches,
+        device=device,
         **cfg.model.options,
     )
     engine_ips = statistics.median(engine)
@@ -99,32 +123,39 @@ def engine_overhead(config_path: str = "configs/fast.yaml", batches: int = 40) -
         "config": config_path,
         "model": cfg.model.name,
         "batch": cfg.train.batch_size,
+        "precision": precision,
         "engine_img_s": engine_ips,
         "bare_img_s": bare,
         "overhead": bare / engine_ips - 1,
     }
 
 
-def data_cost(config_path: str = "configs/fast.yaml") -> dict:
+def data_cost(config_path: str = "configs/fast.yaml", device: torch.device = CPU) -> dict:
     """Reading the files, building the loaders and one epoch of augmented batches without a model, against one
     epoch of bare training steps of the recipe's model."""
     from .config import load
     from .data import load_dataset, make_loaders
 
-    cfg = load(config_path, ["device=cpu"])
+    cfg = load(config_path, [f"device={device.type}"])
     start = time.perf_counter()
     data = load_dataset(cfg.data)
-    train, _ = make_loaders(
-        data, cfg.data, cfg.train.batch_size, cfg.train.eval_batch_size, 0, torch.device("cpu")
-    )
+    train, _ = make_loaders(data, cfg.data, cfg.train.batch_size, cfg.train.eval_batch_size, 0, device)
     load_seconds = time.perf_counter() - start
     start = time.perf_counter()
     for x, _ in train:
         x.contiguous(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     batch_seconds = time.perf_counter() - start
     size = cfg.data.resize or data.train_images.shape[-1]
     ips = step_throughput(
-        cfg.model.name, size, cfg.train.batch_size, "fp32", cfg.train.channels_last, **cfg.model.options
+        cfg.model.name,
+        size,
+        cfg.train.batch_size,
+        _precision(device),
+        cfg.train.channels_last,
+        device=device,
+        **cfg.model.options,
     )
     epoch_seconds = train.num_examples / ips
     return {
@@ -153,9 +184,10 @@ def _timed_process(cmd: list[str]) -> tuple[float, str, float]:
         return seconds, out.read(), usage.ru_maxrss / 1024
 
 
-def seed_vs_reslab(limit: int = 2560, epochs: int = 1, workers: int = 4) -> dict:
+def seed_vs_reslab(limit: int = 2560, epochs: int = 1, workers: int = 4, device: torch.device = CPU) -> dict:
     """The notebook's code (benchmarks/seed_baseline.py) against `reslab train --config configs/seed.yaml`,
-    each as a whole process on the same first `limit` images."""
+    each as a whole process on the same first `limit` images and the same device (the notebook's d2l code
+    trains on the GPU when there is one)."""
     root = Path(__file__).resolve().parents[2]
     baseline = [
         sys.executable,
@@ -166,6 +198,8 @@ def seed_vs_reslab(limit: int = 2560, epochs: int = 1, workers: int = 4) -> dict
         str(epochs),
         "--workers",
         str(workers),
+        "--device",
+        device.type,
     ]
     ours = [
         sys.executable,
@@ -180,6 +214,7 @@ def seed_vs_reslab(limit: int = 2560, epochs: int = 1, workers: int = 4) -> dict
         "--set",
         f"data.limit={limit}",
         f"train.epochs={epochs}",
+        f"device={device.type}",
     ]
     seed_s, seed_out, seed_rss = _timed_process(baseline)
     ours_s, ours_out, ours_rss = _timed_process(ours)
@@ -198,18 +233,31 @@ def seed_vs_reslab(limit: int = 2560, epochs: int = 1, workers: int = 4) -> dict
     }
 
 
-def run(out: Path | None = None, quick: bool = False, seed_limit: int = 2560) -> dict:
-    bf16_ok = bf16_native(torch.device("cpu"))
-    peaks = {"fp32": gemm_peak(torch.float32)}
-    peaks["bf16"] = gemm_peak(torch.bfloat16, n=2048 if bf16_ok else 256, repeats=3)
-    results = {"machine": machine(), "bf16_native": bf16_ok, "gemm_gflops": peaks, "steps": []}
+def run(out: Path | None = None, quick: bool = False, seed_limit: int = 2560, device: str = "auto") -> dict:
+    dev = resolve_device(device)
+    gpu = dev.type == "cuda"
+    if gpu:  # fp32 convolutions run on TF32 tensor cores by default (cuDNN); let the GEMM peak do the same
+        torch.backends.cuda.matmul.allow_tf32 = True
+    bf16_ok = bf16_native(dev)
+    n = 8192 if gpu else 2048
+    peaks = {"fp32": gemm_peak(torch.float32, n=n, device=dev)}
+    peaks["bf16"] = gemm_peak(torch.bfloat16, n=n if bf16_ok else 256, repeats=3, device=dev)
+    results = {
+        "machine": machine(),
+        "device": dev.type,
+        "bf16_native": bf16_ok,
+        "gemm_gflops": peaks,
+        "steps": [],
+    }
     precisions = ["fp32", "bf16"] if bf16_ok else ["fp32"]
     for name, size in CASES[1:] if quick else CASES:
         flops = train_flops(name, size)
-        batch = 64 if name == "d2l-resnet18" else 256
+        batch = (256 if gpu else 64) if name == "d2l-resnet18" else (512 if gpu else 256)
         for precision in precisions:
             for channels_last in (False, True):
-                ips = step_throughput(name, size, batch, precision, channels_last, repeats=3 if quick else 5)
+                ips = step_throughput(
+                    name, size, batch, precision, channels_last, repeats=3 if quick else 5, device=dev
+                )
                 gflops = ips * flops / 1e9
                 results["steps"].append(
                     {
@@ -225,12 +273,12 @@ def run(out: Path | None = None, quick: bool = False, seed_limit: int = 2560) ->
                     }
                 )
                 print(_step_line(results["steps"][-1]), flush=True)
-    results["engine_overhead"] = engine_overhead()
+    results["engine_overhead"] = engine_overhead(device=dev)
     print(f"engine overhead: {results['engine_overhead']}", flush=True)
-    results["data_cost"] = data_cost()
+    results["data_cost"] = data_cost(device=dev)
     print(f"data cost: {results['data_cost']}", flush=True)
     if not quick:
-        results["seed_vs_reslab"] = seed_vs_reslab(seed_limit)
+        results["seed_vs_reslab"] = seed_vs_reslab(seed_limit, device=dev)
         print(f"seed notebook vs reslab: {results['seed_vs_reslab']}", flush=True)
     if out is not None:
         Path(out).write_text(json.dumps(results, indent=2) + "\n")
@@ -248,9 +296,10 @@ def _step_line(s: dict) -> str:
 
 def table(results: dict) -> str:
     peaks = results["gemm_gflops"]
+    where = results.get("machine", {}).get("gpu") if results.get("device") == "cuda" else "CPU"
     lines = [
-        f"GEMM peak in this run: {peaks['fp32']:.0f} GFLOP/s fp32, {peaks['bf16']:.1f} GFLOP/s bf16"
-        f"{'' if results['bf16_native'] else ' (no native bf16 on this CPU: emulated)'}",
+        f"GEMM peak in this run ({where}): {peaks['fp32']:.0f} GFLOP/s fp32, {peaks['bf16']:.1f} GFLOP/s bf16"
+        f"{'' if results['bf16_native'] else ' (no native bf16 here: emulated)'}",
         "",
         "| model @ px | precision, layout | batch | img/s | GFLOP/s | MFU |",
         "|---|---|---:|---:|---:|---:|",
@@ -259,7 +308,7 @@ def table(results: dict) -> str:
     o = results["engine_overhead"]
     lines += [
         "",
-        f"Engine overhead ({o['config']}: {o['model']}, batch {o['batch']}): full epoch {o['engine_img_s']:,.0f} img/s vs "
+        f"Engine overhead ({o['config']}: {o['model']}, batch {o['batch']}, {o.get('precision', 'fp32')}): full epoch {o['engine_img_s']:,.0f} img/s vs "
         f"bare steps {o['bare_img_s']:,.0f} img/s: {100 * o['overhead']:+.1f}%",
     ]
     d = results["data_cost"]

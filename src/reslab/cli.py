@@ -133,7 +133,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run
 
-    run(Path(args.out) if args.out else None, quick=args.quick, seed_limit=args.seed_limit)
+    run(Path(args.out) if args.out else None, args.quick, args.seed_limit, args.device)
     return 0
 
 
@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small models only, no seed-notebook comparison")
     p.add_argument(
         "--seed-limit", type=int, default=2560, help="images for the seed comparison (default 2560)"
+    )
+    p.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to measure (default: auto)"
     )
     p.set_defaults(func=cmd_bench)
 

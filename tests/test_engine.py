@@ -136,6 +136,35 @@ def test_guard_rolls_back_and_halves_the_lr_on_injected_nan(tiny_data, tmp_path)
     )
 
 
+def test_batched_guard_checks_train_the_same_and_still_roll_back(tiny_data, tmp_path):
+    """train.guard_every > 1 (the GPU default, forced here on the CPU) reads the steps' numbers in batches: the
+    same updates and metrics bit for bit, and an injected NaN is caught at the next read, named by its step,
+    and rolled back."""
+    extra = {"train.epochs": 2, "data.flip": True}
+    fit(tiny_cfg(tiny_data, **extra), tmp_path / "a", quiet=True)
+    fit(tiny_cfg(tiny_data, **extra, **{"train.guard_every": 5}), tmp_path / "b", quiet=True)
+    a, b = checkpoint.load(tmp_path / "a" / "last.pt"), checkpoint.load(tmp_path / "b" / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k not in ("images_per_sec", "epoch_seconds")} for r in rows]
+
+    assert strip(read_metrics(tmp_path / "a")) == strip(read_metrics(tmp_path / "b"))
+
+    def poison(run):
+        if run.epoch == 1 and run.batch == 3 and not run.guard.events:
+            with torch.no_grad():
+                next(run.model.parameters()).fill_(float("nan"))
+
+    out = tmp_path / "c"
+    summary = fit(tiny_cfg(tiny_data, **{"train.guard_every": 5}), out, quiet=True, on_step=poison)
+    steps_per_epoch = 512 // 64
+    assert [e["epoch"] for e in summary["guard_events"]] == [2]
+    assert f"at step {steps_per_epoch + 3}" in summary["guard_events"][0]["what"]  # the first bad step
+    assert all(math.isfinite(v) for r in read_metrics(out) for v in r.values())
+    assert all(torch.isfinite(p).all() for p in checkpoint.load(out / "last.pt")["model"].values())
+
+
 def test_hopeless_run_stops_cleanly(tiny_data, tmp_path, capsys):
     out = tmp_path / "run"
     args = [
@@ -211,8 +240,14 @@ def test_resume_after_a_crash_is_bit_identical(tiny_data, tmp_path):
     assert strip(read_metrics(tmp_path / "a")) == strip(read_metrics(tmp_path / "b"))
 
 
-def test_mid_epoch_checkpoint_resume_is_bit_identical(tiny_data, tmp_path):
-    extra = {"train.epochs": 2, "train.checkpoint_every": 3, "data.flip": True}
+@pytest.mark.parametrize("guard_every", [0, 5])
+def test_mid_epoch_checkpoint_resume_is_bit_identical(tiny_data, tmp_path, guard_every):
+    extra = {
+        "train.epochs": 2,
+        "train.checkpoint_every": 3,
+        "data.flip": True,
+        "train.guard_every": guard_every,
+    }
     fit(tiny_cfg(tiny_data, **extra), tmp_path / "a", quiet=True)
 
     def crash(run):
@@ -339,7 +374,7 @@ def test_grad_scaler_path_skips_overflow_but_stops_on_nan_loss():
     hook.remove()
     assert all(torch.equal(a, p) for a, p in zip(before, net.parameters()))  # the step was skipped
     assert scaler.get_scale() < 2.0**16
-    loss, _ = train_step(net, x, y, opt, torch.nn.CrossEntropyLoss(), 1, cpu, scaler=scaler)
+    loss = train_step(net, x, y, opt, torch.nn.CrossEntropyLoss(), 1, cpu, scaler=scaler)[0].item()
     assert math.isfinite(loss) and not all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
     with pytest.raises(Divergence, match="loss"):
         train_step(net, x * float("nan"), y, opt, torch.nn.CrossEntropyLoss(), 2, cpu, scaler=scaler)

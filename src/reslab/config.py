@@ -68,6 +68,9 @@ class TrainConfig:
     max_retries: int = 3  # divergence guard: restarts of an epoch (lr halved each time) before giving up
     on_checkpoint_error: str = "stop"  # stop | continue: what a failed checkpoint write does
     checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch; 0 = at epoch ends only
+    # divergence guard: read loss and gradient norm every N steps; 0 = auto: 1 on the CPU (checked before each
+    # update, which costs nothing there), 50 on a GPU (each read waits for it); a failed check rolls back
+    guard_every: int = 0
 
 
 @dataclass
@@ -223,6 +226,7 @@ def validate(cfg: Config) -> None:
     positive("data.crop_padding", cfg.data.crop_padding, allow_zero=True)
     positive("train.max_retries", cfg.train.max_retries, allow_zero=True)
     positive("train.checkpoint_every", cfg.train.checkpoint_every, allow_zero=True)
+    positive("train.guard_every", cfg.train.guard_every, allow_zero=True)
     for key, value in (
         ("data.erasing", cfg.data.erasing),
         ("optim.label_smoothing", cfg.optim.label_smoothing),

@@ -96,9 +96,9 @@ def train_3ch(net, loss, num_epochs, train_iter, optimizer, test_iter, device) -
         loss_sum, correct, count = 0.0, 0, 0
         for b, (X, y) in enumerate(train_iter):
             X, y = X.to(device), y.to(device)
-            batch_loss, batch_correct = train_step(
+            batch_loss, _, batch_correct = train_step(
                 net, X, y, optimizer, loss, epoch * len(train_iter) + b, device
-            )
+            ).tolist()
             loss_sum += batch_loss * y.numel()
             correct += batch_correct
             count += y.numel()

@@ -61,6 +61,8 @@ class Run:
     epoch: int = 0  # completed epochs
     batch: int = 0  # completed batches of the current epoch (mid-epoch checkpoints)
     sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])  # loss, correct, count, seconds
+    guard_every: int = 1  # steps between host checks (train.guard_every resolved for the device)
+    pending: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (step, images, stats) unread
     interrupted: bool = False
 
     @property
@@ -85,11 +87,16 @@ def train_step(
     clip: float = math.inf,
     ctx: dist.DistContext | None = None,
     scaler: torch.amp.GradScaler | None = None,
-) -> tuple[float, int]:
-    """One optimiser step, guarded: raises guard.Divergence before a non-finite update reaches the weights.
-    With fp16 a gradient scaler multiplies the loss; an overflow in its scaled gradients is not divergence
-    (the scaler skips that step and lowers its scale), a non-finite loss is.
-    Returns (mean loss of the batch, number of correct predictions)."""
+    check: bool = True,
+) -> torch.Tensor:
+    """One optimiser step. Returns its numbers as one tensor on the device: mean loss of the batch, gradient
+    norm, number of correct predictions.
+
+    With `check` the host reads them before the update and raises guard.Divergence, so a non-finite loss or
+    gradient never reaches the weights. Without, nothing waits for the device (on a GPU each wait stalls the
+    queue of kernels); the caller checks later with `check_steps` and rolls back. With fp16 a gradient scaler
+    multiplies the loss; an overflow in its scaled gradients is not divergence (the scaler skips that step and
+    lowers its scale), a non-finite loss is."""
     with autocast(device, precision):
         logits = net(x)
         loss = criterion(logits, y)
@@ -100,15 +107,49 @@ def train_step(
     # one number for loss and gradients: a NaN/Inf anywhere makes the norm non-finite (the same on all ranks)
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, clip)
-    health = dist.all_reduce_sum([loss.item(), norm.item()], device, ctx or dist.DistContext())
-    guard.check(health[0], "loss", step)
+    stats = torch.stack([loss.detach().float(), norm.detach().float(), (logits.argmax(1) == y).sum().float()])
+    if check:
+        check_steps([(step, stats)], device, ctx, grad_norm=scaler is None)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
-        guard.check(health[1], "gradient norm", step)
         optimizer.step()
-    return loss.item(), int((logits.argmax(1) == y).sum())
+    return stats
+
+
+def check_steps(
+    steps: list[tuple[int, torch.Tensor]],
+    device: torch.device,
+    ctx: dist.DistContext | None = None,
+    grad_norm: bool = True,
+) -> list[list[float]]:
+    """Read steps' numbers from the device in one wait; raise guard.Divergence at the first non-finite loss
+    (or gradient norm) on any rank. Returns this rank's numbers as floats."""
+    rows = torch.stack([stats for _, stats in steps]).tolist()
+    # one sum over ranks for loss and gradients: a NaN/Inf anywhere makes it non-finite on every rank
+    health = dist.all_reduce_sum([v for row in rows for v in row[:2]], device, ctx or dist.DistContext())
+    for i, (step, _) in enumerate(steps):
+        guard.check(health[2 * i], "loss", step)
+        if grad_norm:
+            guard.check(health[2 * i + 1], "gradient norm", step)
+    return rows
+
+
+def settle(run: Run) -> None:
+    """Add the pending steps to the epoch's sums, checking them first unless each step checked itself.
+    Called every `run.guard_every` steps, before any checkpoint and at the end of the epoch."""
+    pending, run.pending = run.pending, []
+    if not pending:
+        return
+    if run.guard_every == 1:
+        rows = torch.stack([stats for _, _, stats in pending]).tolist()
+    else:
+        rows = check_steps([(s, t) for s, _, t in pending], run.device, run.ctx, run.scaler is None)
+    for (_, images, _), (loss, _, correct) in zip(pending, rows):
+        run.sums[0] += loss * images
+        run.sums[1] += correct
+        run.sums[2] += images
 
 
 def train_one_epoch(run: Run, epoch: int, on_step=None) -> dict:
@@ -132,7 +173,7 @@ def train_one_epoch(run: Run, epoch: int, on_step=None) -> dict:
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         x = x.contiguous(memory_format=mem)
-        loss, correct = train_step(
+        stats = train_step(
             run.net,
             x,
             y,
@@ -144,17 +185,19 @@ def train_one_epoch(run: Run, epoch: int, on_step=None) -> dict:
             clip,
             run.ctx,
             run.scaler,
+            check=run.guard_every == 1,
         )
         if run.ema is not None:
             run.ema.update(run.model, step)
-        run.sums[0] += loss * y.numel()
-        run.sums[1] += correct
-        run.sums[2] += y.numel()
+        run.pending.append((step, y.numel(), stats))
         run.batch = b + 1
+        if len(run.pending) >= run.guard_every:
+            settle(run)
         bar.update(1)
         faults.reached("step")
         if on_step is not None:
             on_step(run)
+    settle(run)
     run.sums[3] += time.perf_counter() - start
     bar.close()
     loss_sum, correct, count, seconds = dist.all_reduce_sum(run.sums[:3], run.device, run.ctx) + run.sums[3:]
@@ -266,6 +309,7 @@ def prepare(cfg: Config, out: Path, quiet: bool = False) -> Run:
         meta,
         torch.amp.GradScaler(device.type) if precision == "fp16" else None,
         quiet,
+        guard_every=cfg.train.guard_every or (1 if device.type == "cpu" else 50),
     )
 
 
@@ -314,6 +358,7 @@ def _restore_training_state(run: Run, state: dict) -> None:
     if state.get("cuda_rng") and run.device.type == "cuda":
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     run.batch, run.sums = state["batch"], list(state["sums"])  # a copy: the epoch adds to run.sums in place
+    run.pending = []
 
 
 def _snapshot(run: Run) -> dict:
@@ -377,6 +422,7 @@ def fit(cfg: Config, out: str | Path, resume: bool = False, quiet: bool = False,
     def step_hook(r: Run) -> None:
         every = cfg.train.checkpoint_every
         if (every and r.batch % every == 0 and r.batch < r.steps_per_epoch) or r.interrupted:
+            settle(r)  # checked numbers only: a checkpoint never holds an unchecked step
             _save(r, "last.pt")
         if r.interrupted:
             raise Interrupted(_interrupted_message(out))

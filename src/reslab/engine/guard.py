@@ -1,5 +1,7 @@
-"""Divergence guard: a non-finite loss or gradient never reaches the weights.
+"""Divergence guard: a non-finite loss or gradient never reaches a checkpoint, an evaluation or the metrics.
 
+The host reads each step's loss and gradient norm: on the CPU before the update, so they never reach the
+weights; on a GPU every `train.guard_every` steps (reading waits for the device) and before every checkpoint.
 The engine catches `Divergence` raised inside an epoch, restores the state of the epoch's start (weights,
 optimiser, EMA), halves the learning rate and runs the epoch again; after `max_retries` failed tries it
 gives up with `DivergenceError` (exit code 3). The guard's state is part of every checkpoint.

@@ -16,9 +16,17 @@ import torch.nn.functional as F
 
 
 # ---------------------------------------------------------------- batch augmentations (pure functions)
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Random numbers drawn on the CPU, moved to the batch's device. To a GPU the copy goes from pinned
+    memory without waiting: a plain copy would make the host wait for every kernel already queued."""
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def flip(images: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:
     """Mirror each image left-right with probability p. (B, C, H, W) -> (B, C, H, W)"""
-    mask = (torch.rand(images.shape[0], generator=generator) < p).to(images.device)
+    mask = _to(torch.rand(images.shape[0], generator=generator) < p, images.device)
     return torch.where(mask.view(-1, 1, 1, 1), images.flip(-1), images)
 
 
@@ -30,8 +38,8 @@ def random_crop(
         return images
     b, c, h, w = images.shape
     padded = F.pad(images, (padding,) * 4, value=fill)
-    dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(images.device)
-    dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(images.device)
+    dy = _to(torch.randint(0, 2 * padding + 1, (b,), generator=generator), images.device)
+    dx = _to(torch.randint(0, 2 * padding + 1, (b,), generator=generator), images.device)
     rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]  # (B, 1, H, 1)
     cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]  # (B, 1, 1, W)
     batch = torch.arange(b, device=images.device)[:, None, None, None]
@@ -52,7 +60,7 @@ def random_erasing(
     b, _, h, w = images.shape
 
     def uniform(low: float, high: float) -> torch.Tensor:
-        return (torch.rand(b, generator=generator) * (high - low) + low).to(images.device)
+        return _to(torch.rand(b, generator=generator) * (high - low) + low, images.device)
 
     area = uniform(*scale) * h * w
     aspect = torch.exp(uniform(math.log(ratio[0]), math.log(ratio[1])))

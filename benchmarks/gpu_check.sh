@@ -6,7 +6,7 @@
 # then on the GPU machine: `bash benchmarks/gpu_check.sh` (device tool: carry [".fmnist"], timeout_s 580).
 #
 # Steps, each under its own time limit (a failed step is recorded and the next one runs; 9 min at most):
-#   1. the CUDA-marked tests (tests/test_cuda.py)
+#   1. the CUDA-marked tests (`pytest -m cuda`: tests/test_cuda.py and CUDA cases elsewhere)
 #   2. `reslab bench --device cuda`: GEMM peaks, step throughput and MFU, engine overhead, seed notebook vs reslab
 #   3. the seed recipe (configs/seed.yaml) for its 10 epochs on the GPU: img/s (goal >= 40,000 on an H100),
 #      eager and with torch.compile (train.compile=true)
@@ -33,7 +33,7 @@ step() { # name limit_seconds command...
 }
 
 nvidia-smi >>"$LOG" 2>&1
-step tests 60 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider
+step tests 60 "$PY" -m pytest -m cuda tests -q -p no:cacheprovider
 grep -E "(passed|failed|skipped|error).* in [0-9.]+s" "$LOG" | tail -1 >"$OUT/pytest.log"
 step bench 120 "$PY" -m reslab bench --device cuda --out "$OUT/bench.json"
 step seed 100 "$PY" -m reslab train --config configs/seed.yaml --quiet --out "$RUNS/seed" --set device=cuda

@@ -8,8 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REAL_DATA = Path("/usr/share/datasets/fashion-mnist")
+# marks of a test or parameter that needs a CUDA GPU: skipped without one, selected by `pytest -m cuda`
+NEEDS_CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

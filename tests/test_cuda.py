@@ -1,11 +1,11 @@
 """The CUDA path. Skipped where PyTorch sees no GPU (as in CI); on a GPU machine `pytest -m cuda` runs them
-(benchmarks/gpu_check.sh does)."""
+(benchmarks/gpu_check.sh does), with the CUDA case of test_engine's mid-epoch resume test."""
 
 import math
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import NEEDS_CUDA, tiny_overrides
 
 from reslab import bench, config
 from reslab.data import load_dataset, make_loaders
@@ -13,10 +13,7 @@ from reslab.engine import checkpoint, fit
 from reslab.models import build_model
 from reslab.report import evaluate_checkpoint
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
+pytestmark = NEEDS_CUDA
 CUDA = torch.device("cuda")
 
 
@@ -66,25 +63,6 @@ def test_checkpoint_trained_on_cuda_evaluates_the_same_on_cpu(tiny_data, tmp_pat
     assert all(t.device.type == "cpu" for t in state["model"].values())
     result = evaluate_checkpoint(out / "last.pt")
     assert abs(result["test_acc"] - summary["test_acc"]) <= 2 / result["test_images"]
-
-
-def test_resume_on_cuda_is_bit_identical(tiny_data, tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    extra = {"train.epochs": 2, "train.checkpoint_every": 3, "data.flip": True, "train.ema": 0.9}
-    fit(cuda_cfg(tiny_data, **extra), tmp_path / "a", quiet=True)
-
-    def crash(run):
-        if run.epoch == 1 and run.batch == 7:
-            raise RuntimeError("crash")
-
-    with pytest.raises(RuntimeError):
-        fit(cuda_cfg(tiny_data, **extra), tmp_path / "b", quiet=True, on_step=crash)
-    fit(cuda_cfg(tiny_data, **extra), tmp_path / "b", resume=True, quiet=True)
-    a, b = checkpoint.load(tmp_path / "a" / "last.pt"), checkpoint.load(tmp_path / "b" / "last.pt")
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    assert a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
 
 
 def test_bench_measures_on_cuda():

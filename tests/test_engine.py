@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import NEEDS_CUDA, tiny_overrides
 
 from reslab import config
 from reslab.cli import main
@@ -240,13 +240,17 @@ def test_resume_after_a_crash_is_bit_identical(tiny_data, tmp_path):
     assert strip(read_metrics(tmp_path / "a")) == strip(read_metrics(tmp_path / "b"))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)])
 @pytest.mark.parametrize("guard_every", [0, 5])
-def test_mid_epoch_checkpoint_resume_is_bit_identical(tiny_data, tmp_path, guard_every):
+def test_mid_epoch_checkpoint_resume_is_bit_identical(tiny_data, tmp_path, guard_every, device, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)  # CUDA: the same kernels every run
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     extra = {
         "train.epochs": 2,
         "train.checkpoint_every": 3,
         "data.flip": True,
         "train.guard_every": guard_every,
+        "device": device,
     }
     fit(tiny_cfg(tiny_data, **extra), tmp_path / "a", quiet=True)
 

@@ -9,10 +9,12 @@ from reslab import config
 from reslab.cli import main
 from reslab.data import load_dataset, make_loaders
 from reslab.engine import checkpoint, fit
+from reslab.engine.fit import predict_logits
 from reslab.engine.guard import DivergenceError
 from reslab.engine.optim import EMA
 from reslab.engine.schedule import lr_at
 from reslab.models import build_model
+from reslab.report import evaluate_checkpoint
 
 
 def tiny_cfg(data_dir, **extra):
@@ -267,15 +269,27 @@ def test_mid_epoch_checkpoint_resume_is_bit_identical(tiny_data, tmp_path, guard
     assert a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
 
 
-def test_evaluate_tta_flip_and_ema_runs(tiny_data, tmp_path):
-    summary = fit(
-        tiny_cfg(
-            tiny_data, **{"train.tta_flip": True, "train.ema": 0.8, "optim.name": "adamw", "optim.lr": 0.003}
-        ),
-        tmp_path / "r",
-        quiet=True,
-    )
-    assert 0 <= summary["test_acc"] <= 1
+def test_tta_flip_averages_an_image_and_its_mirror():
+    torch.manual_seed(0)
+    model = build_model("resnet8", 1, 10).eval()
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        tta = predict_logits(model, x, tta_flip=True)
+        assert torch.allclose(tta, (model(x) + model(x.flip(-1))) / 2, atol=1e-6)
+        assert torch.allclose(tta, predict_logits(model, x.flip(-1), tta_flip=True), atol=1e-5)
+        assert torch.equal(predict_logits(model, x), model(x))
+
+
+def test_ema_and_tta_flip_runs_report_what_eval_of_the_checkpoint_finds(tiny_data, tmp_path):
+    """The run measures the EMA weights with test-time flip; the checkpoint holds those weights and that
+    setting, so `reslab eval` finds the same figures."""
+    overrides = {"train.tta_flip": True, "train.ema": 0.8, "optim.name": "adamw", "optim.lr": 0.003}
+    summary = fit(tiny_cfg(tiny_data, **overrides), tmp_path / "r", quiet=True)
+    result = evaluate_checkpoint(tmp_path / "r" / "last.pt")
+    assert result["test_acc"] == pytest.approx(summary["test_acc"], abs=1e-9)
+    assert result["test_loss"] == pytest.approx(summary["test_loss"], rel=1e-4)
+    state = checkpoint.load(tmp_path / "r" / "last.pt")
+    assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["model"])
 
 
 @pytest.mark.parametrize(

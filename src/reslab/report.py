@@ -12,6 +12,7 @@ from torch import nn
 from . import config as config_mod
 from .data import load_dataset, make_loaders, resize
 from .engine import checkpoint
+from .engine.fit import predict_logits
 from .errors import ReslabError
 from .models import build_model
 
@@ -56,7 +57,7 @@ def evaluate_checkpoint(
             f"the model predicts {len(meta['classes'])} classes, the data has {len(data.classes)}"
         )
     _, test = make_loaders(data, cfg.data, 1, cfg.train.eval_batch_size, 0, torch.device("cpu"))
-    logits = torch.cat([_tta(model, x, cfg.train.tta_flip) for x, _ in test])
+    logits = torch.cat([predict_logits(model, x, cfg.train.tta_flip) for x, _ in test])
     labels = data.test_labels
     probs = logits.softmax(1)
     pred = probs.argmax(1)
@@ -97,11 +98,6 @@ def evaluate_checkpoint(
         result["outputs"] = [str(out / n) for n in ("eval.json", "confusion.png", "errors.png")]
         (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
-
-
-def _tta(model: nn.Module, x: torch.Tensor, flip: bool) -> torch.Tensor:
-    logits = model(x)
-    return (logits + model(x.flip(-1))) / 2 if flip else logits
 
 
 # ------------------------------------------------------------------------------------------- predict
@@ -149,7 +145,7 @@ def read_image(path: str | Path, channels: int, size: int, invert: bool = False)
 
 @torch.no_grad()
 def predict(path: str | Path, images: list[str], top_k: int = 1, invert: bool = False) -> list[dict]:
-    model, meta, _ = load_model(path)
+    model, meta, state = load_model(path)
     channels, size = meta["in_channels"], meta["image_size"]
     arrays = [read_image(p, channels, size, invert) for p in images]
     x = torch.from_numpy(np.stack(arrays)).float() / 255
@@ -157,7 +153,7 @@ def predict(path: str | Path, images: list[str], top_k: int = 1, invert: bool = 
     mean = torch.tensor(meta["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(meta["std"]).view(1, -1, 1, 1)
     x = resize((x - mean) / std, meta["resize"])
-    probs = model(x).softmax(1)
+    probs = predict_logits(model, x, state["config"]["train"].get("tta_flip", False)).softmax(1)
     k = min(top_k, probs.shape[1])
     top = probs.topk(k, 1)
     return [

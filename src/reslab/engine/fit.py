@@ -209,6 +209,12 @@ def train_one_epoch(run: Run, epoch: int, on_step=None) -> dict:
     }
 
 
+def predict_logits(model: nn.Module, x: torch.Tensor, tta_flip: bool = False) -> torch.Tensor:
+    """fp32 logits of a batch; with `tta_flip`, the mean of the logits of each image and its mirror."""
+    logits = model(x).float()
+    return (logits + model(x.flip(-1)).float()) / 2 if tta_flip else logits
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -226,9 +232,7 @@ def evaluate(
     for x, y in loader:
         x = x.contiguous(memory_format=mem)
         with autocast(device, precision):
-            logits = model(x).float()
-            if tta_flip:
-                logits = (logits + model(x.flip(-1)).float()) / 2
+            logits = predict_logits(model, x, tta_flip)
         loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
         count += y.numel()
@@ -536,4 +540,13 @@ def _summary(run: Run, wall: float) -> dict:
     }
 
 
-__all__ = ["Interrupted", "Run", "evaluate", "fit", "prepare", "train_one_epoch", "train_step"]
+__all__ = [
+    "Interrupted",
+    "Run",
+    "evaluate",
+    "fit",
+    "predict_logits",
+    "prepare",
+    "train_one_epoch",
+    "train_step",
+]

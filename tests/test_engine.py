@@ -9,10 +9,10 @@ from reslab import config
 from reslab.cli import main
 from reslab.data import load_dataset, make_loaders
 from reslab.engine import checkpoint, fit
-from reslab.engine.fit import predict_logits
 from reslab.engine.guard import DivergenceError
 from reslab.engine.optim import EMA
 from reslab.engine.schedule import lr_at
+from reslab.engine.steps import predict_logits
 from reslab.models import build_model
 from reslab.report import evaluate_checkpoint
 
@@ -377,8 +377,8 @@ def test_d2l_train_3ch_prints_the_notebook_lines(tiny_data, capsys):
 def test_grad_scaler_path_skips_overflow_but_stops_on_nan_loss():
     """The fp16 path (CUDA in practice) with a gradient scaler, exercised on the CPU: an overflowing
     gradient is the scaler's business (step skipped, scale lowered), a non-finite loss is divergence."""
-    from reslab.engine.fit import train_step
     from reslab.engine.guard import Divergence
+    from reslab.engine.steps import train_step
 
     torch.manual_seed(0)
     net = build_model("resnet8", 1, 10)

@@ -94,7 +94,8 @@ def engine_overhead(
     """One reslab training epoch (data slicing, augmentation, guard checks, metrics; evaluation excluded)
     against bare steps of the same model and batch size on the same number of images."""
     from .config import load
-    from .engine.fit import prepare, train_one_epoch
+    from .engine.fit import train_one_epoch
+    from .engine.run import prepare
 
     precision = _precision(device)
     cfg = load(config_path, [f"precision={precision}", f"device={device.type}", "train.epochs=1"])

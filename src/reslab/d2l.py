@@ -8,7 +8,7 @@ from torch import nn
 
 from .config import DataConfig
 from .data import TensorLoader, load_dataset, make_loaders
-from .engine.fit import evaluate, train_step
+from .engine.steps import evaluate, train_step
 from .models.blocks import ResidualUnit
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from . import config as config_mod
 from .data import load_dataset, make_loaders, resize
 from .engine import checkpoint
-from .engine.fit import predict_logits
+from .engine.steps import predict_logits
 from .errors import ReslabError
 from .models import build_model
 

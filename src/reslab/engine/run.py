@@ -1,0 +1,207 @@
+"""A training run's live state (`Run`), its set-up from a config (`prepare`), and its checkpoint state:
+what last.pt holds, how a resume or the divergence guard's rollback restores it."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import Config
+from ..data import TensorLoader, load_dataset, make_loaders
+from ..errors import ReslabError
+from ..models import build_model, count_params
+from . import checkpoint, dist, guard
+from .optim import EMA, make_optimizer
+from .precision import resolve_device, resolve_precision
+
+
+@dataclass
+class Run:
+    """Everything alive during one training run."""
+
+    cfg: Config
+    out: Path
+    ctx: dist.DistContext
+    device: torch.device
+    precision: str
+    model: nn.Module  # the bare model: its state_dict is what checkpoints hold
+    net: nn.Module  # what the steps call: the model, maybe compiled, maybe wrapped in DDP
+    optimizer: torch.optim.Optimizer
+    ema: EMA | None
+    train_loader: TensorLoader
+    test_loader: TensorLoader
+    meta: dict  # what eval/predict need to rebuild the model and its input pipeline
+    scaler: torch.amp.GradScaler | None = None  # fp16 only
+    quiet: bool = False
+    guard: guard.GuardState = field(default_factory=guard.GuardState)
+    history: list[dict] = field(default_factory=list)
+    epoch: int = 0  # completed epochs
+    batch: int = 0  # completed batches of the current epoch (mid-epoch checkpoints)
+    sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])  # loss, correct, count, seconds
+    guard_every: int = 1  # steps between host checks (train.guard_every resolved for the device)
+    pending: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (step, images, stats) unread
+    interrupted: bool = False
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train_loader)
+
+
+def prepare(cfg: Config, out: Path, quiet: bool = False) -> Run:
+    """Build data, model and optimiser; everything that can fail on user input fails here, before any write."""
+    device = resolve_device(cfg.device)
+    ctx = dist.setup(device.type)
+    if ctx.active and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
+    precision = resolve_precision(cfg.precision, device)
+    if cfg.train.batch_size % ctx.world_size:
+        raise ReslabError(
+            f"train.batch_size {cfg.train.batch_size} is not divisible by {ctx.world_size} ranks"
+        )
+    torch.manual_seed(cfg.seed)
+    data = load_dataset(cfg.data)
+    model = build_model(cfg.model.name, data.in_channels, len(data.classes), **cfg.model.options)
+    if ctx.active and cfg.train.sync_bn:
+        if device.type != "cuda":
+            raise ReslabError(
+                "train.sync_bn needs CUDA devices (PyTorch's SyncBatchNorm); set it false on the CPU"
+            )
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    mem = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model = model.to(device=device, memory_format=mem)
+    train_loader, test_loader = make_loaders(
+        data,
+        cfg.data,
+        cfg.train.batch_size,
+        cfg.train.eval_batch_size,
+        cfg.seed,
+        device,
+        ctx.rank,
+        ctx.world_size,
+    )
+    if len(train_loader) == 0:
+        raise ReslabError(
+            f"train.batch_size {cfg.train.batch_size} exceeds the {train_loader.num_examples} training images"
+        )
+    net = model
+    if ctx.active:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if cfg.train.compile:
+        net = torch.compile(net)
+    meta = {
+        "model_name": cfg.model.name,
+        "model_options": dict(cfg.model.options),
+        "in_channels": data.in_channels,
+        "classes": list(data.classes),
+        "mean": list(data.mean),
+        "std": list(data.std),
+        "resize": cfg.data.resize,
+        "image_size": int(data.train_images.shape[-1]),
+        "params": count_params(model),
+    }
+    return Run(
+        cfg,
+        out,
+        ctx,
+        device,
+        precision,
+        model,
+        net,
+        make_optimizer(model, cfg.optim),
+        EMA(model, cfg.train.ema) if cfg.train.ema > 0 else None,
+        train_loader,
+        test_loader,
+        meta,
+        torch.amp.GradScaler(device.type) if precision == "fp16" else None,
+        quiet,
+        guard_every=cfg.train.guard_every or (1 if device.type == "cpu" else 50),
+    )
+
+
+def state_of(run: Run) -> dict:
+    return {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "ema": run.ema.state_dict() if run.ema else None,
+        "scaler": run.scaler.state_dict() if run.scaler else None,
+        "guard": run.guard.to_dict(),
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else [],
+        "history": run.history,
+        "epoch": run.epoch,
+        "batch": run.batch,
+        "sums": list(run.sums),
+        "config": run.cfg.to_dict(),
+        "meta": run.meta,
+    }
+
+
+def restore(run: Run, state: dict) -> None:
+    """Continue from a checkpoint: the training state plus the guard and the run's history."""
+    restore_training_state(run, state)
+    run.guard = guard.GuardState(**state["guard"])
+    run.history = list(state["history"])
+    run.epoch = state["epoch"]
+
+
+def restore_training_state(run: Run, state: dict) -> None:
+    """Weights, optimiser, EMA, scaler, RNGs and the position in the epoch; not the guard, whose halved lr must
+    survive a rollback."""
+    try:
+        run.model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise checkpoint.CheckpointError(
+            f"checkpoint does not fit model {run.cfg.model.name}: {str(e).splitlines()[0]}"
+        ) from None
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.ema is not None and state.get("ema") is not None:
+        run.ema.load_state_dict(state["ema"])
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"])
+    if state.get("cuda_rng") and run.device.type == "cuda":
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    run.batch, run.sums = state["batch"], list(state["sums"])  # a copy: the epoch adds to run.sums in place
+    run.pending = []
+
+
+def snapshot(run: Run) -> dict:
+    """An in-memory copy of the last good state, for the divergence guard."""
+    return copy.deepcopy({k: v for k, v in state_of(run).items() if k not in ("history", "config", "meta")})
+
+
+def write_text(path: Path, text: str) -> None:
+    try:
+        checkpoint.atomic_write(path, lambda f: f.write(text.encode()))
+    except OSError as e:
+        raise ReslabError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def save(run: Run, name: str, state: dict | None = None) -> None:
+    if not run.ctx.is_main:
+        return
+    try:
+        checkpoint.save(state if state is not None else state_of(run), run.out / name)
+    except checkpoint.CheckpointError as e:
+        if run.cfg.train.on_checkpoint_error == "stop":
+            raise
+        print(f"warning: {e}; training goes on (train.on_checkpoint_error=continue)", file=sys.stderr)
+
+
+__all__ = [
+    "Run",
+    "prepare",
+    "restore",
+    "restore_training_state",
+    "save",
+    "snapshot",
+    "state_of",
+    "write_text",
+]

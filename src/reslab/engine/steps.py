@@ -1,0 +1,116 @@
+"""The pieces of training that know nothing of a run: one optimiser step, the host's check of its numbers,
+and evaluation of a model on a test set (with optional test-time flip)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import faults
+from ..data import TensorLoader
+from . import dist, guard
+from .precision import autocast
+
+
+def loss_fn(label_smoothing: float) -> nn.Module:
+    return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+
+def train_step(
+    net: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    step: int,
+    device: torch.device,
+    precision: str = "fp32",
+    clip: float = math.inf,
+    ctx: dist.DistContext | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    check: bool = True,
+) -> torch.Tensor:
+    """One optimiser step. Returns its numbers as one tensor on the device: mean loss of the batch, gradient
+    norm, number of correct predictions.
+
+    With `check` the host reads them before the update and raises guard.Divergence, so a non-finite loss or
+    gradient never reaches the weights. Without, nothing waits for the device (on a GPU each wait stalls the
+    queue of kernels); the caller checks later with `check_steps` and rolls back. With fp16 a gradient scaler
+    multiplies the loss; an overflow in its scaled gradients is not divergence (the scaler skips that step and
+    lowers its scale), a non-finite loss is."""
+    with autocast(device, precision):
+        logits = net(x)
+        loss = criterion(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    # one number for loss and gradients: a NaN/Inf anywhere makes the norm non-finite (the same on all ranks)
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    stats = torch.stack([loss.detach().float(), norm.detach().float(), (logits.argmax(1) == y).sum().float()])
+    if check:
+        check_steps([(step, stats)], device, ctx, grad_norm=scaler is None)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return stats
+
+
+def check_steps(
+    steps: list[tuple[int, torch.Tensor]],
+    device: torch.device,
+    ctx: dist.DistContext | None = None,
+    grad_norm: bool = True,
+) -> list[list[float]]:
+    """Read steps' numbers from the device in one wait; raise guard.Divergence at the first non-finite loss
+    (or gradient norm) on any rank. Returns this rank's numbers as floats."""
+    rows = torch.stack([stats for _, stats in steps]).tolist()
+    # one sum over ranks for loss and gradients: a NaN/Inf anywhere makes it non-finite on every rank
+    health = dist.all_reduce_sum([v for row in rows for v in row[:2]], device, ctx or dist.DistContext())
+    for i, (step, _) in enumerate(steps):
+        guard.check(health[2 * i], "loss", step)
+        if grad_norm:
+            guard.check(health[2 * i + 1], "gradient norm", step)
+    return rows
+
+
+def predict_logits(model: nn.Module, x: torch.Tensor, tta_flip: bool = False) -> torch.Tensor:
+    """fp32 logits of a batch; with `tta_flip`, the mean of the logits of each image and its mirror."""
+    logits = model(x).float()
+    return (logits + model(x.flip(-1)).float()) / 2 if tta_flip else logits
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: TensorLoader,
+    device: torch.device,
+    precision: str = "fp32",
+    tta_flip: bool = False,
+    channels_last: bool = True,
+    ctx: dist.DistContext | None = None,
+) -> dict:
+    """Mean cross-entropy and accuracy over the full test set (eval mode, no gradients)."""
+    model.eval()
+    mem = torch.channels_last if channels_last else torch.contiguous_format
+    loss_sum, correct, count = 0.0, 0.0, 0.0
+    for x, y in loader:
+        x = x.contiguous(memory_format=mem)
+        with autocast(device, precision):
+            logits = predict_logits(model, x, tta_flip)
+        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        count += y.numel()
+        faults.reached("eval")
+    loss_sum, correct, count = dist.all_reduce_sum(
+        [loss_sum, correct, count], device, ctx or dist.DistContext()
+    )
+    return {"test_loss": loss_sum / count, "test_acc": correct / count}
+
+
+__all__ = ["check_steps", "evaluate", "loss_fn", "predict_logits", "train_step"]

@@ -126,6 +126,7 @@ def prepare(cfg: Config, out: Path, quiet: bool = False) -> Run:
 
 
 def state_of(run: Run) -> dict:
+    """What last.pt holds: everything a resume needs to continue bit for bit, and what eval/predict need."""
     return {
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),

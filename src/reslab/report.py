@@ -153,7 +153,7 @@ def predict(path: str | Path, images: list[str], top_k: int = 1, invert: bool = 
     mean = torch.tensor(meta["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(meta["std"]).view(1, -1, 1, 1)
     x = resize((x - mean) / std, meta["resize"])
-    probs = predict_logits(model, x, state["config"]["train"].get("tta_flip", False)).softmax(1)
+    probs = predict_logits(model, x, config_mod.from_dict(state["config"]).train.tta_flip).softmax(1)
     k = min(top_k, probs.shape[1])
     top = probs.topk(k, 1)
     return [

@@ -56,6 +56,14 @@ def atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
+def write_text(path: Path, text: str) -> None:
+    """A text file (config.yaml, metrics.jsonl, summary.json) written atomically, like a checkpoint."""
+    try:
+        atomic_write(path, lambda f: f.write(text.encode()))
+    except OSError as e:
+        raise ReslabError(f"cannot write {path}: {e.strerror or e}") from None
+
+
 def save(state: dict[str, Any], path: str | Path) -> None:
     path = Path(path)
     try:

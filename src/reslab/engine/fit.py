@@ -22,7 +22,7 @@ from .. import faults
 from ..config import Config
 from ..errors import ReslabError
 from . import checkpoint, dist, guard
-from .run import Run, prepare, restore, restore_training_state, save, snapshot, state_of, write_text
+from .run import Run, prepare, restore, restore_training_state, save, snapshot, state_of
 from .schedule import lr_at
 from .steps import check_steps, evaluate, loss_fn, train_step
 
@@ -132,7 +132,7 @@ def fit(cfg: Config, out: str | Path, resume: bool = False, quiet: bool = False,
             _log(run, f"{out} already finished {run.epoch} epochs; raise train.epochs to train on")
     if run.ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        write_text(out / "config.yaml", config_mod.dump(cfg))
+        checkpoint.write_text(out / "config.yaml", config_mod.dump(cfg))
     _log(
         run,
         f"reslab: {cfg.model.name} ({run.meta['params'] / 1e6:.2f}M params) on {run.device.type}"
@@ -186,7 +186,7 @@ def fit(cfg: Config, out: str | Path, resume: bool = False, quiet: bool = False,
             signal.signal(signal.SIGINT, previous)
     summary = _summary(run, time.perf_counter() - wall_start)
     if run.ctx.is_main:
-        write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        checkpoint.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     dist.cleanup(run.ctx)
     return summary
 
@@ -228,7 +228,7 @@ def _train_and_evaluate(run: Run, epoch: int, step_hook) -> dict:
 def _write_outputs(run: Run) -> None:
     if not run.ctx.is_main:
         return
-    write_text(run.out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in run.history))
+    checkpoint.write_text(run.out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in run.history))
     from ..plots import curves
 
     smoothing = run.cfg.optim.label_smoothing

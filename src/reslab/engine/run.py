@@ -178,13 +178,6 @@ def snapshot(run: Run) -> dict:
     return copy.deepcopy({k: v for k, v in state_of(run).items() if k not in ("history", "config", "meta")})
 
 
-def write_text(path: Path, text: str) -> None:
-    try:
-        checkpoint.atomic_write(path, lambda f: f.write(text.encode()))
-    except OSError as e:
-        raise ReslabError(f"cannot write {path}: {e.strerror or e}") from None
-
-
 def save(run: Run, name: str, state: dict | None = None) -> None:
     if not run.ctx.is_main:
         return
@@ -204,5 +197,4 @@ __all__ = [
     "save",
     "snapshot",
     "state_of",
-    "write_text",
 ]

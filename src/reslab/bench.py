@@ -239,6 +239,7 @@ def run(out: Path | None = None, quick: bool = False, seed_limit: int = 2560, de
     gpu = dev.type == "cuda"
     if gpu:  # fp32 convolutions run on TF32 tensor cores by default (cuDNN); let the GEMM peak do the same
         torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # as training does on a GPU
     bf16_ok = bf16_native(dev)
     n = 8192 if gpu else 2048
     peaks = {"fp32": gemm_peak(torch.float32, n=n, device=dev)}

@@ -59,6 +59,9 @@ def prepare(cfg: Config, out: Path, quiet: bool = False) -> Run:
     if ctx.active and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
     precision = resolve_precision(cfg.precision, device)
+    if device.type == "cuda":  # fixed batch shapes: cuDNN times its convolution algorithms once and keeps the
+        # fastest, unless deterministic kernels were asked for (exact resume on a GPU needs them)
+        torch.backends.cudnn.benchmark = not torch.backends.cudnn.deterministic
     if cfg.train.batch_size % ctx.world_size:
         raise ReslabError(
             f"train.batch_size {cfg.train.batch_size} is not divisible by {ctx.world_size} ranks"

@@ -16,9 +16,14 @@
 #   6. the seed recipe with torch.compile (train.compile=true) for 3 epochs, in what time is left
 # Writes $OUT (default ./gpu-check): results.json (everything, summarised), bench.json, pytest.log, log.txt,
 # long-run.tar.
+# Knobs (environment): ONLY="to-0.94 long" runs just those steps; R20="train.batch_size=512 optim.lr=0.4" adds
+# overrides to steps 4 and 5; DEADLINE (default 565 s); RESERVE, the seconds step 5 leaves for step 6 (default 90).
 set -u
 OUT=${OUT:-gpu-check}
 DEADLINE=${DEADLINE:-565}
+RESERVE=${RESERVE:-90}
+ONLY=${ONLY:-}
+read -ra R20 <<<"${R20:-}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export RESLAB_DATA=${RESLAB_DATA:-$PWD/.fmnist}
@@ -30,6 +35,10 @@ STEPS=""
 step() { # name limit_seconds command...; the limit shrinks to what is left before DEADLINE
 	local name=$1 limit=$2 start=$SECONDS rc
 	shift 2
+	if [[ -n $ONLY && " $ONLY " != *" $name "* ]]; then
+		STEPS="$STEPS $name=skipped:0"
+		return
+	fi
 	((limit > DEADLINE - SECONDS)) && limit=$((DEADLINE - SECONDS))
 	if ((limit < 20)); then
 		echo "== $name: skipped, ${limit} s left" | tee -a "$LOG"
@@ -49,9 +58,9 @@ grep -E "(passed|failed|skipped|error).* in [0-9.]+s" "$LOG" | tail -1 >"$OUT/py
 step bench 120 "$PY" -m reslab bench --device cuda --out "$OUT/bench.json"
 step seed 100 "$PY" -m reslab train --config configs/seed.yaml --quiet --out "$RUNS/seed" --set device=cuda
 step to-0.94 90 "$PY" -m reslab train --config configs/best.yaml --quiet --out "$RUNS/target" \
-	--set device=cuda model.name=resnet20 train.epochs=20
-# step 5's epochs: the largest of (100, 80, 60, 55, 45) that, at step 4's slowest epoch, ends 90 s before DEADLINE
-LONG=$("$PY" - "$RUNS/target/metrics.jsonl" $((DEADLINE - SECONDS - 90)) <<'EOF'
+	--set device=cuda model.name=resnet20 train.epochs=20 "${R20[@]}"
+# step 5's epochs: the largest of (100, 80, 60, 55, 45) that, at step 4's slowest epoch, ends RESERVE s before DEADLINE
+LONG=$("$PY" - "$RUNS/target/metrics.jsonl" $((DEADLINE - SECONDS - RESERVE)) <<'EOF'
 import json, sys
 from pathlib import Path
 
@@ -63,14 +72,14 @@ EOF
 )
 echo "== long run: ${LONG} epochs" | tee -a "$LOG"
 if ((LONG > 0)); then
-	step long $((DEADLINE - SECONDS - 60)) "$PY" -m reslab train --config configs/best.yaml --quiet \
-		--out "$RUNS/long" --set device=cuda model.name=resnet20 train.epochs="$LONG"
-	tar -cf "$OUT/long-run.tar" -C "$RUNS" long
+	step long $((DEADLINE - SECONDS - RESERVE + 30)) "$PY" -m reslab train --config configs/best.yaml --quiet \
+		--out "$RUNS/long" --set device=cuda model.name=resnet20 train.epochs="$LONG" "${R20[@]}"
+	[[ -d $RUNS/long ]] && tar -cf "$OUT/long-run.tar" -C "$RUNS" long
 fi
 step seed-compiled 150 "$PY" -m reslab train --config configs/seed.yaml --quiet --out "$RUNS/seed-compiled" \
 	--set device=cuda train.compile=true train.epochs=3
 
-STEPS="$STEPS" "$PY" - "$OUT" "$RUNS" <<'EOF'
+STEPS="$STEPS" R20="${R20[*]}" "$PY" - "$OUT" "$RUNS" <<'EOF'
 import json, os, statistics, sys
 from pathlib import Path
 
@@ -115,6 +124,7 @@ result = {
     "tests": (out / "pytest.log").read_text().strip(),
     "seed": throughput(seed),
     "seed_compiled": throughput(compiled),
+    "overrides": os.environ.get("R20", ""),
     "time_to_0.94": {"run": "best.yaml, resnet20, 20 epochs", "reached": time_to(target, 0.94), "history": target},
     "long": {
         "run": f"best.yaml, resnet20, {len(long)} epochs",

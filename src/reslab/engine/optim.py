@@ -42,8 +42,9 @@ class EMA:
         decay = min(self.decay, (1 + step) / (10 + step))
         ema_params = list(self.model.parameters())
         torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1 - decay)
-        for b_ema, b in zip(self.model.buffers(), model.buffers()):
-            b_ema.copy_(b)
+        buffers = list(self.model.buffers())
+        if buffers:  # BN statistics, copied in one call
+            torch._foreach_copy_(buffers, list(model.buffers()))
 
     def state_dict(self) -> dict:
         return self.model.state_dict()

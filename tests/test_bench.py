@@ -1,5 +1,7 @@
 """The benchmark's pieces on small inputs: real measurements, compared side by side in the same process."""
 
+import sys
+
 import pytest
 
 from reslab import bench
@@ -17,6 +19,21 @@ def test_step_throughput_and_engine_overhead():
     assert ips > 10
     o = bench.engine_overhead(batches=4)
     assert o["engine_img_s"] > 0 and o["bare_img_s"] > 0 and o["model"] == "resnet8"
+
+
+def test_timed_process_reports_the_process_own_peak_memory_not_its_parent():
+    held = bytearray(800 * 2**20)  # the benchmark's own peak, gigabytes after its measurements in a real run
+    held[::4096] = b"\1" * len(held[::4096])  # touch every page so it is resident
+    seconds, out, rss_mb = bench._timed_process(
+        [sys.executable, "-c", "x = bytearray(100 * 2**20); print('ok')"]
+    )
+    assert out.strip() == "ok" and seconds > 0
+    assert 100 < rss_mb < 400, (
+        rss_mb
+    )  # its 100 MB plus Python; a process started straight from us reports > 800
+    with pytest.raises(RuntimeError, match="failed: .*boom"):
+        bench._timed_process([sys.executable, "-c", "raise SystemExit('boom')"])
+    del held
 
 
 @pytest.mark.slow

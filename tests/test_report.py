@@ -192,3 +192,20 @@ def test_cli_eval_and_models_from_a_fresh_process(trained, tmp_path):
         text=True,
     )
     assert done.returncode == 0 and "(1, 512, 7, 7)" in done.stdout and "11,178,378" in done.stdout
+
+
+def test_a_figure_that_fails_halfway_leaves_the_old_picture(tmp_path):
+    from reslab import plots
+
+    class Broken:
+        def savefig(self, f, **kwargs):
+            f.write(b"half a png")
+            raise RuntimeError("disk trouble")
+
+    path = tmp_path / "curves.png"
+    plots.curves([{"epoch": 1, "train_loss": 1.0, "test_loss": 0.9, "train_acc": 0.5, "test_acc": 0.6}], path)
+    old = path.read_bytes()
+    assert old.startswith(b"\x89PNG")
+    with pytest.raises(RuntimeError, match="disk trouble"):
+        plots.save(Broken(), path)
+    assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["curves.png"]

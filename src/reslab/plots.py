@@ -9,6 +9,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .engine.checkpoint import atomic_write  # noqa: E402
+
+
+def save(fig, path: str | Path) -> None:
+    """Write a figure atomically (a crash leaves the old picture or the new one, never half of one) and close it."""
+    path = Path(path)
+    atomic_write(path, lambda f: fig.savefig(f, format=path.suffix[1:] or "png", dpi=110))
+    plt.close(fig)
+
 
 def curves(history: list[dict], path: str | Path, title: str = "", train_note: str = "") -> None:
     """Loss and accuracy per epoch, training and test, side by side. train_note says how the training loss
@@ -43,8 +52,7 @@ def curves(history: list[dict], path: str | Path, title: str = "", train_note: s
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def confusion_matrix(counts, classes: list[str], path: str | Path) -> None:
@@ -77,8 +85,7 @@ def confusion_matrix(counts, classes: list[str], path: str | Path) -> None:
     )
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def error_grid(
@@ -96,5 +103,4 @@ def error_grid(
             ax.set_title(f"{true[i]}\n-> {predicted[i]} ({confidence[i]:.0%})", fontsize=7)
     fig.suptitle("most confident mistakes: true -> predicted (probability)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)

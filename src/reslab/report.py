@@ -96,7 +96,7 @@ def evaluate_checkpoint(
             out / "errors.png",
         )
         result["outputs"] = [str(out / n) for n in ("eval.json", "confusion.png", "errors.png")]
-        (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        checkpoint.write_text(out / "eval.json", json.dumps(result, indent=2) + "\n")
     return result
 
 

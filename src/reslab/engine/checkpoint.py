@@ -57,7 +57,8 @@ def atomic_write(path: Path, write) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
-    """A text file (config.yaml, metrics.jsonl, summary.json) written atomically, like a checkpoint."""
+    """A text file (a run's config.yaml, metrics.jsonl, summary.json; eval, study and bench results) written
+    atomically, like a checkpoint."""
     try:
         atomic_write(path, lambda f: f.write(text.encode()))
     except OSError as e:

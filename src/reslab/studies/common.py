@@ -13,6 +13,7 @@ import torch
 
 from .. import config as config_mod
 from ..config import Config
+from ..engine.checkpoint import write_text
 
 
 def machine() -> dict:
@@ -98,13 +99,13 @@ def error_stats(rows: list[dict]) -> dict:
 def finish(out: Path, payload: dict, table, figure) -> dict:
     """Write results.json, table.md and figure.png of a study."""
     write_json(out / "results.json", payload)
-    (out / "table.md").write_text(table(payload))
+    write_text(out / "table.md", table(payload))
     figure(payload, out / "figure.png")
     return payload
 
 
 def write_json(path: Path, payload: dict) -> None:
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 class Timer:

@@ -144,11 +144,9 @@ def table(payload: dict) -> str:
 def figure(payload: dict, path: Path) -> None:
     """Like the paper's Fig. 6: plain nets left, ResNets right; thin dashed training error, bold test error."""
     rows = payload["runs"]
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+
+    from ..plots import plt, save  # matplotlib on its Agg backend
 
     depths = sorted({r["depth"] for r in rows})
     colours = dict(
@@ -173,5 +171,4 @@ def figure(payload: dict, path: Path) -> None:
         ax.legend(title="bold: test, dashed: train", fontsize=8, title_fontsize=8)
     axes[0][0].set_ylabel("error (%)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)

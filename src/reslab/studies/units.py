@@ -117,11 +117,9 @@ def table(payload: dict) -> str:
 
 
 def figure(payload: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+
+    from ..plots import plt, save  # matplotlib on its Agg backend
 
     agg = payload["aggregate"]
     names = [a["variant"] for a in agg]
@@ -161,5 +159,4 @@ def figure(payload: dict, path: Path) -> None:
     ax_curve.grid(alpha=0.3)
     ax_curve.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)

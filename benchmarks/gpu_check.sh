@@ -10,12 +10,13 @@
 #   1. the CUDA-marked tests (`pytest -m cuda`: tests/test_cuda.py and CUDA cases elsewhere)
 #   2. `reslab bench --device cuda`: GEMM peaks, step throughput and MFU, engine overhead, seed notebook vs reslab
 #   3. the seed recipe (configs/seed.yaml) for its 10 epochs on the GPU: img/s (goal >= 40,000 on an H100)
+#   3b. benchmarks/profile_step.py: best.yaml's training loop against bare steps under torch.profiler, per operator
 #   4. time to 0.94 test accuracy: best.yaml's recipe on ResNet-20 for 20 epochs (goal < 10 s of training)
 #   5. best.yaml's recipe on ResNet-20 for as many epochs of (100, 80, 60, 55, 45) as the time left allows,
 #      sized from step 4's epoch time; its run directory comes back as long-run.tar (`reslab eval` it at home)
 #   6. the seed recipe with torch.compile (train.compile=true) for 3 epochs, in what time is left
-# Writes $OUT (default ./gpu-check): results.json (everything, summarised), bench.json, pytest.log, log.txt,
-# long-run.tar.
+# Writes $OUT (default ./gpu-check): results.json (everything, summarised), bench.json, profile.json, pytest.log,
+# log.txt, long-run.tar.
 # Knobs (environment): ONLY="to-0.94 long" runs just those steps; R20="train.batch_size=512 optim.lr=0.4" adds
 # overrides to steps 4 and 5; DEADLINE (default 565 s); RESERVE, the seconds step 5 leaves for step 6 (default 90).
 set -u
@@ -57,6 +58,8 @@ step tests 90 "$PY" -m pytest -m cuda tests -q -p no:cacheprovider
 grep -E "(passed|failed|skipped|error).* in [0-9.]+s" "$LOG" | tail -1 >"$OUT/pytest.log"
 step bench 120 "$PY" -m reslab bench --device cuda --out "$OUT/bench.json"
 step seed 100 "$PY" -m reslab train --config configs/seed.yaml --quiet --out "$RUNS/seed" --set device=cuda
+step profile 60 "$PY" benchmarks/profile_step.py --config configs/best.yaml --set device=cuda --steps 40 \
+	--out "$OUT/profile.json"
 step to-0.94 90 "$PY" -m reslab train --config configs/best.yaml --quiet --out "$RUNS/target" \
 	--set device=cuda model.name=resnet20 train.epochs=20 "${R20[@]}"
 # step 5's epochs: the largest of (100, 80, 60, 55, 45) that, at step 4's slowest epoch, ends RESERVE s before DEADLINE

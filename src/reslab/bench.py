@@ -56,17 +56,16 @@ def train_flops(name: str, size: int) -> float:
     return 3.0 * sum(r.flops for r in rows)
 
 
-def step_throughput(
+def make_step(
     name: str,
     size: int,
     batch: int,
     precision: str,
     channels_last: bool = True,
-    repeats: int = 5,
     device: torch.device = CPU,
     **options,
-) -> float:
-    """Images per second of bare training steps (forward, backward, SGD) on a fixed random batch."""
+):
+    """A bare training step (forward, backward, SGD) of a fresh model on a fixed random batch, as a function."""
     torch.manual_seed(0)
     mem = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model(name, 1, 10, **options).to(device=device, memory_format=mem).train()
@@ -81,6 +80,21 @@ def step_throughput(
         loss.backward()
         opt.step()
 
+    return step
+
+
+def step_throughput(
+    name: str,
+    size: int,
+    batch: int,
+    precision: str,
+    channels_last: bool = True,
+    repeats: int = 5,
+    device: torch.device = CPU,
+    **options,
+) -> float:
+    """Images per second of bare training steps (forward, backward, SGD) on a fixed random batch."""
+    step = make_step(name, size, batch, precision, channels_last, device, **options)
     return batch / _median_time(step, repeats, device=device)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 from reslab import bench, config
 from reslab.engine.fit import train_one_epoch
 from reslab.engine.run import prepare
+from reslab.errors import ReslabError
 
 
 def profiled(fn, device: torch.device, steps: int) -> dict:
@@ -88,4 +90,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ReslabError as e:
+        sys.exit(f"error: {e}")

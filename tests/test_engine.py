@@ -1,5 +1,6 @@
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +24,16 @@ def tiny_cfg(data_dir, **extra):
 
 def read_metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_validates_and_builds_its_model(path):
+    cfg = config.load(path)
+    model = build_model(cfg.model.name, 1, 10, **cfg.model.options)
+    assert cfg.name == path.stem and sum(p.numel() for p in model.parameters()) > 0
 
 
 def test_run_directory_contract(tiny_data, tmp_path):

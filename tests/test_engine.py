@@ -409,11 +409,47 @@ def test_grad_scaler_path_skips_overflow_but_stops_on_nan_loss():
         train_step(net, x * float("nan"), y, opt, torch.nn.CrossEntropyLoss(), 2, cpu, scaler=scaler)
 
 
+def test_optimizer_state_from_a_gpu_keeps_this_optimizers_implementation():
+    from reslab.engine.optim import load_optimizer_state, make_optimizer
+
+    net = build_model("resnet8", 1, 10)
+    opt = make_optimizer(net, config.load(overrides=["optim.momentum=0.9"]).optim)
+    net(torch.randn(2, 1, 28, 28)).sum().backward()
+    opt.step()
+    state = opt.state_dict()
+    state["param_groups"] = [dict(g, fused=True) for g in state["param_groups"]]  # as a CUDA run saves it
+    load_optimizer_state(opt, state)
+    assert all(g["fused"] is None for g in opt.param_groups)  # the CPU keeps its default loop
+    assert len(opt.state) == len(list(net.parameters()))  # and the momentum buffers came along
+
+
+@pytest.mark.parametrize("clip", [math.inf, 0.01])
+def test_train_step_reports_the_gradient_norm_and_clips_only_to_a_finite_limit(clip):
+    from reslab.engine.steps import train_step
+
+    torch.manual_seed(0)
+    net = build_model("resnet8", 1, 10)
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)  # lr 0: the gradients stay to be looked at
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    stats = train_step(net, x, y, opt, torch.nn.CrossEntropyLoss(), 0, torch.device("cpu"), clip=clip)
+    norm = stats[1].item()
+    after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in net.parameters()])).item()
+    assert norm > 0.1  # the norm before clipping
+    assert after == pytest.approx(norm if math.isinf(clip) else clip, rel=1e-4)
+
+
 @pytest.mark.slow
-def test_compiled_model_trains_and_checkpoints_plain_weights(tiny_data, tmp_path):
-    cfg = tiny_cfg(tiny_data, **{"train.compile": True, "train.epochs": 1})
-    summary = fit(cfg, tmp_path / "run", quiet=True)
-    assert summary["epochs"] == 1 and math.isfinite(summary["test_loss"])
+@pytest.mark.parametrize(
+    "device,mode", [("cpu", "default"), pytest.param("cuda", "reduce-overhead", marks=NEEDS_CUDA)]
+)
+def test_compiled_model_trains_and_checkpoints_plain_weights(tiny_data, tmp_path, device, mode):
+    """Training runs compiled (on CUDA as replayed CUDA graphs), evaluation eager, with a test-time flip that
+    calls the model twice a batch; the checkpoint holds plain weights that `reslab eval` scores the same."""
+    extra = {"train.compile": True, "train.compile_mode": mode, "train.tta_flip": True, "device": device}
+    summary = fit(tiny_cfg(tiny_data, **extra), tmp_path / "run", quiet=True)
+    assert summary["epochs"] == 2 and math.isfinite(summary["test_loss"])
     state = checkpoint.load(tmp_path / "run" / "last.pt")
     assert not any(k.startswith("_orig_mod") for k in state["model"])  # loads into an uncompiled model
     build_model("resnet8", 1, 10).load_state_dict(state["model"])
+    result = evaluate_checkpoint(tmp_path / "run" / "last.pt")  # on the CPU
+    assert result["test_acc"] == pytest.approx(summary["test_acc"], abs=1e-9 if device == "cpu" else 0.02)

@@ -61,7 +61,8 @@ class TrainConfig:
     batch_size: int = 256  # global: split over ranks under torchrun
     eval_batch_size: int = 1000
     channels_last: bool = True  # NHWC memory format: faster convolutions on CPU and CUDA
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the model for training (evaluation runs it uncompiled)
+    compile_mode: str = "default"  # torch.compile's mode; reduce-overhead replays each step as a CUDA graph
     ema: float = 0.0  # decay of an exponential moving average of the weights, evaluated when > 0
     tta_flip: bool = False  # evaluate on each image and its mirror, averaging the logits
     sync_bn: bool = False  # SyncBatchNorm under torchrun
@@ -95,6 +96,7 @@ CHOICES = {
     "optim.name": ("sgd", "adamw"),
     "optim.schedule": ("constant", "step", "cosine", "onecycle"),
     "train.on_checkpoint_error": ("stop", "continue"),
+    "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 
 
@@ -205,6 +207,7 @@ def validate(cfg: Config) -> None:
         "optim.name": cfg.optim.name,
         "optim.schedule": cfg.optim.schedule,
         "train.on_checkpoint_error": cfg.train.on_checkpoint_error,
+        "train.compile_mode": cfg.train.compile_mode,
     }
     for key, value in flat.items():
         if value not in CHOICES[key]:
@@ -241,6 +244,8 @@ def validate(cfg: Config) -> None:
         )
     if any(not 0 < m < 1 for m in cfg.optim.milestones):
         raise ReslabError(f"optim.milestones: fractions of the run in (0, 1), got {cfg.optim.milestones}")
+    if cfg.train.compile_mode != "default" and not cfg.train.compile:
+        raise ReslabError(f"train.compile_mode {cfg.train.compile_mode} needs train.compile=true")
     if cfg.precision == "fp16" and cfg.device == "cpu":
         raise ReslabError(
             "precision fp16 needs a CUDA device (fp16 on the CPU is slow and unscaled); use bf16 or fp32"

@@ -70,6 +70,8 @@ def train_one_epoch(run: Run, epoch: int, on_step=None) -> dict:
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         x = x.contiguous(memory_format=mem)
+        if cfg.train.compile:  # a new iteration: CUDA graphs may reuse the last step's memory
+            torch.compiler.cudagraph_mark_step_begin()
         stats = train_step(
             run.net,
             x,
@@ -199,7 +201,7 @@ def _train_and_evaluate(run: Run, epoch: int, step_hook) -> dict:
     """One epoch of training then evaluation; the epoch's metrics. Raises guard.Divergence."""
     cfg = run.cfg
     train_m = train_one_epoch(run, epoch, step_hook)
-    eval_model = run.ema.model if run.ema is not None else run.net
+    eval_model = run.ema.model if run.ema is not None else run.eval_net
     start = time.perf_counter()
     test_m = evaluate(
         eval_model,

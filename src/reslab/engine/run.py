@@ -16,7 +16,7 @@ from ..data import TensorLoader, load_dataset, make_loaders
 from ..errors import ReslabError
 from ..models import build_model, count_params
 from . import checkpoint, dist, guard
-from .optim import EMA, make_optimizer
+from .optim import EMA, load_optimizer_state, make_optimizer
 from .precision import resolve_device, resolve_precision
 
 
@@ -30,7 +30,7 @@ class Run:
     device: torch.device
     precision: str
     model: nn.Module  # the bare model: its state_dict is what checkpoints hold
-    net: nn.Module  # what the steps call: the model, maybe compiled, maybe wrapped in DDP
+    net: nn.Module  # what the training steps call: the model, maybe wrapped in DDP, maybe compiled
     optimizer: torch.optim.Optimizer
     ema: EMA | None
     train_loader: TensorLoader
@@ -46,6 +46,11 @@ class Run:
     guard_every: int = 1  # steps between host checks (train.guard_every resolved for the device)
     pending: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (step, images, stats) unread
     interrupted: bool = False
+    eval_net: nn.Module | None = None  # what evaluation calls without an EMA: `net` before torch.compile
+
+    def __post_init__(self) -> None:
+        if self.eval_net is None:
+            self.eval_net = self.net
 
     @property
     def steps_per_epoch(self) -> int:
@@ -96,8 +101,10 @@ def prepare(cfg: Config, out: Path, quiet: bool = False) -> Run:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    eval_net = net  # evaluation stays eager: no second compile for eval mode, and with CUDA graphs no
+    # replay overwriting the logits of a test-time flip's first call
     if cfg.train.compile:
-        net = torch.compile(net)
+        net = torch.compile(net, mode=cfg.train.compile_mode)
     meta = {
         "model_name": cfg.model.name,
         "model_options": dict(cfg.model.options),
@@ -125,6 +132,7 @@ def prepare(cfg: Config, out: Path, quiet: bool = False) -> Run:
         torch.amp.GradScaler(device.type) if precision == "fp16" else None,
         quiet,
         guard_every=cfg.train.guard_every or (1 if device.type == "cpu" else 50),
+        eval_net=eval_net,
     )
 
 
@@ -164,7 +172,7 @@ def restore_training_state(run: Run, state: dict) -> None:
         raise checkpoint.CheckpointError(
             f"checkpoint does not fit model {run.cfg.model.name}: {str(e).splitlines()[0]}"
         ) from None
-    run.optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(run.optimizer, state["optimizer"])
     if run.ema is not None and state.get("ema") is not None:
         run.ema.load_state_dict(state["ema"])
     if run.scaler is not None and state.get("scaler"):

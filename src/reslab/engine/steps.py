@@ -49,7 +49,9 @@ def train_step(
         scaler.unscale_(optimizer)
     # one number for loss and gradients: a NaN/Inf anywhere makes the norm non-finite (the same on all ranks)
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if math.isfinite(clip):  # without a limit, skip clipping's multiply of every gradient by 1
+        torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
     stats = torch.stack([loss.detach().float(), norm.detach().float(), (logits.argmax(1) == y).sum().float()])
     if check:
         check_steps([(step, stats)], device, ctx, grad_norm=scaler is None)
@@ -95,18 +97,20 @@ def evaluate(
     channels_last: bool = True,
     ctx: dist.DistContext | None = None,
 ) -> dict:
-    """Mean cross-entropy and accuracy over the full test set (eval mode, no gradients)."""
+    """Mean cross-entropy and accuracy over the full test set (eval mode, no gradients). The sums stay on the
+    device (in float64, as the host would add them) and are read once: on a GPU a read per batch would stall."""
     model.eval()
     mem = torch.channels_last if channels_last else torch.contiguous_format
-    loss_sum, correct, count = 0.0, 0.0, 0.0
+    sums, count = torch.zeros(2, dtype=torch.float64, device=device), 0
     for x, y in loader:
         x = x.contiguous(memory_format=mem)
         with autocast(device, precision):
             logits = predict_logits(model, x, tta_flip)
-        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
+        loss = nn.functional.cross_entropy(logits, y, reduction="sum")
+        sums += torch.stack([loss.double(), (logits.argmax(1) == y).sum().double()])
         count += y.numel()
         faults.reached("eval")
+    loss_sum, correct = sums.tolist()
     loss_sum, correct, count = dist.all_reduce_sum(
         [loss_sum, correct, count], device, ctx or dist.DistContext()
     )

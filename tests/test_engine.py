@@ -36,6 +36,14 @@ def test_every_shipped_config_validates_and_builds_its_model(path):
     assert cfg.name == path.stem and sum(p.numel() for p in model.parameters()) > 0
 
 
+def test_an_override_of_one_model_option_keeps_the_files_others():
+    """`--set model.options.first_stride=1` on sprint.yaml changes that option only (it used to replace the
+    file's options, silently dropping width 32)."""
+    cfg = config.load(CONFIGS[0].parent / "sprint.yaml", ["model.options.first_stride=1"])
+    assert cfg.model.options == {"width": 32, "first_stride": 1}
+    assert config.from_dict(cfg.to_dict()).model.options == cfg.model.options  # as a checkpoint rebuilds it
+
+
 def test_run_directory_contract(tiny_data, tmp_path):
     out = tmp_path / "run"
     summary = fit(tiny_cfg(tiny_data, **{"train.epochs": 3}), out, quiet=True)

@@ -56,6 +56,12 @@ def test_units_study_covers_every_variant(tiny_data, tmp_path):
     assert cfg["model"] == "resnet8"
 
 
+def test_units_study_keeps_the_users_model_options_under_each_variant():
+    runs = dict(units.plan(True, 1, ["model.options.width=32"], depth=20))
+    assert runs["resnet20-full-preact-s0"].model.options == {"width": 32, "order": "full-preact"}
+    assert runs["resnet20-original-s0"].model.options == {"width": 32, "order": "original"}
+
+
 def test_study_cli_rejects_bad_depths_before_training(tmp_path, capsys):
     from reslab.cli import main
 

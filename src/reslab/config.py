@@ -145,7 +145,10 @@ def _merge(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
                 )
             _merge(current, value, full + ".")
         else:
-            setattr(obj, key, _coerce(full, value, hints[key]))
+            value = _coerce(full, value, hints[key])
+            if isinstance(current, dict):  # `--set model.options.width=64` adds to the file's options
+                value = {**current, **value}
+            setattr(obj, key, value)
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

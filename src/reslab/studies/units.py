@@ -37,7 +37,7 @@ def plan(
                 base,
                 **{
                     "model.name": f"resnet{depth}",
-                    "model.options": dict(options),
+                    "model.options": {**base.model.options, **options},  # the variant on the user's options
                     "seed": seed,
                     "name": name,
                 },

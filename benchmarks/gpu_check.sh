@@ -11,8 +11,8 @@
 #   bench          `reslab bench --device cuda`: GEMM peaks, step throughput and MFU, engine overhead, the
 #                  notebook's code against reslab [59 s]
 #   seed           the seed recipe (configs/seed.yaml), 10 epochs: img/s (goal >= 40,000 on an H100) [38 s]
-#   profile        benchmarks/profile_step.py: the training loops of best.yaml and sprint.yaml against bare steps,
-#                  per operator (profile.json, profile-sprint.json)
+#   profile        benchmarks/profile_step.py: best.yaml's training loop against bare steps, per operator
+#   profile-sprint the same for sprint.yaml (profile-sprint.json)
 #   sprint         configs/sprint.yaml: time to 0.94 test accuracy (goal < 10 s of training)
 #   best           configs/best.yaml for as many of (100, 80, 60) epochs as fit at EPOCH_S seconds an epoch
 #                  [100 epochs: 240 s]; its run directory comes back as best-run.tar (`reslab eval` it at home)
@@ -20,8 +20,10 @@
 #                  are what bind this small net on a GPU
 # Writes $OUT (default ./gpu-check): results.json (everything, summarised), bench.json, profile.json, pytest.log,
 # log.txt, best-run.tar.
-# With 15 minutes of device time, two calls: `ONLY="tests bench seed profile sprint sprint-graphs"` (~5 min), then
-# `ONLY=best BEST="train.epochs=200" RESERVE=0 DEADLINE=580` (best.yaml at 200 epochs, ~8.5 min on an H200).
+# With 15 minutes of device time, two calls:
+#   ONLY="tests bench seed profile profile-sprint sprint sprint-graphs" bash benchmarks/gpu_check.sh     (~5 min)
+#   ONLY=best BEST="train.epochs=200" RESERVE=0 DEADLINE=580 bash benchmarks/gpu_check.sh   (best.yaml at 200 epochs,
+#   ~8.5 min on an H200)
 # Knobs (environment): ONLY="sprint best" runs just those steps; BEST="train.epochs=..." adds overrides to the best
 # step; DEADLINE (default 565 s); EPOCH_S (default 2.6, the H200's 2.4 s an epoch of best.yaml with margin).
 set -u
@@ -64,9 +66,10 @@ step tests 90 "$PY" -m pytest -m cuda tests -q -p no:cacheprovider
 grep -E "(passed|failed|skipped|error).* in [0-9.]+s" "$LOG" | tail -1 >"$OUT/pytest.log"
 step bench 120 "$PY" -m reslab bench --device cuda --out "$OUT/bench.json"
 step seed 100 "$PY" -m reslab train --config configs/seed.yaml --quiet --out "$RUNS/seed" --set device=cuda
-step profile 90 bash -c "'$PY' benchmarks/profile_step.py --config configs/best.yaml --set device=cuda --steps 40 \
-	--out '$OUT/profile.json' && '$PY' benchmarks/profile_step.py --config configs/sprint.yaml --set device=cuda \
-	--steps 40 --out '$OUT/profile-sprint.json'"
+step profile 60 "$PY" benchmarks/profile_step.py --config configs/best.yaml --set device=cuda --steps 40 \
+	--out "$OUT/profile.json"
+step profile-sprint 60 "$PY" benchmarks/profile_step.py --config configs/sprint.yaml --set device=cuda --steps 40 \
+	--out "$OUT/profile-sprint.json"
 step sprint 60 "$PY" -m reslab train --config configs/sprint.yaml --quiet --out "$RUNS/sprint" --set device=cuda
 # the largest of (100, 80, 60) epochs that end RESERVE s before DEADLINE at EPOCH_S an epoch (plus 20 s start-up)
 EPOCHS=$(awk -v left=$((DEADLINE - SECONDS - RESERVE)) -v per="$EPOCH_S" \

@@ -31,6 +31,7 @@ class Run:
     precision: str
     model: nn.Module  # the bare model: its state_dict is what checkpoints hold
     net: nn.Module  # what the training steps call: the model, maybe wrapped in DDP, maybe compiled
+    eval_net: nn.Module  # what evaluation calls without an EMA: `net` before torch.compile
     optimizer: torch.optim.Optimizer
     ema: EMA | None
     train_loader: TensorLoader
@@ -46,11 +47,6 @@ class Run:
     guard_every: int = 1  # steps between host checks (train.guard_every resolved for the device)
     pending: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (step, images, stats) unread
     interrupted: bool = False
-    eval_net: nn.Module | None = None  # what evaluation calls without an EMA: `net` before torch.compile
-
-    def __post_init__(self) -> None:
-        if self.eval_net is None:
-            self.eval_net = self.net
 
     @property
     def steps_per_epoch(self) -> int:
@@ -124,6 +120,7 @@ def prepare(cfg: Config, out: Path, quiet: bool = False) -> Run:
         precision,
         model,
         net,
+        eval_net,
         make_optimizer(model, cfg.optim),
         EMA(model, cfg.train.ema) if cfg.train.ema > 0 else None,
         train_loader,
@@ -132,7 +129,6 @@ def prepare(cfg: Config, out: Path, quiet: bool = False) -> Run:
         torch.amp.GradScaler(device.type) if precision == "fp16" else None,
         quiet,
         guard_every=cfg.train.guard_every or (1 if device.type == "cpu" else 50),
-        eval_net=eval_net,
     )
 
 

@@ -126,6 +126,18 @@ def test_zeropad_shortcut_downsamples_and_pads_with_zeros():
     assert torch.equal(h[:, :16], x[:, :, ::2, ::2]) and h[:, 16:].abs().sum() == 0
 
 
+def test_zeropad_shortcut_passes_back_a_gradient_in_the_input_memory_format():
+    # the slice x[:, :, ::2, ::2] passed back an NCHW gradient; summed with the residual branch's channels_last
+    # one, it turned the ReLU's backward before the unit into a strided copy: 14 ms of fast.yaml's 120 ms step
+    unit = ResidualUnit(16, 32, stride=2, shortcut="zeropad").to(memory_format=torch.channels_last)
+    x = torch.randn(4, 16, 14, 14).contiguous(memory_format=torch.channels_last).requires_grad_()
+    h = torch.relu(x)
+    grads = []
+    h.register_hook(grads.append)
+    unit(h).square().sum().backward()
+    assert grads[0].is_contiguous(memory_format=torch.channels_last) and not grads[0].is_contiguous()
+
+
 def test_shortcut_scale_and_bottleneck():
     unit = ResidualUnit(64, 16, kind="bottleneck", shortcut="projection", shortcut_scale=0.5)
     assert unit.out_channels == 64 and unit(torch.randn(1, 64, 4, 4)).shape == (1, 64, 4, 4)

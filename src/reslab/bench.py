@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .engine.checkpoint import write_text
+from .engine.host import keep_freed_memory
 from .engine.precision import autocast, bf16_native, resolve_device
 from .models import build_model, summary
 from .studies.common import machine
@@ -66,6 +67,8 @@ def make_step(
     **options,
 ):
     """A bare training step (forward, backward, SGD) of a fresh model on a fixed random batch, as a function."""
+    if device.type == "cpu":  # as training does (engine/host.py)
+        keep_freed_memory()
     torch.manual_seed(0)
     mem = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model(name, 1, 10, **options).to(device=device, memory_format=mem).train()

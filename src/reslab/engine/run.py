@@ -16,6 +16,7 @@ from ..data import TensorLoader, load_dataset, make_loaders
 from ..errors import ReslabError
 from ..models import build_model, count_params
 from . import checkpoint, dist, guard
+from .host import keep_freed_memory
 from .optim import EMA, load_optimizer_state, make_optimizer
 from .precision import resolve_device, resolve_precision
 
@@ -60,6 +61,8 @@ def prepare(cfg: Config, out: Path, quiet: bool = False) -> Run:
     if ctx.active and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
     precision = resolve_precision(cfg.precision, device)
+    if device.type == "cpu":  # activations are freed and allocated again every step: keep their pages
+        keep_freed_memory()
     if device.type == "cuda":  # fixed batch shapes: cuDNN times its convolution algorithms once and keeps the
         # fastest, unless deterministic kernels were asked for (exact resume on a GPU needs them)
         torch.backends.cudnn.benchmark = not torch.backends.cudnn.deterministic

@@ -2,12 +2,11 @@
 
 glibc's malloc serves blocks above its mmap threshold (128 KiB, adapting up to 32 MiB) with fresh mappings and
 hands them back to the OS when they are freed; smaller freed blocks at the top of the heap are trimmed away too.
-A training step on the CPU allocates and frees the same activations every step, so each step takes them as new
-pages that the kernel faults in and zeroes one 4 KiB page at a time: about 5,000 page faults a step for
-fast.yaml's ResNet-8 at batch 128, 70,000 at batch 512, 10% to 30% of the step on the development machine
-(BENCHMARKS.md, "The host's allocator"). jemalloc and tcmalloc keep freed memory for reuse; with glibc two
-`mallopt` settings do the same. The process's resident memory then stays at its peak instead of shrinking
-between steps.
+A training step on the CPU allocates and frees the same activations every step, so each step took them as new
+pages that the kernel faults in and zeroes 4 KiB at a time: about 5,200 page faults a step for fast.yaml's
+ResNet-8 at batch 128, 70,000 at batch 512. Keeping them made fast.yaml's epochs 8% faster (BENCHMARKS.md, "Where
+the CPU step lost time"). jemalloc and tcmalloc keep freed memory for reuse; with glibc two `mallopt` settings do
+the same. The process's resident memory then stays near its peak instead of shrinking between steps.
 """
 
 from __future__ import annotations

@@ -63,8 +63,8 @@ def _assemble(
     return nn.Sequential(layers)
 
 
-def _stem_3x3(in_channels: int, width: int, order: str) -> nn.Sequential:
-    conv = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+def _stem_3x3(in_channels: int, width: int, order: str, stride: int = 1) -> nn.Sequential:
+    conv = nn.Conv2d(in_channels, width, 3, stride=stride, padding=1, bias=False)
     if order == "full-preact":
         return nn.Sequential(conv)
     if order == "relu-preact":
@@ -102,16 +102,18 @@ def cifar_resnet(
     shortcut_scale: float = 1.0,
     always_project: bool = False,
     first_stride: int = 1,
+    stem_stride: int = 1,
 ) -> nn.Sequential:
     """He et al. 2015 section 4.2: 3x3 stem, three stages of widths w, 2w, 4w (16/32/64), 6n+2 layers
-    (9n+2 with bottlenecks), global average pooling and a linear head. first_stride=2 halves the resolution
-    in the first stage already (a quarter of the cost; not in the paper), for fast CPU recipes."""
+    (9n+2 with bottlenecks), global average pooling and a linear head. Not in the paper, for fast CPU recipes:
+    first_stride=2 halves the resolution in the first stage already (a quarter of the cost), stem_stride=2 in
+    the stem (the same stages, without the stem's full-resolution maps)."""
     per_unit = 2 if kind == "basic" else 3
     n, rest = divmod(depth - 2, 3 * per_unit)
     if rest or n < 1:
         raise ReslabError(f"depth {depth} is not {3 * per_unit}n+2 for {kind} units; e.g. 20, 56, 110, 164")
     return _staged(
-        _stem_3x3(in_channels, width, order),
+        _stem_3x3(in_channels, width, order, stem_stride),
         width,
         (width, 2 * width, 4 * width),
         (n, n, n),

@@ -185,7 +185,12 @@ def test_cifar_resolution_options_halve_the_maps_where_they_say():
     # stages then work at the same 14, 7 and 4 px, and only the stem's full-resolution maps are skipped
     stem = summary(build_model("resnet8", 1, 10, stem_stride=2), (1, 1, 28, 28), print_table=False)
     stage = summary(build_model("resnet8", 1, 10, first_stride=2), (1, 1, 28, 28), print_table=False)
-    assert [r.output_shape for r in stem[:4]] == [(1, 16, 14, 14), (1, 16, 14, 14), (1, 32, 7, 7), (1, 64, 4, 4)]
+    assert [r.output_shape for r in stem[:4]] == [
+        (1, 16, 14, 14),
+        (1, 16, 14, 14),
+        (1, 32, 7, 7),
+        (1, 64, 4, 4),
+    ]
     assert [r.output_shape for r in stage[1:4]] == [r.output_shape for r in stem[1:4]]
     assert stage[0].output_shape == (1, 16, 28, 28)
     assert sum(r.params for r in stem) == sum(r.params for r in stage)

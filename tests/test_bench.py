@@ -19,8 +19,9 @@ def test_gemm_peak_and_flops_are_plausible():
 def test_step_throughput_and_engine_overhead():
     ips = bench.step_throughput("resnet8", 28, 32, "fp32", repeats=2)
     assert ips > 10
-    o = bench.engine_overhead(batches=4)
-    assert o["engine_img_s"] > 0 and o["bare_img_s"] > 0 and o["model"] == "resnet8"
+    o = bench.engine_overhead(batches=4, rounds=2)
+    assert o["engine_img_s"] > 0 and o["bare_img_s"] > 0 and o["model"] == "resnet8" and o["rounds"] == 2
+    assert o["overhead"] == pytest.approx(o["bare_img_s"] / o["engine_img_s"] - 1)
 
 
 def test_cpu_steps_reuse_freed_memory_instead_of_faulting_in_fresh_pages():

@@ -107,10 +107,11 @@ def _precision(device: torch.device) -> str:
 
 
 def engine_overhead(
-    config_path: str = "configs/fast.yaml", batches: int = 40, device: torch.device = CPU
+    config_path: str = "configs/fast.yaml", batches: int = 40, rounds: int = 5, device: torch.device = CPU
 ) -> dict:
-    """One reslab training epoch (data slicing, augmentation, guard checks, metrics; evaluation excluded)
-    against bare steps of the same model and batch size on the same number of images."""
+    """One reslab training epoch of `batches` batches (data slicing, augmentation, guard checks, metrics;
+    evaluation excluded) against as many bare steps of the same model and batch size. The two alternate for
+    `rounds` rounds, so a machine that speeds up or slows down meanwhile weighs on both; medians."""
     from .config import load
     from .engine.fit import train_one_epoch
     from .engine.run import prepare
@@ -119,33 +120,47 @@ def engine_overhead(
     cfg = load(config_path, [f"precision={precision}", f"device={device.type}", "train.epochs=1"])
     cfg.data.limit = cfg.train.batch_size * batches
     run = prepare(cfg, Path("/nonexistent"), quiet=True)
-    train_one_epoch(run, 0)  # warm-up epoch
-    engine = []
-    for epoch in range(1, 4):
-        run.batch, run.sums = 0, [0.0, 0.0, 0.0, 0.0]
-        start = time.perf_counter()
-        train_one_epoch(run, epoch)
-        engine.append(cfg.data.limit / (time.perf_counter() - start))
     size = cfg.data.resize or 28
-    bare = step_throughput(
+    step = make_step(
         cfg.model.name,
         size,
         cfg.train.batch_size,
         precision,
         cfg.train.channels_last,
-        repeats=batches,
-        device=device,
+        device,
         **cfg.model.options,
     )
-    engine_ips = statistics.median(engine)
+
+    def bare_epoch():
+        for _ in range(batches):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def engine_epoch(epoch: int):
+        run.batch, run.sums = 0, [0.0, 0.0, 0.0, 0.0]
+        train_one_epoch(run, epoch)  # ends reading the epoch's numbers: nothing left queued on a GPU
+
+    engine_epoch(0)  # warm-up of both
+    bare_epoch()
+    engine, bare = [], []
+    for epoch in range(1, rounds + 1):
+        start = time.perf_counter()
+        engine_epoch(epoch)
+        middle = time.perf_counter()
+        bare_epoch()
+        engine.append(cfg.data.limit / (middle - start))
+        bare.append(cfg.data.limit / (time.perf_counter() - middle))
+    engine_ips, bare_ips = statistics.median(engine), statistics.median(bare)
     return {
         "config": config_path,
         "model": cfg.model.name,
         "batch": cfg.train.batch_size,
         "precision": precision,
+        "rounds": rounds,
         "engine_img_s": engine_ips,
-        "bare_img_s": bare,
-        "overhead": bare / engine_ips - 1,
+        "bare_img_s": bare_ips,
+        "overhead": bare_ips / engine_ips - 1,
     }
 
 
@@ -343,7 +358,8 @@ def table(results: dict) -> str:
     o = results["engine_overhead"]
     lines += [
         "",
-        f"Engine overhead ({o['config']}: {o['model']}, batch {o['batch']}, {o.get('precision', 'fp32')}): full epoch {o['engine_img_s']:,.0f} img/s vs "
+        f"Engine overhead ({o['config']}: {o['model']}, batch {o['batch']}, {o.get('precision', 'fp32')}, "
+        f"median of {o.get('rounds', 3)} alternating rounds): full epoch {o['engine_img_s']:,.0f} img/s vs "
         f"bare steps {o['bare_img_s']:,.0f} img/s: {100 * o['overhead']:+.1f}%",
     ]
     d = results["data_cost"]

@@ -13,6 +13,7 @@
 #   seed           the seed recipe (configs/seed.yaml), 10 epochs: img/s (goal >= 40,000 on an H100) [38 s]
 #   profile        benchmarks/profile_step.py: best.yaml's training loop against bare steps, per operator
 #   profile-sprint the same for sprint.yaml (profile-sprint.json)
+#   layout         benchmarks/zeropad_layout.py: ResNet-20's zero-pad shortcut before and after d841b80 (layout.json)
 #   sprint         configs/sprint.yaml: time to 0.94 test accuracy (goal < 10 s of training)
 #   best           configs/best.yaml for as many of (100, 80, 60) epochs as fit at EPOCH_S seconds an epoch
 #                  [100 epochs: 240 s]; its run directory comes back as best-run.tar (`reslab eval` it at home)
@@ -21,7 +22,7 @@
 # Writes $OUT (default ./gpu-check): results.json (everything, summarised), bench.json, profile.json, pytest.log,
 # log.txt, best-run.tar.
 # With 15 minutes of device time, two calls:
-#   ONLY="tests bench seed profile profile-sprint sprint sprint-graphs" bash benchmarks/gpu_check.sh     (~5 min)
+#   ONLY="tests bench seed profile profile-sprint layout sprint sprint-graphs" bash benchmarks/gpu_check.sh (~5 min)
 #   ONLY=best BEST="train.epochs=200" RESERVE=0 DEADLINE=580 bash benchmarks/gpu_check.sh   (best.yaml at 200 epochs,
 #   ~8.5 min on an H200)
 # Knobs (environment): ONLY="sprint best" runs just those steps; BEST="train.epochs=..." adds overrides to the best
@@ -70,6 +71,8 @@ step profile 60 "$PY" benchmarks/profile_step.py --config configs/best.yaml --se
 	--out "$OUT/profile.json"
 step profile-sprint 60 "$PY" benchmarks/profile_step.py --config configs/sprint.yaml --set device=cuda --steps 40 \
 	--out "$OUT/profile-sprint.json"
+step layout 60 "$PY" benchmarks/zeropad_layout.py --model resnet20 --set --batch 512 --device cuda --precision bf16 \
+	--steps 20 --out "$OUT/layout.json"
 step sprint 60 "$PY" -m reslab train --config configs/sprint.yaml --quiet --out "$RUNS/sprint" --set device=cuda
 # the largest of (100, 80, 60) epochs that end RESERVE s before DEADLINE at EPOCH_S an epoch (plus 20 s start-up)
 EPOCHS=$(awk -v left=$((DEADLINE - SECONDS - RESERVE)) -v per="$EPOCH_S" \
@@ -132,10 +135,12 @@ result = {
 for key, name in names.items():
     rows = history(name)
     result[key] = {**summary(rows), "history": rows}
-if (out / "bench.json").is_file():
-    result["bench"] = json.loads((out / "bench.json").read_text())
+for name in ("bench", "layout"):
+    if (out / f"{name}.json").is_file():
+        result[name] = json.loads((out / f"{name}.json").read_text())
 (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-brief = {k: v for k, v in result.items() if k != "bench" and k not in names}
+brief = {k: v for k, v in result.items() if k not in ("bench", "layout") and k not in names}
+brief["layout"] = result.get("layout", {}).get("medians")
 for key in names:
     brief[key] = {k: v for k, v in result[key].items() if k != "history"}
 print(json.dumps(brief, indent=1))

@@ -118,11 +118,12 @@ def test_zero_init_residual_makes_units_start_as_identity():
     assert all(float(u.residual[-1].weight.detach().abs().sum()) == 0 for u in units)
 
 
-def test_zeropad_shortcut_downsamples_and_pads_with_zeros():
+@pytest.mark.parametrize("size", [8, 7])
+def test_zeropad_shortcut_downsamples_and_pads_with_zeros(size):
     unit = ResidualUnit(16, 32, stride=2, shortcut="zeropad")
-    x = torch.randn(2, 16, 8, 8)
+    x = torch.randn(2, 16, size, size)
     h = unit.shortcut(x)
-    assert h.shape == (2, 32, 4, 4)
+    assert h.shape == (2, 32, 4, 4)  # odd sizes round up, as the paper's x[:, :, ::2, ::2] does
     assert torch.equal(h[:, :16], x[:, :, ::2, ::2]) and h[:, 16:].abs().sum() == 0
 
 

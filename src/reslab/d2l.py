@@ -8,6 +8,7 @@ from torch import nn
 
 from .config import DataConfig
 from .data import TensorLoader, load_dataset, make_loaders
+from .engine.host import keep_freed_memory
 from .engine.steps import evaluate, train_step
 from .models.blocks import ResidualUnit
 
@@ -89,6 +90,8 @@ def train_3ch(net, loss, num_epochs, train_iter, optimizer, test_iter, device) -
     """The notebook's training function on reslab's engine: train mode every epoch (the notebook's NaN bug is
     fixed), guarded steps, true mean losses. Prints the notebook's line for each epoch; returns the metrics."""
     device = torch.device(device)
+    if device.type == "cpu":  # as reslab's own runs do (engine/host.py)
+        keep_freed_memory()
     net.to(device)
     history = []
     for epoch in range(num_epochs):

@@ -29,8 +29,7 @@ def profiled(fn, device: torch.device, steps: int) -> dict:
     with profile(activities=activities) as prof:
         start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        bench.wait(device)
         seconds = time.perf_counter() - start
     ops = Counter()
     host = Counter()

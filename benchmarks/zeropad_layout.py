@@ -67,12 +67,11 @@ def main() -> None:
 
     before, now = gradients(args.model, args.size, device, options)
     max_diff = max(float((a - b).abs().max()) for a, b in zip(before, now))
-    steps = {}
-    for label, forward in VARIANTS.items():
-        ZeroPadShortcut.forward = forward
-        steps[label] = bench.make_step(
-            args.model, args.size, args.batch, args.precision, True, device, **options
-        )
+    # the same model and batch for both; each round below sets the variant's forward before its steps
+    steps = {
+        label: bench.make_step(args.model, args.size, args.batch, args.precision, True, device, **options)
+        for label in VARIANTS
+    }
     img_s = {label: [] for label in steps}
     for round_ in range(args.rounds + 1):  # round 0 warms up
         for label, step in steps.items():
@@ -80,8 +79,7 @@ def main() -> None:
             start = time.perf_counter()
             for _ in range(args.steps):
                 step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            bench.wait(device)
             if round_:
                 img_s[label].append(args.steps * args.batch / (time.perf_counter() - start))
     ZeroPadShortcut.forward = POOLED

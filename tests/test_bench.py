@@ -4,6 +4,7 @@ import resource
 import sys
 
 import pytest
+import torch
 
 from reslab import bench
 from reslab.engine.host import keep_freed_memory
@@ -28,7 +29,7 @@ def test_cpu_steps_reuse_freed_memory_instead_of_faulting_in_fresh_pages():
     # glibc's defaults hand a step's freed activations back to the OS: 6,000-8,000 page faults a step here (fresh
     # zeroed 4 KiB pages). make_step, like training, keeps them; what faults is the heap still growing now and
     # then (0-900 a step over 8 steps after 8 warm-ups).
-    if not keep_freed_memory():
+    if not keep_freed_memory(torch.device("cpu")):
         pytest.skip("not glibc: the allocator is left as it is")
     step = bench.make_step("resnet8", 28, 256, "fp32")
     for _ in range(8):

@@ -26,21 +26,22 @@ CASES = (("d2l-resnet18", 96), ("resnet20", 28), ("resnet56", 28))
 CPU = torch.device("cpu")
 
 
+def wait(device: torch.device) -> None:
+    """Wait for the kernels queued on a GPU, so that a timing counts them; nothing on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _median_time(fn, repeats: int, warmup: int = 2, device: torch.device = CPU) -> float:
     """Median seconds of fn(); on a GPU each call is waited for, so its queued kernels are counted."""
-
-    def wait():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     for _ in range(warmup):
         fn()
-    wait()
+    wait(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        wait()
+        wait(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -67,8 +68,7 @@ def make_step(
     **options,
 ):
     """A bare training step (forward, backward, SGD) of a fresh model on a fixed random batch, as a function."""
-    if device.type == "cpu":  # as training does (engine/host.py)
-        keep_freed_memory()
+    keep_freed_memory(device)  # as training does
     torch.manual_seed(0)
     mem = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model(name, 1, 10, **options).to(device=device, memory_format=mem).train()
@@ -134,8 +134,7 @@ def engine_overhead(
     def bare_epoch():
         for _ in range(batches):
             step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        wait(device)
 
     def engine_epoch(epoch: int):
         run.batch, run.sums = 0, [0.0, 0.0, 0.0, 0.0]
@@ -178,8 +177,7 @@ def data_cost(config_path: str = "configs/fast.yaml", device: torch.device = CPU
     start = time.perf_counter()
     for x, _ in train:
         x.contiguous(memory_format=torch.channels_last)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    wait(device)
     batch_seconds = time.perf_counter() - start
     size = cfg.data.resize or data.train_images.shape[-1]
     ips = step_throughput(

@@ -90,8 +90,7 @@ def train_3ch(net, loss, num_epochs, train_iter, optimizer, test_iter, device) -
     """The notebook's training function on reslab's engine: train mode every epoch (the notebook's NaN bug is
     fixed), guarded steps, true mean losses. Prints the notebook's line for each epoch; returns the metrics."""
     device = torch.device(device)
-    if device.type == "cpu":  # as reslab's own runs do (engine/host.py)
-        keep_freed_memory()
+    keep_freed_memory(device)  # as reslab's own runs do
     net.to(device)
     history = []
     for epoch in range(num_epochs):

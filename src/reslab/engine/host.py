@@ -14,20 +14,23 @@ from __future__ import annotations
 import ctypes
 import platform
 
+import torch
+
 M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
-KEEP_BELOW = (
-    1 << 30
-)  # bytes: blocks under 1 GiB come from the heap, and up to 2 GiB of free heap stays mapped
+# bytes: blocks under 1 GiB come from the heap, and up to 2 GiB of free heap stays mapped
+KEEP_BELOW = 1 << 30
 TRIM_ABOVE = (1 << 31) - 1
 
 _kept = False
 
 
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed memory for reuse in this process (once; idempotent). True if the setting holds:
-    False on a C library other than glibc, where nothing changes."""
+def keep_freed_memory(device: torch.device) -> bool:
+    """For steps on the CPU `device`, make glibc keep freed memory for reuse in this process (once; idempotent).
+    True if the setting holds: False for another device or a C library other than glibc, where nothing changes."""
     global _kept
+    if device.type != "cpu":
+        return False
     if _kept:
         return True
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":

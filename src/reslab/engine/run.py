@@ -61,8 +61,7 @@ def prepare(cfg: Config, out: Path, quiet: bool = False) -> Run:
     if ctx.active and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
     precision = resolve_precision(cfg.precision, device)
-    if device.type == "cpu":  # activations are freed and allocated again every step: keep their pages
-        keep_freed_memory()
+    keep_freed_memory(device)  # activations are freed and allocated again every step: keep their pages
     if device.type == "cuda":  # fixed batch shapes: cuDNN times its convolution algorithms once and keeps the
         # fastest, unless deterministic kernels were asked for (exact resume on a GPU needs them)
         torch.backends.cudnn.benchmark = not torch.backends.cudnn.deterministic

@@ -12,6 +12,7 @@ from torch import nn
 from . import config as config_mod
 from .data import load_dataset, make_loaders, resize
 from .engine import checkpoint
+from .engine.host import keep_freed_memory
 from .engine.steps import predict_logits
 from .errors import ReslabError
 from .models import build_model
@@ -56,8 +57,16 @@ def evaluate_checkpoint(
         raise ReslabError(
             f"the model predicts {len(meta['classes'])} classes, the data has {len(data.classes)}"
         )
-    _, test = make_loaders(data, cfg.data, 1, cfg.train.eval_batch_size, 0, torch.device("cpu"))
-    logits = torch.cat([predict_logits(model, x, cfg.train.tta_flip) for x, _ in test])
+    device = torch.device("cpu")
+    keep_freed_memory(device)  # as training does: else each batch faults its activations in afresh
+    _, test = make_loaders(data, cfg.data, 1, cfg.train.eval_batch_size, 0, device)
+    model = model.to(memory_format=torch.channels_last)
+    logits = torch.cat(
+        [
+            predict_logits(model, x.contiguous(memory_format=torch.channels_last), cfg.train.tta_flip)
+            for x, _ in test
+        ]
+    )
     labels = data.test_labels
     probs = logits.softmax(1)
     pred = probs.argmax(1)

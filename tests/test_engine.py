@@ -299,14 +299,45 @@ def test_tta_flip_averages_an_image_and_its_mirror():
         assert torch.equal(predict_logits(model, x), model(x))
 
 
-def test_ema_and_tta_flip_runs_report_what_eval_of_the_checkpoint_finds(tiny_data, tmp_path):
-    """The run measures the EMA weights with test-time flip; the checkpoint holds those weights and that
-    setting, so `reslab eval` finds the same figures."""
-    overrides = {"train.tta_flip": True, "train.ema": 0.8, "optim.name": "adamw", "optim.lr": 0.003}
+def test_tta_shift_weighs_the_image_half_and_each_shifted_copy_a_quarter():
+    torch.manual_seed(0)
+    model = build_model("resnet8", 1, 10).eval()
+    x = torch.randn(3, 1, 28, 28)
+    fill = -0.8
+    # by hand: the image moved 2 px up-left (its last 2 rows and columns are fill) and 2 px down-right
+    up_left = torch.full_like(x, fill)
+    up_left[..., :-2, :-2] = x[..., 2:, 2:]
+    down_right = torch.full_like(x, fill)
+    down_right[..., 2:, 2:] = x[..., :-2, :-2]
+    with torch.no_grad():
+        for flip in (False, True):
+            want = (
+                predict_logits(model, x, flip) / 2
+                + (predict_logits(model, up_left, flip) + predict_logits(model, down_right, flip)) / 4
+            )
+            got = predict_logits(model, x, flip, tta_shift=2, fill=fill)
+            assert torch.allclose(got, want, atol=1e-5)
+        assert torch.equal(predict_logits(model, x, tta_shift=0, fill=fill), model(x))
+
+
+def test_ema_and_tta_runs_report_what_eval_of_the_checkpoint_finds(tiny_data, tmp_path):
+    """The run measures the EMA weights with test-time flip and shift; the checkpoint holds those weights and
+    settings, so `reslab eval` finds the same figures, and other figures when told another shift."""
+    overrides = {
+        "train.tta_flip": True,
+        "train.tta_shift": 1,
+        "train.ema": 0.8,
+        "optim.name": "adamw",
+        "optim.lr": 0.003,
+    }
     summary = fit(tiny_cfg(tiny_data, **overrides), tmp_path / "r", quiet=True)
     result = evaluate_checkpoint(tmp_path / "r" / "last.pt")
+    assert result["tta"] == {"flip": True, "shift": 1}
     assert result["test_acc"] == pytest.approx(summary["test_acc"], abs=1e-9)
     assert result["test_loss"] == pytest.approx(summary["test_loss"], rel=1e-4)
+    unshifted = evaluate_checkpoint(tmp_path / "r" / "last.pt", tta_shift=0)
+    assert unshifted["tta"] == {"flip": True, "shift": 0}
+    assert unshifted["test_loss"] != pytest.approx(summary["test_loss"], rel=1e-4)
     state = checkpoint.load(tmp_path / "r" / "last.pt")
     assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["model"])
 
@@ -323,6 +354,7 @@ def test_ema_and_tta_flip_runs_report_what_eval_of_the_checkpoint_finds(tiny_dat
         (["model.name=resnet19"], "unknown model 'resnet19'"),
         (["model.options.colour=red"], "model.options.colour"),
         (["data.erasing=1.5"], "data.erasing: must be in"),
+        (["train.tta_shift=-1"], "train.tta_shift: must be >= 0"),
         (["optim.schedule=linear"], "optim.schedule"),
         (["nonsense"], "expected key=value"),
     ],

@@ -40,7 +40,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .report import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.path, out=args.out, data_dir=args.data_dir, limit=args.limit)
+    result = evaluate_checkpoint(
+        args.path, out=args.out, data_dir=args.data_dir, limit=args.limit, tta_shift=args.tta_shift
+    )
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -154,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write eval.json, confusion.png and errors.png here")
     p.add_argument("--data-dir", help="directory of the dataset files (default: the run's own)")
     p.add_argument("--limit", type=int, help="evaluate on the first N test images only")
+    p.add_argument(
+        "--tta-shift",
+        type=int,
+        metavar="N",
+        help="test-time shift in pixels (default: the run's train.tta_shift)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_eval)
 

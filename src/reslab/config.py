@@ -65,6 +65,9 @@ class TrainConfig:
     compile_mode: str = "default"  # torch.compile's mode; reduce-overhead replays each step as a CUDA graph
     ema: float = 0.0  # decay of an exponential moving average of the weights, evaluated when > 0
     tta_flip: bool = False  # evaluate on each image and its mirror, averaging the logits
+    # also evaluate each image shifted N pixels up-left and down-right, padded as random crops pad; weights 1/2 for
+    # the unshifted view, 1/4 for each shifted one (airbench's test-time translation); 0 = off
+    tta_shift: int = 0
     sync_bn: bool = False  # SyncBatchNorm under torchrun
     max_retries: int = 3  # divergence guard: restarts of an epoch (lr halved each time) before giving up
     on_checkpoint_error: str = "stop"  # stop | continue: what a failed checkpoint write does
@@ -233,6 +236,7 @@ def validate(cfg: Config) -> None:
     positive("train.max_retries", cfg.train.max_retries, allow_zero=True)
     positive("train.checkpoint_every", cfg.train.checkpoint_every, allow_zero=True)
     positive("train.guard_every", cfg.train.guard_every, allow_zero=True)
+    positive("train.tta_shift", cfg.train.tta_shift, allow_zero=True)
     for key, value in (
         ("data.erasing", cfg.data.erasing),
         ("optim.label_smoothing", cfg.optim.label_smoothing),

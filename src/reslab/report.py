@@ -44,14 +44,24 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict, dict]:
 # ------------------------------------------------------------------------------------------- eval
 @torch.no_grad()
 def evaluate_checkpoint(
-    path: str | Path, out: str | Path | None = None, data_dir: str | None = None, limit: int | None = None
+    path: str | Path,
+    out: str | Path | None = None,
+    data_dir: str | None = None,
+    limit: int | None = None,
+    tta_shift: int | None = None,
 ) -> dict:
+    """The test-set report of a checkpoint, evaluated as its run evaluated (EMA weights, test-time flip and
+    shift), except for `tta_shift` when given."""
     model, meta, state = load_model(path)
     cfg = config_mod.from_dict(state["config"])
     if data_dir:
         cfg.data.root = data_dir
     if limit:
         cfg.data.limit = limit
+    if tta_shift is not None:
+        if tta_shift < 0:
+            raise ReslabError(f"--tta-shift: must be >= 0, got {tta_shift}")
+        cfg.train.tta_shift = tta_shift
     data = load_dataset(cfg.data)
     if len(data.classes) != len(meta["classes"]):
         raise ReslabError(
@@ -63,7 +73,13 @@ def evaluate_checkpoint(
     model = model.to(memory_format=torch.channels_last)
     logits = torch.cat(
         [
-            predict_logits(model, x.contiguous(memory_format=torch.channels_last), cfg.train.tta_flip)
+            predict_logits(
+                model,
+                x.contiguous(memory_format=torch.channels_last),
+                cfg.train.tta_flip,
+                cfg.train.tta_shift,
+                test.fill,
+            )
             for x, _ in test
         ]
     )
@@ -80,6 +96,7 @@ def evaluate_checkpoint(
     result = {
         "checkpoint": str(path),
         "test_images": len(labels),
+        "tta": {"flip": cfg.train.tta_flip, "shift": cfg.train.tta_shift},
         "test_loss": float(nn.functional.cross_entropy(logits, labels)),
         "test_acc": int((pred == labels).sum()) / len(labels),
         "top2_acc": int((probs.topk(min(2, k), 1).indices == labels[:, None]).any(1).sum()) / len(labels),
@@ -162,7 +179,9 @@ def predict(path: str | Path, images: list[str], top_k: int = 1, invert: bool = 
     mean = torch.tensor(meta["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(meta["std"]).view(1, -1, 1, 1)
     x = resize((x - mean) / std, meta["resize"])
-    probs = predict_logits(model, x, config_mod.from_dict(state["config"]).train.tta_flip).softmax(1)
+    train = config_mod.from_dict(state["config"]).train
+    fill = float(-mean.flatten()[0] / std.flatten()[0])  # black, as the loader pads
+    probs = predict_logits(model, x, train.tta_flip, train.tta_shift, fill).softmax(1)
     k = min(top_k, probs.shape[1])
     top = probs.topk(k, 1)
     return [

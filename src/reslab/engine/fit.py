@@ -211,6 +211,7 @@ def _train_and_evaluate(run: Run, epoch: int, step_hook) -> dict:
         cfg.train.tta_flip,
         cfg.train.channels_last,
         run.ctx,
+        cfg.train.tta_shift,
     )
     guard.check(test_m["test_loss"], "test loss", (epoch + 1) * run.steps_per_epoch)
     last_step = (epoch + 1) * run.steps_per_epoch - 1

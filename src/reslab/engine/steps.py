@@ -1,5 +1,5 @@
 """The pieces of training that know nothing of a run: one optimiser step, the host's check of its numbers,
-and evaluation of a model on a test set (with optional test-time flip)."""
+and evaluation of a model on a test set (with optional test-time flip and shift)."""
 
 from __future__ import annotations
 
@@ -81,10 +81,23 @@ def check_steps(
     return rows
 
 
-def predict_logits(model: nn.Module, x: torch.Tensor, tta_flip: bool = False) -> torch.Tensor:
-    """fp32 logits of a batch; with `tta_flip`, the mean of the logits of each image and its mirror."""
-    logits = model(x).float()
-    return (logits + model(x.flip(-1)).float()) / 2 if tta_flip else logits
+def predict_logits(
+    model: nn.Module, x: torch.Tensor, tta_flip: bool = False, tta_shift: int = 0, fill: float = 0.0
+) -> torch.Tensor:
+    """fp32 logits of a batch. With `tta_flip`, the mean of the logits of each image and its mirror. With
+    `tta_shift` s, half of that plus a quarter each for the images moved s pixels up-left and down-right, the
+    uncovered border set to `fill` (the value random crops pad with)."""
+
+    def views(x: torch.Tensor) -> torch.Tensor:
+        logits = model(x).float()
+        return (logits + model(x.flip(-1)).float()) / 2 if tta_flip else logits
+
+    if not tta_shift:
+        return views(x)
+    s, (h, w) = tta_shift, x.shape[-2:]
+    padded = nn.functional.pad(x, (s, s, s, s), value=fill)
+    moved = views(padded[..., 2 * s :, 2 * s :]) + views(padded[..., :h, :w])
+    return views(x) / 2 + moved / 4
 
 
 @torch.no_grad()
@@ -96,16 +109,18 @@ def evaluate(
     tta_flip: bool = False,
     channels_last: bool = True,
     ctx: dist.DistContext | None = None,
+    tta_shift: int = 0,
 ) -> dict:
     """Mean cross-entropy and accuracy over the full test set (eval mode, no gradients). The sums stay on the
     device (in float64, as the host would add them) and are read once: on a GPU a read per batch would stall."""
     model.eval()
     mem = torch.channels_last if channels_last else torch.contiguous_format
     sums, count = torch.zeros(2, dtype=torch.float64, device=device), 0
+    fill = loader.fill if tta_shift else 0.0  # a learner's own loader (reslab.d2l) need not know it
     for x, y in loader:
         x = x.contiguous(memory_format=mem)
         with autocast(device, precision):
-            logits = predict_logits(model, x, tta_flip)
+            logits = predict_logits(model, x, tta_flip, tta_shift, fill)
         loss = nn.functional.cross_entropy(logits, y, reduction="sum")
         sums += torch.stack([loss.double(), (logits.argmax(1) == y).sum().double()])
         count += y.numel()

@@ -194,6 +194,16 @@ def test_cli_eval_and_models_from_a_fresh_process(trained, tmp_path):
     assert done.returncode == 0 and "(1, 512, 7, 7)" in done.stdout and "11,178,378" in done.stdout
 
 
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    """`reslab models | head -1`: the pipe closes before reslab writes; it stops quietly with 141 (SIGPIPE)."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "reslab", "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    child.stdout.close()  # before the child has imported torch, so its first write finds no reader
+    err = child.stderr.read().decode()
+    assert child.wait() == 141 and err == ""
+
+
 def test_a_figure_that_fails_halfway_leaves_the_old_picture(tmp_path):
     from reslab import plots
 

@@ -58,7 +58,8 @@ def test_bf16_and_fp16_training_on_cuda_learn(tiny_data, tmp_path):
 
 def test_checkpoint_trained_on_cuda_evaluates_the_same_on_cpu(tiny_data, tmp_path):
     out = tmp_path / "run"
-    summary = fit(cuda_cfg(tiny_data, **{"train.epochs": 3, "train.tta_flip": True}), out, quiet=True)
+    extra = {"train.epochs": 3, "train.tta_flip": True, "train.tta_shift": 1}
+    summary = fit(cuda_cfg(tiny_data, **extra), out, quiet=True)
     state = checkpoint.load(out / "last.pt")
     assert all(t.device.type == "cpu" for t in state["model"].values())
     result = evaluate_checkpoint(out / "last.pt")

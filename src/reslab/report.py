@@ -70,12 +70,13 @@ def evaluate_checkpoint(
     device = torch.device("cpu")
     keep_freed_memory(device)  # as training does: else each batch faults its activations in afresh
     _, test = make_loaders(data, cfg.data, 1, cfg.train.eval_batch_size, 0, device)
-    model = model.to(memory_format=torch.channels_last)
+    mem = torch.channels_last if cfg.train.channels_last else torch.contiguous_format  # as the run evaluated
+    model = model.to(memory_format=mem)
     logits = torch.cat(
         [
             predict_logits(
                 model,
-                x.contiguous(memory_format=torch.channels_last),
+                x.contiguous(memory_format=mem),
                 cfg.train.tta_flip,
                 cfg.train.tta_shift,
                 test.fill,

@@ -8,6 +8,7 @@ import torch
 
 from reslab import bench
 from reslab.engine.host import keep_freed_memory
+from reslab.engine.precision import resolve_precision
 
 
 def test_gemm_peak_and_flops_are_plausible():
@@ -22,6 +23,8 @@ def test_step_throughput_and_engine_overhead():
     assert ips > 10
     o = bench.engine_overhead(batches=4, rounds=2)
     assert o["engine_img_s"] > 0 and o["bare_img_s"] > 0 and o["model"] == "resnet8" and o["rounds"] == 2
+    # measured at the precision `reslab train` runs at here: bf16 on a CPU with AVX-512 BF16, else fp32
+    assert o["precision"] == resolve_precision("auto", torch.device("cpu"))
     assert o["overhead"] == pytest.approx(o["bare_img_s"] / o["engine_img_s"] - 1)
 
 

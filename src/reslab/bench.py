@@ -18,7 +18,7 @@ from torch import nn
 
 from .engine.checkpoint import write_text
 from .engine.host import keep_freed_memory
-from .engine.precision import autocast, bf16_native, resolve_device
+from .engine.precision import autocast, bf16_native, resolve_device, resolve_precision
 from .models import build_model, summary
 from .studies.common import machine
 
@@ -102,8 +102,9 @@ def step_throughput(
 
 
 def _precision(device: torch.device) -> str:
-    """The precision side-by-side comparisons use: bf16 where it is native, else fp32."""
-    return "bf16" if device.type == "cuda" and bf16_native(device) else "fp32"
+    """The precision side-by-side comparisons use: what training's `precision: auto` picks (bf16 where it is
+    native, on a GPU or a CPU with AVX-512 BF16 or AMX; else fp32)."""
+    return resolve_precision("auto", device)
 
 
 def engine_overhead(

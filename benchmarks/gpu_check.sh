@@ -21,10 +21,12 @@
 #                  are what bind this small net on a GPU
 # Writes $OUT (default ./gpu-check): results.json (everything, summarised), bench.json, profile.json, pytest.log,
 # log.txt, best-run.tar.
-# With 15 minutes of device time, two calls:
+# With 15 minutes of device time, the machine's start (1-2 min) and the transfers included, two calls:
 #   ONLY="tests bench seed profile profile-sprint layout sprint sprint-graphs" bash benchmarks/gpu_check.sh (~5 min)
-#   ONLY=best BEST="train.epochs=180" RESERVE=0 DEADLINE=580 bash benchmarks/gpu_check.sh   (best.yaml at 180 epochs,
-#   ~8 min on an H200: 2.4 s an epoch measured with test-time flip, plus ~0.2 s estimated for the 1-px shift's views)
+#   ONLY=best BEST="train.epochs=N" RESERVE=0 DEADLINE=D bash benchmarks/gpu_check.sh, at once (a machine idle for
+#   30 s goes back), with D = status's budget_left_s - 60 and N = (D - 30) / 2.6: best.yaml at 2.4 s an epoch
+#   measured on an H200 with test-time flip, plus ~0.2 s estimated for the 1-px shift's views. A call the budget cuts
+#   short returns only what $OUT already holds, and best-run.tar is written after the run: D must fit.
 # Knobs (environment): ONLY="sprint best" runs just those steps; BEST="train.epochs=..." adds overrides to the best
 # step; DEADLINE (default 565 s); EPOCH_S (default 2.6, the H200's 2.4 s an epoch of best.yaml with margin).
 set -u

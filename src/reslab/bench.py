@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .engine import gemm_conv
 from .engine.checkpoint import write_text
 from .engine.host import keep_freed_memory
 from .engine.precision import autocast, bf16_native, resolve_device, resolve_precision
@@ -72,6 +73,8 @@ def make_step(
     torch.manual_seed(0)
     mem = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model(name, 1, 10, **options).to(device=device, memory_format=mem).train()
+    if gemm_conv.pays(device, precision):  # as training does
+        gemm_conv.use_gemm_convs(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(batch, 1, size, size, device=device).contiguous(memory_format=mem)
     y = torch.randint(0, 10, (batch,), device=device)

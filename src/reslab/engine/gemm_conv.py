@@ -1,0 +1,142 @@
+"""Convolutions on small feature maps as matrix multiplies, where oneDNN's bf16 kernels are slow on AMX CPUs.
+
+On a CPU with AMX (Intel Xeon since Sapphire Rapids), oneDNN 3.12's bf16 convolution kernels run far below the
+matrix-multiply peak beside them when the output map is a few pixels (ResNet's last stages). Measured on machine C
+at batch 256: the backward-weights kernel runs at 60-110 GFLOP/s on 3x3 to 6x6 maps, slower than its own fp32
+kernel, where the same gradient as one matrix multiply (output gradient times im2col, the input values under each
+output pixel) takes 3-10x less time. On 3x3 maps forward and backward-data run at ~250 GFLOP/s, and as matrix
+multiplies (im2col times the weights; the output gradient times the weights, then col2im) take 2.4x less. So:
+
+- output maps up to 6x6: the weight gradient is a matrix multiply;
+- up to 3x3: forward and input gradient are too;
+- larger maps keep oneDNN throughout, which wins there (at 12x12, 2-3x).
+
+The choice depends only on shapes, so a run stays deterministic and resumes exactly. Measured: BENCHMARKS.md,
+"Machine C".
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+WEIGHT_GRAD_PIXELS = 36  # output maps up to 6x6 (at 7x7 the two were about even on machine C)
+ALL_GEMM_PIXELS = 9  # output maps up to 3x3 (at 4x4 even, at 6x6 oneDNN faster)
+
+
+def has_amx() -> bool:
+    """Whether this CPU has AMX tiles (and Linux lets PyTorch use them)."""
+    try:
+        return bool(torch._C._cpu._init_amx())
+    except AttributeError:
+        return False
+
+
+def pays(device: torch.device, precision: str) -> bool:
+    """Where the matrix multiplies are measured to pay: bf16 on a CPU with AMX."""
+    return device.type == "cpu" and precision == "bf16" and has_amx()
+
+
+def out_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def im2col(x: torch.Tensor, kernel, stride, padding) -> torch.Tensor:
+    """(B, Cin, H, W) -> (B * Ho * Wo, kh * kw * Cin): the input values under each output pixel, tap-major."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    b, cin, h, w = x.shape
+    ho, wo = out_size(h, kh, sh, ph), out_size(w, kw, sw, pw)
+    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph))  # (B, H + 2ph, W + 2pw, Cin)
+    step_b, step_h, step_w, step_c = xp.stride()
+    windows = xp.as_strided(
+        (b, ho, wo, kh, kw, cin), (step_b, sh * step_h, sw * step_w, step_h, step_w, step_c)
+    )
+    return windows.reshape(b * ho * wo, kh * kw * cin)  # one copy
+
+
+def col2im(cols: torch.Tensor, shape, kernel, stride, padding) -> torch.Tensor:
+    """The adjoint of im2col: (B * Ho * Wo, kh * kw * Cin) -> (B, Cin, H, W), each tap added where it was read."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    b, cin, h, w = shape
+    ho, wo = out_size(h, kh, sh, ph), out_size(w, kw, sw, pw)
+    cols = cols.view(b, ho, wo, kh * kw, cin)
+    xp = cols.new_zeros(b, h + 2 * ph, w + 2 * pw, cin)
+    for t in range(kh * kw):
+        i, j = divmod(t, kw)
+        xp[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw] += cols[:, :, :, t]
+    return xp[:, ph : ph + h, pw : pw + w].permute(0, 3, 1, 2)  # channels_last (B, Cin, H, W)
+
+
+class _Conv2dFn(torch.autograd.Function):
+    """A dense 2-D convolution whose weight gradient is a matrix multiply; with `all_gemm`, forward and input
+    gradient too."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, all_gemm):
+        kernel = weight.shape[2:]
+        if all_gemm:
+            b, cout = x.shape[0], weight.shape[0]
+            ho, wo = (out_size(x.shape[i + 2], kernel[i], stride[i], padding[i]) for i in (0, 1))
+            wm = weight.permute(0, 2, 3, 1).reshape(cout, -1)  # (Cout, kh * kw * Cin), tap-major like im2col
+            cols = im2col(x, kernel, stride, padding)
+            out = cols @ wm.t() if bias is None else torch.addmm(bias, cols, wm.t())  # (B * Ho * Wo, Cout)
+            out = out.view(b, ho, wo, cout).permute(0, 3, 1, 2)  # channels_last (B, Cout, Ho, Wo)
+            ctx.save_for_backward(cols, weight)  # kh * kw times the input's memory, on maps that are tiny
+        else:
+            out = F.conv2d(x, weight, bias, stride, padding)
+            ctx.save_for_backward(x, weight)
+        ctx.geometry = (stride, padding, bias is not None, all_gemm, x.shape)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved, weight = ctx.saved_tensors
+        stride, padding, has_bias, all_gemm, shape = ctx.geometry
+        cout, cin, kh, kw = weight.shape
+        g = grad.permute(0, 2, 3, 1).reshape(-1, cout)  # (B * Ho * Wo, Cout)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0] and all_gemm:
+            wm = weight.permute(0, 2, 3, 1).reshape(cout, -1)
+            gx = col2im(g @ wm, shape, (kh, kw), stride, padding)
+        elif ctx.needs_input_grad[0]:  # oneDNN's backward-data kernel
+            mask = (True, False, False)
+            args = (None, stride, padding, (1, 1), False, (0, 0), 1, mask)
+            gx = torch.ops.aten.convolution_backward(grad, saved, weight, *args)[0]
+        if ctx.needs_input_grad[1]:
+            cols = saved if all_gemm else im2col(saved, (kh, kw), stride, padding)
+            gw = g.t().contiguous() @ cols  # a contiguous left operand: 1.4x faster
+            gw = gw.view(cout, kh, kw, cin).permute(0, 3, 1, 2)  # channels_last (Cout, Cin, kh, kw)
+        if has_bias and ctx.needs_input_grad[2]:
+            gb = g.sum(0)
+        return gx, gw, gb, None, None, None
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d that computes in bf16 on small output maps with matrix multiplies (see the module's docstring), with
+    the same parameters and state_dict; plain nn.Conv2d everywhere else."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        if x.device.type != "cpu" or not (autocast_bf16 or x.dtype == torch.bfloat16):
+            return super().forward(x)
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        pixels = out_size(x.shape[2], kh, sh, ph) * out_size(x.shape[3], kw, sw, pw)
+        all_gemm = pixels <= ALL_GEMM_PIXELS
+        if not all_gemm and (pixels > WEIGHT_GRAD_PIXELS or not torch.is_grad_enabled()):
+            return super().forward(x)
+        bf16 = torch.bfloat16
+        bias = None if self.bias is None else self.bias.to(bf16)
+        return _Conv2dFn.apply(x.to(bf16), self.weight.to(bf16), bias, self.stride, self.padding, all_gemm)
+
+
+def use_gemm_convs(model: nn.Module) -> int:
+    """Make every plain dense convolution of `model` a Conv2d of this module, in place (parameters and state_dict
+    stay as they are). Returns how many changed."""
+    n = 0
+    for m in model.modules():
+        plain = type(m) is nn.Conv2d and m.groups == 1 and m.dilation == (1, 1) and m.padding_mode == "zeros"
+        if plain and not isinstance(m.padding, str):
+            m.__class__ = Conv2d
+            n += 1
+    return n

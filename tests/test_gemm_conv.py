@@ -1,0 +1,99 @@
+"""Convolutions on small maps as matrix multiplies (engine/gemm_conv.py): exact against PyTorch's own convolution,
+forward and backward, and the same module contract as nn.Conv2d."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_overrides
+from torch import nn
+
+from reslab import config
+from reslab.engine import gemm_conv, run
+from reslab.models import build_model
+
+# (batch, in, out, kernel, stride, padding, input size): ResNet's 3x3 convolutions, plain and strided (with an odd
+# input, whose last row no output reads), a strided 1x1 projection shortcut, the 7x7 stem, a non-square map
+GEOMETRIES = [
+    (4, 8, 16, 3, 1, 1, (6, 6)),
+    (3, 8, 16, 3, 2, 1, (7, 7)),
+    (2, 16, 8, 1, 2, 0, (6, 6)),
+    (2, 1, 4, 7, 2, 3, (11, 11)),
+    (2, 3, 5, 3, 1, 1, (4, 6)),
+]
+
+
+@pytest.mark.parametrize("all_gemm", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("b, cin, cout, k, s, p, hw", GEOMETRIES)
+def test_forward_and_gradients_equal_pytorchs(b, cin, cout, k, s, p, hw, bias, all_gemm):
+    torch.manual_seed(0)
+    f64 = torch.float64
+    x = torch.randn(b, cin, *hw, dtype=f64, requires_grad=True)
+    w = torch.randn(cout, cin, k, k, dtype=f64, requires_grad=True)
+    bb = torch.randn(cout, dtype=f64, requires_grad=True) if bias else None
+    inputs = [x, w] + ([bb] if bias else [])
+    expected = nn.functional.conv2d(x, w, bb, stride=s, padding=p)
+    got = gemm_conv._Conv2dFn.apply(x, w, bb, (s, s), (p, p), all_gemm)
+    torch.testing.assert_close(got, expected)
+    grad = torch.randn_like(expected)
+    for g, e in zip(torch.autograd.grad(got, inputs, grad), torch.autograd.grad(expected, inputs, grad)):
+        assert g.shape == e.shape
+        torch.testing.assert_close(g, e)
+
+
+def step(conv: nn.Conv2d, x: torch.Tensor, grad: torch.Tensor):
+    x = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x)
+    out.backward(grad)
+    return out, x.grad, conv.weight.grad, conv.bias.grad
+
+
+def test_conv_matches_nn_conv_in_bf16_and_takes_small_maps_only():
+    torch.manual_seed(0)
+    plain = nn.Conv2d(16, 32, 3, padding=1).to(memory_format=torch.channels_last)
+    fast = nn.Conv2d(16, 32, 3, padding=1).to(memory_format=torch.channels_last)
+    fast.load_state_dict(plain.state_dict())
+    assert gemm_conv.use_gemm_convs(fast) == 1 and type(fast) is gemm_conv.Conv2d
+    # 3x3 output maps are all matrix multiplies, 6x6 take the weight gradient as one, 7x7 none
+    for size, taken in ((3, True), (6, True), (7, False)):
+        x = torch.randn(8, 16, size, size).contiguous(memory_format=torch.channels_last)
+        grad = torch.randn(8, 32, size, size, dtype=torch.bfloat16)
+        plain.zero_grad(), fast.zero_grad()
+        expected, got = step(plain, x, grad), step(fast, x, grad)
+        assert ("_Conv2dFn" in type(got[0].grad_fn).__name__) is taken
+        assert got[0].dtype == torch.bfloat16 and got[2].dtype == got[3].dtype == torch.float32
+        for g, e in zip(got, expected):  # bf16 products either way, summed in another order
+            torch.testing.assert_close(g.float(), e.float(), rtol=2e-2, atol=2e-2 * e.abs().max().item())
+
+
+def test_fp32_keeps_the_plain_convolution_and_no_grad_works():
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    gemm_conv.use_gemm_convs(conv)
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    assert type(conv(x).grad_fn).__name__ == "ConvolutionBackward0"
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x)
+    assert out.grad_fn is None and out.shape == (2, 4, 5, 5)
+
+
+def test_a_model_keeps_its_state_dict_and_only_plain_convolutions_change():
+    model = build_model("resnet20", 1, 10)
+    keys = list(model.state_dict())
+    convs = sum(type(m) is nn.Conv2d for m in model.modules())
+    assert gemm_conv.use_gemm_convs(model) == convs > 0
+    assert list(model.state_dict()) == keys
+    depthwise = nn.Conv2d(4, 4, 3, groups=4)
+    assert gemm_conv.use_gemm_convs(depthwise) == 0 and type(depthwise) is nn.Conv2d
+
+
+@pytest.mark.parametrize(
+    "precision, amx, converted", [("bf16", True, True), ("fp32", True, False), ("bf16", False, False)]
+)
+def test_training_converts_only_for_bf16_on_amx(tiny_data, tmp_path, monkeypatch, precision, amx, converted):
+    monkeypatch.setattr(gemm_conv, "has_amx", lambda: amx)
+    cfg = config.load(None, tiny_overrides(tiny_data, precision=precision))
+    r = run.prepare(cfg, tmp_path / "run", quiet=True)
+    kinds = {type(m) for m in r.model.modules() if isinstance(m, nn.Conv2d)}
+    assert kinds == ({gemm_conv.Conv2d} if converted else {nn.Conv2d})

@@ -61,11 +61,13 @@ def col2im(cols: torch.Tensor, shape, kernel, stride, padding) -> torch.Tensor:
     b, cin, h, w = shape
     ho, wo = out_size(h, kh, sh, ph), out_size(w, kw, sw, pw)
     cols = cols.view(b, ho, wo, kh * kw, cin)
-    xp = cols.new_zeros(b, h + 2 * ph, w + 2 * pw, cin)
+    acc = torch.promote_types(cols.dtype, torch.float32)  # bf16 taps are summed in fp32, as oneDNN sums them
+    xp = cols.new_zeros(b, h + 2 * ph, w + 2 * pw, cin, dtype=acc)
     for t in range(kh * kw):
         i, j = divmod(t, kw)
         xp[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw] += cols[:, :, :, t]
-    return xp[:, ph : ph + h, pw : pw + w].permute(0, 3, 1, 2)  # channels_last (B, Cin, H, W)
+    x = xp[:, ph : ph + h, pw : pw + w].to(cols.dtype)
+    return x.permute(0, 3, 1, 2)  # channels_last (B, Cin, H, W)
 
 
 class _Conv2dFn(torch.autograd.Function):

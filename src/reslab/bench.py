@@ -66,14 +66,16 @@ def make_step(
     precision: str,
     channels_last: bool = True,
     device: torch.device = CPU,
+    gemm_convs: bool | None = None,
     **options,
 ):
-    """A bare training step (forward, backward, SGD) of a fresh model on a fixed random batch, as a function."""
+    """A bare training step (forward, backward, SGD) of a fresh model on a fixed random batch, as a function.
+    gemm_convs: whether small-map convolutions use engine/gemm_conv.py; None: where training would."""
     keep_freed_memory(device)  # as training does
     torch.manual_seed(0)
     mem = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model(name, 1, 10, **options).to(device=device, memory_format=mem).train()
-    if gemm_conv.pays(device, precision):  # as training does
+    if gemm_conv.pays(device, precision) if gemm_convs is None else gemm_convs:
         gemm_conv.use_gemm_convs(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(batch, 1, size, size, device=device).contiguous(memory_format=mem)

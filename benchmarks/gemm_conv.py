@@ -1,0 +1,139 @@
+"""oneDNN's bf16 convolutions against engine/gemm_conv.py's matrix multiplies, side by side in one run: each layer
+of the small maps (forward + backward), then whole training steps with and without the conversion. Alternating
+rounds, medians. Usage: .venv/bin/python benchmarks/gemm_conv.py [--rounds 7] [--out FILE.json]
+
+On a CPU without AMX training never converts (gemm_conv.pays); this script converts anyway, to compare. Without
+native bf16 (no AVX-512 BF16) it is meaningless: bf16 is emulated there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from reslab import bench
+from reslab.engine import gemm_conv
+from reslab.engine.host import keep_freed_memory
+from reslab.studies.common import machine
+
+CPU = torch.device("cpu")
+# (batch, in, out, output map, stride): d2l-resnet18 @ 96 at the seed recipe's batch (maps 6 and 3), fast.yaml's
+# resnet8 at its batch (map 4), and a 7x7 map (resnet20's last stage), which stays with oneDNN
+LAYERS = [
+    (256, 512, 512, 3, 1),
+    (256, 256, 512, 3, 2),
+    (256, 256, 256, 6, 1),
+    (256, 128, 256, 6, 2),
+    (128, 128, 128, 4, 1),
+    (128, 64, 128, 4, 2),
+    (128, 64, 64, 7, 1),
+]
+# (model, size, batch, options): the notebook's net at both of the bench's batches, fast.yaml's net
+STEPS = [
+    ("d2l-resnet18", 96, 256, {}),
+    ("d2l-resnet18", 96, 64, {}),
+    ("resnet8", 28, 128, {"width": 32, "first_stride": 2}),
+]
+
+
+def alternate(fns: dict, rounds: int, calls: int = 2) -> dict:
+    """Median seconds per call of each function, timed in alternating rounds after two warm-up calls."""
+    times = {k: [] for k in fns}
+    for fn in fns.values():
+        fn(), fn()
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[k].append((time.perf_counter() - start) / calls)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def layer_step(conv: nn.Conv2d, x: torch.Tensor, grad: torch.Tensor):
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = conv(x)
+        out.backward(grad)
+
+    return step
+
+
+def layers(rounds: int) -> list[dict]:
+    rows = []
+    for b, cin, cout, size, stride in LAYERS:
+        torch.manual_seed(0)
+        plain = nn.Conv2d(cin, cout, 3, stride, 1).to(memory_format=torch.channels_last)
+        fast = nn.Conv2d(cin, cout, 3, stride, 1).to(memory_format=torch.channels_last)
+        gemm_conv.use_gemm_convs(fast)
+        x = torch.randn(b, cin, size * stride, size * stride).contiguous(memory_format=torch.channels_last)
+        x.requires_grad_()
+        grad = torch.randn(b, cout, size, size, dtype=torch.bfloat16).contiguous(
+            memory_format=torch.channels_last
+        )
+        t = alternate({"onednn": layer_step(plain, x, grad), "gemm": layer_step(fast, x, grad)}, rounds)
+        flops = 3 * 2 * b * cin * cout * 9 * size * size
+        rows.append(
+            {
+                "layer": f"{cin}->{cout}, {size}x{size} out, stride {stride}, batch {b}",
+                "onednn_ms": 1000 * t["onednn"],
+                "gemm_ms": 1000 * t["gemm"],
+                "onednn_gflops": flops / t["onednn"] / 1e9,
+                "gemm_gflops": flops / t["gemm"] / 1e9,
+                "speedup": t["onednn"] / t["gemm"],
+            }
+        )
+        print(
+            f"  {rows[-1]['layer']:<42} oneDNN {rows[-1]['onednn_ms']:7.1f} ms, matrix multiplies "
+            f"{rows[-1]['gemm_ms']:7.1f} ms: {rows[-1]['speedup']:.2f}x",
+            flush=True,
+        )
+    return rows
+
+
+def steps(rounds: int) -> list[dict]:
+    rows = []
+    for name, size, b, options in STEPS:
+        plain = bench.make_step(name, size, b, "bf16", True, CPU, gemm_convs=False, **options)
+        fast = bench.make_step(name, size, b, "bf16", True, CPU, gemm_convs=True, **options)
+        t = alternate({"onednn": plain, "gemm": fast}, rounds)
+        rows.append(
+            {
+                "model": name,
+                "size": size,
+                "batch": b,
+                "onednn_img_s": b / t["onednn"],
+                "gemm_img_s": b / t["gemm"],
+                "speedup": t["onednn"] / t["gemm"],
+            }
+        )
+        print(
+            f"  {name} @ {size}, batch {b}: oneDNN {rows[-1]['onednn_img_s']:,.0f} img/s, with gemm_conv "
+            f"{rows[-1]['gemm_img_s']:,.0f} img/s: {rows[-1]['speedup']:.2f}x",
+            flush=True,
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--out", help="write the numbers as JSON here")
+    args = parser.parse_args()
+    keep_freed_memory(CPU)  # as training does
+    print(f"AMX: {gemm_conv.has_amx()}; bf16 layers, forward + backward (channels_last):")
+    result = {"machine": machine(), "amx": gemm_conv.has_amx(), "layers": layers(args.rounds)}
+    print("whole training steps (forward, backward, SGD), bf16 channels_last:")
+    result["steps"] = steps(args.rounds)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -64,6 +64,17 @@ def layer_step(conv: nn.Conv2d, x: torch.Tensor, grad: torch.Tensor):
     return step
 
 
+def compare(label: str, fns: dict, rounds: int, show) -> dict:
+    """Time oneDNN against gemm_conv (fns["onednn"], fns["gemm"]), print one line and return it as a row."""
+    t = alternate(fns, rounds)
+    row = {"case": label, "onednn_s": t["onednn"], "gemm_s": t["gemm"], "speedup": t["onednn"] / t["gemm"]}
+    print(
+        f"  {label:<46} oneDNN {show(t['onednn'])}, gemm_conv {show(t['gemm'])}: {row['speedup']:.2f}x",
+        flush=True,
+    )
+    return row
+
+
 def layers(rounds: int) -> list[dict]:
     rows = []
     for b, cin, cout, size, stride in LAYERS:
@@ -73,50 +84,23 @@ def layers(rounds: int) -> list[dict]:
         gemm_conv.use_gemm_convs(fast)
         x = torch.randn(b, cin, size * stride, size * stride).contiguous(memory_format=torch.channels_last)
         x.requires_grad_()
-        grad = torch.randn(b, cout, size, size, dtype=torch.bfloat16).contiguous(
-            memory_format=torch.channels_last
-        )
-        t = alternate({"onednn": layer_step(plain, x, grad), "gemm": layer_step(fast, x, grad)}, rounds)
-        flops = 3 * 2 * b * cin * cout * 9 * size * size
-        rows.append(
-            {
-                "layer": f"{cin}->{cout}, {size}x{size} out, stride {stride}, batch {b}",
-                "onednn_ms": 1000 * t["onednn"],
-                "gemm_ms": 1000 * t["gemm"],
-                "onednn_gflops": flops / t["onednn"] / 1e9,
-                "gemm_gflops": flops / t["gemm"] / 1e9,
-                "speedup": t["onednn"] / t["gemm"],
-            }
-        )
-        print(
-            f"  {rows[-1]['layer']:<42} oneDNN {rows[-1]['onednn_ms']:7.1f} ms, matrix multiplies "
-            f"{rows[-1]['gemm_ms']:7.1f} ms: {rows[-1]['speedup']:.2f}x",
-            flush=True,
-        )
+        grad = torch.randn(b, cout, size, size, dtype=torch.bfloat16)
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        label = f"{cin}->{cout}, {size}x{size} out, stride {stride}, batch {b}"
+        fns = {"onednn": layer_step(plain, x, grad), "gemm": layer_step(fast, x, grad)}
+        rows.append(compare(label, fns, rounds, lambda s: f"{1000 * s:6.1f} ms"))
     return rows
 
 
 def steps(rounds: int) -> list[dict]:
     rows = []
     for name, size, b, options in STEPS:
-        plain = bench.make_step(name, size, b, "bf16", True, CPU, gemm_convs=False, **options)
-        fast = bench.make_step(name, size, b, "bf16", True, CPU, gemm_convs=True, **options)
-        t = alternate({"onednn": plain, "gemm": fast}, rounds)
-        rows.append(
-            {
-                "model": name,
-                "size": size,
-                "batch": b,
-                "onednn_img_s": b / t["onednn"],
-                "gemm_img_s": b / t["gemm"],
-                "speedup": t["onednn"] / t["gemm"],
-            }
-        )
-        print(
-            f"  {name} @ {size}, batch {b}: oneDNN {rows[-1]['onednn_img_s']:,.0f} img/s, with gemm_conv "
-            f"{rows[-1]['gemm_img_s']:,.0f} img/s: {rows[-1]['speedup']:.2f}x",
-            flush=True,
-        )
+        fns = {
+            "onednn": bench.make_step(name, size, b, "bf16", True, CPU, gemm_convs=False, **options),
+            "gemm": bench.make_step(name, size, b, "bf16", True, CPU, gemm_convs=True, **options),
+        }
+        row = compare(f"{name} @ {size}, batch {b}", fns, rounds, lambda s, b=b: f"{b / s:6,.0f} img/s")
+        rows.append(row | {"onednn_img_s": b / row["onednn_s"], "gemm_img_s": b / row["gemm_s"]})
     return rows
 
 

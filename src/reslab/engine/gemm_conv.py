@@ -2,9 +2,9 @@
 
 On a CPU with AMX (Intel Xeon since Sapphire Rapids), oneDNN 3.12's bf16 convolution kernels run far below the
 matrix-multiply peak beside them when the output map is a few pixels (ResNet's last stages). Measured on machine C
-at batch 256: the backward-weights kernel runs at 60-110 GFLOP/s on 3x3 to 6x6 maps, slower than its own fp32
-kernel, where the same gradient as one matrix multiply (output gradient times im2col, the input values under each
-output pixel) takes 3-10x less time. On 3x3 maps forward and backward-data run at ~250 GFLOP/s, and as matrix
+at batch 256: the backward-weights kernel runs at 60-170 GFLOP/s on 3x3 to 6x6 maps (on 3x3 slower than its
+own fp32 kernel), where the same gradient as one matrix multiply (output gradient times im2col, the input values
+under each output pixel) takes 3-10x less time. On 3x3 maps forward and backward-data run at ~250 GFLOP/s, and as matrix
 multiplies (im2col times the weights; the output gradient times the weights, then col2im) take 2.4x less. So:
 
 - output maps up to 6x6: the weight gradient is a matrix multiply;
@@ -120,7 +120,7 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-        if x.device.type != "cpu" or not (autocast_bf16 or x.dtype == torch.bfloat16):
+        if x.device.type != "cpu" or not (autocast_bf16 or x.dtype == self.weight.dtype == torch.bfloat16):
             return super().forward(x)
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         pixels = out_size(x.shape[2], kh, sh, ph) * out_size(x.shape[3], kw, sw, pw)

@@ -11,7 +11,8 @@ from conftest import tiny_overrides
 from torch import nn
 
 from reslab import config
-from reslab.engine import gemm_conv, run
+from reslab.engine import checkpoint, fit, gemm_conv, run
+from reslab.engine.precision import bf16_native
 from reslab.models import build_model
 
 # (batch, in, out, kernel, stride, padding, input size): ResNet's 3x3 convolutions, plain and strided (with an odd
@@ -124,3 +125,27 @@ def test_a_whole_net_in_bf16_is_as_close_to_fp32_as_with_onednn():
     gemm = gradients(fast, True)
     assert 0 < error(onednn, fp32) < 0.2  # bf16's own error: ~0.09
     assert error(gemm, fp32) < 1.1 * error(onednn, fp32)
+
+
+@pytest.mark.skipif(not bf16_native(torch.device("cpu")), reason="bf16 is emulated on this CPU: far too slow")
+def test_a_bf16_run_through_gemm_convs_resumes_bit_identical(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(gemm_conv, "has_amx", lambda: True)  # on any CPU with native bf16
+    im2col, calls = gemm_conv.im2col, []
+    monkeypatch.setattr(gemm_conv, "im2col", lambda *args: calls.append(1) or im2col(*args))
+    # 12 px images through ResNet-8: stages at 12x12 (oneDNN), 6x6 (weight gradient), 3x3 (all matrix multiplies)
+    cfg = config.load(None, tiny_overrides(tiny_data, precision="bf16", **{"data.resize": 12}))
+    fit(cfg, tmp_path / "a", quiet=True)
+
+    class Crash(Exception):
+        pass
+
+    def crash(r):
+        if r.epoch == 1 and r.batch == 5:
+            raise Crash
+
+    with pytest.raises(Crash):
+        fit(cfg, tmp_path / "b", quiet=True, on_step=crash)
+    fit(config.load(tmp_path / "b" / "config.yaml"), tmp_path / "b", resume=True, quiet=True)
+    a, b = checkpoint.load(tmp_path / "a" / "last.pt"), checkpoint.load(tmp_path / "b" / "last.pt")
+    assert calls  # the matrix multiplies ran
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -68,3 +68,23 @@ def tiny_overrides(data_dir: Path, **extra) -> list[str]:
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_then_resume(cfg, out: Path, epoch: int = 1, batch: int = 5) -> None:
+    """Train `cfg` into `out`, crash at (epoch, batch), check that the crash came, then resume from the run's own
+    config.yaml to the end."""
+    from reslab import config
+    from reslab.engine import fit
+
+    def crash(run):
+        if run.epoch == epoch and run.batch == batch:
+            raise Crash
+
+    with pytest.raises(Crash):
+        fit(cfg, out, quiet=True, on_step=crash)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == epoch  # the epochs finished before it
+    fit(config.load(out / "config.yaml"), out, resume=True, quiet=True)

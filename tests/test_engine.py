@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import NEEDS_CUDA, tiny_overrides
+from conftest import NEEDS_CUDA, crash_then_resume, tiny_overrides
 
 from reslab import config
 from reslab.cli import main
@@ -237,18 +237,7 @@ def test_resume_after_a_crash_is_bit_identical(tiny_data, tmp_path):
         "optim.schedule": "cosine",
     }
     fit(tiny_cfg(tiny_data, **extra), tmp_path / "a", quiet=True)
-
-    class Crash(Exception):
-        pass
-
-    def crash(run):
-        if run.epoch == 1 and run.batch == 5:
-            raise Crash
-
-    with pytest.raises(Crash):
-        fit(tiny_cfg(tiny_data, **extra), tmp_path / "b", quiet=True, on_step=crash)
-    assert len(read_metrics(tmp_path / "b")) == 1
-    fit(config.load(tmp_path / "b" / "config.yaml"), tmp_path / "b", resume=True, quiet=True)
+    crash_then_resume(tiny_cfg(tiny_data, **extra), tmp_path / "b")
     a, b = checkpoint.load(tmp_path / "a" / "last.pt"), checkpoint.load(tmp_path / "b" / "last.pt")
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key

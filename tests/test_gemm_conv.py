@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import crash_then_resume, tiny_overrides
 from torch import nn
 
 from reslab import config
@@ -135,17 +135,7 @@ def test_a_bf16_run_through_gemm_convs_resumes_bit_identical(tiny_data, tmp_path
     # 12 px images through ResNet-8: stages at 12x12 (oneDNN), 6x6 (weight gradient), 3x3 (all matrix multiplies)
     cfg = config.load(None, tiny_overrides(tiny_data, precision="bf16", **{"data.resize": 12}))
     fit(cfg, tmp_path / "a", quiet=True)
-
-    class Crash(Exception):
-        pass
-
-    def crash(r):
-        if r.epoch == 1 and r.batch == 5:
-            raise Crash
-
-    with pytest.raises(Crash):
-        fit(cfg, tmp_path / "b", quiet=True, on_step=crash)
-    fit(config.load(tmp_path / "b" / "config.yaml"), tmp_path / "b", resume=True, quiet=True)
+    crash_then_resume(cfg, tmp_path / "b")
     a, b = checkpoint.load(tmp_path / "a" / "last.pt"), checkpoint.load(tmp_path / "b" / "last.pt")
     assert calls  # the matrix multiplies ran
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -1,11 +1,12 @@
 """Convolutions on small feature maps as matrix multiplies, where oneDNN's bf16 kernels are slow on AMX CPUs.
 
 On a CPU with AMX (Intel Xeon since Sapphire Rapids), oneDNN 3.12's bf16 convolution kernels run far below the
-matrix-multiply peak beside them when the output map is a few pixels (ResNet's last stages). Measured on machine C
-at batch 256: the backward-weights kernel runs at 60-170 GFLOP/s on 3x3 to 6x6 maps (on 3x3 slower than its
-own fp32 kernel), where the same gradient as one matrix multiply (output gradient times im2col, the input values
-under each output pixel) takes 3-10x less time. On 3x3 maps forward and backward-data run at ~250 GFLOP/s, and as matrix
-multiplies (im2col times the weights; the output gradient times the weights, then col2im) take 2.4x less. So:
+matrix-multiply peak beside them when the output map is a few pixels (ResNet's last stages). Measured on
+machine C at batch 256: the backward-weights kernel runs at 60-170 GFLOP/s on 3x3 to 6x6 maps (on 3x3 slower
+than its own fp32 kernel), where the same gradient as one matrix multiply (output gradient times im2col, the
+input values under each output pixel) takes 3-10x less time. On 3x3 maps forward and backward-data run at
+~250 GFLOP/s, and as matrix multiplies (im2col times the weights; the output gradient times the weights, then
+col2im) take 2.4x less. So:
 
 - output maps up to 6x6: the weight gradient is a matrix multiply;
 - up to 3x3: forward and input gradient are too;

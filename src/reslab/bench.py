@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .engine import gemm_conv
+from .engine import gemm_conv, rewrites
 from .engine.checkpoint import write_text
 from .engine.host import keep_freed_memory
 from .engine.precision import autocast, bf16_native, resolve_device, resolve_precision
@@ -67,14 +67,18 @@ def make_step(
     channels_last: bool = True,
     device: torch.device = CPU,
     gemm_convs: bool | None = None,
+    pool_first: bool = True,
     **options,
 ):
     """A bare training step (forward, backward, SGD) of a fresh model on a fixed random batch, as a function.
-    gemm_convs: whether small-map convolutions use engine/gemm_conv.py; None: where training would."""
+    gemm_convs: whether small-map convolutions use engine/gemm_conv.py; None: where training would.
+    pool_first: whether a stem's ReLU and max-pool are swapped (engine/rewrites.py), as training does."""
     keep_freed_memory(device)  # as training does
     torch.manual_seed(0)
     mem = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model(name, 1, 10, **options).to(device=device, memory_format=mem).train()
+    if pool_first:
+        rewrites.pool_before_relu(model)
     if gemm_conv.pays(device, precision) if gemm_convs is None else gemm_convs:
         gemm_conv.use_gemm_convs(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)

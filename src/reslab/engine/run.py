@@ -15,7 +15,7 @@ from ..config import Config
 from ..data import TensorLoader, load_dataset, make_loaders
 from ..errors import ReslabError
 from ..models import build_model, count_params
-from . import checkpoint, dist, gemm_conv, guard
+from . import checkpoint, dist, gemm_conv, guard, rewrites
 from .host import keep_freed_memory
 from .optim import EMA, load_optimizer_state, make_optimizer
 from .precision import resolve_device, resolve_precision
@@ -80,6 +80,7 @@ def prepare(cfg: Config, out: Path, quiet: bool = False) -> Run:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     mem = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=mem)
+    rewrites.pool_before_relu(model)
     if gemm_conv.pays(device, precision) and not cfg.train.compile:
         gemm_conv.use_gemm_convs(model)
     train_loader, test_loader = make_loaders(

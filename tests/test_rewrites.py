@@ -1,0 +1,91 @@
+"""Model rewrites (engine/rewrites.py) keep the function, every gradient and the state_dict bit for bit."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_overrides
+from torch import nn
+
+from reslab import config
+from reslab.engine import rewrites, run
+from reslab.models import build_model
+
+
+def step(
+    model: nn.Module, x: torch.Tensor, bf16: bool = False
+) -> tuple[torch.Tensor, list[torch.Tensor], dict]:
+    """(output, input gradient then parameter gradients, state_dict after) of one train-mode forward and backward."""
+    x = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = model(x)
+    out.float().sum().backward()  # a gradient of 1 everywhere: none vanishes on its way down
+    return out.detach(), [x.grad] + [p.grad for p in model.parameters()], model.state_dict()
+
+
+@pytest.mark.parametrize(
+    "name, size, bf16",
+    [("d2l-resnet18", 40, False), ("d2l-resnet18", 40, True), ("resnet18", 40, False)],
+)
+def test_pool_before_relu_leaves_outputs_gradients_and_state_bit_identical(name, size, bf16):
+    torch.manual_seed(0)
+    model = build_model(name, 1, 10).train()
+    swapped = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    assert rewrites.pool_before_relu(swapped) == 1
+    assert [type(m) for m in swapped[0]][2:] == [nn.MaxPool2d, nn.ReLU]
+    assert list(swapped.state_dict()) == keys
+    x = torch.randn(4, 1, size, size)
+    (out, grads, state), (out2, grads2, state2) = step(model, x, bf16), step(swapped, x, bf16)
+    assert torch.equal(out, out2)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads2))
+    assert all(torch.equal(state[k], state2[k]) for k in keys)  # BatchNorm's running statistics too
+
+
+def test_pool_before_relu_is_exact_on_ties_and_on_windows_with_nothing_positive():
+    x = torch.tensor(
+        [
+            [-1.0, -2.0, 0.0, -3.0, -1.0, 0.0],
+            [2.0, 2.0, -1.0, 0.0, -2.0, -4.0],
+            [0.0, 1.0, 1.0, -1.0, -1.0, 0.0],
+            [3.0, -1.0, 3.0, -2.0, 0.0, -1.0],
+            [-1.0, 0.0, -2.0, 1.0, 5.0, 5.0],
+            [0.0, -3.0, 1.0, 0.0, 2.0, -2.0],
+        ]
+    ).view(1, 1, 6, 6)
+    plain = nn.Sequential(nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+    swapped = nn.Sequential(nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+    assert rewrites.pool_before_relu(swapped) == 1
+    (out, grads, _), (out2, grads2, _) = step(plain, x), step(swapped, x)
+    assert torch.equal(out, out2) and torch.equal(grads[0], grads2[0])
+    assert (out == 0).sum() == 2  # two windows whose maximum is 0 (tied): no gradient reaches them
+    assert grads[0].view(6, 6).nonzero().tolist() == [
+        [1, 0],
+        [1, 1],
+        [3, 0],
+        [3, 2],
+        [4, 4],
+    ]  # ties: the first
+
+
+def test_pool_before_relu_swaps_only_a_relu_directly_before_a_max_pool():
+    others = nn.Sequential(
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.LeakyReLU(),
+        nn.MaxPool2d(2),
+        nn.ReLU(),
+        nn.MaxPool2d(2, return_indices=True),
+    )
+    before = [type(m) for m in others]
+    assert rewrites.pool_before_relu(others) == 0
+    assert [type(m) for m in others] == before
+    assert rewrites.pool_before_relu(build_model("resnet20", 1, 10)) == 0  # no max-pool in the CIFAR nets
+
+
+def test_training_builds_the_rewritten_model(tiny_data, tmp_path):
+    cfg = config.load(None, tiny_overrides(tiny_data, **{"model.name": "d2l-resnet18"}))
+    r = run.prepare(cfg, tmp_path / "run", quiet=True)
+    assert [type(m) for m in r.model[0]] == [nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.ReLU]

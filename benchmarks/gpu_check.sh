@@ -67,7 +67,7 @@ step() { # name limit_seconds command...; the limit shrinks to what is left befo
 nvidia-smi >>"$LOG" 2>&1
 step tests 90 "$PY" -m pytest -m cuda tests -q -p no:cacheprovider
 grep -E "(passed|failed|skipped|error).* in [0-9.]+s" "$LOG" | tail -1 >"$OUT/pytest.log"
-step bench 120 "$PY" -m reslab bench --device cuda --out "$OUT/bench.json"
+step bench 120 "$PY" -m reslab bench --device cuda --seed-rounds 1 --out "$OUT/bench.json"
 step seed 100 "$PY" -m reslab train --config configs/seed.yaml --quiet --out "$RUNS/seed" --set device=cuda
 step profile 60 "$PY" benchmarks/profile_step.py --config configs/best.yaml --set device=cuda --steps 40 \
 	--out "$OUT/profile.json"

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from reslab import bench
+from reslab.cli import main
 from reslab.engine.host import keep_freed_memory
 from reslab.engine.precision import resolve_precision
 
@@ -60,8 +61,15 @@ def test_timed_process_reports_the_process_own_peak_memory_not_its_parent():
 
 @pytest.mark.slow
 def test_seed_notebook_against_reslab_as_processes():
-    result = bench.seed_vs_reslab(limit=256, epochs=1, workers=2)
-    assert result["seed_notebook_seconds"] > 0 and result["reslab_seconds"] > 0
+    result = bench.seed_vs_reslab(limit=256, epochs=1, workers=2, rounds=2)
+    assert len(result["seed_notebook_runs_s"]) == len(result["reslab_runs_s"]) == result["rounds"] == 2
+    assert (
+        min(result["seed_notebook_runs_s"])
+        <= result["seed_notebook_seconds"]
+        <= max(result["seed_notebook_runs_s"])
+    )
+    ratios = [a / b for a, b in zip(result["seed_notebook_runs_s"], result["reslab_runs_s"])]
+    assert min(ratios) <= result["speedup"] <= max(ratios)
     assert 0 <= result["seed_notebook_test_acc"] <= 1 and 0 <= result["reslab_test_acc"] <= 1
     table = bench.table(
         {
@@ -87,3 +95,10 @@ def test_seed_notebook_against_reslab_as_processes():
         }
     )
     assert "Seed notebook code vs reslab" in table and "2.0% of one epoch" in table
+    assert "median of 2 alternating rounds" in table
+
+
+@pytest.mark.parametrize("flag", ["--seed-limit", "--seed-rounds"])
+def test_bench_refuses_a_seed_comparison_of_nothing(flag, capsys):
+    assert main(["bench", flag, "0"]) == 2
+    assert f"{flag} must be a positive integer" in capsys.readouterr().err

@@ -136,7 +136,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run
 
-    run(Path(args.out) if args.out else None, args.quick, args.seed_limit, args.device)
+    for flag, value in (("--seed-limit", args.seed_limit), ("--seed-rounds", args.seed_rounds)):
+        if value < 1:
+            raise ReslabError(f"{flag} must be a positive integer, got {value}")
+    run(Path(args.out) if args.out else None, args.quick, args.seed_limit, args.device, args.seed_rounds)
     return 0
 
 
@@ -218,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small models only, no seed-notebook comparison")
     p.add_argument(
         "--seed-limit", type=int, default=2560, help="images for the seed comparison (default 2560)"
+    )
+    p.add_argument(
+        "--seed-rounds",
+        type=int,
+        default=3,
+        help="alternating rounds of the seed comparison, medians (default 3)",
     )
     p.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to measure (default: auto)"

@@ -1,6 +1,7 @@
 """Where a training step's time goes: reslab's training loop on a config against bare steps of the same model and
 batch (forward, backward, SGD), both under torch.profiler. Prints milliseconds and operators per step for each,
-and the operators the engine adds, by host time. On a GPU the host's time per operator is what bounds small nets.
+the bare step's largest operators, and the operators the engine adds, by host time. On a GPU the host's time per
+operator is what bounds small nets.
 
 Usage: .venv/bin/python benchmarks/profile_step.py --config configs/best.yaml [--set device=cuda] [--steps 40]
 """
@@ -80,6 +81,9 @@ def main() -> None:
     )
     for name, r in (("reslab training loop", engine), ("bare steps", plain)):
         print(f"  {name:<22} {r['ms_per_step']:7.2f} ms a step, {r['ops_per_step']:6.0f} operators a step")
+    print("  the bare step's largest operators, by host ms a step:")
+    for k, v in sorted(plain["host_ms"].items(), key=lambda kv: -kv[1])[:12]:
+        print(f"    {k:<40} {v:7.2f} ms  {100 * v / plain['ms_per_step']:5.1f}%")
     print("  operators the loop adds, by host ms a step:")
     for k, v in sorted(extra.items(), key=lambda kv: -kv[1])[:15]:
         added = engine["ops"].get(k, 0) - plain["ops"].get(k, 0)

@@ -44,6 +44,19 @@ def test_an_override_of_one_model_option_keeps_the_files_others():
     assert config.from_dict(cfg.to_dict()).model.options == cfg.model.options  # as a checkpoint rebuilds it
 
 
+def test_naming_another_model_drops_the_files_options_for_its_own():
+    """fast.yaml's width 32 and first stride 2 are ResNet-8's; `--set model.name=resnet56` means the paper's
+    ResNet-56 (it used to build a width-32 one silently, and `model.name=resnet18` failed on the width)."""
+    fast = CONFIGS[0].parent / "fast.yaml"
+    assert config.load(fast).model.options == {"width": 32, "first_stride": 2}
+    assert config.load(fast, ["model.name=resnet56"]).model.options == {}
+    assert config.load(fast, ["model.name=resnet18"]).model.name == "resnet18"
+    cfg = config.load(fast, ["model.name=resnet56", "model.options.order=full-preact"])
+    assert cfg.model.options == {"order": "full-preact"}
+    same = config.load(fast, ["model.name=resnet8", "model.options.width=16"])
+    assert same.model.options == {"width": 16, "first_stride": 2}  # the file's own model keeps its options
+
+
 def test_run_directory_contract(tiny_data, tmp_path):
     out = tmp_path / "run"
     summary = fit(tiny_cfg(tiny_data, **{"train.epochs": 3}), out, quiet=True)

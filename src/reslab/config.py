@@ -193,7 +193,11 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
         values.setdefault("name", path.stem)
         _merge(cfg, values)
     if overrides:
-        _merge(cfg, parse_overrides(overrides))
+        values = parse_overrides(overrides)
+        model = values.get("model")
+        if isinstance(model, dict) and model.get("name", cfg.model.name) != cfg.model.name:
+            cfg.model.options = {}  # the file's options were written for the file's model, not this one
+        _merge(cfg, values)
     validate(cfg)
     return cfg
 

@@ -4,8 +4,8 @@ make its training steps cheaper.
 pool_before_relu: a stem's ReLU then 3x3/2 max-pool (d2l-resnet18, the ImageNet-style ResNets) computes the same
 as the max-pool then the ReLU, on a quarter of the pixels. ReLU is monotone, so max(relu(a)) = relu(max(a)); the
 gradient reaches the same input pixel either way (the window's first maximum if it is positive, none otherwise:
-ReLU's gradient is 0 at 0 and below). On the notebook's net at 96 px and batch 256 the ReLU and its backward run
-on 37.7M values instead of 9.4M. Measured: BENCHMARKS.md, "Machine C".
+ReLU's gradient is 0 at 0 and below). On the notebook's net at 96 px and batch 256 the ReLU and its backward then
+run on 9.4M values instead of 37.7M. Measured: BENCHMARKS.md, "Machine C".
 """
 
 from __future__ import annotations

@@ -465,6 +465,83 @@ def test_optimizer_state_from_a_gpu_keeps_this_optimizers_implementation():
     assert len(opt.state) == len(list(net.parameters()))  # and the momentum buffers came along
 
 
+def _two_groups(net, decay):
+    params = list(net.parameters())
+    return [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+
+
+def _sgd_steps(net, opt, seed, steps=4):
+    """`steps` updates at changing learning rates, on batches drawn from `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = 0.1 / (i + 1)
+        x, y = torch.randn(8, 1, 28, 28, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize(
+    ("momentum", "nesterov", "decay"), [(0.9, False, 5e-4), (0.9, True, 5e-4), (0.0, False, 0.0)]
+)
+def test_reslab_sgd_is_torch_sgd_bit_for_bit_and_shares_its_state_dict(momentum, nesterov, decay):
+    """engine.optim.SGD (no torch._dynamo import) against torch.optim.SGD's CPU loop: the same weights and
+    momentum buffers after every step, and either one's state_dict continues in the other."""
+    from reslab.engine.optim import SGD
+
+    nets = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        nets.append(build_model("resnet8", 1, 10))
+    ours = SGD(_two_groups(nets[0], decay), lr=0.1, momentum=momentum, nesterov=nesterov)
+    theirs = torch.optim.SGD(_two_groups(nets[1], decay), lr=0.1, momentum=momentum, nesterov=nesterov)
+    for seed in (1, 2):
+        _sgd_steps(nets[0], ours, seed)
+        _sgd_steps(nets[1], theirs, seed)
+        assert all(
+            torch.equal(a, b) for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values())
+        )
+        mine, torch_state = ours.state_dict(), theirs.state_dict()
+        assert mine["param_groups"] == torch_state["param_groups"]
+        assert mine["state"].keys() == torch_state["state"].keys() and len(mine["state"]) == (
+            len(list(nets[0].parameters())) if momentum else 0
+        )
+        for i, s in mine["state"].items():
+            assert torch.equal(s["momentum_buffer"], torch_state["state"][i]["momentum_buffer"])
+        ours.load_state_dict(torch_state)  # swap the states: the next round must still agree
+        theirs.load_state_dict(mine)
+
+
+def test_reslab_sgd_refuses_a_state_of_another_shape():
+    from reslab.engine.optim import SGD
+
+    net = build_model("resnet8", 1, 10)
+    opt = SGD(_two_groups(net, 0.0), lr=0.1, momentum=0.9)
+    state = opt.state_dict()
+    state["param_groups"][0]["params"].pop()
+    with pytest.raises(ValueError, match="parameter groups"):
+        opt.load_state_dict(state)
+
+
+def test_cpu_training_never_imports_torch_dynamo(tiny_data, tmp_path):
+    """torch.optim imports torch._dynamo at its first call (1.2-1.8 s of a process): CPU training with SGD,
+    reslab's default, does without it. AdamW still uses torch.optim."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from reslab import config; from reslab.engine import fit; "
+        f"fit(config.load(None, {tiny_overrides(tiny_data, **{'train.epochs': 1})!r}), {str(tmp_path / 'run')!r}, quiet=True); "
+        "print('torch._dynamo' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "False"
+
+
 @pytest.mark.parametrize("clip", [math.inf, 0.01])
 def test_train_step_reports_the_gradient_norm_and_clips_only_to_a_finite_limit(clip):
     from reslab.engine.steps import train_step

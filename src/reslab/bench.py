@@ -16,8 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .config import OptimConfig
 from .engine.checkpoint import write_text
 from .engine.host import keep_freed_memory
+from .engine.optim import make_optimizer
 from .engine.precision import autocast, bf16_native, resolve_device, resolve_precision
 from .engine.run import speed_up
 from .models import build_model, summary
@@ -71,13 +73,14 @@ def make_step(
     **options,
 ):
     """A bare training step (forward, backward, SGD) of a fresh model on a fixed random batch, as a function.
-    The model is sped up as training's (engine/run.speed_up, whose pool_first and gemm_convs these pass on)."""
+    The model is sped up as training's (engine/run.speed_up, whose pool_first and gemm_convs these pass on), and
+    its optimiser is training's."""
     keep_freed_memory(device)  # as training does
     torch.manual_seed(0)
     mem = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model(name, 1, 10, **options).to(device=device, memory_format=mem).train()
     speed_up(model, device, precision, pool_first=pool_first, gemm_convs=gemm_convs)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    opt = make_optimizer(model, OptimConfig(lr=0.01, momentum=0.9))
     x = torch.randn(batch, 1, size, size, device=device).contiguous(memory_format=mem)
     y = torch.randint(0, 10, (batch,), device=device)
 

@@ -10,24 +10,97 @@ from torch import nn
 from ..config import OptimConfig
 
 
-def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+class SGD:
+    """torch.optim.SGD as it runs on the CPU (its default per-tensor loop): the same arithmetic bit for bit,
+    the same param_groups and state_dict, without torch.optim. Every torch.optim optimiser imports
+    torch._dynamo at its first method call, 1.2-1.8 s of each training process on a 2-core CPU (BENCHMARKS.md,
+    "Start-up"). A checkpoint's optimiser state loads into either."""
+
+    def __init__(self, groups: list[dict], lr: float, momentum: float = 0.0, nesterov: bool = False):
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "dampening": 0.0,
+            "weight_decay": 0.0,
+            "nesterov": nesterov,
+            "maximize": False,
+            "foreach": None,
+            "differentiable": False,
+            "fused": None,
+        }
+        self.param_groups = [{**defaults, **g, "params": list(g["params"])} for g in groups]
+        self.state: dict[torch.Tensor, dict] = {}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if not set_to_none:
+            raise ValueError("reslab's SGD only sets gradients to None")
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for g in self.param_groups:
+            if g["maximize"]:
+                raise ValueError("reslab's SGD does not maximize")
+            decay, momentum, lr = g["weight_decay"], g["momentum"], g["lr"]
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad.add(p, alpha=decay) if decay != 0 else p.grad
+                if momentum != 0:
+                    state = self.state.setdefault(p, {})
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = d.detach().clone()
+                    else:
+                        buf.mul_(momentum).add_(d, alpha=1 - g["dampening"])
+                    d = d.add(buf, alpha=momentum) if g["nesterov"] else buf
+                p.add_(d, alpha=-lr)
+
+    def state_dict(self) -> dict:
+        """torch.optim's layout: parameters numbered in group order, state keyed by those numbers."""
+        index: dict[int, int] = {}
+        groups = []
+        for g in self.param_groups:
+            numbers = [index.setdefault(id(p), len(index)) for p in g["params"]]
+            groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": numbers})
+        return {"state": {index[id(p)]: s for p, s in self.state.items()}, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Settings and momentum buffers from `state_dict` (this class's or torch.optim.SGD's), as torch loads."""
+        saved = state_dict["param_groups"]
+        if [len(g["params"]) for g in saved] != [len(g["params"]) for g in self.param_groups]:
+            raise ValueError("loaded state dict does not match the optimizer's parameter groups")
+        params = {}
+        for group, old in zip(self.param_groups, saved):
+            params.update(zip(old["params"], group["params"]))
+            group.update(copy.deepcopy({k: v for k, v in old.items() if k != "params"}))
+        self.state = {
+            params[i]: {k: v.to(device=params[i].device, dtype=params[i].dtype) for k, v in s.items()}
+            for i, s in state_dict["state"].items()
+        }
+
+
+def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer | SGD:
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             # 1-D tensors are BN scales/shifts and biases: decaying them only hurts (Goyal et al. 2017)
             (no_decay if p.ndim <= 1 else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # on a GPU one fused kernel updates every parameter; on the CPU the default loop, whose numbers the
-    # measured results were made with
+    # on a GPU one fused kernel updates every parameter; on the CPU torch's default loop (for SGD, the copy
+    # above), whose numbers the measured results were made with
     fused = True if all(p.is_cuda for p in decay + no_decay) else None
+    nesterov = cfg.nesterov and cfg.momentum > 0
+    if cfg.name == "sgd" and not fused:
+        return SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov)
     if cfg.name == "sgd":
-        return torch.optim.SGD(
-            groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0, fused=fused
-        )
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov, fused=True)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused)
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+def load_optimizer_state(optimizer: torch.optim.Optimizer | SGD, state: dict) -> None:
     """Load a saved state but keep this optimiser's implementation (fused, foreach): a checkpoint written on
     a GPU carries `fused` in its groups and resumes on a CPU too."""
     kept = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]

@@ -17,7 +17,7 @@ from ..errors import ReslabError
 from ..models import build_model, count_params
 from . import checkpoint, dist, gemm_conv, guard, rewrites
 from .host import keep_freed_memory
-from .optim import EMA, load_optimizer_state, make_optimizer
+from .optim import EMA, SGD, load_optimizer_state, make_optimizer
 from .precision import resolve_device, resolve_precision
 
 
@@ -33,7 +33,7 @@ class Run:
     model: nn.Module  # the bare model: its state_dict is what checkpoints hold
     net: nn.Module  # what the training steps call: the model, maybe wrapped in DDP, maybe compiled
     eval_net: nn.Module  # what evaluation calls without an EMA: `net` before torch.compile
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | SGD
     ema: EMA | None
     train_loader: TensorLoader
     test_loader: TensorLoader

@@ -11,6 +11,7 @@ from torch import nn
 from .. import faults
 from ..data import TensorLoader
 from . import dist, guard
+from .optim import SGD
 from .precision import autocast
 
 
@@ -22,7 +23,7 @@ def train_step(
     net: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | SGD,
     criterion: nn.Module,
     step: int,
     device: torch.device,

@@ -528,7 +528,7 @@ def test_reslab_sgd_refuses_a_state_of_another_shape():
 
 
 def test_cpu_training_never_imports_torch_dynamo(tiny_data, tmp_path):
-    """torch.optim imports torch._dynamo at its first call (1.2-1.8 s of a process): CPU training with SGD,
+    """torch.optim imports torch._dynamo at its first call (1.5-2.3 s of a process): CPU training with SGD,
     reslab's default, does without it. AdamW still uses torch.optim."""
     import subprocess
     import sys

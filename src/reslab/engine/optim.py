@@ -13,8 +13,8 @@ from ..config import OptimConfig
 class SGD:
     """torch.optim.SGD as it runs on the CPU (its default per-tensor loop): the same arithmetic bit for bit,
     the same param_groups and state_dict, without torch.optim. Every torch.optim optimiser imports
-    torch._dynamo at its first method call, 1.2-1.8 s of each training process on a 2-core CPU (BENCHMARKS.md,
-    "Start-up"). A checkpoint's optimiser state loads into either."""
+    torch._dynamo at its first method call: 1.5-2.3 s of each training process on a 2-core CPU (BENCHMARKS.md,
+    "Machine C, session 15: start-up"). A checkpoint's optimiser state loads into either."""
 
     def __init__(self, groups: list[dict], lr: float, momentum: float = 0.0, nesterov: bool = False):
         defaults = {

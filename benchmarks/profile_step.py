@@ -69,6 +69,7 @@ def main() -> None:
         run.precision,
         cfg.train.channels_last,
         run.device,
+        optim=cfg.optim,
         **cfg.model.options,
     )
     for _ in range(3):

@@ -70,23 +70,26 @@ def make_step(
     device: torch.device = CPU,
     gemm_convs: bool | None = None,
     pool_first: bool = True,
+    optim: OptimConfig | None = None,
     **options,
 ):
     """A bare training step (forward, backward, SGD) of a fresh model on a fixed random batch, as a function.
-    The model is sped up as training's (engine/run.speed_up, whose pool_first and gemm_convs these pass on), and
-    its optimiser is training's."""
+    The model is sped up as training's (engine/run.speed_up, whose pool_first and gemm_convs these pass on).
+    `optim` (default: SGD, lr 0.01, momentum 0.9) sets the update and the label smoothing, made as training
+    makes them; a recipe's own makes the step the one its training loop runs, less the loop."""
     keep_freed_memory(device)  # as training does
     torch.manual_seed(0)
     mem = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model(name, 1, 10, **options).to(device=device, memory_format=mem).train()
     speed_up(model, device, precision, pool_first=pool_first, gemm_convs=gemm_convs)
-    opt = make_optimizer(model, OptimConfig(lr=0.01, momentum=0.9))
+    optim = optim or OptimConfig(lr=0.01, momentum=0.9)
+    opt = make_optimizer(model, optim)
     x = torch.randn(batch, 1, size, size, device=device).contiguous(memory_format=mem)
     y = torch.randint(0, 10, (batch,), device=device)
 
     def step():
         with autocast(device, precision):
-            loss = nn.functional.cross_entropy(model(x), y)
+            loss = nn.functional.cross_entropy(model(x), y, label_smoothing=optim.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -116,11 +119,12 @@ def _precision(device: torch.device) -> str:
 
 
 def engine_overhead(
-    config_path: str = "configs/fast.yaml", batches: int = 40, rounds: int = 5, device: torch.device = CPU
+    config_path: str = "configs/fast.yaml", batches: int = 40, rounds: int = 9, device: torch.device = CPU
 ) -> dict:
     """One reslab training epoch of `batches` batches (data slicing, augmentation, guard checks, metrics;
-    evaluation excluded) against as many bare steps of the same model and batch size. The two alternate for
-    `rounds` rounds, so a machine that speeds up or slows down meanwhile weighs on both; medians."""
+    evaluation excluded) against as many bare steps of the same model, batch size, loss and optimiser. Each
+    round times the two back to back, in alternating order; the overhead is the median of the rounds' ratios,
+    so a machine that speeds up or slows down between rounds weighs on both sides of each."""
     from .config import load
     from .engine.fit import train_one_epoch
     from .engine.run import prepare
@@ -137,6 +141,7 @@ def engine_overhead(
         precision,
         cfg.train.channels_last,
         device,
+        optim=cfg.optim,
         **cfg.model.options,
     )
 
@@ -149,26 +154,29 @@ def engine_overhead(
         run.batch, run.sums = 0, [0.0, 0.0, 0.0, 0.0]
         train_one_epoch(run, epoch)  # ends reading the epoch's numbers: nothing left queued on a GPU
 
+    def images_per_sec(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        return cfg.data.limit / (time.perf_counter() - start)
+
     engine_epoch(0)  # warm-up of both
     bare_epoch()
     engine, bare = [], []
     for epoch in range(1, rounds + 1):
-        start = time.perf_counter()
-        engine_epoch(epoch)
-        middle = time.perf_counter()
-        bare_epoch()
-        engine.append(cfg.data.limit / (middle - start))
-        bare.append(cfg.data.limit / (time.perf_counter() - middle))
-    engine_ips, bare_ips = statistics.median(engine), statistics.median(bare)
+        sides = {"engine": lambda e=epoch: engine_epoch(e), "bare": bare_epoch}
+        ips = {k: images_per_sec(sides[k]) for k in (("engine", "bare") if epoch % 2 else ("bare", "engine"))}
+        engine.append(ips["engine"])
+        bare.append(ips["bare"])
     return {
         "config": config_path,
         "model": cfg.model.name,
         "batch": cfg.train.batch_size,
         "precision": precision,
         "rounds": rounds,
-        "engine_img_s": engine_ips,
-        "bare_img_s": bare_ips,
-        "overhead": bare_ips / engine_ips - 1,
+        "engine_img_s": statistics.median(engine),
+        "bare_img_s": statistics.median(bare),
+        "overhead": statistics.median(b / e - 1 for b, e in zip(bare, engine)),
+        "overhead_runs": [b / e - 1 for b, e in zip(bare, engine)],
     }
 
 
@@ -380,8 +388,9 @@ def table(results: dict) -> str:
     lines += [
         "",
         f"Engine overhead ({o['config']}: {o['model']}, batch {o['batch']}, {o.get('precision', 'fp32')}, "
-        f"median of {o.get('rounds', 3)} alternating rounds): full epoch {o['engine_img_s']:,.0f} img/s vs "
-        f"bare steps {o['bare_img_s']:,.0f} img/s: {100 * o['overhead']:+.1f}%",
+        f"{o.get('rounds', 3)} paired rounds): full epoch {o['engine_img_s']:,.0f} img/s vs bare steps "
+        f"{o['bare_img_s']:,.0f} img/s (medians); overhead, the median of the rounds' ratios: "
+        f"{100 * o['overhead']:+.1f}%",
     ]
     d = results["data_cost"]
     lines += [

@@ -25,13 +25,17 @@ def timed_run(src: Path, args: list[str], out: Path) -> tuple[float, list[dict]]
     """Seconds of one `python -m reslab train` process importing reslab from `src`, and its metrics."""
     env = {**os.environ, "PYTHONPATH": str(src)}
     start = time.perf_counter()
-    subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-m", "reslab", "train", *args, "--quiet", "--out", str(out)],
         env=env,
-        check=True,
         capture_output=True,
+        text=True,
     )
     seconds = time.perf_counter() - start
+    if done.returncode:
+        sys.exit(
+            f"ab_train: reslab train from {src} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
+        )
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return seconds, metrics
 
@@ -53,9 +57,9 @@ def main() -> None:
     train_args = ["--config", str(Path(args.config).resolve()), "--set", *args.overrides]
     with tempfile.TemporaryDirectory(prefix="reslab-ab-") as tmp:
         tree = Path(tmp) / "before"
-        subprocess.run(
-            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.before], check=True
-        )
+        add = ["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(tree), args.before]
+        if subprocess.run(add, capture_output=True).returncode:
+            sys.exit(f"ab_train: cannot check out {args.before!r} (not a commit of this repository?)")
         try:
             times = {"before": [], "after": []}
             agree = True

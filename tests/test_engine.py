@@ -516,11 +516,16 @@ def test_reslab_sgd_is_torch_sgd_bit_for_bit_and_shares_its_state_dict(momentum,
         theirs.load_state_dict(mine)
 
 
-def test_reslab_sgd_refuses_a_state_of_another_shape():
+def test_reslab_sgd_zeroes_or_drops_gradients_and_refuses_a_state_of_another_shape():
     from reslab.engine.optim import SGD
 
     net = build_model("resnet8", 1, 10)
     opt = SGD(_two_groups(net, 0.0), lr=0.1, momentum=0.9)
+    net(torch.randn(2, 1, 28, 28)).sum().backward()
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in net.parameters())
+    opt.zero_grad()
+    assert all(p.grad is None for p in net.parameters())
     state = opt.state_dict()
     state["param_groups"][0]["params"].pop()
     with pytest.raises(ValueError, match="parameter groups"):

@@ -32,11 +32,12 @@ class SGD:
         self.state: dict[torch.Tensor, dict] = {}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        if not set_to_none:
-            raise ValueError("reslab's SGD only sets gradients to None")
         for group in self.param_groups:
             for p in group["params"]:
-                p.grad = None
+                if set_to_none:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad.zero_()
 
     @torch.no_grad()
     def step(self) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 from torch.profiler import profile
@@ -39,27 +38,12 @@ def relu_ms(step, steps: int = 3) -> float:
     return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in RELU_OPS) / steps / 1000
 
 
-def paired(fns: dict, rounds: int) -> list[dict]:
-    """Seconds of one call of each function per round, in alternating order, after two warm-up calls each."""
-    for fn in fns.values():
-        fn(), fn()
-    times = []
-    for r in range(rounds):
-        t = {}
-        for k in list(fns)[:: 1 if r % 2 else -1]:
-            start = time.perf_counter()
-            fns[k]()
-            t[k] = time.perf_counter() - start
-        times.append(t)
-    return times
-
-
 def compare(name: str, size: int, batch: int, precision: str, rounds: int) -> dict:
     fns = {
         "relu_first": bench.make_step(name, size, batch, precision, pool_first=False),
         "pool_first": bench.make_step(name, size, batch, precision, pool_first=True),
     }
-    times = paired(fns, rounds)
+    times = bench.paired(fns, rounds)
     ratios = [t["relu_first"] / t["pool_first"] for t in times]
     row = {"case": f"{name} @ {size}, batch {batch}, {precision} channels_last"}
     for k, fn in fns.items():

@@ -4,6 +4,7 @@ measured side by side in one run; times are medians."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -33,6 +34,25 @@ def wait(device: torch.device) -> None:
     """Wait for the kernels queued on a GPU, so that a timing counts them; nothing on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def paired(fns: dict, rounds: int, warmup: int = 2, device: torch.device = CPU) -> list[dict]:
+    """Seconds of one call of each function per round, back to back in alternating order (the last first in
+    round 0), after `warmup` calls each: a machine that speeds up or slows down weighs on both sides of a round."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    wait(device)
+    times = []
+    for r in range(rounds):
+        t = {}
+        for k in list(fns)[:: 1 if r % 2 else -1]:
+            start = time.perf_counter()
+            fns[k]()
+            wait(device)
+            t[k] = time.perf_counter() - start
+        times.append(t)
+    return times
 
 
 def _median_time(fn, repeats: int, warmup: int = 2, device: torch.device = CPU) -> float:
@@ -145,28 +165,19 @@ def engine_overhead(
         **cfg.model.options,
     )
 
+    epochs = itertools.count()  # the warm-up trains epoch 0, the rounds 1, 2, ...
+
     def bare_epoch():
         for _ in range(batches):
             step()
-        wait(device)
 
-    def engine_epoch(epoch: int):
+    def engine_epoch():
         run.batch, run.sums = 0, [0.0, 0.0, 0.0, 0.0]
-        train_one_epoch(run, epoch)  # ends reading the epoch's numbers: nothing left queued on a GPU
+        train_one_epoch(run, next(epochs))
 
-    def images_per_sec(fn) -> float:
-        start = time.perf_counter()
-        fn()
-        return cfg.data.limit / (time.perf_counter() - start)
-
-    engine_epoch(0)  # warm-up of both
-    bare_epoch()
-    engine, bare = [], []
-    for epoch in range(1, rounds + 1):
-        sides = {"engine": lambda e=epoch: engine_epoch(e), "bare": bare_epoch}
-        ips = {k: images_per_sec(sides[k]) for k in (("engine", "bare") if epoch % 2 else ("bare", "engine"))}
-        engine.append(ips["engine"])
-        bare.append(ips["bare"])
+    times = paired({"bare": bare_epoch, "engine": engine_epoch}, rounds, warmup=1, device=device)
+    engine = [cfg.data.limit / t["engine"] for t in times]
+    bare = [cfg.data.limit / t["bare"] for t in times]
     return {
         "config": config_path,
         "model": cfg.model.name,

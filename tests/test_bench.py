@@ -19,6 +19,17 @@ def test_gemm_peak_and_flops_are_plausible():
     assert 1.8e9 < bench.train_flops("d2l-resnet18", 96) < 2.0e9
 
 
+def test_step_mfu_pairs_each_step_with_a_gemm_beside_it():
+    s = bench.step_mfu("resnet8", 28, 32, "fp32", rounds=3, n=256)
+    assert len(s["mfu_runs"]) == 3 and min(s["mfu_runs"]) <= s["mfu"] <= max(s["mfu_runs"])
+    assert s["img_s"] > 10 and s["peak_gflops"] > 1.0 and s["gemm_calls"] >= 1
+    assert s["gflops"] == pytest.approx(s["img_s"] * s["train_gflop_per_image"])
+    line = bench._step_line(s)  # a row of the table
+    assert line.startswith("| resnet8 @ 28 | fp32 channels_last | 32 |") and line.endswith(
+        f"| {100 * s['mfu']:.0f}% |"
+    )
+
+
 def test_step_throughput_and_engine_overhead():
     ips = bench.step_throughput("resnet8", 28, 32, "fp32", repeats=2)
     assert ips > 10

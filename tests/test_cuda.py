@@ -72,5 +72,7 @@ def test_bench_measures_on_cuda():
     assert fp32 > 1000 and bf16 > fp32  # GFLOP/s: any CUDA GPU beats a CPU, and bf16 beats fp32
     ips = {p: bench.step_throughput("resnet20", 28, 256, p, repeats=3, device=CUDA) for p in ("fp32", "bf16")}
     assert ips["fp32"] > 0 and ips["bf16"] > 0
+    s = bench.step_mfu("resnet20", 28, 256, "bf16", rounds=3, n=4096, device=CUDA)
+    assert s["peak_gflops"] > 1000 and 0 < s["mfu"] < 1.5
     o = bench.engine_overhead(batches=8, device=CUDA)
     assert o["precision"] == "bf16" and o["engine_img_s"] > 0 and o["bare_img_s"] > 0

@@ -148,5 +148,5 @@ for key in names:
 print(json.dumps(brief, indent=1))
 EOF
 rm -rf "$RUNS"
-grep -A16 "^GEMM peak" "$LOG" # the bench table
+grep -A20 "^GEMM peak" "$LOG" # the bench table
 grep -A18 "operators a step" "$LOG" # the profile

@@ -160,14 +160,15 @@ def step_mfu(
     ips = [batch / t["step"] for t in times]
     peaks = [reps * 2 * n**3 / t["gemm"] / 1e9 for t in times]
     mfu = [i * flops / 1e9 / p for i, p in zip(ips, peaks)]
+    img_s = statistics.median(ips)
     return {
         "model": name,
         "size": size,
         "batch": batch,
         "precision": precision,
         "channels_last": channels_last,
-        "img_s": statistics.median(ips),
-        "gflops": statistics.median(ips) * flops / 1e9,
+        "img_s": img_s,
+        "gflops": img_s * flops / 1e9,
         "peak_gflops": statistics.median(peaks),
         "mfu": statistics.median(mfu),
         "mfu_runs": mfu,
@@ -384,11 +385,11 @@ def run(
         "steps": [],
     }
     precisions = ["fp32", "bf16"] if bf16_ok else ["fp32"]
+    rounds = 3 if quick else 5
     for name, size in CASES[1:] if quick else CASES:
         batch = (256 if gpu else 64) if name == "d2l-resnet18" else (512 if gpu else 256)
         for precision in precisions:
             for channels_last in (False, True):
-                rounds = 3 if quick else 5
                 results["steps"].append(step_mfu(name, size, batch, precision, channels_last, rounds, n, dev))
                 print(_step_line(results["steps"][-1]), flush=True)
     results["engine_overhead"] = engine_overhead(device=dev)

@@ -28,13 +28,20 @@
 #   measured on an H200 with test-time flip, plus ~0.2 s estimated for the 1-px shift's views. A call the budget cuts
 #   short returns only what $OUT already holds, and best-run.tar is written after the run: D must fit.
 # Knobs (environment): ONLY="sprint best" runs just those steps; BEST="train.epochs=..." adds overrides to the best
-# step; DEADLINE (default 565 s); EPOCH_S (default 2.6, the H200's 2.4 s an epoch of best.yaml with margin).
+# step; DEADLINE (default 565 s); EPOCH_S (default 2.6, the H200's 2.4 s an epoch of best.yaml with margin);
+# DEVICE (default cuda) and SET (overrides added to every training and profiling step): a dry run of the script on
+# a CPU, to catch a broken step before it costs device time:
+#   DEVICE=cpu SET="data.limit=512 train.epochs=1" BEST="train.epochs=3" PROFILE_STEPS=4 \
+#     DEADLINE=400 bash benchmarks/gpu_check.sh
 set -u
 OUT=${OUT:-gpu-check}
 DEADLINE=${DEADLINE:-565}
 EPOCH_S=${EPOCH_S:-2.6}
 ONLY=${ONLY:-}
 read -ra BEST <<<"${BEST:-}"
+DEVICE=${DEVICE:-cuda}
+read -ra SET <<<"device=$DEVICE ${SET:-}"
+PROFILE_STEPS=${PROFILE_STEPS:-40}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export RESLAB_DATA=${RESLAB_DATA:-$PWD/.fmnist}
@@ -67,27 +74,28 @@ step() { # name limit_seconds command...; the limit shrinks to what is left befo
 nvidia-smi >>"$LOG" 2>&1
 step tests 90 "$PY" -m pytest -m cuda tests -q -p no:cacheprovider
 grep -E "(passed|failed|skipped|error).* in [0-9.]+s" "$LOG" | tail -1 >"$OUT/pytest.log"
-step bench 120 "$PY" -m reslab bench --device cuda --seed-rounds 1 --out "$OUT/bench.json"
-step seed 100 "$PY" -m reslab train --config configs/seed.yaml --quiet --out "$RUNS/seed" --set device=cuda
-step profile 60 "$PY" benchmarks/profile_step.py --config configs/best.yaml --set device=cuda --steps 40 \
-	--out "$OUT/profile.json"
-step profile-sprint 60 "$PY" benchmarks/profile_step.py --config configs/sprint.yaml --set device=cuda --steps 40 \
-	--out "$OUT/profile-sprint.json"
-step layout 60 "$PY" benchmarks/zeropad_layout.py --model resnet20 --set --batch 512 --device cuda --precision bf16 \
-	--steps 20 --out "$OUT/layout.json"
-step sprint 60 "$PY" -m reslab train --config configs/sprint.yaml --quiet --out "$RUNS/sprint" --set device=cuda
+step bench 120 "$PY" -m reslab bench --device "$DEVICE" --seed-rounds 1 --out "$OUT/bench.json"
+step seed 100 "$PY" -m reslab train --config configs/seed.yaml --quiet --out "$RUNS/seed" --set "${SET[@]}"
+step profile 60 "$PY" benchmarks/profile_step.py --config configs/best.yaml --set "${SET[@]}" \
+	--steps "$PROFILE_STEPS" --out "$OUT/profile.json"
+step profile-sprint 60 "$PY" benchmarks/profile_step.py --config configs/sprint.yaml --set "${SET[@]}" \
+	--steps "$PROFILE_STEPS" --out "$OUT/profile-sprint.json"
+step layout 60 "$PY" benchmarks/zeropad_layout.py --model resnet20 --set --batch 512 --device "$DEVICE" \
+	--precision bf16 --steps 20 --out "$OUT/layout.json"
+step sprint 60 "$PY" -m reslab train --config configs/sprint.yaml --quiet --out "$RUNS/sprint" \
+	--set "${SET[@]}"
 # the largest of (100, 80, 60) epochs that end RESERVE s before DEADLINE at EPOCH_S an epoch (plus 20 s start-up)
 EPOCHS=$(awk -v left=$((DEADLINE - SECONDS - RESERVE)) -v per="$EPOCH_S" \
 	'BEGIN { n = 0; split("100 80 60", c); for (i = 3; i >= 1; i--) if (20 + c[i] * per <= left) n = c[i]; print n }')
 if ((EPOCHS > 0)); then
 	step best $((DEADLINE - SECONDS - RESERVE + 30)) "$PY" -m reslab train --config configs/best.yaml --quiet \
-		--out "$RUNS/best" --set device=cuda train.epochs="$EPOCHS" "${BEST[@]}"
+		--out "$RUNS/best" --set "${SET[@]}" train.epochs="$EPOCHS" "${BEST[@]}"
 	[[ -d $RUNS/best ]] && tar -cf "$OUT/best-run.tar" -C "$RUNS" best
 else
 	STEPS="$STEPS best=skipped:0"
 fi
 step sprint-graphs 150 "$PY" -m reslab train --config configs/sprint.yaml --quiet --out "$RUNS/sprint-graphs" \
-	--set device=cuda train.compile=true train.compile_mode=reduce-overhead
+	--set "${SET[@]}" train.compile=true train.compile_mode=reduce-overhead
 
 STEPS="$STEPS" BEST="${BEST[*]}" "$PY" - "$OUT" "$RUNS" <<'EOF'
 import json, os, statistics, sys

@@ -13,8 +13,6 @@ from torch import nn
 from ..errors import ReslabError
 from .blocks import EXPANSION, ResidualUnit
 
-PREACT_ORDERS = ("relu-preact", "full-preact")
-
 
 def make_stage(
     in_channels: int, channels: int, blocks: int, stride: int, **unit_options

@@ -164,8 +164,12 @@ def test_summary_rows_match_the_notebook():
 def test_bad_names_and_options_list_the_choices():
     with pytest.raises(ReslabError, match="choose one of: d2l-resnet18"):
         build_model("resnet19")
-    with pytest.raises(ReslabError, match="no option 'colour'"):
+    with pytest.raises(ReslabError, match="colour: resnet20 has no such option; its options: kind, order"):
         build_model("resnet20", colour="red")
+    with pytest.raises(ReslabError, match="width: must be an integer > 0, got -3"):
+        build_model("resnet20", width=-3)
+    with pytest.raises(ReslabError, match="unknown block kind 'wide'"):
+        build_model("resnet20", kind="wide")
     with pytest.raises(ReslabError, match="unit order"):
         build_model("resnet20", order="sideways")
     with pytest.raises(ReslabError, match="6n\\+2"):

@@ -7,6 +7,7 @@ Every user mistake (unknown key, wrong type, value out of range, contradictory o
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -224,8 +225,11 @@ def validate(cfg: Config) -> None:
             raise ReslabError(f"{key}: {value!r} is not one of {', '.join(CHOICES[key])}")
 
     def positive(key: str, value: float | None, allow_zero: bool = False) -> None:
+        bound = ">= 0" if allow_zero else "> 0"
+        if value is not None and not math.isfinite(value):
+            raise ReslabError(f"{key}: must be a finite number {bound}, got {value}")
         if value is not None and (value < 0 or (value == 0 and not allow_zero)):
-            raise ReslabError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+            raise ReslabError(f"{key}: must be {bound}, got {value}")
 
     positive("train.epochs", cfg.train.epochs)
     positive("train.batch_size", cfg.train.batch_size)
@@ -233,7 +237,8 @@ def validate(cfg: Config) -> None:
     positive("optim.lr", cfg.optim.lr)
     positive("data.limit", cfg.data.limit)
     positive("data.resize", cfg.data.resize)
-    for key in ("optim.weight_decay", "optim.warmup_epochs", "optim.grad_clip", "optim.momentum"):
+    positive("optim.gamma", cfg.optim.gamma)
+    for key in ("optim.weight_decay", "optim.warmup_epochs", "optim.grad_clip"):
         section, name = key.split(".")
         positive(key, getattr(getattr(cfg, section), name), allow_zero=True)
     positive("data.crop_padding", cfg.data.crop_padding, allow_zero=True)
@@ -246,6 +251,8 @@ def validate(cfg: Config) -> None:
         ("optim.label_smoothing", cfg.optim.label_smoothing),
         ("train.ema", cfg.train.ema),
         ("data.split", cfg.data.split),
+        ("optim.momentum", cfg.optim.momentum),
+        *((f"optim.betas[{i}]", beta) for i, beta in enumerate(cfg.optim.betas)),
     ):
         if not 0 <= value < 1:
             raise ReslabError(f"{key}: must be in [0, 1), got {value}")
@@ -253,6 +260,8 @@ def validate(cfg: Config) -> None:
         raise ReslabError(
             f"optim.warmup_epochs ({cfg.optim.warmup_epochs}) exceeds train.epochs ({cfg.train.epochs})"
         )
+    if len(cfg.optim.betas) != 2:
+        raise ReslabError(f"optim.betas: two numbers, e.g. [0.9, 0.999], got {cfg.optim.betas}")
     if any(not 0 < m < 1 for m in cfg.optim.milestones):
         raise ReslabError(f"optim.milestones: fractions of the run in (0, 1), got {cfg.optim.milestones}")
     if cfg.train.compile_mode != "default" and not cfg.train.compile:
@@ -264,14 +273,9 @@ def validate(cfg: Config) -> None:
     if cfg.data.name == "folder" and not cfg.data.root:
         raise ReslabError("data.name folder needs data.root: a directory of class_name/*.png folders")
     # the model name and options are checked here too, before anything is written
-    from .models import model_options
+    from .models import check_options
 
-    valid = model_options(cfg.model.name)
-    for option in cfg.model.options:
-        if option not in valid:
-            raise ReslabError(
-                f"model.options.{option}: {cfg.model.name} has no such option; its options: {', '.join(valid)}"
-            )
+    check_options(cfg.model.name, cfg.model.options, prefix="model.options.")
 
 
 def dump(cfg: Config) -> str:

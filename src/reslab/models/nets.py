@@ -11,7 +11,7 @@ from collections import OrderedDict
 from torch import nn
 
 from ..errors import ReslabError
-from .blocks import EXPANSION, ResidualUnit
+from .blocks import EXPANSION, KINDS, ResidualUnit, check_choice
 
 
 def make_stage(
@@ -106,7 +106,7 @@ def cifar_resnet(
     (9n+2 with bottlenecks), global average pooling and a linear head. Not in the paper, for fast CPU recipes:
     first_stride=2 halves the resolution in the first stage already (a quarter of the cost), stem_stride=2 in
     the stem (the same stages, without the stem's full-resolution maps)."""
-    per_unit = 2 if kind == "basic" else 3
+    per_unit = 2 if check_choice("block kind", kind, KINDS) == "basic" else 3
     n, rest = divmod(depth - 2, 3 * per_unit)
     if rest or n < 1:
         raise ReslabError(f"depth {depth} is not {3 * per_unit}n+2 for {kind} units; e.g. 20, 56, 110, 164")

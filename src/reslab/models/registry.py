@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
+import typing
 from collections.abc import Callable
 
 from torch import nn
@@ -65,16 +67,34 @@ def _get(name: str) -> Callable[..., nn.Module]:
     return _REGISTRY[name]
 
 
+def check_options(name: str, options: dict[str, object], prefix: str = "") -> None:
+    """One clear error for an option the model lacks, or a value of the wrong type or range: booleans must be
+    true or false, integers (widths, strides) > 0, floats finite. `prefix` names where the options came from."""
+    valid = model_options(name)
+    builder = _get(name)
+    hints = typing.get_type_hints(builder.func if isinstance(builder, functools.partial) else builder)
+    for key, value in options.items():
+        if key not in valid:
+            raise ReslabError(
+                f"{prefix}{key}: {name} has no such option; its options: {', '.join(valid) or 'none'}"
+            )
+        kind = hints.get(key)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if kind is bool and not isinstance(value, bool):
+            raise ReslabError(f"{prefix}{key}: must be true or false, got {value!r}")
+        if kind is int and not (number and isinstance(value, int) and value > 0):
+            raise ReslabError(f"{prefix}{key}: must be an integer > 0, got {value!r}")
+        if kind is float and not (number and math.isfinite(value)):
+            raise ReslabError(f"{prefix}{key}: must be a finite number, got {value!r}")
+        if kind is str and not isinstance(value, str):
+            raise ReslabError(f"{prefix}{key}: must be a string, got {value!r}")
+
+
 def build_model(name: str, in_channels: int = 1, num_classes: int = 10, **options) -> nn.Module:
     """Build a registered model. Options (unit order, shortcut, stem, ...) depend on the family:
     `model_options(name)` lists them."""
-    builder = _get(name)
-    valid = model_options(name)
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        choices = ", ".join(valid) or "none"
-        raise ReslabError(f"model {name!r} has no option {unknown[0]!r}; its options: {choices}")
-    return builder(in_channels=in_channels, num_classes=num_classes, **options)
+    check_options(name, options)
+    return _get(name)(in_channels=in_channels, num_classes=num_classes, **options)
 
 
 def count_params(model: nn.Module) -> int:

@@ -141,6 +141,50 @@ def test_unwritable_run_directory_is_one_clear_line(tmp_path, monkeypatch):
         checkpoint.save({"model": {}}, tmp_path / "last.pt")
 
 
+def test_run_directory_that_is_a_file_is_one_clear_line(tiny_data, tmp_path, capsys):
+    from reslab.cli import main
+
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me")
+    for out in (target, target / "run"):
+        assert main(["train", "--out", str(out), "--quiet", "--set", *tiny_overrides(tiny_data)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("reslab: error:") and "notes.txt" in err
+    assert target.read_text() == "keep me"
+
+
+def test_out_of_memory_mid_run_is_one_line_and_keeps_the_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
+    from reslab import faults
+    from reslab.cli import main
+
+    steps = []
+
+    def allocation_fails(
+        point,
+    ):  # at a real point of the training loop, the error PyTorch's CPU allocator raises
+        steps.append(point)
+        if steps.count("step") == 10:  # in epoch 2 (tiny data: 8 steps an epoch)
+            raise RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                "you tried to allocate 32768000000 bytes. Error code 12 (Cannot allocate memory)"
+            )
+
+    monkeypatch.setattr(faults, "reached", allocation_fails)
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--quiet", "--set", *tiny_overrides(tiny_data)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("reslab: error: out of memory (")
+    assert "train.batch_size" in err and "data.resize" in err
+    assert checkpoint.load(out / "last.pt")["epoch"] == 1  # epoch 1's checkpoint is intact
+
+    def bug(point):
+        raise RuntimeError("shape mismatch")  # any other error is a bug: it keeps its traceback
+
+    monkeypatch.setattr(faults, "reached", bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(["train", "--out", str(tmp_path / "bug"), "--quiet", "--set", *tiny_overrides(tiny_data)])
+
+
 # ------------------------------------------------------------------ hostile and broken checkpoints
 class Evil:
     def __reduce__(self):

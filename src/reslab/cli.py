@@ -1,7 +1,7 @@
 """`reslab` command line: argparse subcommands mapped to plain functions.
 
 User mistakes end in one line `reslab: error: ...` on stderr and exit code 2 (3 for a diverged run,
-130 for Ctrl-C); no traceback.
+1 for running out of memory, 130 for Ctrl-C); no traceback.
 """
 
 from __future__ import annotations
@@ -247,6 +247,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("reslab: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as e:  # torch's OutOfMemoryError (CUDA) is a RuntimeError
+        text = str(e)
+        if (
+            not isinstance(e, MemoryError)
+            and "can't allocate memory" not in text
+            and "out of memory" not in text
+        ):
+            raise
+        print(
+            f"reslab: error: out of memory ({text.splitlines()[0] if text else 'MemoryError'}); a smaller "
+            "batch size (train.batch_size, train.eval_batch_size) or input size (data.resize) needs less",
+            file=sys.stderr,
+        )
+        return 1
     except BrokenPipeError:  # the reader left (`reslab eval RUN | head -1`): stop quietly, as Unix tools do
         # point stdout at /dev/null, so that the flush at exit cannot fail again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -125,6 +125,8 @@ def _log(run: Run, line: str, err: bool = False) -> None:
 def fit(cfg: Config, out: str | Path, resume: bool = False, quiet: bool = False, on_step=None) -> dict:
     """Train `cfg` into the run directory `out`; with resume, continue from out/last.pt. Returns the summary."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ReslabError(f"run directory {out} is a file; choose another --out")
     wall_start = time.perf_counter()
     run = prepare(cfg, out, quiet)
     state = checkpoint.load(out / "last.pt") if resume else None
@@ -133,7 +135,10 @@ def fit(cfg: Config, out: str | Path, resume: bool = False, quiet: bool = False,
         if run.epoch >= cfg.train.epochs:
             _log(run, f"{out} already finished {run.epoch} epochs; raise train.epochs to train on")
     if run.ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ReslabError(f"cannot create run directory {out}: {e.strerror or e}") from None
         checkpoint.write_text(out / "config.yaml", config_mod.dump(cfg))
     _log(
         run,

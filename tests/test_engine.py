@@ -364,6 +364,7 @@ def test_ema_and_tta_runs_report_what_eval_of_the_checkpoint_finds(tiny_data, tm
         (["optim.lr=.inf"], "optim.lr: must be a finite number > 0, got inf"),
         (["optim.momentum=1"], "optim.momentum: must be in [0, 1)"),
         (["optim.betas=[0.9]"], "optim.betas: two numbers"),
+        (["optim.nesterov=true", "optim.momentum=0"], "optim.nesterov needs optim.momentum > 0"),
         (["data.erasing=1.5"], "data.erasing: must be in"),
         (["train.tta_shift=-1"], "train.tta_shift: must be >= 0"),
         (["optim.schedule=linear"], "optim.schedule"),

@@ -260,6 +260,8 @@ def validate(cfg: Config) -> None:
         raise ReslabError(
             f"optim.warmup_epochs ({cfg.optim.warmup_epochs}) exceeds train.epochs ({cfg.train.epochs})"
         )
+    if cfg.optim.name == "sgd" and cfg.optim.nesterov and cfg.optim.momentum == 0:
+        raise ReslabError("optim.nesterov needs optim.momentum > 0 (as torch.optim.SGD requires)")
     if len(cfg.optim.betas) != 2:
         raise ReslabError(f"optim.betas: two numbers, e.g. [0.9, 0.999], got {cfg.optim.betas}")
     if any(not 0 < m < 1 for m in cfg.optim.milestones):

@@ -365,6 +365,8 @@ def test_ema_and_tta_runs_report_what_eval_of_the_checkpoint_finds(tiny_data, tm
         (["optim.momentum=1"], "optim.momentum: must be in [0, 1)"),
         (["optim.betas=[0.9]"], "optim.betas: two numbers"),
         (["optim.nesterov=true", "optim.momentum=0"], "optim.nesterov needs optim.momentum > 0"),
+        (["data.split=0.2"], "data.split holds out test images from folder data; fashion-mnist has its own"),
+        (["data.classes=[a,b]"], "data.classes names the classes of idx or folder data"),
         (["data.erasing=1.5"], "data.erasing: must be in"),
         (["train.tta_shift=-1"], "train.tta_shift: must be >= 0"),
         (["optim.schedule=linear"], "optim.schedule"),

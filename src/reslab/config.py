@@ -272,6 +272,12 @@ def validate(cfg: Config) -> None:
         raise ReslabError(
             "precision fp16 needs a CUDA device (fp16 on the CPU is slow and unscaled); use bf16 or fp32"
         )
+    if cfg.data.split and cfg.data.name != "folder":
+        raise ReslabError(
+            f"data.split holds out test images from folder data; {cfg.data.name} has its own test set"
+        )
+    if cfg.data.classes and cfg.data.name == "fashion-mnist":
+        raise ReslabError("data.classes names the classes of idx or folder data; fashion-mnist has its own")
     if cfg.data.name == "folder" and not cfg.data.root:
         raise ReslabError("data.name folder needs data.root: a directory of class_name/*.png folders")
     # the model name and options are checked here too, before anything is written

@@ -170,6 +170,8 @@ def test_bad_names_and_options_list_the_choices():
         build_model("resnet20", width=-3)
     with pytest.raises(ReslabError, match="unknown block kind 'wide'"):
         build_model("resnet20", kind="wide")
+    with pytest.raises(ReslabError, match="num_classes must be an integer > 0, got 0"):
+        build_model("resnet20", num_classes=0)
     with pytest.raises(ReslabError, match="unit order"):
         build_model("resnet20", order="sideways")
     with pytest.raises(ReslabError, match="6n\\+2"):
@@ -199,3 +201,14 @@ def test_cifar_resolution_options_halve_the_maps_where_they_say():
     assert [r.output_shape for r in stage[1:4]] == [r.output_shape for r in stem[1:4]]
     assert stage[0].output_shape == (1, 16, 28, 28)
     assert sum(r.params for r in stem) == sum(r.params for r in stage)
+
+
+def test_models_command_counts_on_the_meta_device_as_a_real_build(capsys):
+    from reslab.cli import main
+
+    assert main(["models"]) == 0
+    listed = dict(line.rsplit(maxsplit=1) for line in capsys.readouterr().out.splitlines())
+    assert list(listed) == list_models()
+    for name in ("d2l-resnet18", "resnet20", "plain20", "preact-resnet164", "resnet50", "wrn-16-4"):
+        assert int(listed[name].replace(",", "")) == count_params(build_model(name, 1, 10)), name
+    assert listed["d2l-resnet18"] == "11,178,378"

@@ -27,7 +27,10 @@ def make_stage(
 
 
 def init_weights(model: nn.Module, zero_init_residual: bool = False) -> nn.Module:
-    """Kaiming-normal convs (He et al. 2015, fan-out as torchvision), BN gamma 1 and beta 0."""
+    """Kaiming-normal convs (He et al. 2015, fan-out as torchvision), BN gamma 1 and beta 0. A model built on the
+    meta device (shapes only, as `reslab models` counts parameters) has no values to set."""
+    if any(p.is_meta for p in model.parameters()):
+        return model
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -93,6 +93,9 @@ def check_options(name: str, options: dict[str, object], prefix: str = "") -> No
 def build_model(name: str, in_channels: int = 1, num_classes: int = 10, **options) -> nn.Module:
     """Build a registered model. Options (unit order, shortcut, stem, ...) depend on the family:
     `model_options(name)` lists them."""
+    for what, value in (("in_channels", in_channels), ("num_classes", num_classes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ReslabError(f"{what} must be an integer > 0, got {value!r}")
     check_options(name, options)
     return _get(name)(in_channels=in_channels, num_classes=num_classes, **options)
 

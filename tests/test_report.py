@@ -100,6 +100,25 @@ def test_bad_image_files_give_one_clear_error(trained, tmp_path, capsys, make, e
     assert re.search(error, err)
 
 
+def test_outputs_that_cannot_be_written_and_counts_below_one_are_one_line(trained, tmp_path, capsys):
+    note = tmp_path / "note.txt"
+    note.write_text("keep me")
+    cases = [
+        (["eval", str(trained), "--limit", "8", "--out", str(note)], "note.txt is a file, not a directory"),
+        (["export", str(trained), "--out", str(note / "m.onnx")], "note.txt is a file, not a directory"),
+        (["export", str(trained), "--out", str(tmp_path)], "is a directory; name the file to write"),
+        (["study", "units", "--out", str(note / "u")], "cannot create directory"),
+        (["eval", str(trained), "--limit", "0"], "--limit must be a positive integer, got 0"),
+        (["predict", str(trained), "x.png", "--top-k", "0"], "--top-k must be a positive integer, got 0"),
+        (["study", "units", "--seeds", "0"], "--seeds must be a positive integer, got 0"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, (argv, err)
+    assert note.read_text() == "keep me"
+
+
 def test_huge_image_is_refused(tmp_path):
     # a 20000 x 20000 PNG header: PIL sees the size before decoding anything
     path = tmp_path / "huge.png"

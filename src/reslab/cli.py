@@ -15,6 +15,13 @@ from pathlib import Path
 from .errors import ReslabError
 
 
+def require_counts(*flags: tuple[str, int | None]) -> None:
+    """One error line for a count option below 1 (None: not given)."""
+    for flag, value in flags:
+        if value is not None and value < 1:
+            raise ReslabError(f"{flag} must be a positive integer, got {value}")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from . import config
     from .engine import fit
@@ -41,6 +48,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .report import evaluate_checkpoint
 
+    require_counts(("--limit", args.limit))
     result = evaluate_checkpoint(
         args.path, out=args.out, data_dir=args.data_dir, limit=args.limit, tta_shift=args.tta_shift
     )
@@ -92,8 +100,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    if args.seeds < 1:
-        raise ReslabError("--seeds must be at least 1")
+    require_counts(("--seeds", args.seeds))
     out = Path(args.out or f"runs/study-{args.study}{'-quick' if args.quick else ''}")
     if args.study == "degradation":
         from .studies import degradation
@@ -116,8 +123,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .report import predict
 
-    if args.top_k < 1:
-        raise ReslabError("--top-k must be at least 1")
+    require_counts(("--top-k", args.top_k))
     results = predict(args.checkpoint, args.images, args.top_k, args.invert)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -140,9 +146,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run
 
-    for flag, value in (("--seed-limit", args.seed_limit), ("--seed-rounds", args.seed_rounds)):
-        if value < 1:
-            raise ReslabError(f"{flag} must be a positive integer, got {value}")
+    require_counts(("--seed-limit", args.seed_limit), ("--seed-rounds", args.seed_rounds))
     run(Path(args.out) if args.out else None, args.quick, args.seed_limit, args.device, args.seed_rounds)
     return 0
 

@@ -106,8 +106,7 @@ def evaluate_checkpoint(
         "classes": meta["classes"],
     }
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
+        out = checkpoint.make_dir(Path(out))
         from .plots import confusion_matrix, error_grid
 
         confusion_matrix(confusion.numpy(), meta["classes"], out / "confusion.png")
@@ -205,7 +204,9 @@ def export(path: str | Path, fmt: str, out: str | Path) -> Path:
     side = meta["resize"] or meta["image_size"]
     example = torch.randn(2, meta["in_channels"], side, side)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_dir():
+        raise ReslabError(f"--out {out} is a directory; name the file to write, e.g. {out / f'model.{fmt}'}")
+    checkpoint.make_dir(out.parent)
     if fmt == "torchscript":
         scripted = torch.jit.trace(model, example)
         scripted.save(str(out))

@@ -56,6 +56,17 @@ def atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
+def make_dir(path: Path) -> Path:
+    """Create an output directory and its parents, or say in one line why it cannot be."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ReslabError(f"{path} is a file, not a directory; choose another --out") from None
+    except OSError as e:
+        raise ReslabError(f"cannot create directory {path}: {e.strerror or e}") from None
+    return path
+
+
 def write_text(path: Path, text: str) -> None:
     """A text file (a run's config.yaml, metrics.jsonl, summary.json; eval, study and bench results) written
     atomically, like a checkpoint."""

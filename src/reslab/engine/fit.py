@@ -135,10 +135,7 @@ def fit(cfg: Config, out: str | Path, resume: bool = False, quiet: bool = False,
         if run.epoch >= cfg.train.epochs:
             _log(run, f"{out} already finished {run.epoch} epochs; raise train.epochs to train on")
     if run.ctx.is_main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ReslabError(f"cannot create run directory {out}: {e.strerror or e}") from None
+        checkpoint.make_dir(out)
         checkpoint.write_text(out / "config.yaml", config_mod.dump(cfg))
     _log(
         run,

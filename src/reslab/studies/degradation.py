@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .. import config
 from ..config import Config
+from ..engine.checkpoint import make_dir
 from ..errors import ReslabError
 from ..models import list_models
 from .common import Timer, error_curve, error_stats, finish, machine, run_grid, with_changes
@@ -72,8 +73,7 @@ def run(
     nets=NETS,
 ) -> dict:
     runs = plan(quick, seeds, overrides or [], depths, nets)  # before anything is written: it checks
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir(Path(out))
     with Timer() as timer:
         results = run_grid(runs, out)
     rows = []

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .. import config
 from ..config import Config
+from ..engine.checkpoint import make_dir
 from .common import Timer, error_curve, error_stats, finish, machine, run_grid, with_changes
 from .degradation import RECIPE
 
@@ -54,9 +55,8 @@ def run(
     depth: int = 56,
     variants=tuple(VARIANTS),
 ) -> dict:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    runs = plan(quick, seeds, overrides or [], depth, variants)
+    runs = plan(quick, seeds, overrides or [], depth, variants)  # before anything is written: it checks
+    out = make_dir(Path(out))
     with Timer() as timer:
         results = run_grid(runs, out)
     rows = []

@@ -125,6 +125,7 @@ def _log(run: Run, line: str, err: bool = False) -> None:
 def fit(cfg: Config, out: str | Path, resume: bool = False, quiet: bool = False, on_step=None) -> dict:
     """Train `cfg` into the run directory `out`; with resume, continue from out/last.pt. Returns the summary."""
     out = Path(out)
+    # checked on every rank and before the data loads; make_dir below reports the other failures
     if out.exists() and not out.is_dir():
         raise ReslabError(f"run directory {out} is a file; choose another --out")
     wall_start = time.perf_counter()

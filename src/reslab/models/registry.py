@@ -49,11 +49,17 @@ def list_models() -> list[str]:
     return list(_REGISTRY)
 
 
+def _unwrap(name: str) -> tuple[Callable[..., nn.Module], dict[str, object]]:
+    """A registered model's builder function and the arguments its registration fixed."""
+    builder = _get(name)
+    if isinstance(builder, functools.partial):
+        return builder.func, builder.keywords
+    return builder, {}
+
+
 def model_options(name: str) -> dict[str, object]:
     """The options a model accepts, with their defaults (for the CLI and error messages)."""
-    builder = _get(name)
-    fixed = builder.keywords if isinstance(builder, functools.partial) else {}
-    func = builder.func if isinstance(builder, functools.partial) else builder
+    func, fixed = _unwrap(name)
     return {
         p.name: fixed.get(p.name, p.default)
         for p in inspect.signature(func).parameters.values()
@@ -71,8 +77,7 @@ def check_options(name: str, options: dict[str, object], prefix: str = "") -> No
     """One clear error for an option the model lacks, or a value of the wrong type or range: booleans must be
     true or false, integers (widths, strides) > 0, floats finite. `prefix` names where the options came from."""
     valid = model_options(name)
-    builder = _get(name)
-    hints = typing.get_type_hints(builder.func if isinstance(builder, functools.partial) else builder)
+    hints = typing.get_type_hints(_unwrap(name)[0])
     for key, value in options.items():
         if key not in valid:
             raise ReslabError(

@@ -22,12 +22,16 @@ AREAS = {
     "test_engine": ("config, CLI and divergence", "exit 2 with one line / guard recovered, no NaN written"),
     "test_report": ("user images and exports", "clear error or documented conversion"),
     "test_dist": ("torchrun", "recovered / clear error"),
+    "test_models": ("model names and options", "one line naming the valid choices"),
 }
 SELECT = [
     "tests/test_reliability.py",
     "tests/test_data.py",
     "tests/test_engine.py::test_config_errors_exit_2_and_write_nothing",
     "tests/test_engine.py::test_missing_config_file_and_bad_yaml",
+    "tests/test_engine.py::test_sizes_known_once_the_data_is_read_are_checked_before_any_write",
+    "tests/test_engine.py::test_reslab_sgd_refuses_what_torch_sgd_refuses_with_its_message",
+    "tests/test_models.py::test_bad_names_and_options_list_the_choices",
     "tests/test_engine.py::test_guard_rolls_back_and_halves_the_lr_on_injected_nan",
     "tests/test_engine.py::test_hopeless_run_stops_cleanly",
     "tests/test_engine.py::test_seed_recipe_with_absurd_lr_never_writes_nan",

@@ -342,6 +342,30 @@ def test_ema_and_tta_runs_report_what_eval_of_the_checkpoint_finds(tiny_data, tm
     assert unshifted["test_loss"] != pytest.approx(summary["test_loss"], rel=1e-4)
     state = checkpoint.load(tmp_path / "r" / "last.pt")
     assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["model"])
+    # a shift as large as the input only averages blank views: refused before the evaluation or any write
+    assert (
+        main(["eval", str(tmp_path / "r" / "last.pt"), "--tta-shift", "28", "--out", str(tmp_path / "e")])
+        == 2
+    )
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"train.tta_shift": 28}, "train.tta_shift: must be smaller than the 28-pixel inputs, got 28"),
+        ({"train.tta_shift": 40, "data.resize": 32}, "smaller than the 32-pixel inputs, got 40"),
+        ({"data.crop_padding": 28}, "data.crop_padding: must be smaller than the 28-pixel images, got 28"),
+    ],
+)
+def test_sizes_known_once_the_data_is_read_are_checked_before_any_write(
+    tiny_data, tmp_path, capsys, extra, message
+):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--set", *tiny_overrides(tiny_data, **extra)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(
@@ -542,6 +566,21 @@ def test_reslab_sgd_zeroes_or_drops_gradients_and_refuses_a_state_of_another_sha
     state["param_groups"][0]["params"].pop()
     with pytest.raises(ValueError, match="parameter groups"):
         opt.load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    ("lr", "momentum", "nesterov"), [(-0.1, 0.9, False), (0.1, -0.5, False), (0.1, 0.0, True)]
+)
+def test_reslab_sgd_refuses_what_torch_sgd_refuses_with_its_message(lr, momentum, nesterov):
+    """Direct API callers get torch's errors, not a silent change: nesterov without momentum was dropped."""
+    from reslab.engine.optim import SGD
+
+    net = build_model("resnet8", 1, 10)
+    with pytest.raises(ValueError) as theirs:
+        torch.optim.SGD(_two_groups(net, 0.0), lr=lr, momentum=momentum, nesterov=nesterov)
+    with pytest.raises(ValueError) as ours:
+        SGD(_two_groups(net, 0.0), lr=lr, momentum=momentum, nesterov=nesterov)
+    assert str(ours.value) == str(theirs.value)
 
 
 def test_cpu_training_never_imports_torch_dynamo(tiny_data, tmp_path):

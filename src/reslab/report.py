@@ -69,7 +69,11 @@ def evaluate_checkpoint(
         )
     device = torch.device("cpu")
     keep_freed_memory(device)  # as training does: else each batch faults its activations in afresh
-    _, test = make_loaders(data, cfg.data, 1, cfg.train.eval_batch_size, 0, device)
+    _, test = make_loaders(
+        data, cfg.data, 1, cfg.train.eval_batch_size, 0, device, tta_shift=cfg.train.tta_shift
+    )
+    if out is not None:  # before the evaluation, so a wrong --out fails at once
+        out = checkpoint.make_dir(Path(out))
     mem = torch.channels_last if cfg.train.channels_last else torch.contiguous_format  # as the run evaluated
     model = model.to(memory_format=mem)
     logits = torch.cat(
@@ -106,7 +110,6 @@ def evaluate_checkpoint(
         "classes": meta["classes"],
     }
     if out is not None:
-        out = checkpoint.make_dir(Path(out))
         from .plots import confusion_matrix, error_grid
 
         confusion_matrix(confusion.numpy(), meta["classes"], out / "confusion.png")

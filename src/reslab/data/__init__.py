@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..config import DataConfig
+from ..errors import ReslabError
 from . import fashion_mnist
 from .loader import Augment, TensorLoader, flip, random_crop, random_erasing, resize
 
@@ -78,7 +79,18 @@ def make_loaders(
     device: torch.device,
     rank: int = 0,
     world_size: int = 1,
+    tta_shift: int = 0,
 ) -> tuple[TensorLoader, TensorLoader]:
+    """The training and test loaders. Sizes known only once the data is read are checked here: the crop's
+    padding against the stored images, the test-time shift against the images the model sees."""
+    native = min(data.train_images.shape[-2:])
+    if cfg.crop_padding >= native:
+        raise ReslabError(
+            f"data.crop_padding: must be smaller than the {native}-pixel images, got {cfg.crop_padding}"
+        )
+    seen = cfg.resize or native
+    if tta_shift >= seen:
+        raise ReslabError(f"train.tta_shift: must be smaller than the {seen}-pixel inputs, got {tta_shift}")
     augment = Augment(cfg.crop_padding, cfg.flip, cfg.erasing)
     common = dict(
         mean=data.mean, std=data.std, resize=cfg.resize, device=device, rank=rank, world_size=world_size

@@ -17,6 +17,13 @@ class SGD:
     "Machine C, session 15: start-up"). A checkpoint's optimiser state loads into either."""
 
     def __init__(self, groups: list[dict], lr: float, momentum: float = 0.0, nesterov: bool = False):
+        # torch.optim.SGD's checks, with its messages
+        if lr < 0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if nesterov and momentum <= 0:
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -93,11 +100,10 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer 
     # on a GPU one fused kernel updates every parameter; on the CPU torch's default loop (for SGD, the copy
     # above), whose numbers the measured results were made with
     fused = True if all(p.is_cuda for p in decay + no_decay) else None
-    nesterov = cfg.nesterov and cfg.momentum > 0
     if cfg.name == "sgd" and not fused:
-        return SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov)
+        return SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov, fused=True)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=True)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused)
 
 

@@ -108,6 +108,7 @@ def prepare(cfg: Config, out: Path, quiet: bool = False) -> Run:
         device,
         ctx.rank,
         ctx.world_size,
+        cfg.train.tta_shift,
     )
     if len(train_loader) == 0:
         raise ReslabError(

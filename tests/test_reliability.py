@@ -153,6 +153,41 @@ def test_run_directory_that_is_a_file_is_one_clear_line(tiny_data, tmp_path, cap
     assert target.read_text() == "keep me"
 
 
+def test_resuming_a_finished_run_changes_nothing(tiny_data, tmp_path, capsys):
+    """`--resume` on a run that has its epochs (here asking for fewer) says so and leaves its files as they were:
+    its config.yaml and summary.json (with the run's own wall time) are not rewritten."""
+    from reslab.cli import main
+
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                "--out",
+                str(out),
+                "--quiet",
+                "--set",
+                *tiny_overrides(tiny_data, **{"train.epochs": 2}),
+            ]
+        )
+        == 0
+    )
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    for epochs in (2, 1):
+        argv = [
+            "train",
+            "--out",
+            str(out),
+            "--resume",
+            "--set",
+            *tiny_overrides(tiny_data, **{"train.epochs": epochs}),
+        ]
+        assert main(argv) == 0
+        assert "already finished 2 epochs" in capsys.readouterr().out
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_out_of_memory_mid_run_is_one_line_and_keeps_the_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
     from reslab import faults
     from reslab.cli import main

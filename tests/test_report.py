@@ -10,7 +10,7 @@ from PIL import Image
 
 from reslab import config
 from reslab.cli import main
-from reslab.engine import fit
+from reslab.engine import checkpoint, fit
 from reslab.report import evaluate_checkpoint, export, load_model, predict, read_image
 
 
@@ -155,13 +155,30 @@ def test_torchscript_and_onnx_match_pytorch(trained, tmp_path):
     x = torch.randn(5, meta["in_channels"], meta["image_size"], meta["image_size"])
     with torch.no_grad():
         reference = model(x).numpy()
-    ts = torch.jit.load(str(export(trained, "torchscript", tmp_path / "m.pt")))
+    ts = torch.jit.load(str(export(trained, None, tmp_path / "m.pt")))  # the suffix chooses TorchScript
     assert np.abs(ts(x).detach().numpy() - reference).max() < 1e-4
     ort = pytest.importorskip("onnxruntime")
-    path = export(trained, "onnx", tmp_path / "m.onnx")
+    path = export(trained, None, tmp_path / "m.onnx")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (logits,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     assert np.abs(logits - reference).max() < 1e-4
+
+
+def test_failed_export_leaves_the_previous_file(trained, tmp_path, monkeypatch, capsys):
+    """The exported bytes go to a temporary file renamed over --out: a write that fails half way (a full disk)
+    is one line, and the file already there stays whole."""
+    target = tmp_path / "m.pt"
+    target.write_bytes(b"previous model")
+    real = checkpoint.atomic_write
+
+    def half_then_full(f, data=b"x" * 99):
+        f.write(data[:10])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "atomic_write", lambda path, write: real(path, half_then_full))
+    assert main(["export", str(trained), "--out", str(target)]) == 2
+    assert capsys.readouterr().err.strip() == f"reslab: error: cannot write {target}: No space left on device"
+    assert target.read_bytes() == b"previous model" and [p.name for p in tmp_path.iterdir()] == ["m.pt"]
 
 
 def test_folder_dataset_round_trip(tmp_path):

@@ -220,8 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a trained model to ONNX or TorchScript")
     p.add_argument("checkpoint", help="run directory or checkpoint file")
-    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
-    p.add_argument("--out", required=True, help="output file, e.g. model.onnx")
+    p.add_argument(
+        "--format",
+        choices=["onnx", "torchscript"],
+        help="default: torchscript for a .pt/.pth/.ts --out, else onnx",
+    )
+    p.add_argument("--out", required=True, help="output file, e.g. model.onnx or model.pt")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="throughput, MFU, engine overhead, and the seed notebook as a baseline")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -200,33 +201,40 @@ def predict(path: str | Path, images: list[str], top_k: int = 1, invert: bool = 
 
 
 # ------------------------------------------------------------------------------------------- export
-def export(path: str | Path, fmt: str, out: str | Path) -> Path:
+TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts")
+
+
+def export(path: str | Path, fmt: str | None, out: str | Path) -> Path:
     """Write the model as ONNX (opset 18, dynamic batch) or TorchScript; the input is normalised images of
-    the model's input size, (N, C, H, W)."""
+    the model's input size, (N, C, H, W). Without `fmt`, a .pt, .pth or .ts file is TorchScript, any other ONNX.
+    The file is written whole beside `out` and then renamed over it: a failed export leaves `out` as it was."""
+    out = Path(out)
+    fmt = fmt or ("torchscript" if out.suffix in TORCHSCRIPT_SUFFIXES else "onnx")
+    if fmt not in ("onnx", "torchscript"):
+        raise ReslabError(f"unknown export format {fmt!r}; choose one of: onnx, torchscript")
+    if out.is_dir():
+        raise ReslabError(f"--out {out} is a directory; name the file to write, e.g. {out / f'model.{fmt}'}")
     model, meta, _ = load_model(path)
     side = meta["resize"] or meta["image_size"]
     example = torch.randn(2, meta["in_channels"], side, side)
-    out = Path(out)
-    if out.is_dir():
-        raise ReslabError(f"--out {out} is a directory; name the file to write, e.g. {out / f'model.{fmt}'}")
-    checkpoint.make_dir(out.parent)
     if fmt == "torchscript":
-        scripted = torch.jit.trace(model, example)
-        scripted.save(str(out))
-    elif fmt == "onnx":
+        buffer = io.BytesIO()
+        torch.jit.save(torch.jit.trace(model, example), buffer)
+        data = buffer.getvalue()
+    else:
         try:
             import onnx  # noqa: F401
         except ImportError:
             raise ReslabError("ONNX export needs the export extra: pip install 'reslab[export]'") from None
-        torch.onnx.export(
+        program = torch.onnx.export(
             model,
             (example,),
-            str(out),
             input_names=["images"],
             output_names=["logits"],
             dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
             dynamo=True,
         )
-    else:
-        raise ReslabError(f"unknown export format {fmt!r}; choose one of: onnx, torchscript")
+        data = program.model_proto.SerializeToString()
+    checkpoint.make_dir(out.parent)
+    checkpoint.write_bytes(out, data)
     return out

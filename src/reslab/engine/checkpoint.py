@@ -70,8 +70,13 @@ def make_dir(path: Path) -> Path:
 def write_text(path: Path, text: str) -> None:
     """A text file (a run's config.yaml, metrics.jsonl, summary.json; eval, study and bench results) written
     atomically, like a checkpoint."""
+    write_bytes(path, text.encode())
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """A file written atomically (an exported model, a text file); a failure is one line, the old file intact."""
     try:
-        atomic_write(path, lambda f: f.write(text.encode()))
+        atomic_write(path, lambda f: f.write(data))
     except OSError as e:
         raise ReslabError(f"cannot write {path}: {e.strerror or e}") from None
 

@@ -135,6 +135,9 @@ def fit(cfg: Config, out: str | Path, resume: bool = False, quiet: bool = False,
         restore(run, state)
         if run.epoch >= cfg.train.epochs:
             _log(run, f"{out} already finished {run.epoch} epochs; raise train.epochs to train on")
+            if (out / "summary.json").exists():  # a finished run stays as it was: its config, its summary
+                dist.cleanup(run.ctx)
+                return json.loads((out / "summary.json").read_text())
     if run.ctx.is_main:
         checkpoint.make_dir(out)
         checkpoint.write_text(out / "config.yaml", config_mod.dump(cfg))

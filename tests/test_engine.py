@@ -14,6 +14,7 @@ from reslab.engine.guard import DivergenceError
 from reslab.engine.optim import EMA
 from reslab.engine.schedule import lr_at
 from reslab.engine.steps import predict_logits
+from reslab.errors import ReslabError
 from reslab.models import build_model
 from reslab.report import evaluate_checkpoint
 
@@ -34,6 +35,23 @@ def test_every_shipped_config_validates_and_builds_its_model(path):
     cfg = config.load(path)
     model = build_model(cfg.model.name, 1, 10, **cfg.model.options)
     assert cfg.name == path.stem and sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_recipes_are_found_by_name_from_any_directory(tmp_path, monkeypatch):
+    """`reslab train` (default: fast) and `--config best` work outside the checkout; a file of that name in the
+    working directory comes first; an unknown name lists the recipes."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("fast", "best.yaml", "configs/seed.yaml"):
+        assert config.find(name).parent == CONFIGS[0].parent
+    assert config.load("fast").name == "fast" and config.load("configs/wrn.yaml").name == "wrn"
+    (tmp_path / "fast").write_text("model: {name: resnet8}\n")
+    assert config.load("fast").model.name == "resnet8"
+    with pytest.raises(
+        ReslabError, match="config file nope not found; the recipes of configs/ are: best, fast,"
+    ):
+        config.find("nope")
+    with pytest.raises(ReslabError, match="not found"):
+        config.find("elsewhere/fast.yaml")  # a path into another directory is that path, never a recipe
 
 
 def test_an_override_of_one_model_option_keeps_the_files_others():

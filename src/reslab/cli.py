@@ -156,7 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a model from a YAML config")
-    p.add_argument("--config", default="configs/fast.yaml", help="YAML recipe (default: configs/fast.yaml)")
+    p.add_argument(
+        "--config",
+        default="fast",
+        help="YAML file, or a recipe of configs/ by name: fast (default), best, seed, ...",
+    )
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides: optim.lr=0.1")
     p.add_argument("--out", help="run directory (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")

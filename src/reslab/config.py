@@ -176,13 +176,27 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return nested
 
 
+RECIPES = Path(__file__).resolve().parents[2] / "configs"  # the repository's configs/ (a source checkout)
+
+
+def find(path: str | Path) -> Path:
+    """A config file: the path as given, else a recipe of the repository's configs/ named as `fast`, `fast.yaml`
+    or `configs/fast.yaml`, so that `reslab train --config best` works from any directory."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    recipe = RECIPES / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    if str(path.parent) in (".", "configs") and recipe.is_file():
+        return recipe
+    names = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml"))) or "none found"
+    raise ReslabError(f"config file {path} not found; the recipes of configs/ are: {names}")
+
+
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """The config from a YAML file (or the defaults), with dotted overrides applied, validated."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ReslabError(f"config file {path} not found; see configs/ for examples")
+        path = find(path)
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

@@ -64,8 +64,8 @@ def main() -> None:
             times = {"before": [], "after": []}
             agree = True
             for r in range(args.rounds):
-                before, m_before = timed_run(tree / "src", train_args, Path(tmp) / "run-before")
-                after, m_after = timed_run(ROOT / "src", train_args, Path(tmp) / "run-after")
+                before, m_before = timed_run(tree / "src", train_args, Path(tmp) / f"run-before-{r}")
+                after, m_after = timed_run(ROOT / "src", train_args, Path(tmp) / f"run-after-{r}")
                 times["before"].append(before)
                 times["after"].append(after)
                 agree = agree and same_numbers(m_before, m_after)

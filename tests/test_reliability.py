@@ -188,6 +188,29 @@ def test_resuming_a_finished_run_changes_nothing(tiny_data, tmp_path, capsys):
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_a_run_directory_holding_a_run_is_kept_unless_told_to_overwrite(tiny_data, tmp_path, capsys):
+    """Training again into --out without --resume used to replace the run there silently: now it is one line,
+    exit 2, every file as it was; --overwrite replaces it, and --resume with --overwrite is a usage error."""
+    from reslab.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "--out", str(out), "--quiet", "--set", *tiny_overrides(tiny_data)]
+    assert main(argv) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert main([*argv, "model.name=resnet14"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"reslab: error: {out} already holds a run; continue it with --resume, replace it with " + (
+        "--overwrite, or choose another --out"
+    )
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert main([*argv, "model.name=resnet14", "--overwrite"]) == 0
+    assert checkpoint.load(out / "last.pt")["config"]["model"]["name"] == "resnet14"
+    with pytest.raises(SystemExit) as usage:
+        main([*argv, "--resume", "--overwrite"])
+    assert usage.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
 def test_out_of_memory_mid_run_is_one_line_and_keeps_the_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
     from reslab import faults
     from reslab.cli import main

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -288,8 +288,6 @@ sys.exit(code)
 
 def _timed_process(cmd: list[str]) -> tuple[float, str, float]:
     """(wall seconds, stdout, peak RSS in MB of its largest process) of a whole process."""
-    import tempfile
-
     with (
         tempfile.TemporaryFile("w+") as out,
         tempfile.TemporaryFile("w+") as err,
@@ -332,17 +330,16 @@ def seed_vs_reslab(
         "--config",
         str(root / "configs" / "seed.yaml"),
         "--quiet",
-        "--out",
-        f"/tmp/reslab-bench-seed-{os.getpid()}",
         "--set",
         f"data.limit={limit}",
         f"train.epochs={epochs}",
         f"device={device.type}",
     ]
     seed_runs, ours_runs = [], []
-    for _ in range(rounds):
-        seed_runs.append(_timed_process(baseline))
-        ours_runs.append(_timed_process(ours))
+    with tempfile.TemporaryDirectory(prefix="reslab-bench-seed-") as runs:
+        for r in range(rounds):
+            seed_runs.append(_timed_process(baseline))
+            ours_runs.append(_timed_process([*ours, "--out", f"{runs}/{r}"]))
     seed_acc = json.loads(seed_runs[-1][1].strip().splitlines()[-1])["history"][-1]["test_acc"]
     match = re.search(r"test acc (\d\.\d+)", ours_runs[-1][1])
     return {

@@ -36,7 +36,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = config.load(args.config, args.set)
     out = args.out or f"runs/{cfg.name}"
-    summary = fit(cfg, out, resume=args.resume, quiet=args.quiet)
+    summary = fit(cfg, out, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
     if summary["test_acc"] is not None:
         print(
             f"done: test acc {summary['test_acc']:.4f} (best {summary['best_test_acc']:.4f}) after "
@@ -163,7 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides: optim.lr=0.1")
     p.add_argument("--out", help="run directory (default: runs/<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
+    )
+    again.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 

@@ -122,12 +122,25 @@ def _log(run: Run, line: str, err: bool = False) -> None:
         print(line, file=sys.stderr if err else sys.stdout, flush=True)
 
 
-def fit(cfg: Config, out: str | Path, resume: bool = False, quiet: bool = False, on_step=None) -> dict:
-    """Train `cfg` into the run directory `out`; with resume, continue from out/last.pt. Returns the summary."""
+def fit(
+    cfg: Config,
+    out: str | Path,
+    resume: bool = False,
+    quiet: bool = False,
+    on_step=None,
+    overwrite: bool = False,
+) -> dict:
+    """Train `cfg` into the run directory `out`; with resume, continue from out/last.pt. A directory that holds
+    a run already is refused unless `overwrite` (then its files are replaced). Returns the summary."""
     out = Path(out)
     # checked on every rank and before the data loads; make_dir below reports the other failures
     if out.exists() and not out.is_dir():
         raise ReslabError(f"run directory {out} is a file; choose another --out")
+    if not resume and not overwrite and (out / "last.pt").exists():
+        raise ReslabError(
+            f"{out} already holds a run; continue it with --resume, replace it with --overwrite, "
+            "or choose another --out"
+        )
     wall_start = time.perf_counter()
     run = prepare(cfg, out, quiet)
     state = checkpoint.load(out / "last.pt") if resume else None

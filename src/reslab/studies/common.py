@@ -52,7 +52,9 @@ def run_grid(runs: list[tuple[str, Config]], out: Path, quiet: bool = True) -> l
                     checkpoint.load(run_dir / "last.pt")
                 except checkpoint.CheckpointError:
                     resume = False
-            fit(cfg, run_dir, resume=resume, quiet=quiet)
+            fit(
+                cfg, run_dir, resume=resume, quiet=quiet, overwrite=not resume
+            )  # an unreadable last.pt: again
         summary = json.loads((run_dir / "summary.json").read_text())
         history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         results.append({"name": name, "summary": summary, "history": history})

@@ -211,6 +211,25 @@ def test_a_run_directory_holding_a_run_is_kept_unless_told_to_overwrite(tiny_dat
     assert usage.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
 
 
+def test_a_run_directory_in_use_is_refused_until_its_trainer_ends(tiny_data, tmp_path, capsys):
+    """Two trainers in one directory would interleave their checkpoints: while one holds out/.lock (here this
+    test, standing in for a live `reslab train`), another is one line naming its pid, and writes nothing."""
+    from reslab.cli import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    argv = ["train", "--out", str(out), "--quiet", "--set", *tiny_overrides(tiny_data)]
+    with checkpoint.lock_dir(out):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"reslab: error: {out} is in use by another training process (pid {os.getpid()}); " + (
+            "wait for it to end or choose another --out"
+        )
+        assert [p.name for p in out.iterdir()] == [".lock"]
+    assert main(argv) == 0  # the lock is freed with its holder
+    assert (out / "summary.json").is_file()
+
+
 def test_out_of_memory_mid_run_is_one_line_and_keeps_the_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
     from reslab import faults
     from reslab.cli import main

@@ -67,6 +67,34 @@ def make_dir(path: Path) -> Path:
     return path
 
 
+def lock_dir(path: Path):
+    """An exclusive lock on the run directory `path` (the file path/.lock, holding the owner's pid), to use as a
+    context manager: a second `reslab train` into the same directory fails at once instead of interleaving its
+    checkpoints with the first one's. The OS frees the lock when the process ends, however it ends."""
+    import fcntl
+
+    try:
+        f = open(path / ".lock", "a+")
+    except OSError as e:
+        raise ReslabError(f"cannot write {path / '.lock'}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        owner = f.read().strip()
+        f.close()
+        raise ReslabError(
+            f"{path} is in use by another training process{f' (pid {owner})' if owner else ''}; "
+            "wait for it to end or choose another --out"
+        ) from None
+    except OSError:
+        return f  # a filesystem without locks (some network mounts): go on unlocked
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
 def write_text(path: Path, text: str) -> None:
     """A text file (a run's config.yaml, metrics.jsonl, summary.json; eval, study and bench results) written
     atomically, like a checkpoint."""

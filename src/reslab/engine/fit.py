@@ -7,6 +7,7 @@ config.yaml, metrics.jsonl, summary.json, last.pt, best.pt and curves.png (READM
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -153,13 +154,26 @@ def fit(
                 return json.loads((out / "summary.json").read_text())
     if run.ctx.is_main:
         checkpoint.make_dir(out)
-        checkpoint.write_text(out / "config.yaml", config_mod.dump(cfg))
+    with checkpoint.lock_dir(out) if run.ctx.is_main else contextlib.nullcontext():
+        if run.ctx.is_main:
+            checkpoint.write_text(out / "config.yaml", config_mod.dump(cfg))
+        _epochs(run, out, resumed=state is not None, on_step=on_step)
+        summary = _summary(run, time.perf_counter() - wall_start)
+        if run.ctx.is_main:
+            checkpoint.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    dist.cleanup(run.ctx)
+    return summary
+
+
+def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
+    """Train the epochs left of `run`, checkpointing each into `out`."""
+    cfg = run.cfg
     _log(
         run,
         f"reslab: {cfg.model.name} ({run.meta['params'] / 1e6:.2f}M params) on {run.device.type}"
         f"{f' x{run.ctx.world_size}' if run.ctx.active else ''}, {run.precision}, "
         f"{run.train_loader.num_examples} train / {run.test_loader.num_examples} test images, "
-        f"{cfg.train.epochs} epochs -> {out}" + (f" (resumed at epoch {run.epoch + 1})" if state else ""),
+        f"{cfg.train.epochs} epochs -> {out}" + (f" (resumed at epoch {run.epoch + 1})" if resumed else ""),
     )
 
     def step_hook(r: Run) -> None:
@@ -205,11 +219,6 @@ def fit(
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-    summary = _summary(run, time.perf_counter() - wall_start)
-    if run.ctx.is_main:
-        checkpoint.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    dist.cleanup(run.ctx)
-    return summary
 
 
 def _interrupted_message(out: Path) -> str:

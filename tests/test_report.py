@@ -1,6 +1,8 @@
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -255,3 +257,35 @@ def test_a_figure_that_fails_halfway_leaves_the_old_picture(tmp_path):
     with pytest.raises(RuntimeError, match="disk trouble"):
         plots.save(Broken(), path)
     assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["curves.png"]
+
+
+def test_runs_lists_each_run_directory_with_its_state(trained, tmp_path, capsys):
+    """`reslab runs` reads the text files of every run directory under a folder: one finished, one stopped
+    before its planned epochs, one training now (its lock held), one whose config cannot be read."""
+    import shutil
+
+    summary = json.loads((trained / "summary.json").read_text())
+    shutil.copytree(trained, tmp_path / "runs" / "done")
+    stopped = shutil.copytree(trained, tmp_path / "runs" / "deeper" / "stopped")
+    (stopped / "config.yaml").write_text(
+        (stopped / "config.yaml").read_text().replace("epochs: ", "epochs: 1")
+    )
+    (tmp_path / "runs" / "broken").mkdir()
+    (tmp_path / "runs" / "broken" / "config.yaml").write_text("train: [unclosed")
+    with checkpoint.lock_dir(tmp_path / "runs" / "done"):
+        assert main(["runs", str(tmp_path / "runs"), "--json"]) == 0
+        rows = {Path(r["run"]).name: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["done"]["state"] == f"training (pid {os.getpid()})"
+    assert main(["runs", str(tmp_path / "runs"), "--json"]) == 0
+    rows = {Path(r["run"]).name: r for r in json.loads(capsys.readouterr().out)}
+    assert sorted(rows) == ["broken", "done", "stopped"]
+    done = rows["done"]
+    assert done["state"] == "finished" and done["epochs"] == done["planned_epochs"] == summary["epochs"]
+    assert done["test_acc"] == summary["test_acc"] and done["best_test_acc"] == summary["best_test_acc"]
+    assert rows["stopped"]["state"] == "stopped; --resume continues it"
+    assert rows["stopped"]["planned_epochs"] > rows["stopped"]["epochs"]
+    assert rows["broken"]["state"].startswith("unreadable")
+    assert main(["runs", str(trained)]) == 0  # a run directory itself: one row of a table
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and lines[2].startswith(f"| {trained} | resnet8 |") and "| finished |" in lines[2]
+    assert main(["runs", str(tmp_path / "nowhere")]) == 2

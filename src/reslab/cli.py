@@ -120,6 +120,19 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    from .runs import describe, find_runs, table
+
+    rows = [describe(run) for run in find_runs(args.paths)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif rows:
+        print(table(rows))
+    else:
+        print(f"no run directories under {', '.join(args.paths)}")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from .report import predict
 
@@ -184,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("runs", help="the run directories under a folder: model, epochs, accuracy, state")
+    p.add_argument(
+        "paths", nargs="*", default=["runs"], help="run directories or folders of them (default: runs)"
+    )
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("models", help="list the registered models with parameter counts")
     p.add_argument("--in-channels", type=int, default=1)

@@ -95,6 +95,24 @@ def lock_dir(path: Path):
     return f
 
 
+def lock_owner(path: Path) -> str | None:
+    """The pid of the process training in run directory `path` now (the holder of its lock), or None."""
+    import fcntl
+
+    try:
+        f = open(path / ".lock")
+    except OSError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # freed again as the file closes
+        except BlockingIOError:
+            return f.read().strip() or "unknown"
+        except OSError:
+            return None
+    return None
+
+
 def write_text(path: Path, text: str) -> None:
     """A text file (a run's config.yaml, metrics.jsonl, summary.json; eval, study and bench results) written
     atomically, like a checkpoint."""

@@ -1,0 +1,73 @@
+"""`reslab runs`: the run directories under a folder as one table, read from their text files (no torch)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from .engine.checkpoint import lock_owner
+from .errors import ReslabError
+
+
+def find_runs(paths: list[str]) -> list[Path]:
+    """Each path that is a run directory (it has a config.yaml), else the run directories anywhere under it."""
+    found = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            raise ReslabError(f"{path} is not a directory")
+        found += (
+            [path]
+            if (path / "config.yaml").is_file()
+            else sorted(p.parent for p in path.rglob("config.yaml"))
+        )
+    return found
+
+
+def describe(run: Path) -> dict:
+    """What a run directory holds: its model, epochs done of those planned, last and best test accuracy,
+    training seconds, and its state (finished, stopped and resumable, training now, or never checkpointed)."""
+    try:
+        cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+        lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").is_file() else []
+        history = [json.loads(line) for line in lines]
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        return {"run": str(run), "state": f"unreadable ({str(e).splitlines()[0]})"}
+    planned = cfg.get("train", {}).get("epochs")
+    done = len(history)
+    owner = lock_owner(run)
+    if owner is not None:
+        state = f"training (pid {owner})"
+    elif done and done >= (planned or 0) and (run / "summary.json").is_file():
+        state = "finished"
+    elif (run / "last.pt").is_file():
+        state = "stopped; --resume continues it"
+    else:
+        state = "no checkpoint"
+    return {
+        "run": str(run),
+        "model": cfg.get("model", {}).get("name"),
+        "epochs": done,
+        "planned_epochs": planned,
+        "test_acc": history[-1]["test_acc"] if history else None,
+        "best_test_acc": max(h["test_acc"] for h in history) if history else None,
+        "train_seconds": sum(h["epoch_seconds"] for h in history),
+        "state": state,
+    }
+
+
+def table(rows: list[dict]) -> str:
+    def acc(value: float | None) -> str:
+        return "" if value is None else f"{value:.4f}"
+
+    lines = ["| run | model | epochs | test acc | best | seconds | state |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "model" not in r:
+            lines.append(f"| {r['run']} |  |  |  |  |  | {r['state']} |")
+            continue
+        lines.append(
+            f"| {r['run']} | {r['model']} | {r['epochs']}/{r['planned_epochs']} | {acc(r['test_acc'])} | "
+            f"{acc(r['best_test_acc'])} | {r['train_seconds']:.0f} | {r['state']} |"
+        )
+    return "\n".join(lines)

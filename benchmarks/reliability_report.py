@@ -41,6 +41,7 @@ SELECT = [
     "tests/test_report.py::test_bad_image_files_give_one_clear_error",
     "tests/test_report.py::test_huge_image_is_refused",
     "tests/test_report.py::test_outputs_that_cannot_be_written_and_counts_below_one_are_one_line",
+    "tests/test_report.py::test_failed_export_leaves_the_previous_file",
     "tests/test_report.py::test_image_modes_are_converted",
     "tests/test_report.py::test_animated_gif_uses_the_first_frame",
     "tests/test_dist.py::test_kill_then_resume_under_torchrun_and_with_another_world_size",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -77,18 +78,23 @@ def lock_dir(path: Path):
         f = open(path / ".lock", "a+")
     except OSError as e:
         raise ReslabError(f"cannot write {path / '.lock'}: {e.strerror or e}") from None
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        owner = f.read().strip()
-        f.close()
-        raise ReslabError(
-            f"{path} is in use by another training process{f' (pid {owner})' if owner else ''}; "
-            "wait for it to end or choose another --out"
-        ) from None
-    except OSError:
-        return f  # a filesystem without locks (some network mounts): go on unlocked
+    for attempt in range(3):  # `reslab runs` holds a shared lock for a moment while it looks
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if attempt < 2:
+                time.sleep(0.1)
+                continue
+            f.seek(0)
+            owner = f.read().strip()
+            f.close()
+            raise ReslabError(
+                f"{path} is in use by another training process{f' (pid {owner})' if owner else ''}; "
+                "wait for it to end or choose another --out"
+            ) from None
+        except OSError:
+            return f  # a filesystem without locks (some network mounts): go on unlocked
     f.truncate(0)
     f.write(f"{os.getpid()}\n")
     f.flush()

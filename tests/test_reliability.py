@@ -159,31 +159,14 @@ def test_resuming_a_finished_run_changes_nothing(tiny_data, tmp_path, capsys):
     from reslab.cli import main
 
     out = tmp_path / "run"
-    assert (
-        main(
-            [
-                "train",
-                "--out",
-                str(out),
-                "--quiet",
-                "--set",
-                *tiny_overrides(tiny_data, **{"train.epochs": 2}),
-            ]
-        )
-        == 0
-    )
+    train = ["train", "--out", str(out), "--quiet"]
+    assert main([*train, "--set", *tiny_overrides(tiny_data, **{"train.epochs": 2})]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     capsys.readouterr()
     for epochs in (2, 1):
-        argv = [
-            "train",
-            "--out",
-            str(out),
-            "--resume",
-            "--set",
-            *tiny_overrides(tiny_data, **{"train.epochs": epochs}),
-        ]
-        assert main(argv) == 0
+        assert (
+            main([*train, "--resume", "--set", *tiny_overrides(tiny_data, **{"train.epochs": epochs})]) == 0
+        )
         assert "already finished 2 epochs" in capsys.readouterr().out
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 

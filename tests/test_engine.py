@@ -308,6 +308,27 @@ def test_mid_epoch_checkpoint_resume_is_bit_identical(tiny_data, tmp_path, guard
     assert a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
 
 
+def test_a_resume_names_its_changes_and_refuses_new_batches_mid_epoch(tiny_data, tmp_path, capsys):
+    """A resume with other settings says which; one stopped mid-epoch cannot change what decides that epoch's
+    batches (the seed, data.limit, the batch size): the batches it skips would not be the ones it trained on."""
+    extra = {"train.epochs": 2, "train.checkpoint_every": 3}
+
+    def crash(run):
+        if run.epoch == 1 and run.batch == 7:
+            raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        fit(tiny_cfg(tiny_data, **extra), tmp_path / "b", quiet=True, on_step=crash)
+    capsys.readouterr()
+    for change in ({"train.batch_size": 32}, {"seed": 1}):
+        with pytest.raises(ReslabError, match="stopped at batch 6 of epoch 2, whose batches follow"):
+            fit(tiny_cfg(tiny_data, **extra, **change), tmp_path / "b", resume=True, quiet=True)
+    assert checkpoint.load(tmp_path / "b" / "last.pt")["batch"] == 6  # nothing written
+    fit(tiny_cfg(tiny_data, **{**extra, "optim.lr": 0.02, "train.epochs": 3}), tmp_path / "b", resume=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert "resuming with changes: optim.lr 0.05 -> 0.02, train.epochs 2 -> 3" in lines
+
+
 def test_tta_flip_averages_an_image_and_its_mirror():
     torch.manual_seed(0)
     model = build_model("resnet8", 1, 10).eval()

@@ -300,5 +300,17 @@ def validate(cfg: Config) -> None:
     check_options(cfg.model.name, cfg.model.options, prefix="model.options.")
 
 
+def changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """The dotted keys whose values differ between two configs as dicts: {"optim.lr": (0.1, 0.05)}."""
+    found = {}
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found.update(changes(a, b, f"{prefix}{key}."))
+        elif a != b:
+            found[prefix + key] = (a, b)
+    return found
+
+
 def dump(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

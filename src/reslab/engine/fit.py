@@ -147,6 +147,7 @@ def fit(
     state = checkpoint.load(out / "last.pt") if resume else None
     if state is not None:
         restore(run, state)
+        _check_changes(run, config_mod.changes(state["config"], cfg.to_dict()), out)
         if run.epoch >= cfg.train.epochs:
             _log(run, f"{out} already finished {run.epoch} epochs; raise train.epochs to train on")
             if (out / "summary.json").exists():  # a finished run stays as it was: its config, its summary
@@ -163,6 +164,20 @@ def fit(
             checkpoint.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     dist.cleanup(run.ctx)
     return summary
+
+
+def _check_changes(run: Run, changed: dict, out: Path) -> None:
+    """Say which settings a resume changes; refuse those that decide the batches of an epoch stopped midway."""
+    if changed:
+        _log(
+            run, "resuming with changes: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        )
+    order = [k for k in ("seed", "data.limit", "train.batch_size") if k in changed]
+    if run.batch and order:
+        raise ReslabError(
+            f"{out / 'last.pt'} stopped at batch {run.batch} of epoch {run.epoch + 1}, whose batches follow "
+            f"{', '.join(order)}; resume with the run's own value to finish that epoch, then change it"
+        )
 
 
 def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:

@@ -13,6 +13,7 @@ from PIL import Image
 from reslab import config
 from reslab.cli import main
 from reslab.engine import checkpoint, fit
+from reslab.engine.precision import bf16_native
 from reslab.report import evaluate_checkpoint, export, load_model, predict, read_image
 
 
@@ -54,6 +55,20 @@ def test_eval_report_is_consistent_with_the_run(trained, tmp_path):
     for name in ("eval.json", "confusion.png", "errors.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 1000
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["test_acc"] == result["test_acc"]
+
+
+@pytest.mark.skipif(not bf16_native(torch.device("cpu")), reason="needs a CPU with native bf16")
+def test_eval_of_a_bf16_run_finds_the_runs_own_figures(tiny_data, tmp_path):
+    """A run that evaluated in bf16 (precision auto on such a CPU) is evaluated again in bf16, with its model
+    rewrites: the same loss and accuracy, not fp32's slightly different ones."""
+    overrides = tiny_overrides(tiny_data, **{"precision": "auto", "train.epochs": 1, "data.limit": 2048})
+    summary = fit(config.load(None, overrides), tmp_path / "run", quiet=True)
+    assert summary["precision"] == "bf16"
+    result = evaluate_checkpoint(tmp_path / "run")
+    assert result["precision"] == "bf16"
+    assert result["test_acc"] == summary["test_acc"] and result["test_loss"] == pytest.approx(
+        summary["test_loss"], rel=1e-5
+    )
 
 
 def test_predict_on_png_files_matches_the_tensor_pipeline(trained, tmp_path, capsys):

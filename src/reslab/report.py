@@ -14,6 +14,8 @@ from . import config as config_mod
 from .data import load_dataset, make_loaders, resize
 from .engine import checkpoint
 from .engine.host import keep_freed_memory
+from .engine.precision import autocast, resolve_precision
+from .engine.run import speed_up
 from .engine.steps import predict_logits
 from .errors import ReslabError
 from .models import build_model
@@ -52,7 +54,7 @@ def evaluate_checkpoint(
     tta_shift: int | None = None,
 ) -> dict:
     """The test-set report of a checkpoint, evaluated as its run evaluated (EMA weights, test-time flip and
-    shift), except for `tta_shift` when given."""
+    shift, precision: `auto` is bf16 where the machine computes it natively), except for `tta_shift` when given."""
     model, meta, state = load_model(path)
     cfg = config_mod.from_dict(state["config"])
     if data_dir:
@@ -75,20 +77,20 @@ def evaluate_checkpoint(
     )
     if out is not None:  # before the evaluation, so a wrong --out fails at once
         out = checkpoint.make_dir(Path(out))
-    mem = torch.channels_last if cfg.train.channels_last else torch.contiguous_format  # as the run evaluated
+    # as the run evaluated: its memory format, its precision as this machine resolves it, its model rewrites
+    mem = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    precision = resolve_precision(cfg.precision, device)
     model = model.to(memory_format=mem)
-    logits = torch.cat(
-        [
-            predict_logits(
-                model,
-                x.contiguous(memory_format=mem),
-                cfg.train.tta_flip,
-                cfg.train.tta_shift,
-                test.fill,
-            )
-            for x, _ in test
-        ]
-    )
+    speed_up(model, device, precision)
+    with autocast(device, precision):
+        logits = torch.cat(
+            [
+                predict_logits(
+                    model, x.contiguous(memory_format=mem), cfg.train.tta_flip, cfg.train.tta_shift, test.fill
+                )
+                for x, _ in test
+            ]
+        )
     labels = data.test_labels
     probs = logits.softmax(1)
     pred = probs.argmax(1)
@@ -103,6 +105,7 @@ def evaluate_checkpoint(
         "checkpoint": str(path),
         "test_images": len(labels),
         "tta": {"flip": cfg.train.tta_flip, "shift": cfg.train.tta_shift},
+        "precision": precision,
         "test_loss": float(nn.functional.cross_entropy(logits, labels)),
         "test_acc": int((pred == labels).sum()) / len(labels),
         "top2_acc": int((probs.topk(min(2, k), 1).indices == labels[:, None]).any(1).sum()) / len(labels),

@@ -76,7 +76,10 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(reference, tmp_path, poin
 
 
 @pytest.mark.slow
-def test_sigint_saves_a_resumable_checkpoint(reference, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_sigint_or_sigterm_saves_a_resumable_checkpoint(reference, tmp_path, signum):
+    """Ctrl-C, or the SIGTERM a scheduler sends before it kills a job: the run stops after its step with a
+    checkpoint, exits 128 + the signal, and resumes bit-identical."""
     data, (ref_model, _, ref_rows) = reference
     out = tmp_path / "run"
     overrides = tiny_overrides(
@@ -88,19 +91,37 @@ def test_sigint_saves_a_resumable_checkpoint(reference, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    # wait until training is under way (the first epoch line), then press Ctrl-C
+    # wait until training is under way (the first epoch line), then send the signal
     line = proc.stdout.readline()
     while line and not line.startswith("epoch"):
         line = proc.stdout.readline()
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=300)
     if proc.returncode == 0:
         pytest.skip("the run finished before the signal arrived")
-    assert proc.returncode == 130 and "continue with: reslab train --out" in err and "Traceback" not in err
+    assert proc.returncode == 128 + signum and "Traceback" not in err
+    assert f"interrupted by {signum.name}; saved {out / 'last.pt'}; continue with: reslab train --out" in err
     resumed = train_process(out, data, resume=True)
     assert resumed.returncode == 0, resumed.stderr
     model, _, rows = outcome(out)
     assert rows == ref_rows and all(torch.equal(model[k], ref_model[k]) for k in ref_model)
+
+
+def test_a_second_signal_stops_at_once_and_the_handlers_are_restored(tiny_data, tmp_path):
+    """The first Ctrl-C asks for a checkpoint at the end of the step; a second one does not wait for it."""
+    from reslab import config
+    from reslab.engine import fit
+
+    def press_twice(run):
+        if run.batch == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.raises(KeyboardInterrupt):
+        fit(config.load(None, tiny_overrides(tiny_data)), tmp_path / "run", quiet=True, on_step=press_twice)
+    assert {s: signal.getsignal(s) for s in before} == before
+    assert not list((tmp_path / "run").glob(".*.tmp"))  # no half-written file left behind
 
 
 def test_disk_full_on_checkpoint_stops_cleanly_or_continues(tiny_data, tmp_path, monkeypatch, capsys):

@@ -1,7 +1,7 @@
 """`reslab` command line: argparse subcommands mapped to plain functions.
 
 User mistakes end in one line `reslab: error: ...` on stderr and exit code 2 (3 for a diverged run,
-1 for running out of memory, 130 for Ctrl-C); no traceback.
+1 for running out of memory, 130 for Ctrl-C, 143 for SIGTERM); no traceback.
 """
 
 from __future__ import annotations

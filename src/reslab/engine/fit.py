@@ -29,9 +29,14 @@ from .steps import check_steps, evaluate, loss_fn, train_step
 
 
 class Interrupted(ReslabError):
-    """Ctrl-C: a resumable checkpoint was saved."""
+    """Ctrl-C or SIGTERM (a scheduler's notice): a resumable checkpoint was saved. Exits with 128 + the signal."""
 
-    exit_code = 130
+    def __init__(self, signum: int, out: Path):
+        super().__init__(
+            f"interrupted by {signal.Signals(signum).name}; saved {out / 'last.pt'}; "
+            f"continue with: reslab train --out {out} --resume"
+        )
+        self.exit_code = 128 + signum
 
 
 def settle(run: Run) -> None:
@@ -197,14 +202,18 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
             settle(r)  # checked numbers only: a checkpoint never holds an unchecked step
             save(r, "last.pt")
         if r.interrupted:
-            raise Interrupted(_interrupted_message(out))
+            raise Interrupted(r.interrupted, out)
         if on_step is not None:
             on_step(r)
 
-    def on_sigint(signum, frame):
-        run.interrupted = True
+    def on_signal(signum, frame):
+        if run.interrupted:  # asked twice: stop now (the files on disk are whole: every write is atomic)
+            raise KeyboardInterrupt
+        run.interrupted = signum  # the run stops after this step, with a checkpoint
 
-    previous = signal.signal(signal.SIGINT, on_sigint) if not run.ctx.active else None
+    # under torchrun, torchrun itself handles signals: the ranks would have to agree on the step to stop at
+    stops = () if run.ctx.active else (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, on_signal) for s in stops}
     faults.reached("start")
     best = max((h["test_acc"] for h in run.history), default=-1.0)
     try:
@@ -230,14 +239,10 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
             _log(run, _epoch_line(metrics, cfg.train.epochs))
             faults.reached("epoch-end")
             if run.interrupted:
-                raise Interrupted(_interrupted_message(out))
+                raise Interrupted(run.interrupted, out)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-
-
-def _interrupted_message(out: Path) -> str:
-    return f"interrupted; saved {out / 'last.pt'}; continue with: reslab train --out {out} --resume"
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _train_and_evaluate(run: Run, epoch: int, step_hook) -> dict:

@@ -47,7 +47,7 @@ class Run:
     sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])  # loss, correct, count, seconds
     guard_every: int = 1  # steps between host checks (train.guard_every resolved for the device)
     pending: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (step, images, stats) unread
-    interrupted: bool = False
+    interrupted: int = 0  # the signal (SIGINT, SIGTERM) that asked the run to stop; 0: none
 
     @property
     def steps_per_epoch(self) -> int:

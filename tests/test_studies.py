@@ -1,4 +1,9 @@
 import json
+import signal
+import subprocess
+import sys
+
+import pytest
 
 from reslab.studies import degradation, units
 
@@ -78,3 +83,24 @@ def test_study_cli_rejects_bad_depths_before_training(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1
         assert not out.exists()
+
+
+def test_a_study_stopped_by_sigterm_says_to_run_it_again_and_then_finishes(tiny_data, tmp_path):
+    """A study's run stopped by a signal keeps its checkpoint; the message names the study command, which
+    resumes that run and completes the study."""
+    argv = [sys.executable, "-m", "reslab", "study", "degradation", "--depths", "8", "--nets", "resnet"]
+    argv += ["--out", str(tmp_path / "st"), "--set", f"data.root={tiny_data}", "train.epochs=4"]
+    argv += ["train.batch_size=16", "device=cpu"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    while line and not line.startswith("epoch"):
+        line = proc.stdout.readline()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    if proc.returncode == 0:
+        pytest.skip("the study finished before the signal arrived")
+    assert proc.returncode == 143, err
+    assert err.strip().endswith("continue with: the same reslab study command (it resumes)")
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "resumed at epoch" in again.stdout and "| 8 | - | - |" in again.stdout

@@ -31,12 +31,12 @@ from .steps import check_steps, evaluate, loss_fn, train_step
 class Interrupted(ReslabError):
     """Ctrl-C or SIGTERM (a scheduler's notice): a resumable checkpoint was saved. Exits with 128 + the signal."""
 
-    def __init__(self, signum: int, out: Path):
+    def __init__(self, signum: int, out: Path, again: str = ""):
         super().__init__(
             f"interrupted by {signal.Signals(signum).name}; saved {out / 'last.pt'}; "
-            f"continue with: reslab train --out {out} --resume"
+            f"continue with: {again or f'reslab train --out {out} --resume'}"
         )
-        self.exit_code = 128 + signum
+        self.signum, self.out, self.exit_code = signum, out, 128 + signum
 
 
 def settle(run: Run) -> None:

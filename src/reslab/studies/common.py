@@ -39,7 +39,7 @@ def machine() -> dict:
 def run_grid(runs: list[tuple[str, Config]], out: Path, quiet: bool = True) -> list[dict]:
     """Train each (name, config) into out/runs/name, skipping runs whose summary.json exists (resumable).
     A run interrupted mid-way resumes from its last checkpoint. Returns [{name, summary, history}]."""
-    from ..engine import checkpoint, fit
+    from ..engine import Interrupted, checkpoint, fit
 
     results = []
     for i, (name, cfg) in enumerate(runs, 1):
@@ -52,9 +52,10 @@ def run_grid(runs: list[tuple[str, Config]], out: Path, quiet: bool = True) -> l
                     checkpoint.load(run_dir / "last.pt")
                 except checkpoint.CheckpointError:
                     resume = False
-            fit(
-                cfg, run_dir, resume=resume, quiet=quiet, overwrite=not resume
-            )  # an unreadable last.pt: again
+            try:  # overwrite: an unreadable last.pt starts again
+                fit(cfg, run_dir, resume=resume, quiet=quiet, overwrite=not resume)
+            except Interrupted as e:
+                raise Interrupted(e.signum, e.out, "the same reslab study command (it resumes)") from None
         summary = json.loads((run_dir / "summary.json").read_text())
         history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         results.append({"name": name, "summary": summary, "history": history})

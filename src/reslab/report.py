@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import config as config_mod
-from .data import load_dataset, make_loaders, resize
+from .data import load_dataset, make_test_loader, resize
 from .engine import checkpoint
 from .engine.host import keep_freed_memory
 from .engine.precision import autocast, resolve_precision
@@ -72,9 +72,7 @@ def evaluate_checkpoint(
         )
     device = torch.device("cpu")
     keep_freed_memory(device)  # as training does: else each batch faults its activations in afresh
-    _, test = make_loaders(
-        data, cfg.data, 1, cfg.train.eval_batch_size, 0, device, tta_shift=cfg.train.tta_shift
-    )
+    test = make_test_loader(data, cfg.data, cfg.train.eval_batch_size, device, tta_shift=cfg.train.tta_shift)
     if out is not None:  # before the evaluation, so a wrong --out fails at once
         out = checkpoint.make_dir(Path(out))
     # as the run evaluated: its memory format, its precision as this machine resolves it, its model rewrites

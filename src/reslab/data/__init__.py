@@ -81,25 +81,53 @@ def make_loaders(
     world_size: int = 1,
     tta_shift: int = 0,
 ) -> tuple[TensorLoader, TensorLoader]:
-    """The training and test loaders. Sizes known only once the data is read are checked here: the crop's
-    padding against the stored images, the test-time shift against the images the model sees."""
+    """The training and test loaders. The crop's padding, known to fit only once the data is read, is checked
+    here against the stored images; the test-time shift in make_test_loader."""
     native = min(data.train_images.shape[-2:])
     if cfg.crop_padding >= native:
         raise ReslabError(
             f"data.crop_padding: must be smaller than the {native}-pixel images, got {cfg.crop_padding}"
         )
-    seen = cfg.resize or native
+    test = make_test_loader(data, cfg, eval_batch_size, device, rank, world_size, tta_shift)
+    augment = Augment(cfg.crop_padding, cfg.flip, cfg.erasing)
+    train = TensorLoader(
+        data.train_images,
+        data.train_labels,
+        batch_size,
+        train=True,
+        augment=augment,
+        seed=seed,
+        **_common(data, cfg, device, rank, world_size),
+    )
+    return train, test
+
+
+def make_test_loader(
+    data: Dataset,
+    cfg: DataConfig,
+    batch_size: int,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    tta_shift: int = 0,
+) -> TensorLoader:
+    """The test loader alone (`reslab eval`); `tta_shift` must be smaller than the images the model sees."""
+    seen = cfg.resize or min(data.test_images.shape[-2:])
     if tta_shift >= seen:
         raise ReslabError(f"train.tta_shift: must be smaller than the {seen}-pixel inputs, got {tta_shift}")
-    augment = Augment(cfg.crop_padding, cfg.flip, cfg.erasing)
-    common = dict(
+    return TensorLoader(
+        data.test_images,
+        data.test_labels,
+        batch_size,
+        train=False,
+        **_common(data, cfg, device, rank, world_size),
+    )
+
+
+def _common(data: Dataset, cfg: DataConfig, device: torch.device, rank: int, world_size: int) -> dict:
+    return dict(
         mean=data.mean, std=data.std, resize=cfg.resize, device=device, rank=rank, world_size=world_size
     )
-    train = TensorLoader(
-        data.train_images, data.train_labels, batch_size, train=True, augment=augment, seed=seed, **common
-    )
-    test = TensorLoader(data.test_images, data.test_labels, eval_batch_size, train=False, **common)
-    return train, test
 
 
 __all__ = [
@@ -109,6 +137,7 @@ __all__ = [
     "flip",
     "load_dataset",
     "make_loaders",
+    "make_test_loader",
     "random_crop",
     "random_erasing",
     "resize",

@@ -42,7 +42,7 @@ def test_recipes_are_found_by_name_from_any_directory(tmp_path, monkeypatch):
     working directory comes first; an unknown name lists the recipes."""
     monkeypatch.chdir(tmp_path)
     for name in ("fast", "best.yaml", "configs/seed.yaml"):
-        assert config.find(name).parent == CONFIGS[0].parent
+        assert config.find(name).parent == CONFIGS[0].parent.resolve()
     assert config.load("fast").name == "fast" and config.load("configs/wrn.yaml").name == "wrn"
     (tmp_path / "fast").write_text("model: {name: resnet8}\n")
     assert config.load("fast").model.name == "resnet8"

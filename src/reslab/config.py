@@ -176,12 +176,12 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return nested
 
 
-RECIPES = Path(__file__).resolve().parents[2] / "configs"  # the repository's configs/ (a source checkout)
+RECIPES = Path(__file__).parent / "configs"  # the recipes, installed with the package; configs/ links here
 
 
 def find(path: str | Path) -> Path:
-    """A config file: the path as given, else a recipe of the repository's configs/ named as `fast`, `fast.yaml`
-    or `configs/fast.yaml`, so that `reslab train --config best` works from any directory."""
+    """A config file: the path as given, else a recipe named as `fast`, `fast.yaml` or `configs/fast.yaml`, so
+    that `reslab train --config best` works from any directory, in a checkout or an installed package."""
     path = Path(path)
     if path.is_file():
         return path

@@ -450,12 +450,15 @@ def test_missing_config_file_and_bad_yaml(tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path / "bad.yaml")]) == 2
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     assert main(["train", "--config", str(tmp_path / "list.yaml")]) == 2
+    (tmp_path / "picture.png").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    assert main(["train", "--config", str(tmp_path / "picture.png")]) == 2
     assert main(["train", "--resume"]) == 2
     err = capsys.readouterr().err
     assert (
         "not found" in err
         and "not valid YAML" in err
         and "must be a mapping" in err
+        and "picture.png is not a text file" in err
         and "--resume needs --out" in err
     )
 

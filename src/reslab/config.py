@@ -201,6 +201,12 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ReslabError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        except UnicodeDecodeError:
+            raise ReslabError(
+                f"config file {path} is not a text file (a YAML config is UTF-8 text)"
+            ) from None
+        except OSError as e:
+            raise ReslabError(f"cannot read config file {path}: {e.strerror or e}") from None
         if not isinstance(values, dict):
             raise ReslabError(
                 f"config file {path} must be a mapping of keys, e.g. `model: {{name: resnet20}}`"

@@ -232,6 +232,27 @@ def test_folder_dataset_round_trip(tmp_path):
     assert 8 <= len(data.test_labels) <= 12
 
 
+def test_a_folder_of_images_with_a_constant_channel_trains(tmp_path):
+    """Red shapes on black as RGB: green and blue are 0 everywhere. Their std was 0, and normalising divided
+    by it: every input NaN, and the divergence guard blamed the learning rate."""
+    from reslab.data import load_dataset
+
+    images, labels = make_images(96, 0)
+    for split, sl in (("train", slice(0, 64)), ("test", slice(64, 96))):
+        for i, (img, lab) in enumerate(zip(images[sl], labels[sl] % 2)):
+            d = tmp_path / "pics" / split / f"c{lab}"
+            d.mkdir(parents=True, exist_ok=True)
+            rgb = np.zeros((*img.shape, 3), np.uint8)
+            rgb[..., 0] = img
+            Image.fromarray(rgb).save(d / f"{i}.png")
+    overrides = ["data.name=folder", f"data.root={tmp_path / 'pics'}", "model.name=resnet8", "train.epochs=1"]
+    cfg = config.load(None, [*overrides, "train.batch_size=32", "precision=fp32", "device=cpu"])
+    data = load_dataset(cfg.data)
+    assert data.std[1:] == (1.0, 1.0) and 0 < data.std[0] < 1
+    summary = fit(cfg, tmp_path / "run", quiet=True)
+    assert np.isfinite(summary["train_loss"]) and not summary["guard_events"]
+
+
 def test_cli_eval_and_models_from_a_fresh_process(trained, tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "reslab", "eval", str(trained), "--out", str(tmp_path / "e")],

@@ -32,8 +32,11 @@ class Dataset:
 
 
 def _stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images scaled to [0, 1]. A constant channel (an RGB folder of red
+    shapes: green and blue all 0) gets std 1, not 0: dividing by 0 made every input NaN."""
     x = images.float().div_(255).transpose(0, 1).reshape(images.shape[1], -1)
-    return tuple(x.mean(1).tolist()), tuple(x.std(1).tolist())
+    std = x.std(1)
+    return tuple(x.mean(1).tolist()), tuple(torch.where(std > 0, std, 1.0).tolist())
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:

@@ -188,7 +188,9 @@ def test_resuming_a_finished_run_changes_nothing(tiny_data, tmp_path, capsys):
         assert (
             main([*train, "--resume", "--set", *tiny_overrides(tiny_data, **{"train.epochs": epochs})]) == 0
         )
-        assert "already finished 2 epochs" in capsys.readouterr().out
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0] == f"{out} already finished 2 epochs; raise train.epochs to train on"
+        assert len(lines) == 2 and lines[1].startswith("done: test acc")  # the run's own summary
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 

@@ -152,12 +152,12 @@ def fit(
     state = checkpoint.load(out / "last.pt") if resume else None
     if state is not None:
         restore(run, state)
-        _check_changes(run, config_mod.changes(state["config"], cfg.to_dict()), out)
         if run.epoch >= cfg.train.epochs:
             _log(run, f"{out} already finished {run.epoch} epochs; raise train.epochs to train on")
             if (out / "summary.json").exists():  # a finished run stays as it was: its config, its summary
                 dist.cleanup(run.ctx)
                 return json.loads((out / "summary.json").read_text())
+        _check_changes(run, config_mod.changes(state["config"], cfg.to_dict()), out)
     if run.ctx.is_main:
         checkpoint.make_dir(out)
     with checkpoint.lock_dir(out) if run.ctx.is_main else contextlib.nullcontext():

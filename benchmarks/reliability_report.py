@@ -23,11 +23,13 @@ AREAS = {
     "test_report": ("user images and exports", "clear error or documented conversion"),
     "test_dist": ("torchrun", "recovered / clear error"),
     "test_models": ("model names and options", "one line naming the valid choices"),
+    "test_studies": ("studies", "stopped cleanly, resumed by the same command"),
 }
 SELECT = [
     "tests/test_reliability.py",
     "tests/test_data.py",
     "tests/test_engine.py::test_config_errors_exit_2_and_write_nothing",
+    "tests/test_engine.py::test_recipes_are_found_by_name_from_any_directory",
     "tests/test_engine.py::test_missing_config_file_and_bad_yaml",
     "tests/test_engine.py::test_sizes_known_once_the_data_is_read_are_checked_before_any_write",
     "tests/test_engine.py::test_reslab_sgd_refuses_what_torch_sgd_refuses_with_its_message",
@@ -43,6 +45,8 @@ SELECT = [
     "tests/test_report.py::test_huge_image_is_refused",
     "tests/test_report.py::test_outputs_that_cannot_be_written_and_counts_below_one_are_one_line",
     "tests/test_report.py::test_failed_export_leaves_the_previous_file",
+    "tests/test_report.py::test_a_folder_of_images_with_a_constant_channel_trains",
+    "tests/test_studies.py::test_a_study_stopped_by_sigterm_says_to_run_it_again_and_then_finishes",
     "tests/test_report.py::test_image_modes_are_converted",
     "tests/test_report.py::test_animated_gif_uses_the_first_frame",
     "tests/test_dist.py::test_kill_then_resume_under_torchrun_and_with_another_world_size",

@@ -325,3 +325,7 @@ def test_runs_lists_each_run_directory_with_its_state(trained, tmp_path, capsys)
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 and lines[2].startswith(f"| {trained} | resnet8 |") and "| finished |" in lines[2]
     assert main(["runs", str(tmp_path / "nowhere")]) == 2
+    assert main(["runs", str(tmp_path / "runs"), "--plot", str(tmp_path / "figs" / "cmp.png")]) == 0
+    assert (tmp_path / "figs" / "cmp.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["runs", str(tmp_path / "runs" / "broken"), "--plot", str(tmp_path / "none.png")]) == 2
+    assert "no run has a finished epoch" in capsys.readouterr().err

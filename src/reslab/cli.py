@@ -121,15 +121,26 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from .runs import describe, find_runs, table
+    from .runs import describe, find_runs, read_history, table
 
-    rows = [describe(run) for run in find_runs(args.paths)]
+    runs = find_runs(args.paths)
+    rows = [describe(run) for run in runs]
     if args.json:
         print(json.dumps(rows, indent=2))
     elif rows:
         print(table(rows))
     else:
         print(f"no run directories under {', '.join(args.paths)}")
+    if args.plot:
+        from .engine.checkpoint import make_dir
+        from .plots import compare
+
+        histories = {str(run): read_history(run) for run, row in zip(runs, rows) if row.get("epochs")}
+        if not histories:
+            raise ReslabError("--plot: no run has a finished epoch to draw")
+        make_dir(Path(args.plot).parent)
+        compare(histories, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -203,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
         "paths", nargs="*", default=["runs"], help="run directories or folders of them (default: runs)"
     )
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument(
+        "--plot", metavar="FILE", help="also draw their training loss and test error per epoch (PNG)"
+    )
     p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("models", help="list the registered models with parameter counts")

@@ -55,6 +55,22 @@ def curves(history: list[dict], path: str | Path, title: str = "", train_note: s
     save(fig, path)
 
 
+def compare(histories: dict[str, list[dict]], path: str | Path) -> None:
+    """Several runs side by side (`reslab runs --plot`): training loss and test error per epoch, a line each."""
+    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, history in histories.items():
+        epochs = [h["epoch"] for h in history]
+        ax_loss.plot(epochs, [h["train_loss"] for h in history], ".-", label=name)
+        ax_err.plot(epochs, [1 - h["test_acc"] for h in history], ".-", label=name)
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss", yscale="log")
+    ax_err.set(xlabel="epoch", ylabel="test error (1 - accuracy)", title="test error", yscale="log")
+    for ax in (ax_loss, ax_err):
+        ax.grid(alpha=0.3, which="both")
+    ax_err.legend(fontsize=8)
+    fig.tight_layout()
+    save(fig, path)
+
+
 def confusion_matrix(counts, classes: list[str], path: str | Path) -> None:
     """Row-normalised confusion matrix (true class per row), the counts written in each cell."""
     import numpy as np

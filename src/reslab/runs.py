@@ -25,13 +25,18 @@ def find_runs(paths: list[str]) -> list[Path]:
     return found
 
 
+def read_history(run: Path) -> list[dict]:
+    """The run's metrics.jsonl, one dict per finished epoch ([] before the first)."""
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
 def describe(run: Path) -> dict:
     """What a run directory holds: its model, epochs done of those planned, last and best test accuracy,
     training seconds, and its state (finished, stopped and resumable, training now, or never checkpointed)."""
     try:
         cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
-        lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").is_file() else []
-        history = [json.loads(line) for line in lines]
+        history = read_history(run)
     except (OSError, ValueError, yaml.YAMLError) as e:
         return {"run": str(run), "state": f"unreadable ({str(e).splitlines()[0]})"}
     planned = cfg.get("train", {}).get("epochs")

@@ -197,7 +197,9 @@ def test_resuming_a_finished_run_changes_nothing(tiny_data, tmp_path, capsys):
 def test_a_run_directory_holding_a_run_is_kept_unless_told_to_overwrite(tiny_data, tmp_path, capsys):
     """Training again into --out without --resume used to replace the run there silently: now it is one line,
     exit 2, every file as it was; --overwrite replaces it, and --resume with --overwrite is a usage error."""
+    from reslab import config
     from reslab.cli import main
+    from reslab.engine import fit
 
     out = tmp_path / "run"
     argv = ["train", "--out", str(out), "--quiet", "--set", *tiny_overrides(tiny_data)]
@@ -212,6 +214,14 @@ def test_a_run_directory_holding_a_run_is_kept_unless_told_to_overwrite(tiny_dat
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert main([*argv, "model.name=resnet14", "--overwrite"]) == 0
     assert checkpoint.load(out / "last.pt")["config"]["model"]["name"] == "resnet14"
+    # an overwrite that fails in its first epoch leaves no file of the old run for a --resume to pick up
+
+    def crash(run):
+        raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        fit(config.load(None, tiny_overrides(tiny_data)), out, overwrite=True, on_step=crash)
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "config.yaml"]
     with pytest.raises(SystemExit) as usage:
         main([*argv, "--resume", "--overwrite"])
     assert usage.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

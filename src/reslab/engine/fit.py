@@ -27,6 +27,8 @@ from .run import Run, prepare, restore, restore_training_state, save, snapshot, 
 from .schedule import lr_at
 from .steps import check_steps, evaluate, loss_fn, train_step
 
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "summary.json", "curves.png")  # what a run writes
+
 
 class Interrupted(ReslabError):
     """Ctrl-C or SIGTERM (a scheduler's notice): a resumable checkpoint was saved. Exits with 128 + the signal."""
@@ -162,6 +164,9 @@ def fit(
         checkpoint.make_dir(out)
     with checkpoint.lock_dir(out) if run.ctx.is_main else contextlib.nullcontext():
         if run.ctx.is_main:
+            if overwrite and state is None:  # the old run goes whole: no old last.pt for a later --resume
+                for name in RUN_FILES:
+                    (out / name).unlink(missing_ok=True)
             checkpoint.write_text(out / "config.yaml", config_mod.dump(cfg))
         _epochs(run, out, resumed=state is not None, on_step=on_step)
         summary = _summary(run, time.perf_counter() - wall_start)

@@ -1,7 +1,10 @@
+import re
+
+import pytest
 import torch
 from torch import nn
 
-from reslab.d2l import Residual, resnet_block
+from reslab.d2l import Residual, load_fashion_mnist_dataset, resnet_block
 from reslab.models import ResidualUnit, count_params
 
 
@@ -39,3 +42,19 @@ def test_notebook_cells_build_its_resnet18():
         shapes.append(tuple(X.shape))
     assert shapes[-1] == (1, 10) and shapes[4] == (1, 512, 7, 7)
     assert count_params(net) == 11_178_378
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((0,), "batch_size must be a positive integer, got 0"),
+        ((-5,), "batch_size must be a positive integer, got -5"),
+        ((256, -3), "resize must be a positive integer or None, got -3"),
+        ((256, 2.5), "resize must be a positive integer or None, got 2.5"),
+        ((True,), "batch_size must be a positive integer, got True"),
+    ],
+)
+def test_notebook_loader_names_a_bad_argument(args, message):
+    """A learner's slip gets the argument's name, not a ZeroDivisionError or torch's resize error."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_fashion_mnist_dataset(*args)

@@ -77,6 +77,15 @@ def load_fashion_mnist_dataset(
     """The notebook's loader, in memory: (train_iter, test_iter) of Fashion-MNIST in [0, 1] (as ToTensor),
     resized to `resize` pixels. The training iterator shuffles each epoch and drops the last partial batch
     (the engine's rule: every step sees a full batch); the test iterator covers every image."""
+    for name, value, optional in (
+        ("batch_size", batch_size, False),
+        ("resize", resize, True),
+        ("limit", limit, True),
+    ):
+        if (value is not None or not optional) and (type(value) is not int or value < 1):
+            raise ValueError(
+                f"{name} must be a positive integer{' or None' if optional else ''}, got {value!r}"
+            )
     cfg = DataConfig(root=root, limit=limit, resize=resize, normalize=False)
     data = load_dataset(cfg)
     train, test = make_loaders(data, cfg, batch_size, batch_size, seed=0, device=torch.device("cpu"))

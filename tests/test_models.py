@@ -179,6 +179,8 @@ def test_bad_names_and_options_list_the_choices():
 
         cifar_resnet(21)
     assert "order" in model_options("resnet56") and "stem" in model_options("resnet18")
+    with pytest.raises(ReslabError, match="ResidualUnit stride must be an integer > 0, got 0"):
+        ResidualUnit(4, 4, stride=0)  # a unit built by hand: refused here, not at its first forward
 
 
 def test_stem_small_keeps_resolution():

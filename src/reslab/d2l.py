@@ -82,7 +82,9 @@ def load_fashion_mnist_dataset(
         ("resize", resize, True),
         ("limit", limit, True),
     ):
-        if (value is not None or not optional) and (type(value) is not int or value < 1):
+        if (value is not None or not optional) and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
             raise ValueError(
                 f"{name} must be a positive integer{' or None' if optional else ''}, got {value!r}"
             )

@@ -134,7 +134,7 @@ class ResidualUnit(nn.Module):
     ):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("channels", channels), ("stride", stride)):
-            if type(value) is not int or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ReslabError(f"ResidualUnit {name} must be an integer > 0, got {value!r}")
         check_choice("block kind", kind, KINDS)
         self.order = check_choice("unit order", order, ORDERS)

@@ -85,6 +85,32 @@ def test_study_cli_rejects_bad_depths_before_training(tmp_path, capsys):
         assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("study", "key"),
+    [
+        ("degradation", "model.name=resnet56"),
+        ("degradation", "model.options.width=32"),
+        ("degradation", "seed=3"),
+        ("units", "model.options.order=full-preact"),
+        ("units", "model.options.shortcut_scale=0.3"),
+        ("units", "model.name=resnet20"),
+    ],
+)
+def test_a_study_refuses_to_be_told_what_it_sets_itself(tmp_path, capsys, study, key):
+    """The study picks the model, seed and (units) each variant's options: a --set of one was replaced without
+    a word, so a user asking for resnet56 got the study's own nets."""
+    from reslab.cli import main
+
+    out = tmp_path / "study"
+    assert main(["study", study, "--out", str(out), "--set", key]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err.startswith(f"reslab: error: --set {key.split('=')[0]}: the study chooses")
+        and len(err.splitlines()) == 1
+    )
+    assert not out.exists()
+
+
 def test_a_study_stopped_by_sigterm_says_to_run_it_again_and_then_finishes(tiny_data, tmp_path):
     """A study's run stopped by a signal keeps its checkpoint; the message names the study command, which
     resumes that run and completes the study."""

@@ -14,6 +14,7 @@ import torch
 from .. import config as config_mod
 from ..config import Config
 from ..engine.checkpoint import write_text
+from ..errors import ReslabError
 
 
 def machine() -> dict:
@@ -60,6 +61,24 @@ def run_grid(runs: list[tuple[str, Config]], out: Path, quiet: bool = True) -> l
         history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         results.append({"name": name, "summary": summary, "history": history})
     return results
+
+
+def refuse_chosen(overrides: list[str], chosen: dict[str, str]) -> None:
+    """A study sets some keys itself (chosen: key -> which flag or what sets it); a --set of one of them would
+    be replaced without a word, so it is an error."""
+
+    def keys(tree: dict, prefix: str = "") -> list[str]:
+        return [
+            k
+            for key, v in tree.items()
+            for k in (keys(v, f"{prefix}{key}.") if isinstance(v, dict) else [prefix + key])
+        ]
+
+    given = keys(config_mod.parse_overrides(overrides))
+    for key, how in chosen.items():
+        for k in given:
+            if k == key or k.startswith(key + "."):
+                raise ReslabError(f"--set {k}: the study chooses {key} ({how}); leave it out of --set")
 
 
 def with_changes(cfg: Config, **changes) -> Config:

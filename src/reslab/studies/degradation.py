@@ -13,7 +13,7 @@ from ..config import Config
 from ..engine.checkpoint import make_dir
 from ..errors import ReslabError
 from ..models import list_models
-from .common import Timer, error_curve, error_stats, finish, machine, run_grid, with_changes
+from .common import Timer, error_curve, error_stats, finish, machine, refuse_chosen, run_grid, with_changes
 
 DEPTHS = (20, 32, 44, 56)
 # the paper's CIFAR recipe, shortened: SGD 0.1, momentum 0.9, weight decay 1e-4, batch 128, lr / 10 at
@@ -36,6 +36,7 @@ NETS = ("plain", "resnet")
 
 def plan(quick: bool, seeds: int, overrides: list[str], depths=DEPTHS, nets=NETS) -> list[tuple[str, Config]]:
     check(depths, nets)
+    refuse_chosen(overrides, {"model": "--depths and --nets", "seed": "--seeds", "name": "one per run"})
     base = config.load(None, RECIPE + (QUICK if quick else FULL) + overrides)
     runs = []
     for net in nets:

@@ -23,6 +23,7 @@ from .engine.host import keep_freed_memory
 from .engine.optim import make_optimizer
 from .engine.precision import autocast, bf16_native, resolve_device, resolve_precision
 from .engine.run import speed_up
+from .errors import ReslabError
 from .models import build_model, summary
 from .studies.common import machine
 
@@ -366,6 +367,14 @@ def run(
     seed_rounds: int = 3,
 ) -> dict:
     dev = resolve_device(device)
+    if not quick:  # checked before minutes of measuring, not after them
+        from .config import load
+
+        batch = load("seed").train.batch_size
+        if seed_limit < batch:
+            raise ReslabError(
+                f"--seed-limit {seed_limit}: the seed recipe needs at least one batch ({batch} images)"
+            )
     gpu = dev.type == "cuda"
     if gpu:  # fp32 convolutions run on TF32 tensor cores by default (cuDNN); let the GEMM peak do the same
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -104,6 +104,7 @@ def test_predict_on_png_files_matches_the_tensor_pipeline(trained, tmp_path, cap
         (lambda p: p.write_bytes(b"this is not an image"), "not an image"),
         (lambda p: p.write_bytes(b""), "not an image"),
         (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40), "not an image|broken image"),
+        (lambda p: p.mkdir(), "bad.png is a directory; name the image files"),
     ],
 )
 def test_bad_image_files_give_one_clear_error(trained, tmp_path, capsys, make, error):

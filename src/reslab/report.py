@@ -164,6 +164,10 @@ def read_image(path: str | Path, channels: int, size: int, invert: bool = False)
             img = img.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
     except FileNotFoundError:
         raise ReslabError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ReslabError(f"{path} is a directory; name the image files (e.g. {path}/*.png)") from None
+    except PermissionError:
+        raise ReslabError(f"{path}: permission denied") from None
     except UnidentifiedImageError:
         raise ReslabError(f"{path}: not an image PIL can read (PNG, JPEG, BMP, GIF, ...)") from None
     except Image.DecompressionBombError as e:

@@ -65,9 +65,7 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(reference, tmp_path, poin
     assert not list(out.glob(".*.tmp")) or point.startswith("checkpoint-write")
     if (out / "last.pt").exists():
         checkpoint.load(out / "last.pt")  # never a half-written checkpoint in place
-        resumed = train_process(out, data, resume=True)
-    else:  # killed before anything was saved: start again
-        resumed = train_process(out, data)
+    resumed = train_process(out, data, resume=True)  # killed before the first checkpoint: it starts again
     assert resumed.returncode == 0, resumed.stderr
     model, ema, rows = outcome(out)
     assert rows == ref_rows
@@ -192,6 +190,23 @@ def test_resuming_a_finished_run_changes_nothing(tiny_data, tmp_path, capsys):
         assert lines[0] == f"{out} already finished 2 epochs; raise train.epochs to train on"
         assert len(lines) == 2 and lines[1].startswith("done: test acc")  # the run's own summary
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_resume_without_config_yaml_reads_the_checkpoints_config(reference, tmp_path):
+    """A run whose config.yaml was lost resumes from its last.pt alone, which carries the config too."""
+    data, (ref_model, _, ref_rows) = reference
+    out = tmp_path / "run"
+    killed = train_process(out, data, env_extra={"RESLAB_KILL_AT": "step:13"})
+    assert killed.returncode == -signal.SIGKILL
+    (out / "config.yaml").unlink()
+    resumed = train_process(out, data, resume=True)
+    assert resumed.returncode == 0, resumed.stderr
+    model, _, rows = outcome(out)
+    assert rows == ref_rows and all(torch.equal(model[k], ref_model[k]) for k in ref_model)
+    (out / "config.yaml").unlink()
+    (out / "last.pt").unlink()
+    again = train_process(out, data, resume=True)
+    assert again.returncode == 2 and "holds no run (no config.yaml, no last.pt)" in again.stderr
 
 
 def test_a_run_directory_holding_a_run_is_kept_unless_told_to_overwrite(tiny_data, tmp_path, capsys):

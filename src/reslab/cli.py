@@ -29,10 +29,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if not args.out:
             raise ReslabError("--resume needs --out DIR, the run directory to continue")
-        saved = Path(args.out) / "config.yaml"
-        if not saved.is_file():
-            raise ReslabError(f"cannot resume: {saved} not found (no run was started in {args.out})")
-        cfg = config.load(saved, args.set)
+        saved, last = Path(args.out) / "config.yaml", Path(args.out) / "last.pt"
+        if saved.is_file():
+            cfg = config.load(saved, args.set)
+        elif last.is_file():  # the checkpoint carries the config too
+            from .engine import checkpoint
+
+            cfg = config.from_dict(checkpoint.load(last)["config"], args.set)
+        else:
+            raise ReslabError(f"cannot resume: {args.out} holds no run (no config.yaml, no last.pt)")
     else:
         cfg = config.load(args.config, args.set)
     out = args.out or f"runs/{cfg.name}"

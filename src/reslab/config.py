@@ -194,7 +194,7 @@ def find(path: str | Path) -> Path:
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """The config from a YAML file (or the defaults), with dotted overrides applied, validated."""
-    cfg = Config()
+    values: dict[str, Any] = {}
     if path is not None:
         path = find(path)
         try:
@@ -212,20 +212,19 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
                 f"config file {path} must be a mapping of keys, e.g. `model: {{name: resnet20}}`"
             )
         values.setdefault("name", path.stem)
-        _merge(cfg, values)
+    return from_dict(values, overrides)
+
+
+def from_dict(values: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    """The config from nested values (a file's, a checkpoint's), with dotted overrides applied, validated."""
+    cfg = Config()
+    _merge(cfg, values)
     if overrides:
         values = parse_overrides(overrides)
         model = values.get("model")
         if isinstance(model, dict) and model.get("name", cfg.model.name) != cfg.model.name:
             cfg.model.options = {}  # the file's options were written for the file's model, not this one
         _merge(cfg, values)
-    validate(cfg)
-    return cfg
-
-
-def from_dict(values: dict[str, Any]) -> Config:
-    cfg = Config()
-    _merge(cfg, values)
     validate(cfg)
     return cfg
 

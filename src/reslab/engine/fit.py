@@ -151,7 +151,9 @@ def fit(
         )
     wall_start = time.perf_counter()
     run = prepare(cfg, out, quiet)
-    state = checkpoint.load(out / "last.pt") if resume else None
+    state = checkpoint.load(out / "last.pt") if resume and (out / "last.pt").exists() else None
+    if resume and state is None:  # stopped before its first checkpoint
+        _log(run, f"no checkpoint in {out} yet: starting at epoch 1")
     if state is not None:
         restore(run, state)
         if run.epoch >= cfg.train.epochs:

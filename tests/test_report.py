@@ -312,13 +312,16 @@ def test_runs_lists_each_run_directory_with_its_state(trained, tmp_path, capsys)
     )
     (tmp_path / "runs" / "broken").mkdir()
     (tmp_path / "runs" / "broken" / "config.yaml").write_text("train: [unclosed")
+    (tmp_path / "runs" / "listed").mkdir()
+    (tmp_path / "runs" / "listed" / "config.yaml").write_text("- 1\n")
     with checkpoint.lock_dir(tmp_path / "runs" / "done"):
         assert main(["runs", str(tmp_path / "runs"), "--json"]) == 0
         rows = {Path(r["run"]).name: r for r in json.loads(capsys.readouterr().out)}
     assert rows["done"]["state"] == f"training (pid {os.getpid()})"
     assert main(["runs", str(tmp_path / "runs"), "--json"]) == 0
     rows = {Path(r["run"]).name: r for r in json.loads(capsys.readouterr().out)}
-    assert sorted(rows) == ["broken", "done", "stopped"]
+    assert sorted(rows) == ["broken", "done", "listed", "stopped"]
+    assert rows["listed"]["state"] == "unreadable (config.yaml is not a mapping)"
     done = rows["done"]
     assert done["state"] == "finished" and done["epochs"] == done["planned_epochs"] == summary["epochs"]
     assert done["test_acc"] == summary["test_acc"] and done["best_test_acc"] == summary["best_test_acc"]

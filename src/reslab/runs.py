@@ -1,4 +1,5 @@
-"""`reslab runs`: the run directories under a folder as one table, read from their text files (no torch)."""
+"""`reslab runs`: the run directories under a folder as one table, read from their text files (no checkpoint
+is loaded)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,9 @@ def describe(run: Path) -> dict:
         history = read_history(run)
     except (OSError, ValueError, yaml.YAMLError) as e:
         return {"run": str(run), "state": f"unreadable ({str(e).splitlines()[0]})"}
-    planned = cfg.get("train", {}).get("epochs")
+    if not isinstance(cfg, dict):
+        return {"run": str(run), "state": "unreadable (config.yaml is not a mapping)"}
+    planned = (cfg.get("train") or {}).get("epochs")
     done = len(history)
     owner = lock_owner(run)
     if owner is not None:
@@ -52,7 +55,7 @@ def describe(run: Path) -> dict:
         state = "no checkpoint"
     return {
         "run": str(run),
-        "model": cfg.get("model", {}).get("name"),
+        "model": (cfg.get("model") or {}).get("name"),
         "epochs": done,
         "planned_epochs": planned,
         "test_acc": history[-1]["test_acc"] if history else None,

@@ -113,3 +113,29 @@ def test_seed_notebook_against_reslab_as_processes():
 def test_bench_refuses_a_seed_comparison_of_nothing(flag, capsys):
     assert main(["bench", flag, "0"]) == 2
     assert f"{flag} must be a positive integer" in capsys.readouterr().err
+
+
+def test_a_late_failure_keeps_the_measurements_already_written(tmp_path, monkeypatch):
+    """The JSON is rewritten after each part: the seed comparison, last and longest, failing (here on purpose)
+    leaves every step, the engine overhead and the data cost in the file."""
+    import json
+
+    monkeypatch.setattr(bench, "gemm_peak", lambda dtype, **kw: 100.0)
+    monkeypatch.setattr(
+        bench, "step_mfu", lambda name, size, batch, precision, cl, *a: {"model": name, "cl": cl}
+    )
+    monkeypatch.setattr(bench, "_step_line", lambda s: "")
+    monkeypatch.setattr(bench, "engine_overhead", lambda device: {"overhead": 0.01})
+    monkeypatch.setattr(bench, "data_cost", lambda device: {"fraction": 0.02})
+
+    def broken(*a, **kw):
+        raise RuntimeError("the notebook's process failed")
+
+    monkeypatch.setattr(bench, "seed_vs_reslab", broken)
+    out = tmp_path / "bench.json"
+    with pytest.raises(RuntimeError, match="notebook"):
+        bench.run(out, quick=False, device="cpu")
+    saved = json.loads(out.read_text())
+    assert len(saved["steps"]) == len(bench.CASES) * 2 * (2 if saved["bf16_native"] else 1)
+    assert saved["engine_overhead"] == {"overhead": 0.01} and saved["data_cost"] == {"fraction": 0.02}
+    assert "seed_vs_reslab" not in saved

@@ -398,21 +398,27 @@ def run(
     }
     precisions = ["fp32", "bf16"] if bf16_ok else ["fp32"]
     rounds = 3 if quick else 5
+
+    def keep() -> None:  # the JSON is rewritten after each part: a later failure loses no measurement
+        if out is not None:
+            write_text(Path(out), json.dumps(results, indent=2) + "\n")
+
     for name, size in CASES[1:] if quick else CASES:
         batch = (256 if gpu else 64) if name == "d2l-resnet18" else (512 if gpu else 256)
         for precision in precisions:
             for channels_last in (False, True):
                 results["steps"].append(step_mfu(name, size, batch, precision, channels_last, rounds, n, dev))
                 print(_step_line(results["steps"][-1]), flush=True)
+                keep()
     results["engine_overhead"] = engine_overhead(device=dev)
     print(f"engine overhead: {results['engine_overhead']}", flush=True)
     results["data_cost"] = data_cost(device=dev)
     print(f"data cost: {results['data_cost']}", flush=True)
+    keep()
     if not quick:
         results["seed_vs_reslab"] = seed_vs_reslab(seed_limit, device=dev, rounds=seed_rounds)
         print(f"seed notebook vs reslab: {results['seed_vs_reslab']}", flush=True)
-    if out is not None:
-        write_text(Path(out), json.dumps(results, indent=2) + "\n")
+        keep()
     print(table(results))
     return results
 

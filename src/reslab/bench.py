@@ -329,7 +329,7 @@ def seed_vs_reslab(
         "reslab",
         "train",
         "--config",
-        str(root / "configs" / "seed.yaml"),
+        "configs/seed.yaml",  # found in the installed package too, wherever this runs
         "--quiet",
         "--set",
         f"data.limit={limit}",

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import OptimConfig
+from .config import RECIPES, OptimConfig
 from .engine.checkpoint import make_dir, write_text
 from .engine.host import keep_freed_memory
 from .engine.optim import make_optimizer
@@ -329,7 +329,7 @@ def seed_vs_reslab(
         "reslab",
         "train",
         "--config",
-        "configs/seed.yaml",  # found in the installed package too, wherever this runs
+        str(RECIPES / "seed.yaml"),  # the package's own recipe, wherever this runs
         "--quiet",
         "--set",
         f"data.limit={limit}",

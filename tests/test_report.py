@@ -299,7 +299,7 @@ def test_a_figure_that_fails_halfway_leaves_the_old_picture(tmp_path):
     assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["curves.png"]
 
 
-def test_runs_lists_each_run_directory_with_its_state(trained, tmp_path, capsys):
+def test_runs_lists_each_run_directory_with_its_state(trained, tmp_path, capsys, monkeypatch):
     """`reslab runs` reads the text files of every run directory under a folder: one finished, one stopped
     before its planned epochs, one training now (its lock held), one whose config cannot be read."""
     import shutil
@@ -336,3 +336,8 @@ def test_runs_lists_each_run_directory_with_its_state(trained, tmp_path, capsys)
     assert (tmp_path / "figs" / "cmp.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["runs", str(tmp_path / "runs" / "broken"), "--plot", str(tmp_path / "none.png")]) == 2
     assert "no run has a finished epoch" in capsys.readouterr().err
+    (tmp_path / "new").mkdir()
+    monkeypatch.chdir(
+        tmp_path / "new"
+    )  # before the first run there is no runs/: a plain answer, not an error
+    assert main(["runs"]) == 0 and capsys.readouterr().out == "no run directories under runs (not made yet)\n"

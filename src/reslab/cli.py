@@ -128,6 +128,8 @@ def cmd_study(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     from .runs import describe, find_runs, read_history, table
 
+    if not args.paths:  # the default: runs/, which does not exist before the first run
+        args.paths = ["runs"] if Path("runs").is_dir() else []
     runs = find_runs(args.paths)
     rows = [describe(run) for run in runs]
     if args.json:
@@ -135,7 +137,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     elif rows:
         print(table(rows))
     else:
-        print(f"no run directories under {', '.join(args.paths)}")
+        print(f"no run directories under {', '.join(args.paths) or 'runs (not made yet)'}")
     if args.plot:
         from .engine.checkpoint import make_dir
         from .plots import compare
@@ -215,9 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("runs", help="the run directories under a folder: model, epochs, accuracy, state")
-    p.add_argument(
-        "paths", nargs="*", default=["runs"], help="run directories or folders of them (default: runs)"
-    )
+    p.add_argument("paths", nargs="*", help="run directories or folders of them (default: runs)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument(
         "--plot", metavar="FILE", help="also draw their training loss and test error per epoch (PNG)"

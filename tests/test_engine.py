@@ -329,6 +329,18 @@ def test_a_resume_names_its_changes_and_refuses_new_batches_mid_epoch(tiny_data,
     assert "resuming with changes: optim.lr 0.05 -> 0.02, train.epochs 2 -> 3" in lines
 
 
+def test_config_changes_name_dotted_keys_and_ignore_keys_of_other_versions():
+    old = config.load("fast").to_dict()
+    new = config.load("fast", ["optim.lr=0.3", "model.options.width=16", "train.ema=0.9"]).to_dict()
+    assert config.changes(old, new) == {
+        "model.options": ({"width": 32, "first_stride": 2}, {"width": 16, "first_stride": 2}),
+        "optim.lr": (old["optim"]["lr"], 0.3),
+        "train.ema": (old["train"]["ema"], 0.9),
+    }
+    del old["train"]["guard_every"]  # a checkpoint written before that setting existed
+    assert config.changes(old, config.load("fast").to_dict()) == {}
+
+
 def test_tta_flip_averages_an_image_and_its_mirror():
     torch.manual_seed(0)
     model = build_model("resnet8", 1, 10).eval()

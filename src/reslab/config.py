@@ -306,11 +306,12 @@ def validate(cfg: Config) -> None:
 
 
 def changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
-    """The dotted keys whose values differ between two configs as dicts: {"optim.lr": (0.1, 0.05)}."""
+    """The dotted keys whose values differ between two configs as dicts: {"optim.lr": (0.1, 0.05)}. A key that
+    only one side has (a checkpoint from a reslab with other settings) is no change; model.options compares whole."""
     found = {}
-    for key in sorted(old.keys() | new.keys()):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
+    for key in sorted(old.keys() & new.keys()):
+        a, b = old[key], new[key]
+        if isinstance(a, dict) and isinstance(b, dict) and prefix + key != "model.options":
             found.update(changes(a, b, f"{prefix}{key}."))
         elif a != b:
             found[prefix + key] = (a, b)

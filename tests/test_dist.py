@@ -41,7 +41,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_data, tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert [m["world_size"] for m in m2] == [2, 2, 2] and m1[0]["world_size"] == 1
-    assert two.stdout.count("epoch ") == 3  # only rank 0 prints
+    assert two.stdout.count("epoch ") == 3 and two.stdout.count("done: test acc") == 1  # only rank 0 prints
     # the same global batches and lr; only BatchNorm sees 32 instead of 64 images per batch:
     # stated tolerance: training loss within 10% per epoch, final test accuracy within 0.1
     for a, b in zip(m1, m2):
@@ -49,6 +49,11 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_data, tmp_path)
     assert abs(m1[-1]["test_acc"] - m2[-1]["test_acc"]) < 0.1
     # the test set is covered exactly once over both ranks: accuracies are multiples of 1/256
     assert abs(m2[-1]["test_acc"] * 256 - round(m2[-1]["test_acc"] * 256)) < 1e-6
+    # again into the same directory: every rank refuses before training, the run stays as it was
+    before = (tmp_path / "two" / "last.pt").read_bytes()
+    again = launch(tmp_path / "two", tiny_data, 2)
+    assert again.returncode != 0 and "two already holds a run; continue it with --resume" in again.stderr
+    assert (tmp_path / "two" / "last.pt").read_bytes() == before
 
 
 @pytest.mark.slow

@@ -42,7 +42,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = config.load(args.config, args.set)
     out = args.out or f"runs/{cfg.name}"
     summary = fit(cfg, out, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
-    if summary["test_acc"] is not None:
+    if (
+        summary["test_acc"] is not None and os.environ.get("RANK", "0") == "0"
+    ):  # under torchrun: rank 0 says it
         print(
             f"done: test acc {summary['test_acc']:.4f} (best {summary['best_test_acc']:.4f}) after "
             f"{summary['epochs']} epochs, {summary['wall_seconds']:.0f} s -> {out}"

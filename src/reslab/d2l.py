@@ -10,6 +10,7 @@ from .config import DataConfig
 from .data import TensorLoader, load_dataset, make_loaders
 from .engine.host import keep_freed_memory
 from .engine.steps import evaluate, train_step
+from .errors import is_count
 from .models.blocks import ResidualUnit
 
 
@@ -82,9 +83,7 @@ def load_fashion_mnist_dataset(
         ("resize", resize, True),
         ("limit", limit, True),
     ):
-        if (value is not None or not optional) and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 1
-        ):
+        if (value is not None or not optional) and not is_count(value):
             raise ValueError(
                 f"{name} must be a positive integer{' or None' if optional else ''}, got {value!r}"
             )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import ReslabError
+from ..errors import ReslabError, is_count
 
 ORDERS = ("original", "bn-after-add", "relu-before-add", "relu-preact", "full-preact")
 SHORTCUTS = ("identity", "projection", "projection-nobn", "zeropad", "none")
@@ -134,7 +134,7 @@ class ResidualUnit(nn.Module):
     ):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("channels", channels), ("stride", stride)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_count(value):
                 raise ReslabError(f"ResidualUnit {name} must be an integer > 0, got {value!r}")
         check_choice("block kind", kind, KINDS)
         self.order = check_choice("unit order", order, ORDERS)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from ..errors import ReslabError
+from ..errors import ReslabError, is_count
 from .nets import cifar_resnet, d2l_resnet18, imagenet_resnet, wide_resnet
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -87,7 +87,7 @@ def check_options(name: str, options: dict[str, object], prefix: str = "") -> No
         number = isinstance(value, int | float) and not isinstance(value, bool)
         if kind is bool and not isinstance(value, bool):
             raise ReslabError(f"{prefix}{key}: must be true or false, got {value!r}")
-        if kind is int and not (number and isinstance(value, int) and value > 0):
+        if kind is int and not is_count(value):
             raise ReslabError(f"{prefix}{key}: must be an integer > 0, got {value!r}")
         if kind is float and not (number and math.isfinite(value)):
             raise ReslabError(f"{prefix}{key}: must be a finite number, got {value!r}")
@@ -99,7 +99,7 @@ def build_model(name: str, in_channels: int = 1, num_classes: int = 10, **option
     """Build a registered model. Options (unit order, shortcut, stem, ...) depend on the family:
     `model_options(name)` lists them."""
     for what, value in (("in_channels", in_channels), ("num_classes", num_classes)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_count(value):
             raise ReslabError(f"{what} must be an integer > 0, got {value!r}")
     check_options(name, options)
     return _get(name)(in_channels=in_channels, num_classes=num_classes, **options)

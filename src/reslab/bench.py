@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import RECIPES, OptimConfig
-from .engine.checkpoint import make_dir, write_text
+from .engine.checkpoint import make_file_dir, write_text
 from .engine.host import keep_freed_memory
 from .engine.optim import make_optimizer
 from .engine.precision import autocast, bf16_native, resolve_device, resolve_precision
@@ -368,11 +368,7 @@ def run(
 ) -> dict:
     dev = resolve_device(device)
     if out is not None:  # checked before minutes of measuring, not after them, as is the seed limit
-        if Path(out).is_dir():
-            raise ReslabError(
-                f"--out {out} is a directory; name the file to write, e.g. {Path(out) / 'bench.json'}"
-            )
-        make_dir(Path(out).parent)
+        make_file_dir(Path(out), "bench.json")
     if not quick:
         from .config import load
 

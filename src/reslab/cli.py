@@ -141,14 +141,13 @@ def cmd_runs(args: argparse.Namespace) -> int:
     else:
         print(f"no run directories under {', '.join(args.paths) or 'runs (not made yet)'}")
     if args.plot:
-        from .engine.checkpoint import make_dir
+        from .engine.checkpoint import make_file_dir
         from .plots import compare
 
         histories = {str(run): read_history(run) for run, row in zip(runs, rows) if row.get("epochs")}
         if not histories:
             raise ReslabError("--plot: no run has a finished epoch to draw")
-        make_dir(Path(args.plot).parent)
-        compare(histories, args.plot)
+        compare(histories, make_file_dir(Path(args.plot), "runs.png"))
         print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
     return 0
 

@@ -217,8 +217,7 @@ def export(path: str | Path, fmt: str | None, out: str | Path) -> Path:
     fmt = fmt or ("torchscript" if out.suffix in TORCHSCRIPT_SUFFIXES else "onnx")
     if fmt not in ("onnx", "torchscript"):
         raise ReslabError(f"unknown export format {fmt!r}; choose one of: onnx, torchscript")
-    if out.is_dir():
-        raise ReslabError(f"--out {out} is a directory; name the file to write, e.g. {out / f'model.{fmt}'}")
+    checkpoint.make_file_dir(out, f"model.{fmt}")
     model, meta, _ = load_model(path)
     side = meta["resize"] or meta["image_size"]
     example = torch.randn(2, meta["in_channels"], side, side)
@@ -240,6 +239,5 @@ def export(path: str | Path, fmt: str | None, out: str | Path) -> Path:
             dynamo=True,
         )
         data = program.model_proto.SerializeToString()
-    checkpoint.make_dir(out.parent)
     checkpoint.write_bytes(out, data)
     return out

@@ -68,6 +68,14 @@ def make_dir(path: Path) -> Path:
     return path
 
 
+def make_file_dir(path: Path, example: str) -> Path:
+    """Make sure `path` (an --out naming a file to write) is not a directory, and create the directory it goes in:
+    checked before the work that will fill it. `example` is a file name to suggest."""
+    if path.is_dir():
+        raise ReslabError(f"--out {path} is a directory; name the file to write, e.g. {path / example}")
+    return make_dir(path.parent) / path.name
+
+
 def lock_dir(path: Path):
     """An exclusive lock on the run directory `path` (the file path/.lock, holding the owner's pid), to use as a
     context manager: a second `reslab train` into the same directory fails at once instead of interleaving its

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import RECIPES, OptimConfig
+from .config import RECIPES, OptimConfig, load
 from .engine.checkpoint import make_file_dir, write_text
 from .engine.host import keep_freed_memory
 from .engine.optim import make_optimizer
@@ -191,7 +191,6 @@ def engine_overhead(
     evaluation excluded) against as many bare steps of the same model, batch size, loss and optimiser. Each
     round times the two back to back, in alternating order; the overhead is the median of the rounds' ratios,
     so a machine that speeds up or slows down between rounds weighs on both sides of each."""
-    from .config import load
     from .engine.fit import train_one_epoch
     from .engine.run import prepare
 
@@ -240,7 +239,6 @@ def engine_overhead(
 def data_cost(config_path: str = "configs/fast.yaml", device: torch.device = CPU) -> dict:
     """Reading the files, building the loaders and one epoch of augmented batches without a model, against one
     epoch of bare training steps of the recipe's model."""
-    from .config import load
     from .data import load_dataset, make_loaders
 
     cfg = load(config_path, [f"device={device.type}"])
@@ -370,8 +368,6 @@ def run(
     if out is not None:  # checked before minutes of measuring, not after them, as is the seed limit
         make_file_dir(Path(out), "bench.json")
     if not quick:
-        from .config import load
-
         batch = load("seed").train.batch_size
         if seed_limit < batch:
             raise ReslabError(

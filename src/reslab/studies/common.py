@@ -41,6 +41,7 @@ def run_grid(runs: list[tuple[str, Config]], out: Path, quiet: bool = True) -> l
     """Train each (name, config) into out/runs/name, skipping runs whose summary.json exists (resumable).
     A run interrupted mid-way resumes from its last checkpoint. Returns [{name, summary, history}]."""
     from ..engine import Interrupted, checkpoint, fit
+    from ..runs import read_history
 
     results = []
     for i, (name, cfg) in enumerate(runs, 1):
@@ -58,8 +59,7 @@ def run_grid(runs: list[tuple[str, Config]], out: Path, quiet: bool = True) -> l
             except Interrupted as e:
                 raise Interrupted(e.signum, e.out, "the same reslab study command (it resumes)") from None
         summary = json.loads((run_dir / "summary.json").read_text())
-        history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        results.append({"name": name, "summary": summary, "history": history})
+        results.append({"name": name, "summary": summary, "history": read_history(run_dir)})
     return results
 
 

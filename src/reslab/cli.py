@@ -24,7 +24,7 @@ def require_counts(*flags: tuple[str, int | None]) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from . import config
-    from .engine import fit
+    from .engine import dist, fit
 
     if args.resume:
         if not args.out:
@@ -42,9 +42,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = config.load(args.config, args.set)
     out = args.out or f"runs/{cfg.name}"
     summary = fit(cfg, out, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
-    if (
-        summary["test_acc"] is not None and os.environ.get("RANK", "0") == "0"
-    ):  # under torchrun: rank 0 says it
+    if summary["test_acc"] is not None and dist.is_main_process():  # under torchrun: rank 0 says it
         print(
             f"done: test acc {summary['test_acc']:.4f} (best {summary['best_test_acc']:.4f}) after "
             f"{summary['epochs']} epochs, {summary['wall_seconds']:.0f} s -> {out}"

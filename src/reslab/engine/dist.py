@@ -25,6 +25,11 @@ class DistContext:
         return self.world_size > 1
 
 
+def is_main_process() -> bool:
+    """Rank 0 under torchrun (read from the environment, before or after setup), or a single process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def setup(device_type: str) -> DistContext:
     """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

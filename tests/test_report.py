@@ -171,13 +171,17 @@ def test_animated_gif_uses_the_first_frame(tmp_path):
     assert abs(int(read_image(tmp_path / "a.gif", 1, 28).mean()) - 200) <= 2
 
 
-def test_torchscript_and_onnx_match_pytorch(trained, tmp_path):
+def test_every_export_format_matches_pytorch(trained, tmp_path):
     model, meta, _ = load_model(trained)
-    x = torch.randn(5, meta["in_channels"], meta["image_size"], meta["image_size"])
+    x = torch.randn(
+        5, meta["in_channels"], meta["image_size"], meta["image_size"]
+    )  # batch 5: not the traced 2
     with torch.no_grad():
         reference = model(x).numpy()
-    ts = torch.jit.load(str(export(trained, None, tmp_path / "m.pt")))  # the suffix chooses TorchScript
-    assert np.abs(ts(x).detach().numpy() - reference).max() < 1e-4
+        ts = torch.jit.load(str(export(trained, None, tmp_path / "m.pt")))  # the suffix chooses TorchScript
+        assert np.abs(ts(x).numpy() - reference).max() < 1e-4
+        program = torch.export.load(export(trained, None, tmp_path / "m.pt2"))  # and a torch.export program
+        assert np.abs(program.module()(x).numpy() - reference).max() < 1e-4
     ort = pytest.importorskip("onnxruntime")
     path = export(trained, None, tmp_path / "m.onnx")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

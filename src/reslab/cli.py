@@ -264,14 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("export", help="export a trained model to ONNX or TorchScript")
+    p = sub.add_parser("export", help="export a trained model to ONNX, torch.export (.pt2) or TorchScript")
     p.add_argument("checkpoint", help="run directory or checkpoint file")
     p.add_argument(
         "--format",
-        choices=["onnx", "torchscript"],
-        help="default: torchscript for a .pt/.pth/.ts --out, else onnx",
+        choices=["onnx", "pt2", "torchscript"],
+        help="default: pt2 for a .pt2 --out, torchscript for .pt/.pth/.ts, else onnx",
     )
-    p.add_argument("--out", required=True, help="output file, e.g. model.onnx or model.pt")
+    p.add_argument("--out", required=True, help="output file, e.g. model.onnx, model.pt2 or model.pt")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="throughput, MFU, engine overhead, and the seed notebook as a baseline")

@@ -1,4 +1,4 @@
-"""After training: an evaluation report, predictions on image files, and export to ONNX / TorchScript."""
+"""After training: an evaluation report, predictions on image files, and export (ONNX, torch.export, TorchScript)."""
 
 from __future__ import annotations
 
@@ -206,25 +206,29 @@ def predict(path: str | Path, images: list[str], top_k: int = 1, invert: bool = 
 
 
 # ------------------------------------------------------------------------------------------- export
-TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts")
+FORMATS = ("onnx", "pt2", "torchscript")
+SUFFIX_FORMATS = {".pt2": "pt2", ".pt": "torchscript", ".pth": "torchscript", ".ts": "torchscript"}
 
 
 def export(path: str | Path, fmt: str | None, out: str | Path) -> Path:
-    """Write the model as ONNX (opset 18, dynamic batch) or TorchScript; the input is normalised images of
-    the model's input size, (N, C, H, W). Without `fmt`, a .pt, .pth or .ts file is TorchScript, any other ONNX.
+    """Write the model as ONNX (opset 18), a torch.export program (.pt2: `torch.export.load(f).module()`) or
+    TorchScript, each with a dynamic batch; the input is normalised images of the model's input size, (N, C, H, W).
+    Without `fmt` the suffix chooses: .pt2 a torch.export program, .pt, .pth or .ts TorchScript, any other ONNX.
     The file is written whole beside `out` and then renamed over it: a failed export leaves `out` as it was."""
     out = Path(out)
-    fmt = fmt or ("torchscript" if out.suffix in TORCHSCRIPT_SUFFIXES else "onnx")
-    if fmt not in ("onnx", "torchscript"):
-        raise ReslabError(f"unknown export format {fmt!r}; choose one of: onnx, torchscript")
+    fmt = fmt or SUFFIX_FORMATS.get(out.suffix, "onnx")
+    if fmt not in FORMATS:
+        raise ReslabError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     checkpoint.make_file_dir(out, f"model.{fmt}")
     model, meta, _ = load_model(path)
     side = meta["resize"] or meta["image_size"]
     example = torch.randn(2, meta["in_channels"], side, side)
+    batch = ({0: torch.export.Dim("batch", min=1, max=4096)},)
+    buffer = io.BytesIO()
     if fmt == "torchscript":
-        buffer = io.BytesIO()
         torch.jit.save(torch.jit.trace(model, example), buffer)
-        data = buffer.getvalue()
+    elif fmt == "pt2":
+        torch.export.save(torch.export.export(model, (example,), dynamic_shapes=batch), buffer)
     else:
         try:
             import onnx  # noqa: F401
@@ -235,9 +239,9 @@ def export(path: str | Path, fmt: str | None, out: str | Path) -> Path:
             (example,),
             input_names=["images"],
             output_names=["logits"],
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+            dynamic_shapes=batch,
             dynamo=True,
         )
-        data = program.model_proto.SerializeToString()
-    checkpoint.write_bytes(out, data)
+        buffer.write(program.model_proto.SerializeToString())
+    checkpoint.write_bytes(out, buffer.getvalue())
     return out

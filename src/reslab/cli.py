@@ -25,6 +25,7 @@ def require_counts(*flags: tuple[str, int | None]) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from . import config
     from .engine import dist, fit
+    from .engine.fit import n_epochs
 
     if args.resume:
         if not args.out:
@@ -45,7 +46,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if summary["test_acc"] is not None and dist.is_main_process():  # under torchrun: rank 0 says it
         print(
             f"done: test acc {summary['test_acc']:.4f} (best {summary['best_test_acc']:.4f}) after "
-            f"{summary['epochs']} epochs, {summary['wall_seconds']:.0f} s -> {out}"
+            f"{n_epochs(summary['epochs'])}, {summary['wall_seconds']:.0f} s -> {out}"
         )
     return 0
 

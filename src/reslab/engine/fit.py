@@ -117,6 +117,10 @@ def train_one_epoch(run: Run, epoch: int, on_step=None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- the run
+def n_epochs(n: int) -> str:
+    return f"{n} epoch" if n == 1 else f"{n} epochs"
+
+
 def _epoch_line(m: dict, epochs: int) -> str:
     return (
         f"epoch {m['epoch']:>3}/{epochs}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f}  "
@@ -157,7 +161,7 @@ def fit(
     if state is not None:
         restore(run, state)
         if run.epoch >= cfg.train.epochs:
-            _log(run, f"{out} already finished {run.epoch} epochs; raise train.epochs to train on")
+            _log(run, f"{out} already finished {n_epochs(run.epoch)}; raise train.epochs to train on")
             if (out / "summary.json").exists():  # a finished run stays as it was: its config, its summary
                 dist.cleanup(run.ctx)
                 return json.loads((out / "summary.json").read_text())
@@ -200,7 +204,8 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
         f"reslab: {cfg.model.name} ({run.meta['params'] / 1e6:.2f}M params) on {run.device.type}"
         f"{f' x{run.ctx.world_size}' if run.ctx.active else ''}, {run.precision}, "
         f"{run.train_loader.num_examples} train / {run.test_loader.num_examples} test images, "
-        f"{cfg.train.epochs} epochs -> {out}" + (f" (resumed at epoch {run.epoch + 1})" if resumed else ""),
+        f"{n_epochs(cfg.train.epochs)} -> {out}"
+        + (f" (resumed at epoch {run.epoch + 1})" if resumed else ""),
     )
 
     def step_hook(r: Run) -> None:

@@ -4,8 +4,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from torch import nn
 
-from reslab.studies import degradation, units
+from reslab.studies import degradation, responses, units
 
 
 def test_degradation_study_writes_results_and_skips_finished_runs(tiny_data, tmp_path):
@@ -30,6 +32,12 @@ def test_degradation_study_writes_results_and_skips_finished_runs(tiny_data, tmp
     assert saved["machine"]["cores"] >= 1 and saved["config"]["optim"]["lr"] == 0.1
     assert (tmp_path / "deg" / "figure.png").stat().st_size > 1000
     assert "| 14 |" in (tmp_path / "deg" / "table.md").read_text()
+    # the layer responses of the trained seed-0 nets: one per 3x3 layer (stem + 2 per unit), all positive
+    nets = saved["responses"]["nets"]
+    assert {k: len(v) for k, v in nets.items()} == {"plain8": 7, "plain14": 13, "resnet8": 7, "resnet14": 13}
+    assert all(v > 0 for stds in nets.values() for v in stds) and saved["responses"]["images"] == 128
+    assert (tmp_path / "deg" / "responses.png").stat().st_size > 1000
+    assert "| resnet14 | 13 |" in (tmp_path / "deg" / "table.md").read_text()
     # a second call trains nothing: every run has its summary.json
     before = {p: p.stat().st_mtime for p in (tmp_path / "deg" / "runs").glob("*/last.pt")}
     again = degradation.run(tmp_path / "deg", quick=True, seeds=1, overrides=overrides, depths=(8, 14))
@@ -130,3 +138,20 @@ def test_a_study_stopped_by_sigterm_says_to_run_it_again_and_then_finishes(tiny_
     again = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert "resumed at epoch" in again.stdout and "| 8 | - | - |" in again.stdout
+
+
+def test_layer_responses_are_read_before_an_in_place_relu():
+    """Two BNs that scale by 3 and by 0.5, each followed by an in-place ReLU: the responses are the std of 3x and
+    of 0.5 relu(3x), over two batches, in the order the forward pass reaches them."""
+
+    def scaling(factor: float) -> nn.BatchNorm2d:
+        bn = nn.BatchNorm2d(1, eps=0.0)
+        bn.weight.data.fill_(factor)
+        return bn
+
+    net = nn.Sequential(scaling(3.0), nn.ReLU(inplace=True), scaling(0.5), nn.ReLU(inplace=True))
+    x = torch.randn(2, 4, 1, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    net = net.double()
+    got = responses.layer_responses(net, list(x))
+    want = [(3 * x).std(unbiased=False), (0.5 * (3 * x).relu()).std(unbiased=False)]
+    assert got == pytest.approx([float(w) for w in want], rel=1e-12)

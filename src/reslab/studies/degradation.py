@@ -1,7 +1,8 @@
 """The degradation problem (He et al. 2015, Fig. 1 and 6): deeper plain nets train worse; residual nets don't.
 
 Trains plain-N and resnet-N (CIFAR-style 6n+2, option-A shortcuts, identical recipe) for each depth and
-records training and test error per epoch. `--quick` fits a 2-core CPU in about half an hour.
+records training and test error per epoch, then the trained nets' layer responses (the paper's Fig. 7, in
+responses.py). `--quick` fits a 2-core CPU in about half an hour.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from ..config import Config
 from ..engine.checkpoint import make_dir
 from ..errors import ReslabError
 from ..models import list_models
+from . import responses
 from .common import Timer, error_curve, error_stats, finish, machine, refuse_chosen, run_grid, with_changes
 
 DEPTHS = (20, 32, 44, 56)
@@ -102,6 +104,10 @@ def run(
         "machine": machine(),
         "seconds": timer.seconds,
     }
+    # the seed-0 nets' final weights, read on the test images every run shares
+    seed0 = {r["summary"]["model"]: out / "runs" / r["name"] for r in results if r["name"].endswith("-s0")}
+    payload["responses"] = responses.of_runs(seed0, runs[0][1].data)
+    responses.figure(payload["responses"], out / "responses.png")
     return finish(out, payload, table, figure)
 
 
@@ -139,6 +145,22 @@ def table(payload: dict) -> str:
         f"Final-epoch errors, mean{' ± std' if seeds > 1 else ''} over {seeds} seed(s); training error is"
     )
     lines.append("measured over the last epoch's batches in train mode, as in the paper's curves.")
+    if payload.get("responses"):
+        lines += [
+            "",
+            "| net (seed 0) | layers | mean std of response | largest | smallest |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name, stds in payload["responses"]["nets"].items():
+            lines.append(
+                f"| {name} | {len(stds)} | {sum(stds) / len(stds):.3f} | {max(stds):.3f} | {min(stds):.3f} |"
+            )
+        lines += [
+            "",
+            "Layer responses (He et al. 2015, Fig. 7): the std of each 3x3 layer's output after BN, before the",
+            f"ReLU or the addition, over the first {payload['responses']['images']} test images; responses.png "
+            "plots them.",
+        ]
     return "\n".join(lines) + "\n"
 
 

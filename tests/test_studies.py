@@ -42,6 +42,7 @@ def test_degradation_study_writes_results_and_skips_finished_runs(tiny_data, tmp
     before = {p: p.stat().st_mtime for p in (tmp_path / "deg" / "runs").glob("*/last.pt")}
     again = degradation.run(tmp_path / "deg", quick=True, seeds=1, overrides=overrides, depths=(8, 14))
     assert again["runs"] == payload["runs"]
+    assert again["train_seconds"] == payload["train_seconds"] > again["seconds"]  # the runs' time is kept
     assert before == {p: p.stat().st_mtime for p in (tmp_path / "deg" / "runs").glob("*/last.pt")}
 
 

@@ -122,7 +122,11 @@ def cmd_study(args: argparse.Namespace) -> int:
 
         payload = units.run(out, args.quick, args.seeds, args.set, depth=args.depth)
     print((out / "table.md").read_text())
-    print(f"wrote {out}/results.json, table.md, figure.png in {payload['seconds']:.0f} s")
+    extra = ", responses.png" if "responses" in payload else ""
+    print(
+        f"wrote {out}/results.json, table.md, figure.png{extra} in {payload['seconds']:.0f} s "
+        f"(the runs trained for {payload['train_seconds']:.0f} s in all)"
+    )
     return 0
 
 

@@ -7,6 +7,7 @@ responses.py). `--quick` fits a 2-core CPU in about half an hour.
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from .. import config
@@ -102,7 +103,8 @@ def run(
         "aggregate": aggregate(rows),
         "config": runs[0][1].to_dict(),
         "machine": machine(),
-        "seconds": timer.seconds,
+        "seconds": timer.seconds,  # of this call, which skips the runs finished before it
+        "train_seconds": sum(r["summary"]["train_seconds"] for r in results),  # every run's, whenever it ran
     }
     # the seed-0 nets' final weights, read on the test images every run shares
     seed0 = {r["summary"]["model"]: out / "runs" / r["name"] for r in results if r["name"].endswith("-s0")}
@@ -148,18 +150,20 @@ def table(payload: dict) -> str:
     if payload.get("responses"):
         lines += [
             "",
-            "| net (seed 0) | layers | mean std of response | largest | smallest |",
-            "|---|---:|---:|---:|---:|",
+            "| net (seed 0) | 3x3 layers | mean std of response | stem | units' first layers | units' last layers |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
         for name, stds in payload["responses"]["nets"].items():
+            means = [statistics.fmean(part) for part in (stds, stds[1::2], stds[2::2])]
             lines.append(
-                f"| {name} | {len(stds)} | {sum(stds) / len(stds):.3f} | {max(stds):.3f} | {min(stds):.3f} |"
+                f"| {name} | {len(stds)} | {means[0]:.3f} | {stds[0]:.3f} | {means[1]:.3f} | {means[2]:.3f} |"
             )
         lines += [
             "",
             "Layer responses (He et al. 2015, Fig. 7): the std of each 3x3 layer's output after BN, before the",
             f"ReLU or the addition, over the first {payload['responses']['images']} test images; responses.png "
             "plots them.",
+            "In a ResNet a unit's last layer is its residual function's output, the response the shortcut adds to.",
         ]
     return "\n".join(lines) + "\n"
 

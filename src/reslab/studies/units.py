@@ -92,7 +92,8 @@ def run(
         "aggregate": aggregate,
         "config": runs[0][1].to_dict(),
         "machine": machine(),
-        "seconds": timer.seconds,
+        "seconds": timer.seconds,  # of this call, which skips the runs finished before it
+        "train_seconds": sum(r["summary"]["train_seconds"] for r in results),  # every run's, whenever it ran
     }
     return finish(out, payload, table, figure)
 

@@ -10,7 +10,7 @@ from torch import nn
 from reslab.studies import degradation, responses, units
 
 
-def test_degradation_study_writes_results_and_skips_finished_runs(tiny_data, tmp_path):
+def test_degradation_study_writes_results_and_skips_finished_runs(tiny_data, tmp_path, capsys):
     overrides = [
         f"data.root={tiny_data}",
         "train.epochs=1",
@@ -44,6 +44,15 @@ def test_degradation_study_writes_results_and_skips_finished_runs(tiny_data, tmp
     assert again["runs"] == payload["runs"]
     assert again["train_seconds"] == payload["train_seconds"] > again["seconds"]  # the runs' time is kept
     assert before == {p: p.stat().st_mtime for p in (tmp_path / "deg" / "runs").glob("*/last.pt")}
+    # checkpoints deleted to save disk, or damaged, after the runs finished: the tables stand, those responses go
+    (tmp_path / "deg" / "runs" / "resnet8-s0" / "last.pt").unlink()
+    (tmp_path / "deg" / "runs" / "plain8-s0" / "last.pt").write_bytes(b"damaged")
+    third = degradation.run(tmp_path / "deg", quick=True, seeds=1, overrides=overrides, depths=(8, 14))
+    assert third["runs"] == payload["runs"] and set(third["responses"]["nets"]) == {"plain14", "resnet14"}
+    out = capsys.readouterr().out
+    assert (
+        "note: no layer responses for resnet8: checkpoint" in out and "no layer responses for plain8" in out
+    )
 
 
 def test_degradation_study_of_the_residual_nets_only(tiny_data, tmp_path):

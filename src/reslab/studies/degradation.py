@@ -109,7 +109,8 @@ def run(
     # the seed-0 nets' final weights, read on the test images every run shares
     seed0 = {r["summary"]["model"]: out / "runs" / r["name"] for r in results if r["name"].endswith("-s0")}
     payload["responses"] = responses.of_runs(seed0, runs[0][1].data)
-    responses.figure(payload["responses"], out / "responses.png")
+    if payload["responses"]["nets"]:
+        responses.figure(payload["responses"], out / "responses.png")
     return finish(out, payload, table, figure)
 
 
@@ -147,7 +148,7 @@ def table(payload: dict) -> str:
         f"Final-epoch errors, mean{' ± std' if seeds > 1 else ''} over {seeds} seed(s); training error is"
     )
     lines.append("measured over the last epoch's batches in train mode, as in the paper's curves.")
-    if payload.get("responses"):
+    if payload.get("responses", {}).get("nets"):
         lines += [
             "",
             "| net (seed 0) | 3x3 layers | mean std of response | stem | units' first layers | units' last layers |",

@@ -49,9 +49,20 @@ def layer_responses(model: nn.Module, batches) -> list[float]:
 
 def of_runs(run_dirs: dict[str, Path], data_cfg, images: int = IMAGES) -> dict:
     """{"images": n, "nets": {name: responses}}: the responses of each run directory's final weights on the
-    first n <= `images` test images of the data every run trained on."""
+    first n <= `images` test images of the data every run trained on. A run whose last.pt is gone or unreadable
+    (its summary.json and metrics kept) is left out with a note: the study's tables need only those."""
     from ..data import load_dataset, make_test_loader
+    from ..engine.checkpoint import CheckpointError
     from ..report import load_model
+
+    models = {}
+    for name, d in run_dirs.items():
+        try:
+            models[name] = load_model(d / "last.pt")[0]
+        except CheckpointError as e:
+            print(f"note: no layer responses for {name}: {e}", flush=True)
+    if not models:
+        return {"images": 0, "nets": {}}
 
     cpu = torch.device("cpu")
     data = load_dataset(data_cfg)
@@ -62,7 +73,7 @@ def of_runs(run_dirs: dict[str, Path], data_cfg, images: int = IMAGES) -> dict:
         seen += len(batches[-1])
         if seen >= images:
             break
-    nets = {name: layer_responses(load_model(d / "last.pt")[0], batches) for name, d in run_dirs.items()}
+    nets = {name: layer_responses(model, batches) for name, model in models.items()}
     return {"images": seen, "nets": nets}
 
 

@@ -80,6 +80,11 @@ def run(
     out = make_dir(Path(out))
     with Timer() as timer:
         results = run_grid(runs, out)
+        # the seed-0 nets' final weights, read on the test images every run shares
+        seed0 = {
+            r["summary"]["model"]: out / "runs" / r["name"] for r in results if r["name"].endswith("-s0")
+        }
+        found = responses.of_runs(seed0, runs[0][1].data)
     rows = []
     for r in results:
         s, h = r["summary"], r["history"]
@@ -103,13 +108,11 @@ def run(
         "aggregate": aggregate(rows),
         "config": runs[0][1].to_dict(),
         "machine": machine(),
-        "seconds": timer.seconds,  # of this call, which skips the runs finished before it
+        "seconds": timer.seconds,  # of this call (training and responses), which skips runs finished before it
         "train_seconds": sum(r["summary"]["train_seconds"] for r in results),  # every run's, whenever it ran
     }
-    # the seed-0 nets' final weights, read on the test images every run shares
-    seed0 = {r["summary"]["model"]: out / "runs" / r["name"] for r in results if r["name"].endswith("-s0")}
-    payload["responses"] = responses.of_runs(seed0, runs[0][1].data)
-    if payload["responses"]["nets"]:
+    payload["responses"] = found
+    if found["nets"]:
         responses.figure(payload["responses"], out / "responses.png")
     return finish(out, payload, table, figure)
 
@@ -162,8 +165,7 @@ def table(payload: dict) -> str:
         lines += [
             "",
             "Layer responses (He et al. 2015, Fig. 7): the std of each 3x3 layer's output after BN, before the",
-            f"ReLU or the addition, over the first {payload['responses']['images']} test images; responses.png "
-            "plots them.",
+            f"ReLU or the addition, over the {payload['responses']['images']} test images; responses.png plots them.",
             "In a ResNet a unit's last layer is its residual function's output, the response the shortcut adds to.",
         ]
     return "\n".join(lines) + "\n"

@@ -81,8 +81,9 @@ def figure(responses: dict, path: Path) -> None:
         axes[1].plot(range(1, len(stds) + 1), sorted(stds, reverse=True), style, lw=1.5, label=label)
     axes[0].set(xlabel="layer index (original order)", ylabel="std of response")
     axes[1].set(xlabel="layer index (sorted by magnitude)", ylabel="std of response")
-    for ax in axes:
-        ax.grid(alpha=0.3)
+    for ax in axes:  # log scale: a net that failed to train can respond thousands of times more
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     save(fig, path)

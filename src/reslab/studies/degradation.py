@@ -110,10 +110,10 @@ def run(
         "machine": machine(),
         "seconds": timer.seconds,  # of this call (training and responses), which skips runs finished before it
         "train_seconds": sum(r["summary"]["train_seconds"] for r in results),  # every run's, whenever it ran
+        "responses": found,
     }
-    payload["responses"] = found
     if found["nets"]:
-        responses.figure(payload["responses"], out / "responses.png")
+        responses.figure(found, out / "responses.png")
     return finish(out, payload, table, figure)
 
 

@@ -46,9 +46,10 @@ def layer_responses(model: nn.Module, batches) -> list[float]:
 
 
 def of_runs(run_dirs: dict[str, Path], data_cfg) -> dict:
-    """{"images": n, "nets": {name: responses}}: the responses of each run directory's final weights on the n
-    test images of the data every run trained on (2,000 of them left the stds up to 0.008 off). A run whose last.pt is gone or unreadable
-    (its summary.json and metrics kept) is left out with a note: the study's tables need only those."""
+    """{"images": n, "nets": {name: responses}}: the responses of each run directory's final weights on all n
+    test images of the data every run trained on (2,000 of them left the stds up to 0.008 off). A run whose
+    last.pt is gone or unreadable (its summary.json and metrics kept) is left out with a note: the study's
+    tables need only those."""
     from ..data import load_dataset, make_test_loader
     from ..engine.checkpoint import CheckpointError
     from ..report import load_model

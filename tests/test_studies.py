@@ -36,8 +36,12 @@ def test_degradation_study_writes_results_and_skips_finished_runs(tiny_data, tmp
     nets = saved["responses"]["nets"]
     assert {k: len(v) for k, v in nets.items()} == {"plain8": 7, "plain14": 13, "resnet8": 7, "resnet14": 13}
     assert all(v > 0 for stds in nets.values() for v in stds) and saved["responses"]["images"] == 128
+    per_channel = saved["responses"]["per_channel"]  # the same layers, each channel's std averaged
+    assert {k: len(v) for k, v in per_channel.items()} == {k: len(v) for k, v in nets.items()}
+    assert all(0 < c <= a * (1 + 1e-9) for k in nets for c, a in zip(per_channel[k], nets[k]))
     assert (tmp_path / "deg" / "responses.png").stat().st_size > 1000
     assert "| resnet14 | 13 |" in (tmp_path / "deg" / "table.md").read_text()
+    assert "units' last layers, per channel |" in (tmp_path / "deg" / "table.md").read_text()
     # a second call trains nothing: every run has its summary.json
     before = {p: p.stat().st_mtime for p in (tmp_path / "deg" / "runs").glob("*/last.pt")}
     again = degradation.run(tmp_path / "deg", quick=True, seeds=1, overrides=overrides, depths=(8, 14))
@@ -150,18 +154,37 @@ def test_a_study_stopped_by_sigterm_says_to_run_it_again_and_then_finishes(tiny_
     assert "resumed at epoch" in again.stdout and "| 8 | - | - |" in again.stdout
 
 
+def test_responses_figure_leaves_nets_that_did_not_train_to_a_log_panel(tmp_path):
+    found = {"images": 8, "nets": {"plain8": [1.0, 900.0, 1500.0], "resnet8": [1.0, 0.9, 0.8]}}
+    responses.figure(found, tmp_path / "linear.png")
+    responses.figure(found, tmp_path / "with-log.png", failed=("plain8",))
+    from matplotlib.image import imread
+
+    heights = [imread(tmp_path / name).shape[0] for name in ("linear.png", "with-log.png")]
+    assert heights[1] == pytest.approx(heights[0] * 3 / 2, rel=0.02)  # a third panel
+
+
 def test_layer_responses_are_read_before_an_in_place_relu():
-    """Two BNs that scale by 3 and by 0.5, each followed by an in-place ReLU: the responses are the std of 3x and
-    of 0.5 relu(3x), over two batches, in the order the forward pass reaches them."""
+    """Two BNs, each followed by an in-place ReLU: the first scales channel 0 by 3 and shifts channel 1 by 5, the
+    second halves both. The responses are the stds of y = (3x0, x1 + 5) and of relu(y) / 2, over two batches, in
+    the order the forward pass reaches them: over all values (the shift counts), and per channel, averaged."""
 
-    def scaling(factor: float) -> nn.BatchNorm2d:
-        bn = nn.BatchNorm2d(1, eps=0.0)
-        bn.weight.data.fill_(factor)
-        return bn
+    def bn(scale: list[float], shift: list[float]) -> nn.BatchNorm2d:
+        layer = nn.BatchNorm2d(2, eps=0.0)
+        layer.weight.data = torch.tensor(scale, dtype=torch.float32)
+        layer.bias.data = torch.tensor(shift, dtype=torch.float32)
+        return layer
 
-    net = nn.Sequential(scaling(3.0), nn.ReLU(inplace=True), scaling(0.5), nn.ReLU(inplace=True))
-    x = torch.randn(2, 4, 1, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    net = nn.Sequential(
+        bn([3, 1], [0, 5]), nn.ReLU(inplace=True), bn([0.5, 0.5], [0, 0]), nn.ReLU(inplace=True)
+    )
     net = net.double()
+    x = torch.randn(2, 4, 2, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.stack([3 * x[:, :, 0], x[:, :, 1] + 5], dim=2)  # (batches, B, C, H, W)
     got = responses.layer_responses(net, list(x))
-    want = [(3 * x).std(unbiased=False), (0.5 * (3 * x).relu()).std(unbiased=False)]
-    assert got == pytest.approx([float(w) for w in want], rel=1e-12)
+    outputs = [y, 0.5 * y.relu()]
+    want_all = [float(o.std(unbiased=False)) for o in outputs]
+    want_channel = [float(o.transpose(0, 2).flatten(1).std(1, unbiased=False).mean()) for o in outputs]
+    assert got["all"] == pytest.approx(want_all, rel=1e-12)
+    assert got["per_channel"] == pytest.approx(want_channel, rel=1e-12)
+    assert got["per_channel"][0] < got["all"][0]  # the shift of 5 between the channels is left out

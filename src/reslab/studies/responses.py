@@ -8,7 +8,9 @@ smaller each layer's response: each layer modifies the signal less.
 Here the responses are read from forward hooks on every BatchNorm2d of a net in the original unit order with
 option-A shortcuts (the degradation study's nets): there, each BN follows one 3x3 convolution and precedes a
 ReLU or the addition. Each layer's std is taken over all its output values (images, channels, positions) on
-the whole test set, in eval mode and fp32.
+the whole test set, in eval mode and fp32, as the paper words it. That std counts the spread of the BN's
+per-channel shifts too, so a second measure leaves them out: each channel's std over images and positions,
+averaged over the layer's channels (about the mean |BN scale| on the data the running statistics came from).
 """
 
 from __future__ import annotations
@@ -20,17 +22,24 @@ from torch import nn
 
 
 @torch.no_grad()
-def layer_responses(model: nn.Module, batches) -> list[float]:
-    """The std of every BatchNorm2d's output over the given batches, in the order the forward pass reaches
-    them (stem first)."""
+def layer_responses(model: nn.Module, batches) -> dict[str, list[float]]:
+    """Every BatchNorm2d's output, over the given batches, in the order the forward pass reaches them (stem
+    first): {"all": its std over all output values, "per_channel": the mean over channels of each channel's
+    std over images and positions}."""
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     order: dict[nn.Module, int] = {}
-    moments = torch.zeros(len(bns), 3, dtype=torch.float64)  # per layer: count, sum, sum of squares
+    counts: list[int] = []  # per layer: values per channel
+    sums: list[torch.Tensor] = []  # per layer: (2, C) sum and sum of squares per channel, float64
 
     def hook(module, inputs, output):  # read at once: the ReLU after it works in place
         i = order.setdefault(module, len(order))
-        o = output.detach().double()
-        moments[i] += torch.stack([torch.tensor(o.numel(), dtype=torch.float64), o.sum(), (o * o).sum()])
+        o = output.detach().double()  # (B, C, H, W)
+        s = torch.stack([o.sum((0, 2, 3)), (o * o).sum((0, 2, 3))])
+        if i == len(sums):
+            counts.append(0)
+            sums.append(torch.zeros_like(s))
+        counts[i] += o.numel() // o.shape[1]
+        sums[i] += s
 
     handles = [bn.register_forward_hook(hook) for bn in bns]
     try:
@@ -40,16 +49,22 @@ def layer_responses(model: nn.Module, batches) -> list[float]:
     finally:
         for h in handles:
             h.remove()
-    n, total, squares = moments[: len(order)].T
-    mean = total / n
-    return (squares / n - mean * mean).clamp(min=0).sqrt().tolist()
+
+    def std(n: int, total: torch.Tensor, squares: torch.Tensor) -> torch.Tensor:
+        mean = total / n
+        return (squares / n - mean * mean).clamp(min=0).sqrt()
+
+    return {
+        "all": [std(n * s.shape[1], *s.sum(1)).item() for n, s in zip(counts, sums)],
+        "per_channel": [std(n, *s).mean().item() for n, s in zip(counts, sums)],
+    }
 
 
 def of_runs(run_dirs: dict[str, Path], data_cfg) -> dict:
-    """{"images": n, "nets": {name: responses}}: the responses of each run directory's final weights on all n
-    test images of the data every run trained on (2,000 of them left the stds up to 0.008 off). A run whose
-    last.pt is gone or unreadable (its summary.json and metrics kept) is left out with a note: the study's
-    tables need only those."""
+    """{"images": n, "nets": {name: stds}, "per_channel": {name: stds}}: layer_responses of each run
+    directory's final weights on all n test images of the data every run trained on (2,000 of them left the
+    stds up to 0.008 off). A run whose last.pt is gone or unreadable (its summary.json and metrics kept) is left
+    out with a note: the study's tables need only those."""
     from ..data import load_dataset, make_test_loader
     from ..engine.checkpoint import CheckpointError
     from ..report import load_model
@@ -61,30 +76,56 @@ def of_runs(run_dirs: dict[str, Path], data_cfg) -> dict:
         except CheckpointError as e:
             print(f"note: no layer responses for {name}: {e}", flush=True)
     if not models:
-        return {"images": 0, "nets": {}}
+        return {"images": 0, "nets": {}, "per_channel": {}}
 
     cpu = torch.device("cpu")
     data = load_dataset(data_cfg)
     test = make_test_loader(data, data_cfg, 500, cpu)
-    nets = {name: layer_responses(model, (x for x, _ in test)) for name, model in models.items()}
-    return {"images": test.num_examples, "nets": nets}
+    found = {name: layer_responses(model, (x for x, _ in test)) for name, model in models.items()}
+    return {
+        "images": test.num_examples,
+        "nets": {name: r["all"] for name, r in found.items()},
+        "per_channel": {name: r["per_channel"] for name, r in found.items()},
+    }
 
 
-def figure(responses: dict, path: Path) -> None:
-    """Like the paper's Fig. 7: the std per layer in the net's order (top) and sorted by size (bottom)."""
+def figure(responses: dict, path: Path, failed: tuple[str, ...] = ()) -> None:
+    """Like the paper's Fig. 7: the std per layer in the net's order (top) and sorted by size (middle), on a
+    linear scale. The nets named in failed (ones that did not train) can respond thousands of times more; they
+    are left out there, and a last panel shows every net on a log scale."""
     from ..plots import plt, save  # matplotlib on its Agg backend
 
-    fig, axes = plt.subplots(2, 1, figsize=(7, 6.4))
-    for name, stds in responses["nets"].items():
-        style = "-" if name.startswith("resnet") else "--"
-        label = name.replace("resnet", "ResNet-").replace("plain", "plain-")
-        axes[0].plot(range(1, len(stds) + 1), stds, style, lw=1.5, marker=".", label=label)
-        axes[1].plot(range(1, len(stds) + 1), sorted(stds, reverse=True), style, lw=1.5, label=label)
-    axes[0].set(xlabel="layer index (original order)", ylabel="std of response")
-    axes[1].set(xlabel="layer index (sorted by magnitude)", ylabel="std of response")
-    for ax in axes:  # log scale: a net that failed to train can respond thousands of times more
-        ax.set_yscale("log")
+    nets = responses["nets"]
+    trained = {name: stds for name, stds in nets.items() if name not in failed}
+    colours = {name: f"C{i}" for i, name in enumerate(nets)}  # a net keeps its colour in every panel
+    panels = [(trained, False), (trained, True)] + ([(nets, False)] if len(trained) < len(nets) else [])
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 3.2 * len(panels)), squeeze=False)
+    for ax, (shown, by_size) in zip(axes[:, 0], panels):
+        for name, stds in shown.items():
+            style = "-" if name.startswith("resnet") else "--"
+            ys = sorted(stds, reverse=True) if by_size else stds
+            marker = "" if by_size else "."
+            ax.plot(
+                range(1, len(ys) + 1),
+                ys,
+                style,
+                color=colours[name],
+                lw=1.5,
+                marker=marker,
+                label=label(name),
+            )
+        order = "sorted by magnitude" if by_size else "original order"
+        ax.set(xlabel=f"layer index ({order})", ylabel="std of response")
         ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=8)
+        ax.legend(fontsize=8)
+    if len(panels) == 3:
+        axes[2, 0].set_yscale("log")
+        names = ", ".join(label(name) for name in nets if name in failed)
+        axes[2, 0].set_title(f"every net, log scale ({names} did not train)", fontsize=9)
     fig.tight_layout()
     save(fig, path)
+
+
+def label(name: str) -> str:
+    """plain110 -> plain-110, resnet20 -> ResNet-20."""
+    return name.replace("resnet", "ResNet-").replace("plain", "plain-")

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -178,7 +179,11 @@ def test_every_export_format_matches_pytorch(trained, tmp_path):
     )  # batch 5: not the traced 2
     with torch.no_grad():
         reference = model(x).numpy()
-        ts = torch.jit.load(str(export(trained, None, tmp_path / "m.pt")))  # the suffix chooses TorchScript
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            scripted = export(trained, None, tmp_path / "m.pt")  # the suffix chooses TorchScript
+            assert not [w for w in caught if "torch.jit" in str(w.message)]  # the CLI notes it once instead
+            ts = torch.jit.load(str(scripted))
         assert np.abs(ts(x).numpy() - reference).max() < 1e-4
         program = torch.export.load(export(trained, None, tmp_path / "m.pt2"))  # and a torch.export program
         assert np.abs(program.module()(x).numpy() - reference).max() < 1e-4
@@ -204,6 +209,14 @@ def test_failed_export_leaves_the_previous_file(trained, tmp_path, monkeypatch, 
     assert main(["export", str(trained), "--out", str(target)]) == 2
     assert capsys.readouterr().err.strip() == f"reslab: error: cannot write {target}: No space left on device"
     assert target.read_bytes() == b"previous model" and [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+
+
+def test_cli_export_notes_that_torchscript_is_deprecated(trained, tmp_path, capsys):
+    for name, noted in (("m.ts", True), ("m.pt2", False)):
+        assert main(["export", str(trained), "--out", str(tmp_path / name)]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"wrote {tmp_path / name}\n")
+        assert ("note: PyTorch deprecates TorchScript; a .pt2 file" in out) == noted
 
 
 def test_folder_dataset_round_trip(tmp_path):

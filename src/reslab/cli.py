@@ -171,10 +171,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .report import export
+    from .report import SUFFIX_FORMATS, export
 
     path = export(args.checkpoint, args.format, args.out)
     print(f"wrote {path}")
+    if (args.format or SUFFIX_FORMATS.get(path.suffix)) == "torchscript":
+        print("note: PyTorch deprecates TorchScript; a .pt2 file (torch.export) is the format it recommends")
     return 0
 
 

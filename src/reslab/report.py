@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -226,7 +227,11 @@ def export(path: str | Path, fmt: str | None, out: str | Path) -> Path:
     batch = ({0: torch.export.Dim("batch", min=1, max=4096)},)
     buffer = io.BytesIO()
     if fmt == "torchscript":
-        torch.jit.save(torch.jit.trace(model, example), buffer)
+        with (
+            warnings.catch_warnings()
+        ):  # torch 2.13 deprecates TorchScript in five lines; the CLI says it in one
+            warnings.filterwarnings("ignore", r"`torch\.jit\.", DeprecationWarning)
+            torch.jit.save(torch.jit.trace(model, example), buffer)
     elif fmt == "pt2":
         torch.export.save(torch.export.export(model, (example,), dynamic_shapes=batch), buffer)
     else:

@@ -555,6 +555,29 @@ def test_optimizer_state_from_a_gpu_keeps_this_optimizers_implementation():
     assert len(opt.state) == len(list(net.parameters()))  # and the momentum buffers came along
 
 
+@pytest.mark.parametrize("decay_norm", [False, True])
+def test_weight_decay_reaches_bn_scales_only_with_decay_norm(decay_norm):
+    """With zero gradients one SGD step only decays: a conv weight always shrinks by lr x decay, BN's scale and
+    shift and the head's bias only with optim.decay_norm (the paper's time decayed every parameter)."""
+    from reslab.engine.optim import make_optimizer
+
+    net = build_model("resnet8", 1, 10)
+    overrides = [
+        "optim.lr=0.1",
+        "optim.momentum=0",
+        "optim.weight_decay=0.5",
+        f"optim.decay_norm={decay_norm}",
+    ]
+    opt = make_optimizer(net, config.load(overrides=overrides).optim)
+    before = {name: p.detach().clone() for name, p in net.named_parameters()}
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for name, p in net.named_parameters():
+        factor = 0.95 if p.ndim > 1 or decay_norm else 1.0
+        assert torch.allclose(p.detach(), before[name] * factor, rtol=1e-6, atol=0), name
+
+
 def _two_groups(net, decay):
     params = list(net.parameters())
     return [

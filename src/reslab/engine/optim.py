@@ -1,4 +1,4 @@
-"""Optimisers (no weight decay on BN parameters and biases) and an exponential moving average of weights."""
+"""Optimisers (no weight decay on BN parameters and biases unless asked) and an exponential moving average of weights."""
 
 from __future__ import annotations
 
@@ -96,7 +96,11 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer 
         if p.requires_grad:
             # 1-D tensors are BN scales/shifts and biases: decaying them only hurts (Goyal et al. 2017)
             (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    norm_decay = cfg.weight_decay if cfg.decay_norm else 0.0  # two groups either way: checkpoints stay alike
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": norm_decay},
+    ]
     # on a GPU one fused kernel updates every parameter; on the CPU torch's default loop (for SGD, the copy
     # above), whose numbers the measured results were made with
     fused = True if all(p.is_cuda for p in decay + no_decay) else None

@@ -2,6 +2,7 @@ import json
 import signal
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -160,8 +161,12 @@ def test_responses_figure_leaves_nets_that_did_not_train_to_a_log_panel(tmp_path
     responses.figure(found, tmp_path / "with-log.png", failed=("plain8",))
     from matplotlib.image import imread
 
-    heights = [imread(tmp_path / name).shape[0] for name in ("linear.png", "with-log.png")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns of a panel with nothing in its legend
+        responses.figure(found, tmp_path / "log-only.png", failed=("plain8", "resnet8"))
+    heights = [imread(tmp_path / name).shape[0] for name in ("linear.png", "with-log.png", "log-only.png")]
     assert heights[1] == pytest.approx(heights[0] * 3 / 2, rel=0.02)  # a third panel
+    assert heights[2] == pytest.approx(heights[0] / 2, rel=0.05)  # no net trained: the log panel alone
 
 
 def test_layer_responses_are_read_before_an_in_place_relu():

@@ -92,13 +92,15 @@ def of_runs(run_dirs: dict[str, Path], data_cfg) -> dict:
 def figure(responses: dict, path: Path, failed: tuple[str, ...] = ()) -> None:
     """Like the paper's Fig. 7: the std per layer in the net's order (top) and sorted by size (middle), on a
     linear scale. The nets named in failed (ones that did not train) can respond thousands of times more; they
-    are left out there, and a last panel shows every net on a log scale."""
+    are left out there, and a last panel shows every net on a log scale (the only one if none trained)."""
     from ..plots import plt, save  # matplotlib on its Agg backend
 
     nets = responses["nets"]
     trained = {name: stds for name, stds in nets.items() if name not in failed}
     colours = {name: f"C{i}" for i, name in enumerate(nets)}  # a net keeps its colour in every panel
-    panels = [(trained, False), (trained, True)] + ([(nets, False)] if len(trained) < len(nets) else [])
+    panels = [(trained, False), (trained, True)] if trained else []
+    if len(trained) < len(nets):
+        panels.append((nets, False))  # the log panel: last
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 3.2 * len(panels)), squeeze=False)
     for ax, (shown, by_size) in zip(axes[:, 0], panels):
         for name, stds in shown.items():
@@ -118,10 +120,10 @@ def figure(responses: dict, path: Path, failed: tuple[str, ...] = ()) -> None:
         ax.set(xlabel=f"layer index ({order})", ylabel="std of response")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    if len(panels) == 3:
-        axes[2, 0].set_yscale("log")
+    if len(trained) < len(nets):
+        axes[-1, 0].set_yscale("log")
         names = ", ".join(label(name) for name in nets if name in failed)
-        axes[2, 0].set_title(f"every net, log scale ({names} did not train)", fontsize=9)
+        axes[-1, 0].set_title(f"every net, log scale ({names} did not train)", fontsize=9)
     fig.tight_layout()
     save(fig, path)
 

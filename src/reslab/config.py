@@ -48,9 +48,8 @@ class OptimConfig:
     nesterov: bool = False
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW
     weight_decay: float = 0.0  # not applied to BN parameters and biases unless decay_norm
-    decay_norm: bool = (
-        False  # decay BN scales, shifts and biases too, as the code of the ResNet paper's time did
-    )
+    # decay BN scales, shifts and biases too, as the code of the ResNet paper's time did
+    decay_norm: bool = False
     schedule: str = "constant"  # constant | step | cosine | onecycle
     warmup_epochs: float = 0.0  # linear warm-up from 0 (fractions of an epoch allowed)
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # step: fractions of the run

@@ -227,9 +227,8 @@ def export(path: str | Path, fmt: str | None, out: str | Path) -> Path:
     batch = ({0: torch.export.Dim("batch", min=1, max=4096)},)
     buffer = io.BytesIO()
     if fmt == "torchscript":
-        with (
-            warnings.catch_warnings()
-        ):  # torch 2.13 deprecates TorchScript in five lines; the CLI says it in one
+        # torch 2.13 deprecates TorchScript in five warnings; the CLI says it in one line
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", r"`torch\.jit\.", DeprecationWarning)
             torch.jit.save(torch.jit.trace(model, example), buffer)
     elif fmt == "pt2":

@@ -112,9 +112,8 @@ def run(
         "train_seconds": sum(r["summary"]["train_seconds"] for r in results),  # every run's, whenever it ran
         "responses": found,
     }
-    if found[
-        "nets"
-    ]:  # a net at chance after training (0.9 error) did not train; the paper's plots leave it out
+    if found["nets"]:
+        # a net near chance after training (0.9 error) did not train; the paper's plots leave it out
         failed = tuple(r["model"] for r in rows if r["seed"] == 0 and r["final_test_error"] > 0.5)
         responses.figure(found, out / "responses.png", failed)
     return finish(out, payload, table, figure)

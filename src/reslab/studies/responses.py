@@ -97,9 +97,10 @@ def figure(responses: dict, path: Path, failed: tuple[str, ...] = ()) -> None:
 
     nets = responses["nets"]
     trained = {name: stds for name, stds in nets.items() if name not in failed}
+    untrained = [label(name) for name in nets if name in failed]
     colours = {name: f"C{i}" for i, name in enumerate(nets)}  # a net keeps its colour in every panel
     panels = [(trained, False), (trained, True)] if trained else []
-    if len(trained) < len(nets):
+    if untrained:
         panels.append((nets, False))  # the log panel: last
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 3.2 * len(panels)), squeeze=False)
     for ax, (shown, by_size) in zip(axes[:, 0], panels):
@@ -120,10 +121,9 @@ def figure(responses: dict, path: Path, failed: tuple[str, ...] = ()) -> None:
         ax.set(xlabel=f"layer index ({order})", ylabel="std of response")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    if len(trained) < len(nets):
+    if untrained:
         axes[-1, 0].set_yscale("log")
-        names = ", ".join(label(name) for name in nets if name in failed)
-        axes[-1, 0].set_title(f"every net, log scale ({names} did not train)", fontsize=9)
+        axes[-1, 0].set_title(f"every net, log scale ({', '.join(untrained)} did not train)", fontsize=9)
     fig.tight_layout()
     save(fig, path)
 

@@ -2,29 +2,17 @@
 
 from __future__ import annotations
 
-import gzip
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from reslab.data.idx import idx_bytes, write_idx  # noqa: F401 (the tests import them from here)
+
 REAL_DATA = Path("/usr/share/datasets/fashion-mnist")
 # marks of a test or parameter that needs a CUDA GPU: skipped without one, selected by `pytest -m cuda`
 NEEDS_CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    codes = {np.dtype(np.uint8): 0x08, np.dtype(np.int32): 0x0C}
-    header = bytes([0, 0, codes[array.dtype], array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
-
-
-def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> Path:
-    data = idx_bytes(array)
-    path.write_bytes(gzip.compress(data) if compress else data)
-    return path
 
 
 def make_images(n: int, seed: int, size: int = 28, classes: int = 10) -> tuple[np.ndarray, np.ndarray]:

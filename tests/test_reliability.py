@@ -304,8 +304,9 @@ def test_pickle_carrying_code_is_refused_and_never_runs(tmp_path):
     if os.path.exists("/tmp/reslab-pwned"):
         os.unlink("/tmp/reslab-pwned")
     torch.save({"model": {}, "payload": Evil()}, path)
-    with pytest.raises(CheckpointError, match="refused"):
+    with pytest.raises(CheckpointError, match=r"refused, .* \(possible code\): .*GLOBAL posix.system") as e:
         checkpoint.load(path)
+    assert "weights_only" not in str(e.value)  # torch's advice to load it anyway is not passed on
     (tmp_path / "raw.pt").write_bytes(pickle.dumps(Evil()))
     with pytest.raises(CheckpointError):
         checkpoint.load(tmp_path / "raw.pt")
@@ -323,6 +324,11 @@ def test_truncated_garbage_and_foreign_checkpoints(tmp_path):
         z.writestr("archive/data.pkl", b"garbage")
     with pytest.raises(CheckpointError):
         checkpoint.load(tmp_path / "zip.pt")
+    (tmp_path / "text.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(
+        CheckpointError, match=r"not a readable checkpoint \(truncated or corrupt\?\): Unsupported"
+    ):
+        checkpoint.load(tmp_path / "text.pt")
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(CheckpointError):
         checkpoint.load(tmp_path / "empty.pt")

@@ -25,9 +25,7 @@ from .models import build_model
 def load_model(path: str | Path) -> tuple[nn.Module, dict, dict]:
     """(model in eval mode, meta, checkpoint) from a run directory (its best.pt) or a checkpoint file.
     The EMA weights are used when the run kept them: they are what the run evaluated."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "best.pt" if (path / "best.pt").is_file() else path / "last.pt"
+    path = checkpoint.find(path)
     state = checkpoint.load(path)
     meta = state.get("meta")
     if not isinstance(meta, dict) or "model_name" not in meta:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import struct
 import zlib
 
 import numpy as np
@@ -78,6 +79,24 @@ def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
         raise IdxError(f"{name}: {got - expected} bytes of trailing data after the payload of shape {shape}")
     array = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
     return array.astype(dtype.newbyteorder("="), copy=True)
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """An array as IDX data: the reader's inverse, for any dtype in DTYPES."""
+    codes = {dtype.newbyteorder("="): code for code, dtype in DTYPES.items()}
+    code = codes.get(array.dtype.newbyteorder("="))
+    if code is None:
+        raise IdxError(f"IDX has no code for dtype {array.dtype}")
+    header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(DTYPES[code]).tobytes()
+
+
+def write_idx(path: str | os.PathLike, array: np.ndarray, compress: bool = True) -> str | os.PathLike:
+    """Write `array` as an IDX file, gzip-compressed unless `compress` is false; returns the path."""
+    data = idx_bytes(array)
+    with open(path, "wb") as f:
+        f.write(gzip.compress(data) if compress else data)
+    return path
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:

@@ -151,6 +151,14 @@ def save(state: dict[str, Any], path: str | Path) -> None:
         ) from None
 
 
+def find(path: str | Path) -> Path:
+    """A checkpoint file as given, or a run directory's best.pt (its last.pt before a best.pt exists)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.pt" if (path / "best.pt").is_file() else path / "last.pt"
+    return path
+
+
 def load(path: str | Path) -> dict[str, Any]:
     """Load a reslab checkpoint safely (weights only) onto the CPU."""
     path = Path(path)
@@ -159,9 +167,18 @@ def load(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
+        # torch wraps the reason in advice about weights_only=False, which reslab never takes
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        advice = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        reason = (
+            [line for line in lines if not line.startswith(advice)] or lines or ["unsupported content"]
+        )[-1]
+        if "GLOBAL" in reason:  # a function or class to import and call: what code in a pickle looks like
+            raise CheckpointError(
+                f"{path}: refused, it holds more than weights (possible code): {reason}"
+            ) from None
         raise CheckpointError(
-            f"{path}: refused, it holds more than weights (possible code): {first}"
+            f"{path}: not a readable checkpoint (truncated or corrupt?): {reason}"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

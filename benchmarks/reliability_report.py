@@ -24,6 +24,7 @@ AREAS = {
     "test_dist": ("torchrun", "recovered / clear error"),
     "test_models": ("model names and options", "one line naming the valid choices"),
     "test_studies": ("studies", "stopped cleanly and resumed, or refused in one line"),
+    "test_warm_start": ("model.init", "refused in one line / resumed without its source"),
 }
 SELECT = [
     "tests/test_reliability.py",
@@ -52,6 +53,9 @@ SELECT = [
     "tests/test_report.py::test_animated_gif_uses_the_first_frame",
     "tests/test_dist.py::test_kill_then_resume_under_torchrun_and_with_another_world_size",
     "tests/test_dist.py::test_sync_bn_on_cpu_is_a_clear_error",
+    "tests/test_warm_start.py::test_another_architecture_is_refused",
+    "tests/test_warm_start.py::test_a_bad_source_is_one_line_and_nothing_written",
+    "tests/test_warm_start.py::test_a_run_starts_from_init_and_a_resume_does_not_read_it_again",
 ]
 
 

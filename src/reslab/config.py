@@ -23,6 +23,9 @@ from .errors import ReslabError
 class ModelConfig:
     name: str = "resnet20"  # any name of `reslab models`
     options: dict[str, Any] = field(default_factory=dict)  # builder options: order, shortcut, width, ...
+    # a run directory or checkpoint whose weights start this run (fine-tuning); a classifier for another number
+    # of classes starts fresh (engine/warm_start.py). A resume ignores it: the run's own checkpoint goes on.
+    init: str | None = None
 
 
 @dataclass

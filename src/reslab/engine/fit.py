@@ -154,8 +154,9 @@ def fit(
             "or choose another --out"
         )
     wall_start = time.perf_counter()
-    run = prepare(cfg, out, quiet)
-    state = checkpoint.load(out / "last.pt") if resume and (out / "last.pt").exists() else None
+    resuming = resume and (out / "last.pt").exists()
+    run = prepare(cfg, out, quiet, warm=not resuming)
+    state = checkpoint.load(out / "last.pt") if resuming else None
     if resume and state is None:  # stopped before its first checkpoint
         _log(run, f"no checkpoint in {out} yet: starting at epoch 1")
     if state is not None:
@@ -207,6 +208,8 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
         f"{n_epochs(cfg.train.epochs)} -> {out}"
         + (f" (resumed at epoch {run.epoch + 1})" if resumed else ""),
     )
+    if run.init:
+        _log(run, run.init)
 
     def step_hook(r: Run) -> None:
         every = cfg.train.checkpoint_every

@@ -19,6 +19,7 @@ from . import checkpoint, dist, gemm_conv, guard, rewrites
 from .host import keep_freed_memory
 from .optim import EMA, SGD, load_optimizer_state, make_optimizer
 from .precision import resolve_device, resolve_precision
+from .warm_start import warm_start
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Run:
     guard_every: int = 1  # steps between host checks (train.guard_every resolved for the device)
     pending: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (step, images, stats) unread
     interrupted: int = 0  # the signal (SIGINT, SIGTERM) that asked the run to stop; 0: none
+    init: str = ""  # what model.init loaded, for the log
 
     @property
     def steps_per_epoch(self) -> int:
@@ -72,8 +74,9 @@ def speed_up(
         gemm_conv.use_gemm_convs(model)
 
 
-def prepare(cfg: Config, out: Path, quiet: bool = False) -> Run:
-    """Build data, model and optimiser; everything that can fail on user input fails here, before any write."""
+def prepare(cfg: Config, out: Path, quiet: bool = False, warm: bool = True) -> Run:
+    """Build data, model and optimiser; everything that can fail on user input fails here, before any write.
+    With `warm`, the model starts from `model.init`'s weights when the config names some (not on a resume)."""
     device = resolve_device(cfg.device)
     ctx = dist.setup(device.type)
     if ctx.active and device.type == "cuda":
@@ -90,6 +93,7 @@ def prepare(cfg: Config, out: Path, quiet: bool = False) -> Run:
     torch.manual_seed(cfg.seed)
     data = load_dataset(cfg.data)
     model = build_model(cfg.model.name, data.in_channels, len(data.classes), **cfg.model.options)
+    init = warm_start(model, cfg.model.init) if warm and cfg.model.init else ""
     if ctx.active and cfg.train.sync_bn:
         if device.type != "cuda":
             raise ReslabError(
@@ -151,6 +155,7 @@ def prepare(cfg: Config, out: Path, quiet: bool = False) -> Run:
         torch.amp.GradScaler(device.type) if precision == "fp16" else None,
         quiet,
         guard_every=cfg.train.guard_every or (1 if device.type == "cpu" else 50),
+        init=init,
     )
 
 

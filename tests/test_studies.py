@@ -169,6 +169,17 @@ def test_responses_figure_leaves_nets_that_did_not_train_to_a_log_panel(tmp_path
     assert heights[2] == pytest.approx(heights[0] / 2, rel=0.05)  # no net trained: the log panel alone
 
 
+def test_a_net_closer_to_chance_than_to_zero_error_did_not_train():
+    rows = [
+        {"model": "plain56", "seed": 0, "final_test_error": 0.30},
+        {"model": "plain110", "seed": 0, "final_test_error": 0.90},
+        {"model": "resnet20", "seed": 0, "final_test_error": 0.08},
+        {"model": "plain56", "seed": 1, "final_test_error": 0.90},  # only seed 0's responses are drawn
+    ]
+    assert degradation.untrained(rows, 10) == ("plain110",)  # chance 0.9: above 0.45
+    assert degradation.untrained(rows, 2) == ("plain56", "plain110")  # chance 0.5: above 0.25
+
+
 def test_layer_responses_are_read_before_an_in_place_relu():
     """Two BNs, each followed by an in-place ReLU: the first scales channel 0 by 3 and shifts channel 1 by 5, the
     second halves both. The responses are the stds of y = (3x0, x1 + 5) and of relu(y) / 2, over two batches, in

@@ -95,6 +95,9 @@ def test_a_run_starts_from_init_and_a_resume_does_not_read_it_again(tiny_data, t
     cfg.train.epochs = 2
     summary = fit(cfg, second, resume=True, quiet=True)
     assert summary["epochs"] == 2 and "weights from" not in capsys.readouterr().out
+    cfg.train.epochs, cfg.model.init = 3, str(tmp_path / "elsewhere")
+    fit(cfg, second, resume=True, quiet=True)
+    assert "model.init starts a new run only" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

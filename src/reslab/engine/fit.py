@@ -189,6 +189,8 @@ def _check_changes(run: Run, changed: dict, out: Path) -> None:
         _log(
             run, "resuming with changes: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
         )
+    if "model.init" in changed:
+        _log(run, "model.init starts a new run only: the resume goes on from its own checkpoint's weights")
     order = [k for k in ("seed", "data.limit", "train.batch_size") if k in changed]
     if run.batch and order:
         raise ReslabError(

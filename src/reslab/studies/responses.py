@@ -61,7 +61,7 @@ def layer_responses(model: nn.Module, batches) -> dict[str, list[float]]:
 
 
 def of_runs(run_dirs: dict[str, Path], data_cfg) -> dict:
-    """{"images": n, "nets": {name: stds}, "per_channel": {name: stds}}: layer_responses of each run
+    """{"images": n, "classes": k, "nets": {name: stds}, "per_channel": {name: stds}}: layer_responses of each run
     directory's final weights on all n test images of the data every run trained on (2,000 of them left the
     stds up to 0.008 off). A run whose last.pt is gone or unreadable (its summary.json and metrics kept) is left
     out with a note: the study's tables need only those."""
@@ -84,6 +84,7 @@ def of_runs(run_dirs: dict[str, Path], data_cfg) -> dict:
     found = {name: layer_responses(model, (x for x, _ in test)) for name, model in models.items()}
     return {
         "images": test.num_examples,
+        "classes": len(data.classes),
         "nets": {name: r["all"] for name, r in found.items()},
         "per_channel": {name: r["per_channel"] for name, r in found.items()},
     }

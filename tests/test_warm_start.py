@@ -79,6 +79,12 @@ def test_another_architecture_is_refused(tmp_path, name, options, message):
         warm_start(build_model("resnet8", 1, 10), tmp_path / "a.pt")
 
 
+def test_weights_that_are_not_tensors_are_refused(tmp_path):
+    checkpoint.save({"model": {"stem.0.weight": 3}}, tmp_path / "odd.pt")
+    with pytest.raises(ReslabError, match="its weights are not a mapping of names to tensors"):
+        warm_start(build_model("resnet8", 1, 10), tmp_path / "odd.pt")
+
+
 def test_a_run_starts_from_init_and_a_resume_does_not_read_it_again(tiny_data, tmp_path, capsys):
     first = tmp_path / "first"
     fit(config.load(None, tiny_overrides(tiny_data, **{"train.epochs": 1})), first, quiet=True)

@@ -48,8 +48,10 @@ def warm_start(model: nn.Module, source: str | Path) -> str:
     except checkpoint.CheckpointError as e:
         raise ReslabError(f"model.init: {e}") from None
     weights = state["ema"] if state.get("ema") else state["model"]
-    meta = state.get("meta") or {}
+    meta = state.get("meta") if isinstance(state.get("meta"), dict) else {}
     what = f"{path} ({meta.get('model_name', 'a model')})"
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise ReslabError(f"model.init: {path}: its weights are not a mapping of names to tensors")
     own = model.state_dict()
     for a, b, where in ((own, weights, "it"), (weights, own, "this model")):
         absent = [k for k in a if k not in b]

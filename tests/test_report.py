@@ -324,8 +324,10 @@ def test_runs_lists_each_run_directory_with_its_state(trained, tmp_path, capsys,
     summary = json.loads((trained / "summary.json").read_text())
     shutil.copytree(trained, tmp_path / "runs" / "done")
     stopped = shutil.copytree(trained, tmp_path / "runs" / "deeper" / "stopped")
+    text = (stopped / "config.yaml").read_text()
+    assert "init: null" in text
     (stopped / "config.yaml").write_text(
-        (stopped / "config.yaml").read_text().replace("epochs: ", "epochs: 1")
+        text.replace("epochs: ", "epochs: 1").replace("init: null", "init: r0")
     )
     (tmp_path / "runs" / "broken").mkdir()
     (tmp_path / "runs" / "broken" / "config.yaml").write_text("train: [unclosed")
@@ -344,10 +346,13 @@ def test_runs_lists_each_run_directory_with_its_state(trained, tmp_path, capsys,
     assert done["test_acc"] == summary["test_acc"] and done["best_test_acc"] == summary["best_test_acc"]
     assert rows["stopped"]["state"] == "stopped; --resume continues it"
     assert rows["stopped"]["planned_epochs"] > rows["stopped"]["epochs"]
+    assert rows["stopped"]["init"] == "r0" and rows["done"]["init"] is None
     assert rows["broken"]["state"].startswith("unreadable")
     assert main(["runs", str(trained)]) == 0  # a run directory itself: one row of a table
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 and lines[2].startswith(f"| {trained} | resnet8 |") and "| finished |" in lines[2]
+    assert main(["runs", str(stopped)]) == 0
+    assert f"| {stopped} | resnet8 from r0 |" in capsys.readouterr().out
     assert main(["runs", str(tmp_path / "nowhere")]) == 2
     assert main(["runs", str(tmp_path / "runs"), "--plot", str(tmp_path / "figs" / "cmp.png")]) == 0
     assert (tmp_path / "figs" / "cmp.png").read_bytes()[:4] == b"\x89PNG"
@@ -356,7 +361,6 @@ def test_runs_lists_each_run_directory_with_its_state(trained, tmp_path, capsys,
     assert main(["runs", str(tmp_path / "runs"), "--plot", str(tmp_path)]) == 2
     assert "is a directory; name the file to write, e.g." in capsys.readouterr().err
     (tmp_path / "new").mkdir()
-    monkeypatch.chdir(
-        tmp_path / "new"
-    )  # before the first run there is no runs/: a plain answer, not an error
+    # before the first run there is no runs/: a plain answer, not an error
+    monkeypatch.chdir(tmp_path / "new")
     assert main(["runs"]) == 0 and capsys.readouterr().out == "no run directories under runs (not made yet)\n"

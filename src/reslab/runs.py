@@ -33,7 +33,7 @@ def read_history(run: Path) -> list[dict]:
 
 
 def describe(run: Path) -> dict:
-    """What a run directory holds: its model, epochs done of those planned, last and best test accuracy,
+    """What a run directory holds: its model (and the run it started from), epochs done of those planned, last and best test accuracy,
     training seconds, and its state (finished, stopped and resumable, training now, or never checkpointed)."""
     try:
         cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
@@ -56,6 +56,7 @@ def describe(run: Path) -> dict:
     return {
         "run": str(run),
         "model": (cfg.get("model") or {}).get("name"),
+        "init": (cfg.get("model") or {}).get("init"),  # the run its weights started from, if any
         "epochs": done,
         "planned_epochs": planned,
         "test_acc": history[-1]["test_acc"] if history else None,
@@ -75,7 +76,8 @@ def table(rows: list[dict]) -> str:
             lines.append(f"| {r['run']} |  |  |  |  |  | {r['state']} |")
             continue
         lines.append(
-            f"| {r['run']} | {r['model']} | {r['epochs']}/{r['planned_epochs']} | {acc(r['test_acc'])} | "
+            f"| {r['run']} | {r['model']}{f' from {init}' if (init := r.get('init')) else ''} | "
+            f"{r['epochs']}/{r['planned_epochs']} | {acc(r['test_acc'])} | "
             f"{acc(r['best_test_acc'])} | {r['train_seconds']:.0f} | {r['state']} |"
         )
     return "\n".join(lines)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from reslab.studies import degradation, responses, units
+from reslab.studies import degradation, gradients, responses, units
 
 
 def test_degradation_study_writes_results_and_skips_finished_runs(tiny_data, tmp_path, capsys):
@@ -43,6 +43,18 @@ def test_degradation_study_writes_results_and_skips_finished_runs(tiny_data, tmp
     assert (tmp_path / "deg" / "responses.png").stat().st_size > 1000
     assert "| resnet14 | 13 |" in (tmp_path / "deg" / "table.md").read_text()
     assert "units' last layers, per channel |" in (tmp_path / "deg" / "table.md").read_text()
+    # the backward signal at every 3x3 layer, fresh and trained, on the first test batches (all 128 images here)
+    grads = saved["gradients"]
+    assert grads["images"] == 128 and set(grads["init"]) == set(grads["trained"]) == set(nets)
+    for when in ("init", "trained"):
+        assert {k: len(v) for k, v in grads[when].items()} == {k: len(v) for k, v in nets.items()}
+        assert all(g > 0 for rms in grads[when].values() for g in rms)
+    assert (tmp_path / "deg" / "gradients.png").stat().st_size > 1000
+    table = (tmp_path / "deg" / "table.md").read_text()
+    assert "| gradient RMS at initialisation: first 3x3 layer |" in table
+    assert (
+        len([line for line in table.splitlines() if line.startswith("| resnet14 | ")]) == 2
+    )  # and responses'
     # a second call trains nothing: every run has its summary.json
     before = {p: p.stat().st_mtime for p in (tmp_path / "deg" / "runs").glob("*/last.pt")}
     again = degradation.run(tmp_path / "deg", quick=True, seeds=1, overrides=overrides, depths=(8, 14))
@@ -54,6 +66,7 @@ def test_degradation_study_writes_results_and_skips_finished_runs(tiny_data, tmp
     (tmp_path / "deg" / "runs" / "plain8-s0" / "last.pt").write_bytes(b"damaged")
     third = degradation.run(tmp_path / "deg", quick=True, seeds=1, overrides=overrides, depths=(8, 14))
     assert third["runs"] == payload["runs"] and set(third["responses"]["nets"]) == {"plain14", "resnet14"}
+    assert set(third["gradients"]["init"]) == set(third["gradients"]["trained"]) == {"plain14", "resnet14"}
     out = capsys.readouterr().out
     assert (
         "note: no layer responses for resnet8: checkpoint" in out and "no layer responses for plain8" in out
@@ -178,6 +191,37 @@ def test_a_net_closer_to_chance_than_to_zero_error_did_not_train():
     ]
     assert degradation.untrained(rows, 10) == ("plain110",)  # chance 0.9: above 0.45
     assert degradation.untrained(rows, 2) == ("plain56", "plain110")  # chance 0.5: above 0.25
+
+
+def test_layer_gradients_are_the_gradients_at_each_convolutions_output():
+    """A conv-BN-ReLU(in place)-conv-BN-pool-linear net: the RMS of d(summed loss)/d(each conv's output), over two
+    batches, against autograd's gradients of the same outputs computed without hooks."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 5),
+    ).double()
+    batches = [(torch.randn(6, 1, 5, 5, dtype=torch.float64), torch.randint(0, 5, (6,))) for _ in range(2)]
+    squares, counts = [0.0, 0.0], [0, 0]
+    for x, y in batches:
+        c1 = net[0](x)
+        c2 = net[3](net[2](net[1](c1)))
+        logits = net[7](net[6](net[5](net[4](c2))))
+        grads = torch.autograd.grad(nn.functional.cross_entropy(logits, y, reduction="sum"), (c1, c2))
+        for i, g in enumerate(grads):
+            squares[i] += float(g.square().sum())
+            counts[i] += g.numel()
+    want = [(s / n) ** 0.5 for s, n in zip(squares, counts)]
+    weights = [p.detach().clone() for p in net.parameters()]
+    assert gradients.layer_gradients(net, batches) == pytest.approx(want, rel=1e-10)
+    assert all(torch.equal(a, b) for a, b in zip(weights, net.parameters()))
+    assert all(p.grad is None for p in net.parameters())
 
 
 def test_layer_responses_are_read_before_an_in_place_relu():

@@ -123,6 +123,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         payload = units.run(out, args.quick, args.seeds, args.set, depth=args.depth)
     print((out / "table.md").read_text())
     extra = ", responses.png" if payload.get("responses", {}).get("nets") else ""
+    extra += ", gradients.png" if payload.get("gradients", {}).get("init") else ""
     print(
         f"wrote {out}/results.json, table.md, figure.png{extra} in {payload['seconds']:.0f} s "
         f"(the runs trained for {payload['train_seconds']:.0f} s in all)"

@@ -2,7 +2,8 @@
 
 Trains plain-N and resnet-N (CIFAR-style 6n+2, option-A shortcuts, identical recipe) for each depth and
 records training and test error per epoch, then the trained nets' layer responses (the paper's Fig. 7, in
-responses.py). `--quick` fits a 2-core CPU in about half an hour.
+responses.py) and the gradients the backward pass carries through them (gradients.py). `--quick` fits a
+2-core CPU in about half an hour.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from ..config import Config
 from ..engine.checkpoint import make_dir
 from ..errors import ReslabError
 from ..models import list_models
-from . import responses
+from . import gradients, responses
 from .common import Timer, error_curve, error_stats, finish, machine, refuse_chosen, run_grid, with_changes
 
 DEPTHS = (20, 32, 44, 56)
@@ -85,6 +86,7 @@ def run(
             r["summary"]["model"]: out / "runs" / r["name"] for r in results if r["name"].endswith("-s0")
         }
         found = responses.of_runs(seed0, runs[0][1].data)
+        backward = gradients.of_runs(seed0, runs[0][1].data)
     rows = []
     for r in results:
         s, h = r["summary"], r["history"]
@@ -111,9 +113,12 @@ def run(
         "seconds": timer.seconds,  # of this call (training and responses), which skips runs finished before it
         "train_seconds": sum(r["summary"]["train_seconds"] for r in results),  # every run's, whenever it ran
         "responses": found,
+        "gradients": backward,
     }
     if found["nets"]:
         responses.figure(found, out / "responses.png", untrained(rows, found["classes"]))
+    if backward["init"]:
+        gradients.figure(backward, out / "gradients.png")
     return finish(out, payload, table, figure)
 
 
@@ -179,6 +184,25 @@ def table(payload: dict) -> str:
             f"ReLU or the addition, over the {payload['responses']['images']} test images; responses.png plots them.",
             "In a ResNet a unit's last layer is its residual function's output, the response the shortcut adds to.",
             "The last column takes each channel's std and averages them: it leaves out the BN's per-channel shifts.",
+        ]
+    if payload.get("gradients", {}).get("init"):
+        lines += [
+            "",
+            "| net (seed 0) | gradient RMS at initialisation: first 3x3 layer | last | first / last "
+            "| after training: first | last | first / last |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, init in payload["gradients"]["init"].items():
+            cells = [
+                f"{g[0]:.3g} | {g[-1]:.3g} | {g[0] / g[-1]:.3g}"
+                for g in (init, payload["gradients"]["trained"][name])
+            ]
+            lines.append(f"| {name} | {' | '.join(cells)} |")
+        lines += [
+            "",
+            "Backward signals: the RMS of the summed loss's gradient at each 3x3 layer's output, in training mode,",
+            f"over {payload['gradients']['images']} test images; a fresh net (seed 0) and the trained one.",
+            "gradients.png plots every layer.",
         ]
     return "\n".join(lines) + "\n"
 

@@ -4,8 +4,9 @@ The six clothing classes (T-shirt, trouser, pullover, dress, coat, shirt) train 
 recipe, fast.yaml, on all their 36,000 training images. The four others (sandal, sneaker, bag, ankle boot) are
 the new task, with few labelled images: the first N training images of each class. Each target run trains with
 the same recipe, images and seed twice, from scratch and from the source's weights (with a new classifier), and
-is tested on all 4,000 test images of its classes. A target run's batch is a tenth of its images (8 to 128) with
-the peak learning rate scaled by it (0.2 at 128), so that each run takes about 10 steps an epoch.
+is tested on all 4,000 test images of its classes. A target run's batch is a tenth of its images, clipped to 8 to
+128, with the peak learning rate scaled by it (0.2 at 128): 5, 10 and 31 steps an epoch at 10, 100 and 1,000
+images a class.
 
 Usage: .venv/bin/python benchmarks/finetune.py [--per-class 10,100,1000] [--seeds 3] [--epochs 20]
            [--work runs/finetune] [--out docs/results/finetune]

@@ -33,8 +33,9 @@ def read_history(run: Path) -> list[dict]:
 
 
 def describe(run: Path) -> dict:
-    """What a run directory holds: its model (and the run it started from), epochs done of those planned, last and best test accuracy,
-    training seconds, and its state (finished, stopped and resumable, training now, or never checkpointed)."""
+    """What a run directory holds: its model (and the run it started from), epochs done of those planned, last
+    and best test accuracy, training seconds, and its state (finished, stopped and resumable, training now, or
+    never checkpointed)."""
     try:
         cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
         history = read_history(run)

@@ -110,7 +110,7 @@ def run(
         "aggregate": aggregate(rows),
         "config": runs[0][1].to_dict(),
         "machine": machine(),
-        "seconds": timer.seconds,  # of this call (training and responses), which skips runs finished before it
+        "seconds": timer.seconds,  # of this call (training, responses, gradients); it skips runs finished before
         "train_seconds": sum(r["summary"]["train_seconds"] for r in results),  # every run's, whenever it ran
         "responses": found,
         "gradients": backward,

@@ -49,6 +49,7 @@ def test_degradation_study_writes_results_and_skips_finished_runs(tiny_data, tmp
     for when in ("init", "trained"):
         assert {k: len(v) for k, v in grads[when].items()} == {k: len(v) for k, v in nets.items()}
         assert all(g > 0 for rms in grads[when].values() for g in rms)
+    assert {k: len(v) for k, v in grads["growth"].items()} == {k: len(v) for k, v in nets.items()}
     assert (tmp_path / "deg" / "gradients.png").stat().st_size > 1000
     table = (tmp_path / "deg" / "table.md").read_text()
     assert "| gradient RMS at initialisation: first 3x3 layer |" in table
@@ -222,6 +223,20 @@ def test_layer_gradients_are_the_gradients_at_each_convolutions_output():
     assert gradients.layer_gradients(net, batches) == pytest.approx(want, rel=1e-10)
     assert all(torch.equal(a, b) for a, b in zip(weights, net.parameters()))
     assert all(p.grad is None for p in net.parameters())
+
+
+def test_weight_growth_is_each_3x3_convolutions_norm_over_its_fresh_one():
+    from reslab.models import build_model
+
+    torch.manual_seed(0)
+    fresh = build_model("resnet8", 1, 10)
+    trained = build_model("resnet8", 1, 10)
+    trained.load_state_dict(fresh.state_dict())
+    with torch.no_grad():
+        trained.stage2[0].residual[0].weight.mul_(3)  # the 4th 3x3 layer: stem, 2 of stage 1, then this one
+    growth = gradients.weight_growth(trained, fresh)
+    assert len(growth) == 7 and growth[3] == pytest.approx(3, rel=1e-6)
+    assert all(g == pytest.approx(1, rel=1e-6) for i, g in enumerate(growth) if i != 3)
 
 
 def test_layer_responses_are_read_before_an_in_place_relu():

@@ -189,20 +189,25 @@ def table(payload: dict) -> str:
         lines += [
             "",
             "| net (seed 0) | gradient RMS at initialisation: first 3x3 layer | last | first / last "
-            "| after training: first | last | first / last |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| after training: first | last | first / last | weight norm, trained / fresh: first | median |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
+        growth = payload["gradients"].get("growth", {})  # results before it have only the gradients
         for name, init in payload["gradients"]["init"].items():
             cells = [
                 f"{g[0]:.3g} | {g[-1]:.3g} | {g[0] / g[-1]:.3g}"
                 for g in (init, payload["gradients"]["trained"][name])
             ]
+            w = growth.get(name)
+            cells.append(f"{w[0]:.3g} | {statistics.median(w):.3g}" if w else "- | -")
             lines.append(f"| {name} | {' | '.join(cells)} |")
         lines += [
             "",
             "Backward signals: the RMS of the summed loss's gradient at each 3x3 layer's output, in training mode,",
             f"over {payload['gradients']['images']} test images; a fresh net (seed 0) and the trained one.",
-            "gradients.png plots every layer.",
+            "gradients.png plots every layer. The last two columns: each 3x3 layer's weight norm after training",
+            "over its norm at initialisation (BN makes a layer's function independent of that scale, and its",
+            "learning k^2 times slower when its weights grew k-fold).",
         ]
     return "\n".join(lines) + "\n"
 

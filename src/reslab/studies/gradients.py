@@ -53,10 +53,23 @@ def layer_gradients(model: nn.Module, batches) -> list[float]:
     return [(s / n) ** 0.5 for s, n in zip(squares, counts)]
 
 
+def weight_growth(trained: nn.Module, fresh: nn.Module) -> list[float]:
+    """Each 3x3 convolution's weight norm after training over its norm at initialisation, in module order. A
+    convolution followed by BN computes the same function at any scale of its weights, and its gradient shrinks
+    as the weights grow: a layer whose weights grew k-fold learns as if its learning rate were k^2 times smaller."""
+
+    def norms(model: nn.Module) -> list[float]:
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+        return [m.weight.detach().norm().item() for m in convs]
+
+    return [a / b for a, b in zip(norms(trained), norms(fresh))]
+
+
 def of_runs(run_dirs: dict[str, Path], data_cfg, batches: int = 8, batch_size: int = 128) -> dict:
-    """{"images": n, "init": {name: rms per layer}, "trained": {name: rms per layer}} for each run directory's
-    net, freshly initialised and with its final weights, on the first `batches` test batches. A run whose
-    last.pt is gone or unreadable is left out (responses.of_runs says so)."""
+    """{"images": n, "init": {name: rms per layer}, "trained": {name: rms per layer}, "growth": {name: weight
+    growth per layer}} for each run directory's net, freshly initialised (seed 0, as the study's runs start) and
+    with its final weights, on the first `batches` test batches. A run whose last.pt is gone or unreadable is left
+    out (responses.of_runs says so)."""
     from ..data import load_dataset, make_test_loader
     from ..engine.checkpoint import CheckpointError
     from ..models import build_model
@@ -69,11 +82,11 @@ def of_runs(run_dirs: dict[str, Path], data_cfg, batches: int = 8, batch_size: i
         except CheckpointError:
             continue
     if not trained:
-        return {"images": 0, "init": {}, "trained": {}}
+        return {"images": 0, "init": {}, "trained": {}, "growth": {}}
     data = load_dataset(data_cfg)
     test = make_test_loader(data, data_cfg, batch_size, torch.device("cpu"))
     sample = [b for _, b in zip(range(batches), test)]
-    found: dict = {"images": sum(len(y) for _, y in sample), "init": {}, "trained": {}}
+    found: dict = {"images": sum(len(y) for _, y in sample), "init": {}, "trained": {}, "growth": {}}
     for name, (model, meta, _) in trained.items():
         torch.manual_seed(0)
         fresh = build_model(
@@ -81,6 +94,7 @@ def of_runs(run_dirs: dict[str, Path], data_cfg, batches: int = 8, batch_size: i
         )
         found["init"][name] = layer_gradients(fresh, sample)
         found["trained"][name] = layer_gradients(model, sample)
+        found["growth"][name] = weight_growth(model, fresh)
     return found
 
 
@@ -106,4 +120,4 @@ def figure(found: dict, path: Path) -> None:
     save(fig, path)
 
 
-__all__ = ["figure", "layer_gradients", "of_runs"]
+__all__ = ["figure", "layer_gradients", "of_runs", "weight_growth"]

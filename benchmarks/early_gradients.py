@@ -3,8 +3,8 @@ gradient explosion at initialisation (docs/studies/degradation.md, "Backward sig
 
 Trains each net with the study's recipe at its 2,800-step budget (all images, 6 epochs, crops and flips, seed 0)
 and, at step 0 and every --every steps up to --steps, measures `studies.gradients.layer_gradients` on the first
-1,024 test images, then stops the run. Each probe puts back the BN running statistics it moved, so the probes
-change nothing of the run.
+1,024 test images, then stops the run. A probe leaves weights and BN running statistics as they were, and clears
+only gradients the next step would clear, so the probes change nothing of the run.
 
 Usage: .venv/bin/python benchmarks/early_gradients.py [--nets plain56,resnet56] [--steps 450] [--every 25]
            [--out docs/studies/degradation-early-gradients-c]
@@ -43,11 +43,9 @@ def probe_run(name: str, steps: int, every: int, sample: list) -> list[dict]:
     probes: list[dict] = []
 
     def measure(model: torch.nn.Module, step: int) -> None:
-        buffers = {
-            k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k
-        }
-        rms = layer_gradients(model, sample)  # leaves the model in train mode, its gradients cleared
-        model.load_state_dict(buffers, strict=False)
+        rms = layer_gradients(
+            model, sample
+        )  # leaves the model in train mode, as it was but for its gradients
         probes.append({"step": step, "first_over_last": rms[0] / rms[-1], "rms": rms})
 
     done = 0

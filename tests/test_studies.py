@@ -219,9 +219,9 @@ def test_layer_gradients_are_the_gradients_at_each_convolutions_output():
             squares[i] += float(g.square().sum())
             counts[i] += g.numel()
     want = [(s / n) ** 0.5 for s, n in zip(squares, counts)]
-    weights = [p.detach().clone() for p in net.parameters()]
+    state = {k: v.clone() for k, v in net.state_dict().items()}  # weights and BN running statistics
     assert gradients.layer_gradients(net, batches) == pytest.approx(want, rel=1e-10)
-    assert all(torch.equal(a, b) for a, b in zip(weights, net.parameters()))
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in state.items())
     assert all(p.grad is None for p in net.parameters())
 
 

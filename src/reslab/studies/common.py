@@ -37,6 +37,23 @@ def machine() -> dict:
     }
 
 
+def final_nets(run_dirs: dict[str, Path]) -> dict[str, tuple[torch.nn.Module, dict]]:
+    """{name: (model, meta)}: each run directory's final weights, from its last.pt. A run whose last.pt is gone or
+    unreadable (its summary.json and metrics kept) is left out with a note: the study's tables need only those."""
+    from ..engine.checkpoint import CheckpointError
+    from ..report import load_model
+
+    nets = {}
+    for name, d in run_dirs.items():
+        try:
+            model, meta, _ = load_model(d / "last.pt")
+        except CheckpointError as e:
+            print(f"note: no layer responses for {name}: {e}", flush=True)
+            continue
+        nets[name] = (model, meta)
+    return nets
+
+
 def run_grid(runs: list[tuple[str, Config]], out: Path, quiet: bool = True) -> list[dict]:
     """Train each (name, config) into out/runs/name, skipping runs whose summary.json exists (resumable).
     A run interrupted mid-way resumes from its last checkpoint. Returns [{name, summary, history}]."""

@@ -13,11 +13,22 @@ from pathlib import Path
 
 from .. import config
 from ..config import Config
+from ..data import load_dataset
 from ..engine.checkpoint import make_dir
 from ..errors import ReslabError
 from ..models import list_models
 from . import gradients, responses
-from .common import Timer, error_curve, error_stats, finish, machine, refuse_chosen, run_grid, with_changes
+from .common import (
+    Timer,
+    error_curve,
+    error_stats,
+    final_nets,
+    finish,
+    machine,
+    refuse_chosen,
+    run_grid,
+    with_changes,
+)
 
 DEPTHS = (20, 32, 44, 56)
 # the paper's CIFAR recipe, shortened: SGD 0.1, momentum 0.9, weight decay 1e-4, batch 128, lr / 10 at
@@ -85,8 +96,11 @@ def run(
         seed0 = {
             r["summary"]["model"]: out / "runs" / r["name"] for r in results if r["name"].endswith("-s0")
         }
-        found = responses.of_runs(seed0, runs[0][1].data)
-        backward = gradients.of_runs(seed0, runs[0][1].data)
+        # loaded once for both measures: the nets, and the data every run trained on
+        nets, data_cfg = final_nets(seed0), runs[0][1].data
+        data = load_dataset(data_cfg) if nets else None
+        found = responses.of_nets(nets, data, data_cfg)
+        backward = gradients.of_nets(nets, data, data_cfg)
     rows = []
     for r in results:
         s, h = r["summary"], r["history"]

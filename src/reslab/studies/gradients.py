@@ -20,8 +20,11 @@ from torch import nn
 
 def layer_gradients(model: nn.Module, batches) -> list[float]:
     """The RMS over all values and batches of d(summed loss)/d(output of the layer before each BatchNorm2d), in
-    the order the forward pass reaches the BNs. `batches` yields (images, labels). The model's gradients and
-    BN running statistics change; its weights do not."""
+    the order the forward pass reaches the BNs. `batches` yields (images, labels). The model comes back in train
+    mode with no gradients and its weights and BN running statistics as they were."""
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    # training mode moves the running statistics; an evaluation after this probe must find them unmoved
+    kept = [{k: v.clone() for k, v in bn.state_dict().items()} for bn in bns]
     order: dict[nn.Module, int] = {}
     squares: list[float] = []
     counts: list[int] = []
@@ -36,11 +39,10 @@ def layer_gradients(model: nn.Module, batches) -> list[float]:
             squares[i] += grad.double().square().sum().item()
             counts[i] += grad.numel()
 
-        inputs[0].register_hook(
-            read
-        )  # the conv's output: BN does not change it in place, the ReLU after BN may
+        # the conv's output: BN does not change it in place, the ReLU after BN may
+        inputs[0].register_hook(read)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    handles = [bn.register_forward_hook(hook) for bn in bns]
     try:
         model.train()
         for x, y in batches:
@@ -50,6 +52,8 @@ def layer_gradients(model: nn.Module, batches) -> list[float]:
         for h in handles:
             h.remove()
         model.zero_grad(set_to_none=True)
+        for bn, state in zip(bns, kept):
+            bn.load_state_dict(state)
     return [(s / n) ** 0.5 for s, n in zip(squares, counts)]
 
 
@@ -65,29 +69,22 @@ def weight_growth(trained: nn.Module, fresh: nn.Module) -> list[float]:
     return [a / b for a, b in zip(norms(trained), norms(fresh))]
 
 
-def of_runs(run_dirs: dict[str, Path], data_cfg, batches: int = 8, batch_size: int = 128) -> dict:
+def of_nets(
+    nets: dict[str, tuple[nn.Module, dict]], data, data_cfg, batches: int = 8, size: int = 128
+) -> dict:
     """{"images": n, "init": {name: rms per layer}, "trained": {name: rms per layer}, "growth": {name: weight
-    growth per layer}} for each run directory's net, freshly initialised (seed 0, as the study's runs start) and
-    with its final weights, on the first `batches` test batches. A run whose last.pt is gone or unreadable is left
-    out (responses.of_runs says so)."""
-    from ..data import load_dataset, make_test_loader
-    from ..engine.checkpoint import CheckpointError
+    growth per layer}} for each (trained model, meta) of `nets` (common.final_nets) and the same net freshly
+    initialised (seed 0, as the study's runs start), on the first `batches` test batches of `data`."""
+    from ..data import make_test_loader
     from ..models import build_model
-    from ..report import load_model
 
-    trained = {}
-    for name, d in run_dirs.items():
-        try:
-            trained[name] = load_model(d / "last.pt")
-        except CheckpointError:
-            continue
-    if not trained:
-        return {"images": 0, "init": {}, "trained": {}, "growth": {}}
-    data = load_dataset(data_cfg)
-    test = make_test_loader(data, data_cfg, batch_size, torch.device("cpu"))
+    found: dict = {"images": 0, "init": {}, "trained": {}, "growth": {}}
+    if not nets:
+        return found
+    test = make_test_loader(data, data_cfg, size, torch.device("cpu"))
     sample = [b for _, b in zip(range(batches), test)]
-    found: dict = {"images": sum(len(y) for _, y in sample), "init": {}, "trained": {}, "growth": {}}
-    for name, (model, meta, _) in trained.items():
+    found["images"] = sum(len(y) for _, y in sample)
+    for name, (model, meta) in nets.items():
         torch.manual_seed(0)
         fresh = build_model(
             meta["model_name"], meta["in_channels"], len(meta["classes"]), **meta["model_options"]
@@ -120,4 +117,4 @@ def figure(found: dict, path: Path) -> None:
     save(fig, path)
 
 
-__all__ = ["figure", "layer_gradients", "of_runs", "weight_growth"]
+__all__ = ["figure", "layer_gradients", "of_nets", "weight_growth"]

@@ -60,28 +60,16 @@ def layer_responses(model: nn.Module, batches) -> dict[str, list[float]]:
     }
 
 
-def of_runs(run_dirs: dict[str, Path], data_cfg) -> dict:
-    """{"images": n, "classes": k, "nets": {name: stds}, "per_channel": {name: stds}}: layer_responses of each run
-    directory's final weights on all n test images of the data every run trained on (2,000 of them left the
-    stds up to 0.008 off). A run whose last.pt is gone or unreadable (its summary.json and metrics kept) is left
-    out with a note: the study's tables need only those."""
-    from ..data import load_dataset, make_test_loader
-    from ..engine.checkpoint import CheckpointError
-    from ..report import load_model
+def of_nets(nets: dict[str, tuple[nn.Module, dict]], data, data_cfg) -> dict:
+    """{"images": n, "classes": k, "nets": {name: stds}, "per_channel": {name: stds}}: layer_responses of each
+    trained model of `nets` (common.final_nets) on all n test images of `data`, the data every run trained on
+    (2,000 of them left the stds up to 0.008 off)."""
+    from ..data import make_test_loader
 
-    models = {}
-    for name, d in run_dirs.items():
-        try:
-            models[name] = load_model(d / "last.pt")[0]
-        except CheckpointError as e:
-            print(f"note: no layer responses for {name}: {e}", flush=True)
-    if not models:
+    if not nets:
         return {"images": 0, "nets": {}, "per_channel": {}}
-
-    cpu = torch.device("cpu")
-    data = load_dataset(data_cfg)
-    test = make_test_loader(data, data_cfg, 500, cpu)
-    found = {name: layer_responses(model, (x for x, _ in test)) for name, model in models.items()}
+    test = make_test_loader(data, data_cfg, 500, torch.device("cpu"))
+    found = {name: layer_responses(model, (x for x, _ in test)) for name, (model, _) in nets.items()}
     return {
         "images": test.num_examples,
         "classes": len(data.classes),

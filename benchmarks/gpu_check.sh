@@ -6,32 +6,35 @@
 # then on the GPU machine: `bash benchmarks/gpu_check.sh` (device tool: carry [".fmnist"], timeout_s 595).
 #
 # Steps, each under its own time limit and all inside DEADLINE seconds (a failed step is recorded and the next
-# one runs). Their durations on an H200 in session 8 are in brackets.
-#   tests          the CUDA-marked tests (`pytest -m cuda`: tests/test_cuda.py and CUDA cases elsewhere) [35 s]
+# one runs). Their durations on an H200 in session 23 (session 8 where marked) are in brackets.
+#   tests          the CUDA-marked tests (`pytest -m cuda`: tests/test_cuda.py and CUDA cases elsewhere) [60 s]
 #   bench          `reslab bench --device cuda`: GEMM peaks, step throughput and MFU, engine overhead, the
-#                  notebook's code against reslab [59 s]
-#   seed           the seed recipe (configs/seed.yaml), 10 epochs: img/s (goal >= 40,000 on an H100) [38 s]
+#                  notebook's code against reslab [76 s]
+#   seed           the seed recipe (configs/seed.yaml), 10 epochs: img/s (goal >= 40,000 on an H100) [40 s]
 #   profile        benchmarks/profile_step.py: best.yaml's training loop against bare steps, per operator
-#   profile-sprint the same for sprint.yaml (profile-sprint.json)
+#   profile-sprint the same for sprint.yaml (profile-sprint.json) [21 s]
 #   layout         benchmarks/zeropad_layout.py: ResNet-20's zero-pad shortcut before and after d841b80 (layout.json)
-#   sprint         configs/sprint.yaml: time to 0.94 test accuracy (goal < 10 s of training)
+#   sprint         configs/sprint.yaml: time to 0.94 test accuracy (goal < 10 s of training) [22 s]
 #   best           configs/best.yaml for as many of (100, 80, 60) epochs as fit at EPOCH_S seconds an epoch
-#                  [100 epochs: 240 s]; its run directory comes back as best-run.tar (`reslab eval` it at home)
+#                  [session 8, 100 epochs: 240 s]; its run directory comes back as best-run.tar
 #   sprint-graphs  sprint.yaml compiled with CUDA graphs (train.compile_mode=reduce-overhead): the host's launches
-#                  are what bind this small net on a GPU
+#                  are what bind this small net on a GPU [38 s]
+#   wrn            configs/wrn.yaml for the epochs the rest of DEADLINE holds (below) [117 epochs: 453 s]
 # Writes $OUT (default ./gpu-check): results.json (everything, summarised), bench.json, profile.json, pytest.log,
-# log.txt, best-run.tar.
-# With 15 minutes of device time, the machine's start (1-2 min) and the transfers included, two calls:
-#   ONLY="tests bench seed profile profile-sprint layout sprint sprint-graphs" bash benchmarks/gpu_check.sh (~5 min)
-#   ONLY=best BEST="train.epochs=N" RESERVE=0 DEADLINE=D bash benchmarks/gpu_check.sh, at once (a machine idle for
-#   30 s goes back), with D = status's budget_left_s - 60 and N = (D - 30) / 2.6: best.yaml at 2.4 s an epoch
-#   measured on an H200 with test-time flip, plus ~0.2 s estimated for the 1-px shift's views. A call the budget cuts
-#   short returns only what $OUT already holds, and best-run.tar is written after the run: D must fit.
+# log.txt, best-run.tar, wrn.tar.NN.
+# With 15 minutes of device time, the machine's start (~30 s in session 23, 1-2 min in session 8) and the
+# transfers included, two calls, the second at once (a machine idle for 30 s goes back). Session 23's:
+#   ONLY="tests bench seed profile-sprint sprint sprint-graphs" DEADLINE=320 bash benchmarks/gpu_check.sh
+#     (262 s; 609 s of the lease left after it)
+#   ONLY=wrn DEADLINE=530 bash benchmarks/gpu_check.sh (513 s; D = status's budget_left_s - 80)
+# `ONLY=best BEST="train.epochs=N" RESERVE=0 DEADLINE=D` runs best.yaml instead, N = (D - 30) / 2.6: 2.4 s an epoch
+# measured on an H200 with test-time flip, plus ~0.2 s estimated for the 1-px shift's views. A call the budget cuts
+# short returns only what $OUT already holds, and the tar files are written after the run: D must fit.
 # Knobs (environment): ONLY="sprint best" runs just those steps; BEST="train.epochs=..." adds overrides to the best
 # step; DEADLINE (default 565 s); EPOCH_S (default 2.6, the H200's 2.4 s an epoch of best.yaml with margin);
 # DEVICE (default cuda) and SET (overrides added to every training and profiling step): a dry run of the script on
 # a CPU, to catch a broken step before it costs device time:
-#   DEVICE=cpu SET="data.limit=512 train.epochs=1" BEST="train.epochs=3" PROFILE_STEPS=4 \
+#   DEVICE=cpu SET="data.limit=512 train.epochs=1" BEST="train.epochs=3" PROFILE_STEPS=4 WRN_BATCH=8 WRN_EPOCHS=3 \
 #     DEADLINE=400 bash benchmarks/gpu_check.sh
 set -u
 OUT=${OUT:-gpu-check}
@@ -97,6 +100,35 @@ fi
 step sprint-graphs 150 "$PY" -m reslab train --config configs/sprint.yaml --quiet --out "$RUNS/sprint-graphs" \
 	--set "${SET[@]}" train.compile=true train.compile_mode=reduce-overhead
 
+# wrn: configs/wrn.yaml for as many epochs as end 45 s before DEADLINE. An epoch's cost is estimated from bare
+# training steps at its batch size (WRN_BATCH, a smaller one for a dry run), measured first: 86,000 / img/s seconds
+# (60,000 images trained with ~10% host overhead, a 6-view test pass at a third of a step's cost an image) + 1 s of
+# checkpoints. On the H200 that estimate was 3.9 s and an epoch took 3.2 s. WRN_EPOCHS fixes the count instead.
+# Then the final epoch's checkpoint is evaluated on the device (eval.json, confusion.png, errors.png) and comes
+# back with the run's files and its weights alone (fp32, ~36 MB) as wrn.tar.00, .01, ... (`cat` them together).
+WRN_BATCH=${WRN_BATCH:-512}
+if [[ -z $ONLY || " $ONLY " == *" wrn "* ]]; then
+	IPS=$(timeout 90 "$PY" -c "import torch; from reslab.bench import step_throughput as t
+print(t('wrn-40-4', 28, $WRN_BATCH, 'bf16', device=torch.device('$DEVICE'), repeats=5))" 2>>"$LOG" | tail -1)
+	WRN_EPOCHS=${WRN_EPOCHS:-$(awk -v left=$((DEADLINE - SECONDS - 45 - 20)) -v ips="${IPS:-0}" \
+		'BEGIN { n = ips > 0 ? int(left / (86000 / ips + 1)) : 0; print (n > 200 ? 200 : n) }')}
+	echo "== wrn: bare steps at ${IPS:-?} img/s, ${WRN_EPOCHS} epochs" | tee -a "$LOG"
+	if ((WRN_EPOCHS >= 3)); then # wrn.yaml warms up for 2
+		step wrn $((DEADLINE - SECONDS - 45)) "$PY" -m reslab train --config configs/wrn.yaml --quiet \
+			--out "$RUNS/wrn" --set "${SET[@]}" train.epochs="$WRN_EPOCHS" train.batch_size="$WRN_BATCH"
+	else
+		STEPS="$STEPS wrn=skipped:0"
+	fi
+	if [[ -f $RUNS/wrn/last.pt ]]; then
+		timeout 40 "$PY" -m reslab eval "$RUNS/wrn/last.pt" --out "$RUNS/wrn/eval" >>"$LOG" 2>&1
+		timeout 30 "$PY" benchmarks/slim_checkpoint.py "$RUNS/wrn/last.pt" "$RUNS/wrn/weights.pt" >>"$LOG" 2>&1
+		tar -cf "$OUT/wrn.tar" -C "$RUNS" --exclude=last.pt --exclude=best.pt wrn &&
+			split -b 15M -d "$OUT/wrn.tar" "$OUT/wrn.tar." && rm "$OUT/wrn.tar"
+	fi
+else
+	STEPS="$STEPS wrn=skipped:0"
+fi
+
 STEPS="$STEPS" BEST="${BEST[*]}" "$PY" - "$OUT" "$RUNS" <<'EOF'
 import json, os, statistics, sys
 from pathlib import Path
@@ -134,7 +166,7 @@ def summary(rows):
     }
 
 
-names = {"seed": "seed", "sprint": "sprint", "best": "best", "sprint_graphs": "sprint-graphs"}
+names = {"seed": "seed", "sprint": "sprint", "best": "best", "sprint_graphs": "sprint-graphs", "wrn": "wrn"}
 result = {
     "machine": machine(),
     "torch_cuda": torch.version.cuda,

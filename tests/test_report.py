@@ -364,3 +364,18 @@ def test_runs_lists_each_run_directory_with_its_state(trained, tmp_path, capsys,
     # before the first run there is no runs/: a plain answer, not an error
     monkeypatch.chdir(tmp_path / "new")
     assert main(["runs"]) == 0 and capsys.readouterr().out == "no run directories under runs (not made yet)\n"
+
+
+def test_slim_checkpoint_evaluates_as_the_run_did(tiny_data, tmp_path):
+    """benchmarks/slim_checkpoint.py (how gpu_check.sh carries a big run home) keeps the weights the run evaluated,
+    the EMA's, and drops what only a resume needs."""
+    fit(config.load(None, tiny_overrides(tiny_data, **{"train.ema": 0.9})), tmp_path / "run", quiet=True)
+    last, slim = tmp_path / "run" / "last.pt", tmp_path / "slim.pt"
+    script = Path(__file__).parents[1] / "benchmarks" / "slim_checkpoint.py"
+    done = subprocess.run([sys.executable, str(script), str(last), str(slim)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert slim.stat().st_size < last.stat().st_size / 2
+    full, kept = evaluate_checkpoint(last), evaluate_checkpoint(slim)
+    assert (kept["test_acc"], kept["test_loss"]) == (full["test_acc"], full["test_loss"])
+    ema, weights = checkpoint.load(last)["ema"], checkpoint.load(slim)["model"]
+    assert weights.keys() == ema.keys() and all(torch.equal(weights[k], ema[k]) for k in ema)

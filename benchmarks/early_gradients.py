@@ -43,9 +43,8 @@ def probe_run(name: str, steps: int, every: int, sample: list) -> list[dict]:
     probes: list[dict] = []
 
     def measure(model: torch.nn.Module, step: int) -> None:
-        rms = layer_gradients(
-            model, sample
-        )  # leaves the model in train mode, as it was but for its gradients
+        # leaves the model in train mode, as it was but for its gradients
+        rms = layer_gradients(model, sample)
         probes.append({"step": step, "first_over_last": rms[0] / rms[-1], "rms": rms})
 
     done = 0

@@ -67,9 +67,8 @@ def test_sync_bn_on_cpu_is_a_clear_error(tiny_data, tmp_path):
 @pytest.mark.slow
 def test_kill_then_resume_under_torchrun_and_with_another_world_size(tiny_data, tmp_path):
     out = tmp_path / "run"
-    killed = launch(
-        out, tiny_data, 2, kill_at="step:12"
-    )  # rank 0 dies in epoch 2; rank 1 is stopped by torchrun
+    # rank 0 dies in epoch 2; rank 1 is stopped by torchrun
+    killed = launch(out, tiny_data, 2, kill_at="step:12")
     assert killed.returncode != 0
     assert checkpoint.load(out / "last.pt")["epoch"] == 1
     shutil.copytree(out, tmp_path / "single")

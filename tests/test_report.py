@@ -174,9 +174,8 @@ def test_animated_gif_uses_the_first_frame(tmp_path):
 
 def test_every_export_format_matches_pytorch(trained, tmp_path):
     model, meta, _ = load_model(trained)
-    x = torch.randn(
-        5, meta["in_channels"], meta["image_size"], meta["image_size"]
-    )  # batch 5: not the traced 2
+    # batch 5: not the traced 2
+    x = torch.randn(5, meta["in_channels"], meta["image_size"], meta["image_size"])
     with torch.no_grad():
         reference = model(x).numpy()
         with warnings.catch_warnings(record=True) as caught:

@@ -53,9 +53,8 @@ def test_degradation_study_writes_results_and_skips_finished_runs(tiny_data, tmp
     assert (tmp_path / "deg" / "gradients.png").stat().st_size > 1000
     table = (tmp_path / "deg" / "table.md").read_text()
     assert "| gradient RMS at initialisation: first 3x3 layer |" in table
-    assert (
-        len([line for line in table.splitlines() if line.startswith("| resnet14 | ")]) == 2
-    )  # and responses'
+    # one row in the gradient table and one in the responses'
+    assert len([line for line in table.splitlines() if line.startswith("| resnet14 | ")]) == 2
     # a second call trains nothing: every run has its summary.json
     before = {p: p.stat().st_mtime for p in (tmp_path / "deg" / "runs").glob("*/last.pt")}
     again = degradation.run(tmp_path / "deg", quick=True, seeds=1, overrides=overrides, depths=(8, 14))

@@ -1,0 +1,89 @@
+"""A test of the degradation study's mechanism (docs/studies/degradation.md, "Do the plain nets' gradients
+vanish?"). If a plain net trains worse because the gradient explosion of its first steps grows its early layers'
+weights, and so shrinks those layers' effective learning rate, then a change that limits or undoes that growth
+should train it better: a longer warm-up (smaller steps while the gradients explode) or stronger weight decay
+(which shrinks grown weights back).
+
+Trains one net with the study's recipe at its 2,800-step budget (all images, 6 epochs, crops and flips, seed 0),
+as the study does and with each change, then reports the final training and test error, each 3x3 layer's weight
+norm after training over its norm at initialisation (`studies.gradients.weight_growth`), and the ratio of the
+first 3x3 layer's gradient RMS to the last's after training (`layer_gradients`, first 1,024 test images).
+Runs already in OUT/runs are not trained again.
+
+Usage: .venv/bin/python benchmarks/degradation_fixes.py [--net plain56] [--out runs/degradation-fixes]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from reslab import config
+from reslab.data import load_dataset
+from reslab.studies import degradation
+from reslab.studies.common import final_nets, machine, run_grid
+from reslab.studies.gradients import of_nets
+
+BUDGET = ["train.epochs=6", "data.crop_padding=2", "data.flip=true", "seed=0"]
+CHANGES = {
+    "as-in-the-study": [],
+    "warmup-2-epochs": ["optim.warmup_epochs=2"],
+    "weight-decay-5e-4": ["optim.weight_decay=5e-4"],
+}
+
+
+def table(net: str, rows: list[dict]) -> str:
+    lines = [
+        f"| {net}: change | train error | test error | weight growth: stem | 2nd-3rd layers | median "
+        "| layers grown > 2x | gradient first / last, trained |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        g = r["growth"]
+        lines.append(
+            f"| {r['change']} | {r['train_error']:.3f} | {r['test_error']:.3f} | {g[0]:.2f} | "
+            f"{min(g[1:3]):.2f}-{max(g[1:3]):.2f} | {statistics.median(g):.2f} | {sum(x > 2 for x in g)} of "
+            f"{len(g)} | {r['first_over_last']:.3g} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--net", default="plain56")
+    parser.add_argument("--out", type=Path, default=Path("runs/degradation-fixes"))
+    args = parser.parse_args()
+    start = time.perf_counter()
+    runs = [
+        (name, config.load(None, degradation.RECIPE + BUDGET + changes + [f"model.name={args.net}"]))
+        for name, changes in CHANGES.items()
+    ]
+    results = run_grid(runs, args.out)
+    data_cfg = runs[0][1].data
+    found = of_nets(final_nets({n: args.out / "runs" / n for n, _ in runs}), load_dataset(data_cfg), data_cfg)
+    rows = []
+    for r in results:
+        name, s = r["name"], r["summary"]
+        rms = found["trained"][name]
+        rows.append(
+            {
+                "change": name,
+                "overrides": CHANGES[name],
+                "train_error": 1 - s["train_acc"],
+                "test_error": 1 - s["test_acc"],
+                "growth": found["growth"][name],
+                "first_over_last": rms[0] / rms[-1],
+            }
+        )
+    text = table(args.net, rows)
+    print(text)
+    payload = {"net": args.net, "rows": rows, "machine": machine(), "seconds": time.perf_counter() - start}
+    (args.out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (args.out / "table.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -21,13 +21,14 @@ import statistics
 import time
 from pathlib import Path
 
+from early_gradients import BUDGET  # the study's 2,800-step budget, seed 0
+
 from reslab import config
 from reslab.data import load_dataset
 from reslab.studies import degradation
 from reslab.studies.common import final_nets, machine, run_grid
 from reslab.studies.gradients import of_nets
 
-BUDGET = ["train.epochs=6", "data.crop_padding=2", "data.flip=true", "seed=0"]
 CHANGES = {
     "as-in-the-study": [],
     "warmup-2-epochs": ["optim.warmup_epochs=2"],

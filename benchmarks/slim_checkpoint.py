@@ -11,7 +11,7 @@ from reslab.engine import checkpoint
 
 def slim(src: str, dst: str) -> None:
     state = checkpoint.load(src)
-    weights = state.get("ema") or state["model"]
+    weights = checkpoint.evaluated_weights(state)
     kept = {"model": {k: v.cpu() for k, v in weights.items()}, "ema": None}
     checkpoint.save({**kept, "meta": state["meta"], "config": state["config"]}, dst)
 

@@ -33,7 +33,7 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict, dict]:
     model = build_model(
         meta["model_name"], meta["in_channels"], len(meta["classes"]), **meta["model_options"]
     )
-    weights = state["ema"] if state.get("ema") else state["model"]
+    weights = checkpoint.evaluated_weights(state)
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:

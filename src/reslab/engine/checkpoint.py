@@ -159,6 +159,11 @@ def find(path: str | Path) -> Path:
     return path
 
 
+def evaluated_weights(state: dict[str, Any]) -> Any:
+    """The weights a run evaluated: its EMA's when it kept one, else the model's (eval, predict, model.init)."""
+    return state["ema"] if state.get("ema") else state["model"]
+
+
 def load(path: str | Path) -> dict[str, Any]:
     """Load a reslab checkpoint safely (weights only) onto the CPU."""
     path = Path(path)

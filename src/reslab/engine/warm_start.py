@@ -47,7 +47,7 @@ def warm_start(model: nn.Module, source: str | Path) -> str:
         state = checkpoint.load(path)
     except checkpoint.CheckpointError as e:
         raise ReslabError(f"model.init: {e}") from None
-    weights = state["ema"] if state.get("ema") else state["model"]
+    weights = checkpoint.evaluated_weights(state)
     meta = state.get("meta") if isinstance(state.get("meta"), dict) else {}
     what = f"{path} ({meta.get('model_name', 'a model')})"
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):

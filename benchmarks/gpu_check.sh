@@ -14,11 +14,14 @@
 #   profile        benchmarks/profile_step.py: best.yaml's training loop against bare steps, per operator
 #   profile-sprint the same for sprint.yaml (profile-sprint.json) [21 s]
 #   layout         benchmarks/zeropad_layout.py: ResNet-20's zero-pad shortcut before and after d841b80 (layout.json)
-#   sprint         configs/sprint.yaml: time to 0.94 test accuracy (goal < 10 s of training) [22 s]
+#   sprint         configs/sprint.yaml: time to 0.94 test accuracy (goal < 10 s of training) [22 s at width 32;
+#                  width 64 since session 24, not yet run on a GPU]
 #   best           configs/best.yaml for as many of (100, 80, 60) epochs as fit at EPOCH_S seconds an epoch
 #                  [session 8, 100 epochs: 240 s]; its run directory comes back as best-run.tar
 #   sprint-graphs  sprint.yaml compiled with CUDA graphs (train.compile_mode=reduce-overhead): the host's launches
 #                  are what bind this small net on a GPU [38 s]
+#   seed-graphs    the seed recipe compiled the same way: its ResNet-18 at batch 256 ran no faster as bare steps
+#                  (session 23), so its launches may bind it too [not yet run]
 #   wrn            configs/wrn.yaml for the epochs the rest of DEADLINE holds (below) [117 epochs: 453 s]
 # Writes $OUT (default ./gpu-check): results.json (everything, summarised), bench.json, profile.json, pytest.log,
 # log.txt, best-run.tar, wrn.tar.NN.
@@ -27,6 +30,8 @@
 #   ONLY="tests bench seed profile-sprint sprint sprint-graphs" DEADLINE=320 bash benchmarks/gpu_check.sh
 #     (262 s; 609 s of the lease left after it)
 #   ONLY=wrn DEADLINE=530 bash benchmarks/gpu_check.sh (513 s; D = status's budget_left_s - 80)
+# Planned for the next: ONLY="tests seed seed-graphs profile-sprint sprint sprint-graphs" DEADLINE=330 (~300 s est.),
+# then wrn as above.
 # `ONLY=best BEST="train.epochs=N" RESERVE=0 DEADLINE=D` runs best.yaml instead, N = (D - 30) / 2.6: 2.4 s an epoch
 # measured on an H200 with test-time flip, plus ~0.2 s estimated for the 1-px shift's views. A call the budget cuts
 # short returns only what $OUT already holds, and the tar files are written after the run: D must fit.
@@ -99,6 +104,8 @@ else
 fi
 step sprint-graphs 150 "$PY" -m reslab train --config configs/sprint.yaml --quiet --out "$RUNS/sprint-graphs" \
 	--set "${SET[@]}" train.compile=true train.compile_mode=reduce-overhead
+step seed-graphs 150 "$PY" -m reslab train --config configs/seed.yaml --quiet --out "$RUNS/seed-graphs" \
+	--set "${SET[@]}" train.compile=true train.compile_mode=reduce-overhead
 
 # wrn: configs/wrn.yaml for as many epochs as end 45 s before DEADLINE. An epoch's cost is estimated from bare
 # training steps at its batch size (WRN_BATCH, a smaller one for a dry run), measured first: 86,000 / img/s seconds
@@ -166,7 +173,14 @@ def summary(rows):
     }
 
 
-names = {"seed": "seed", "sprint": "sprint", "best": "best", "sprint_graphs": "sprint-graphs", "wrn": "wrn"}
+names = {
+    "seed": "seed",
+    "sprint": "sprint",
+    "best": "best",
+    "sprint_graphs": "sprint-graphs",
+    "seed_graphs": "seed-graphs",
+    "wrn": "wrn",
+}
 result = {
     "machine": machine(),
     "torch_cuda": torch.version.cuda,

@@ -56,9 +56,9 @@ def test_recipes_are_found_by_name_from_any_directory(tmp_path, monkeypatch):
 
 def test_an_override_of_one_model_option_keeps_the_files_others():
     """`--set model.options.first_stride=1` on sprint.yaml changes that option only (it used to replace the
-    file's options, silently dropping width 32)."""
+    file's options, silently dropping its width)."""
     cfg = config.load(CONFIGS[0].parent / "sprint.yaml", ["model.options.first_stride=1"])
-    assert cfg.model.options == {"width": 32, "first_stride": 1}
+    assert cfg.model.options == {"width": 64, "first_stride": 1}
     assert config.from_dict(cfg.to_dict()).model.options == cfg.model.options  # as a checkpoint rebuilds it
 
 

@@ -1,8 +1,9 @@
 """A test of the degradation study's mechanism (docs/studies/degradation.md, "Do the plain nets' gradients
 vanish?"). If a plain net trains worse because the gradient explosion of its first steps grows its early layers'
 weights, and so shrinks those layers' effective learning rate, then a change that limits or undoes that growth
-should train it better: a longer warm-up (smaller steps while the gradients explode) or stronger weight decay
-(which shrinks grown weights back).
+should train it better: a longer warm-up (smaller steps while the gradients explode), stronger weight decay
+(which shrinks grown weights back), or clipping the gradients' global norm to 1 (which bounds every step, however
+large the gradient).
 
 Trains one net with the study's recipe at its 2,800-step budget (all images, 6 epochs, crops and flips, seed 0),
 as the study does and with each change, then reports the final training and test error, each 3x3 layer's weight
@@ -11,6 +12,7 @@ first 3x3 layer's gradient RMS to the last's after training (`layer_gradients`, 
 Runs already in OUT/runs are not trained again.
 
 Usage: .venv/bin/python benchmarks/degradation_fixes.py [--net plain56] [--out runs/degradation-fixes]
+    [--changes as-in-the-study,warmup-2-epochs,weight-decay-5e-4]
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ CHANGES = {
     "as-in-the-study": [],
     "warmup-2-epochs": ["optim.warmup_epochs=2"],
     "weight-decay-5e-4": ["optim.weight_decay=5e-4"],
+    "grad-clip-1": ["optim.grad_clip=1"],
 }
 
 
@@ -56,11 +59,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--net", default="plain56")
     parser.add_argument("--out", type=Path, default=Path("runs/degradation-fixes"))
+    parser.add_argument(
+        "--changes",
+        default="as-in-the-study,warmup-2-epochs,weight-decay-5e-4",
+        help=f"comma-separated, of: {', '.join(CHANGES)}",
+    )
     args = parser.parse_args()
+    chosen = args.changes.split(",")
+    if unknown := [c for c in chosen if c not in CHANGES]:
+        parser.error(f"unknown change {', '.join(unknown)}; the changes are: {', '.join(CHANGES)}")
     start = time.perf_counter()
     runs = [
-        (name, config.load(None, degradation.RECIPE + BUDGET + changes + [f"model.name={args.net}"]))
-        for name, changes in CHANGES.items()
+        (name, config.load(None, degradation.RECIPE + BUDGET + CHANGES[name] + [f"model.name={args.net}"]))
+        for name in chosen
     ]
     results = run_grid(runs, args.out)
     data_cfg = runs[0][1].data

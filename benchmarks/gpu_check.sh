@@ -173,14 +173,8 @@ def summary(rows):
     }
 
 
-names = {
-    "seed": "seed",
-    "sprint": "sprint",
-    "best": "best",
-    "sprint_graphs": "sprint-graphs",
-    "seed_graphs": "seed-graphs",
-    "wrn": "wrn",
-}
+# results.json's key for each run directory: its name with "_" for "-"
+names = {n.replace("-", "_"): n for n in ("seed", "sprint", "best", "sprint-graphs", "seed-graphs", "wrn")}
 result = {
     "machine": machine(),
     "torch_cuda": torch.version.cuda,

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import tiny_overrides
 
+from reslab.cli import main
 from reslab.engine import checkpoint
 
 TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
@@ -79,3 +80,15 @@ def test_kill_then_resume_under_torchrun_and_with_another_world_size(tiny_data, 
     single = launch(tmp_path / "single", tiny_data, 1, resume=True)
     assert single.returncode == 0, single.stderr
     assert [m["world_size"] for m in metrics(tmp_path / "single")] == [2, 1, 1]
+
+
+def test_a_torchrun_worker_leaves_through_os_exit_with_its_code(monkeypatch, tmp_path):
+    # gloo worker threads outlive the run (DDP holds the process group), and one that drops a finished
+    # all-reduce while Python finalizes aborts the process: a worker must end without finalizing
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert exits == []  # a single process ends as usual
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert exits == [2]

@@ -303,6 +303,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A torchrun worker leaves without finalizing the interpreter. DDP keeps the gloo process group alive
+        # past destroy_process_group, and a gloo worker thread that drops its last finished all-reduce while
+        # Python finalizes aborts the process ("terminate called without an active exception", SIGABRT),
+        # turning a finished run into a failed one (pytorch/pytorch#190489). Every file is written by now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

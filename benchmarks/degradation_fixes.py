@@ -6,9 +6,10 @@ should train it better: a longer warm-up (smaller steps while the gradients expl
 large the gradient).
 
 Trains one net with the study's recipe at its 2,800-step budget (all images, 6 epochs, crops and flips, seed 0
-unless --seed), as the study does and with each change, then reports the final training and test error, each 3x3 layer's weight
-norm after training over its norm at initialisation (`studies.gradients.weight_growth`), and the ratio of the
-first 3x3 layer's gradient RMS to the last's after training (`layer_gradients`, first 1,024 test images).
+unless --seed), as the study does and with each change, then reports the final training and test error, each 3x3
+layer's weight norm after training over its norm at initialisation (`studies.gradients.weight_growth`), and the
+ratio of the first 3x3 layer's gradient RMS to the last's after training (`layer_gradients`, first 1,024 test
+images).
 Runs already in OUT/runs are not trained again.
 
 Usage: .venv/bin/python benchmarks/degradation_fixes.py [--net plain56] [--out runs/degradation-fixes]

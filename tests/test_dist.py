@@ -83,8 +83,9 @@ def test_kill_then_resume_under_torchrun_and_with_another_world_size(tiny_data, 
 
 
 def test_a_torchrun_worker_leaves_through_os_exit_with_its_code(monkeypatch, tmp_path):
-    # gloo worker threads outlive the run (DDP holds the process group), and one that drops a finished
-    # all-reduce while Python finalizes aborts the process: a worker must end without finalizing
+    # gloo worker threads outlive the run (torch.distributed.nn, imported by DDP, holds the process group), and
+    # one that drops a finished all-reduce while Python finalizes aborts the process: a worker must end without
+    # finalizing
     exits = []
     monkeypatch.setattr(os, "_exit", exits.append)
     assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2

@@ -305,10 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     code = _main(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # A torchrun worker leaves without finalizing the interpreter. DDP keeps the gloo process group alive
-        # past destroy_process_group, and a gloo worker thread that drops its last finished all-reduce while
+        # A torchrun worker leaves without finalizing the interpreter. The gloo process group outlives
+        # destroy_process_group: torch.distributed.nn, which DDP imports, takes `group=group.WORLD` as default
+        # arguments and so holds it for good. A gloo worker thread that drops its last finished all-reduce while
         # Python finalizes aborts the process ("terminate called without an active exception", SIGABRT),
-        # turning a finished run into a failed one (pytorch/pytorch#190489). Every file is written by now.
+        # turning a finished run into a failed one (pytorch/pytorch#190489). Freeing the group instead (that
+        # module imported before it exists) deadlocks: its destructor joins those threads holding the GIL they
+        # wait for. Every file is written by now.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -281,6 +281,30 @@ def test_resume_after_a_crash_is_bit_identical(tiny_data, tmp_path):
     assert strip(read_metrics(tmp_path / "a")) == strip(read_metrics(tmp_path / "b"))
 
 
+def test_evaluating_every_few_epochs_trains_the_same_and_tests_the_last(tiny_data, tmp_path, capsys):
+    extra = {"train.epochs": 5, "data.flip": True, "train.ema": 0.9, "train.tta_flip": True}
+    fit(tiny_cfg(tiny_data, **extra), tmp_path / "every", quiet=True)
+    # stopped in epoch 4, after an untested epoch 3; resumed from its config.yaml
+    crash_then_resume(tiny_cfg(tiny_data, **extra, **{"train.eval_every": 2}), tmp_path / "some", epoch=3)
+    a, b = (checkpoint.load(tmp_path / d / "last.pt") for d in ("every", "some"))
+    for part in ("model", "ema"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+    every, some = read_metrics(tmp_path / "every"), read_metrics(tmp_path / "some")
+    assert [("test_acc" in r) for r in some] == [False, True, False, True, True]  # every 2nd, and the last
+    for r, s in zip(every, some):
+        for key in ("train_loss", "train_acc", "lr", *(("test_loss", "test_acc") if "test_acc" in s else ())):
+            assert r[key] == s[key], (r["epoch"], key)
+    summary = json.loads((tmp_path / "some" / "summary.json").read_text())
+    assert summary["test_acc"] == some[-1]["test_acc"]
+    assert summary["best_test_acc"] == max(r["test_acc"] for r in some if "test_acc" in r)
+    assert (tmp_path / "some" / "curves.png").stat().st_size > 0
+    capsys.readouterr()
+    assert main(["runs", str(tmp_path)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "some" in line)
+    assert f"| 5/5 | {some[-1]['test_acc']:.4f} |" in row
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)])
 @pytest.mark.parametrize("guard_every", [0, 5])
 def test_mid_epoch_checkpoint_resume_is_bit_identical(tiny_data, tmp_path, guard_every, device, monkeypatch):
@@ -446,6 +470,7 @@ def test_sizes_known_once_the_data_is_read_are_checked_before_any_write(
         (["train.tta_shift=-1"], "train.tta_shift: must be >= 0"),
         (["optim.schedule=linear"], "optim.schedule"),
         (["nonsense"], "expected key=value"),
+        (["train.eval_every=0"], "train.eval_every: must be > 0, got 0"),
     ],
 )
 def test_config_errors_exit_2_and_write_nothing(tmp_path, capsys, overrides, message):

@@ -130,11 +130,13 @@ def test_study_cli_rejects_bad_depths_before_training(tmp_path, capsys):
         ("units", "model.options.order=full-preact"),
         ("units", "model.options.shortcut_scale=0.3"),
         ("units", "model.name=resnet20"),
+        ("degradation", "train.eval_every=5"),
+        ("units", "train.eval_every=5"),
     ],
 )
 def test_a_study_refuses_to_be_told_what_it_sets_itself(tmp_path, capsys, study, key):
     """The study picks the model, seed and (units) each variant's options: a --set of one was replaced without
-    a word, so a user asking for resnet56 got the study's own nets."""
+    a word, so a user asking for resnet56 got the study's own nets. It tests every epoch, for its curves."""
     from reslab.cli import main
 
     out = tmp_path / "study"

@@ -66,6 +66,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 256  # global: split over ranks under torchrun
     eval_batch_size: int = 1000
+    eval_every: int = 1  # evaluate on the test set every N epochs and after the last; training is unchanged
     channels_last: bool = True  # NHWC memory format: faster convolutions on CPU and CUDA
     compile: bool = False  # torch.compile the model for training (evaluation runs it uncompiled)
     compile_mode: str = "default"  # torch.compile's mode; reduce-overhead replays each step as a CUDA graph
@@ -270,6 +271,7 @@ def validate(cfg: Config) -> None:
     positive("train.checkpoint_every", cfg.train.checkpoint_every, allow_zero=True)
     positive("train.guard_every", cfg.train.guard_every, allow_zero=True)
     positive("train.tta_shift", cfg.train.tta_shift, allow_zero=True)
+    positive("train.eval_every", cfg.train.eval_every)
     for key, value in (
         ("data.erasing", cfg.data.erasing),
         ("optim.label_smoothing", cfg.optim.label_smoothing),

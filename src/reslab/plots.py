@@ -23,6 +23,8 @@ def curves(history: list[dict], path: str | Path, title: str = "", train_note: s
     """Loss and accuracy per epoch, training and test, side by side. train_note says how the training loss
     differs from the test loss (e.g. label smoothing)."""
     epochs = [h["epoch"] for h in history]
+    tested = [h for h in history if "test_acc" in h]  # every epoch unless train.eval_every > 1
+    tested_epochs = [h["epoch"] for h in tested]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(
         epochs,
@@ -30,19 +32,20 @@ def curves(history: list[dict], path: str | Path, title: str = "", train_note: s
         "o-",
         label=f"train{f' ({train_note})' if train_note else ''}",
     )
-    ax_loss.plot(epochs, [h["test_loss"] for h in history], "s-", label="test")
+    ax_loss.plot(tested_epochs, [h["test_loss"] for h in tested], "s-", label="test")
     ax_loss.set(xlabel="epoch", ylabel="loss (mean cross-entropy)", title="loss")
     ax_acc.plot(epochs, [h["train_acc"] for h in history], "o-", label="train")
-    ax_acc.plot(epochs, [h["test_acc"] for h in history], "s-", label="test")
-    best = max(history, key=lambda h: h["test_acc"])
-    ax_acc.annotate(
-        f"{best['test_acc']:.4f}",
-        (best["epoch"], best["test_acc"]),
-        textcoords="offset points",
-        xytext=(0, -14),
-        ha="center",
-        fontsize=8,
-    )
+    ax_acc.plot(tested_epochs, [h["test_acc"] for h in tested], "s-", label="test")
+    if tested:
+        best = max(tested, key=lambda h: h["test_acc"])
+        ax_acc.annotate(
+            f"{best['test_acc']:.4f}",
+            (best["epoch"], best["test_acc"]),
+            textcoords="offset points",
+            xytext=(0, -14),
+            ha="center",
+            fontsize=8,
+        )
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
@@ -59,9 +62,9 @@ def compare(histories: dict[str, list[dict]], path: str | Path) -> None:
     """Several runs side by side (`reslab runs --plot`): training loss and test error per epoch, a line each."""
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(11, 4))
     for name, history in histories.items():
-        epochs = [h["epoch"] for h in history]
-        ax_loss.plot(epochs, [h["train_loss"] for h in history], ".-", label=name)
-        ax_err.plot(epochs, [1 - h["test_acc"] for h in history], ".-", label=name)
+        tested = [h for h in history if "test_acc" in h]
+        ax_loss.plot([h["epoch"] for h in history], [h["train_loss"] for h in history], ".-", label=name)
+        ax_err.plot([h["epoch"] for h in tested], [1 - h["test_acc"] for h in tested], ".-", label=name)
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss", yscale="log")
     ax_err.set(xlabel="epoch", ylabel="test error (1 - accuracy)", title="test error", yscale="log")
     for ax in (ax_loss, ax_err):

@@ -122,9 +122,12 @@ def n_epochs(n: int) -> str:
 
 
 def _epoch_line(m: dict, epochs: int) -> str:
+    test = (
+        f"test loss {m['test_loss']:.4f} acc {m['test_acc']:.4f}" if "test_acc" in m else f"{'not tested':27}"
+    )
     return (
         f"epoch {m['epoch']:>3}/{epochs}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f}  "
-        f"test loss {m['test_loss']:.4f} acc {m['test_acc']:.4f}  lr {m['lr']:.4g}  "
+        f"{test}  lr {m['lr']:.4g}  "
         f"{m['images_per_sec']:,.0f} img/s  {m['epoch_seconds']:.1f} s"
     )
 
@@ -232,7 +235,7 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
     stops = () if run.ctx.active else (signal.SIGINT, signal.SIGTERM)
     previous = {s: signal.signal(s, on_signal) for s in stops}
     faults.reached("start")
-    best = max((h["test_acc"] for h in run.history), default=-1.0)
+    best = max((h["test_acc"] for h in tested(run.history)), default=-1.0)
     try:
         while run.epoch < cfg.train.epochs:
             epoch = run.epoch
@@ -249,10 +252,10 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
             saved = state_of(run)
             save(run, "last.pt", saved)
             faults.reached("after-checkpoint")
-            if metrics["test_acc"] > best:
+            if metrics.get("test_acc", -1.0) > best:
                 best = metrics["test_acc"]
                 save(run, "best.pt", {k: v for k, v in saved.items() if k != "optimizer"})
-            _write_outputs(run)
+            _write_outputs(run, draw="test_acc" in metrics)
             _log(run, _epoch_line(metrics, cfg.train.epochs))
             faults.reached("epoch-end")
             if run.interrupted:
@@ -262,23 +265,31 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
             signal.signal(s, handler)
 
 
+def tested(history: list[dict]) -> list[dict]:
+    """The epochs that were evaluated: with train.eval_every > 1 the others have no test_loss and test_acc."""
+    return [h for h in history if "test_acc" in h]
+
+
 def _train_and_evaluate(run: Run, epoch: int, step_hook) -> dict:
-    """One epoch of training then evaluation; the epoch's metrics. Raises guard.Divergence."""
+    """One epoch of training then, every train.eval_every epochs and after the last, evaluation; the epoch's
+    metrics. Raises guard.Divergence."""
     cfg = run.cfg
     train_m = train_one_epoch(run, epoch, step_hook)
     eval_model = run.ema.model if run.ema is not None else run.eval_net
     start = time.perf_counter()
-    test_m = evaluate(
-        eval_model,
-        run.test_loader,
-        run.device,
-        run.precision,
-        cfg.train.tta_flip,
-        cfg.train.channels_last,
-        run.ctx,
-        cfg.train.tta_shift,
-    )
-    guard.check(test_m["test_loss"], "test loss", (epoch + 1) * run.steps_per_epoch)
+    test_m = {}
+    if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+        test_m = evaluate(
+            eval_model,
+            run.test_loader,
+            run.device,
+            run.precision,
+            cfg.train.tta_flip,
+            cfg.train.channels_last,
+            run.ctx,
+            cfg.train.tta_shift,
+        )
+        guard.check(test_m["test_loss"], "test loss", (epoch + 1) * run.steps_per_epoch)
     last_step = (epoch + 1) * run.steps_per_epoch - 1
     lr = lr_at(last_step, cfg.train.epochs * run.steps_per_epoch, run.steps_per_epoch, cfg.optim)
     return {
@@ -293,10 +304,13 @@ def _train_and_evaluate(run: Run, epoch: int, step_hook) -> dict:
     }
 
 
-def _write_outputs(run: Run) -> None:
+def _write_outputs(run: Run, draw: bool) -> None:
+    """metrics.jsonl, and with `draw` (a tested epoch: the picture's test lines change) curves.png."""
     if not run.ctx.is_main:
         return
     checkpoint.write_text(run.out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in run.history))
+    if not draw:  # ~0.2 s a picture
+        return
     from ..plots import curves
 
     smoothing = run.cfg.optim.label_smoothing
@@ -315,7 +329,7 @@ def _summary(run: Run, wall: float) -> dict:
         "test_loss": last.get("test_loss"),
         "train_acc": last.get("train_acc"),
         "train_loss": last.get("train_loss"),
-        "best_test_acc": max((h["test_acc"] for h in run.history), default=None),
+        "best_test_acc": max((h["test_acc"] for h in tested(run.history)), default=None),
         "wall_seconds": wall,
         "train_seconds": sum(h["epoch_seconds"] for h in run.history),
         "device": str(run.device),
@@ -326,4 +340,4 @@ def _summary(run: Run, wall: float) -> dict:
     }
 
 
-__all__ = ["Interrupted", "fit", "settle", "train_one_epoch"]
+__all__ = ["Interrupted", "fit", "settle", "tested", "train_one_epoch"]

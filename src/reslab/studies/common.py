@@ -80,6 +80,9 @@ def run_grid(runs: list[tuple[str, Config]], out: Path, quiet: bool = True) -> l
     return results
 
 
+EVERY_EPOCH = {"train.eval_every": "every epoch: its curves"}  # what each study's refuse_chosen adds
+
+
 def refuse_chosen(overrides: list[str], chosen: dict[str, str]) -> None:
     """A study sets some keys itself (chosen: key -> which flag or what sets it); a --set of one of them would
     be replaced without a word, so it is an error."""

@@ -19,6 +19,7 @@ from ..errors import ReslabError
 from ..models import list_models
 from . import gradients, responses
 from .common import (
+    EVERY_EPOCH,
     Timer,
     error_curve,
     error_stats,
@@ -51,7 +52,9 @@ NETS = ("plain", "resnet")
 
 def plan(quick: bool, seeds: int, overrides: list[str], depths=DEPTHS, nets=NETS) -> list[tuple[str, Config]]:
     check(depths, nets)
-    refuse_chosen(overrides, {"model": "--depths and --nets", "seed": "--seeds", "name": "one per run"})
+    refuse_chosen(
+        overrides, {"model": "--depths and --nets", "seed": "--seeds", "name": "one per run", **EVERY_EPOCH}
+    )
     base = config.load(None, RECIPE + (QUICK if quick else FULL) + overrides)
     runs = []
     for net in nets:

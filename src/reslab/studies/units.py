@@ -8,7 +8,17 @@ from pathlib import Path
 from .. import config
 from ..config import Config
 from ..engine.checkpoint import make_dir
-from .common import Timer, error_curve, error_stats, finish, machine, refuse_chosen, run_grid, with_changes
+from .common import (
+    EVERY_EPOCH,
+    Timer,
+    error_curve,
+    error_stats,
+    finish,
+    machine,
+    refuse_chosen,
+    run_grid,
+    with_changes,
+)
 from .degradation import RECIPE
 
 # name -> (model options, the paper's CIFAR-10 test error of ResNet-110 in %, Table 2 or Table 1)
@@ -31,7 +41,10 @@ def plan(
     varied = {
         f"model.options.{k}": "each variant sets it" for options, _ in VARIANTS.values() for k in options
     }
-    refuse_chosen(overrides, {"model.name": "--depth", "seed": "--seeds", "name": "one per run", **varied})
+    refuse_chosen(
+        overrides,
+        {"model.name": "--depth", "seed": "--seeds", "name": "one per run", **EVERY_EPOCH, **varied},
+    )
     base = config.load(None, RECIPE + (QUICK if quick else FULL) + overrides)
     runs = []
     for variant in variants:

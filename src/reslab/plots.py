@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .engine.checkpoint import atomic_write  # noqa: E402
+from .engine.fit import tested  # noqa: E402
 
 
 def save(fig, path: str | Path) -> None:
@@ -23,8 +24,8 @@ def curves(history: list[dict], path: str | Path, title: str = "", train_note: s
     """Loss and accuracy per epoch, training and test, side by side. train_note says how the training loss
     differs from the test loss (e.g. label smoothing)."""
     epochs = [h["epoch"] for h in history]
-    tested = [h for h in history if "test_acc" in h]  # every epoch unless train.eval_every > 1
-    tested_epochs = [h["epoch"] for h in tested]
+    shown = tested(history)  # every epoch unless train.eval_every > 1
+    tested_epochs = [h["epoch"] for h in shown]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(
         epochs,
@@ -32,12 +33,12 @@ def curves(history: list[dict], path: str | Path, title: str = "", train_note: s
         "o-",
         label=f"train{f' ({train_note})' if train_note else ''}",
     )
-    ax_loss.plot(tested_epochs, [h["test_loss"] for h in tested], "s-", label="test")
+    ax_loss.plot(tested_epochs, [h["test_loss"] for h in shown], "s-", label="test")
     ax_loss.set(xlabel="epoch", ylabel="loss (mean cross-entropy)", title="loss")
     ax_acc.plot(epochs, [h["train_acc"] for h in history], "o-", label="train")
-    ax_acc.plot(tested_epochs, [h["test_acc"] for h in tested], "s-", label="test")
-    if tested:
-        best = max(tested, key=lambda h: h["test_acc"])
+    ax_acc.plot(tested_epochs, [h["test_acc"] for h in shown], "s-", label="test")
+    if shown:
+        best = max(shown, key=lambda h: h["test_acc"])
         ax_acc.annotate(
             f"{best['test_acc']:.4f}",
             (best["epoch"], best["test_acc"]),
@@ -62,9 +63,9 @@ def compare(histories: dict[str, list[dict]], path: str | Path) -> None:
     """Several runs side by side (`reslab runs --plot`): training loss and test error per epoch, a line each."""
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(11, 4))
     for name, history in histories.items():
-        tested = [h for h in history if "test_acc" in h]
+        shown = tested(history)
         ax_loss.plot([h["epoch"] for h in history], [h["train_loss"] for h in history], ".-", label=name)
-        ax_err.plot([h["epoch"] for h in tested], [1 - h["test_acc"] for h in tested], ".-", label=name)
+        ax_err.plot([h["epoch"] for h in shown], [1 - h["test_acc"] for h in shown], ".-", label=name)
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss", yscale="log")
     ax_err.set(xlabel="epoch", ylabel="test error (1 - accuracy)", title="test error", yscale="log")
     for ax in (ax_loss, ax_err):

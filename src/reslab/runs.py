@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from .engine.checkpoint import lock_owner
+from .engine.fit import tested
 from .errors import ReslabError
 
 
@@ -44,7 +45,7 @@ def describe(run: Path) -> dict:
     if not isinstance(cfg, dict):
         return {"run": str(run), "state": "unreadable (config.yaml is not a mapping)"}
     planned = (cfg.get("train") or {}).get("epochs")
-    tested = [h for h in history if "test_acc" in h]  # train.eval_every > 1 skips some epochs
+    scored = tested(history)  # train.eval_every > 1 skips some epochs
     done = len(history)
     owner = lock_owner(run)
     if owner is not None:
@@ -61,8 +62,8 @@ def describe(run: Path) -> dict:
         "init": (cfg.get("model") or {}).get("init"),  # the run its weights started from, if any
         "epochs": done,
         "planned_epochs": planned,
-        "test_acc": tested[-1]["test_acc"] if tested else None,  # the last evaluated epoch
-        "best_test_acc": max(h["test_acc"] for h in tested) if tested else None,
+        "test_acc": scored[-1]["test_acc"] if scored else None,  # the last evaluated epoch
+        "best_test_acc": max(h["test_acc"] for h in scored) if scored else None,
         "train_seconds": sum(h["epoch_seconds"] for h in history),
         "state": state,
     }

@@ -206,6 +206,30 @@ def test_flip_is_an_involution_and_flips_about_half():
     assert torch.equal(flip(x, torch.Generator(), p=1.0), x.flip(-1))
 
 
+def test_alternating_flip_mirrors_each_image_in_every_other_epoch():
+    n, images = (
+        120,
+        torch.randint(0, 256, (120, 1, 6, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)),
+    )
+    loader = TensorLoader(images, torch.arange(n), 24, train=True, augment=Augment(flip=True, alternate=True))
+
+    def flipped(epoch: int, start: int = 0) -> dict[int, bool]:
+        loader.set_epoch(epoch)
+        seen = {}
+        for x, y in loader.batches(start):
+            for image, i in zip(x, y.tolist()):
+                assert torch.equal(image, loader.images[i]) != torch.equal(image, loader.images[i].flip(-1))
+                seen[i] = torch.equal(image, loader.images[i].flip(-1))
+        return seen
+
+    first, second = flipped(0), flipped(1)
+    assert len(first) == n and 0.35 < sum(first.values()) / n < 0.65  # a seeded coin per image
+    assert all(second[i] != first[i] for i in range(n))  # each image once each way over two epochs
+    assert flipped(2) == first and flipped(3) == second
+    resumed = flipped(1, start=3)  # a resume mid-epoch: the same flips for the batches left
+    assert len(resumed) == n - 3 * 24 and all(resumed[i] == second[i] for i in resumed)
+
+
 def test_crop_keeps_shape_and_content_is_a_shifted_window():
     x = torch.randn(50, 1, 8, 8)
     out = random_crop(x, torch.Generator().manual_seed(0), padding=2, fill=-9.0)

@@ -471,6 +471,7 @@ def test_sizes_known_once_the_data_is_read_are_checked_before_any_write(
         (["optim.schedule=linear"], "optim.schedule"),
         (["nonsense"], "expected key=value"),
         (["train.eval_every=0"], "train.eval_every: must be > 0, got 0"),
+        (["data.flip=false", "data.alternate_flip=true"], "data.alternate_flip changes how data.flip"),
     ],
 )
 def test_config_errors_exit_2_and_write_nothing(tmp_path, capsys, overrides, message):

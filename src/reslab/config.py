@@ -38,6 +38,9 @@ class DataConfig:
     normalize: bool = True  # subtract the dataset mean, divide by its std (the notebook: False, [0, 1])
     crop_padding: int = 0  # random crop after padding by this many pixels; 0 = off
     flip: bool = False  # random horizontal flip
+    alternate_flip: bool = (
+        False  # with flip: mirror each image in every other epoch (airbench) instead of at random
+    )
     erasing: float = 0.0  # random erasing probability (Zhong et al. 2017); 0 = off
     classes: list[str] | None = None  # class names for idx/folder data
     split: float = 0.0  # folder data without train/ and test/: fraction held out for testing
@@ -298,6 +301,8 @@ def validate(cfg: Config) -> None:
         raise ReslabError(
             "precision fp16 needs a CUDA device (fp16 on the CPU is slow and unscaled); use bf16 or fp32"
         )
+    if cfg.data.alternate_flip and not cfg.data.flip:
+        raise ReslabError("data.alternate_flip changes how data.flip mirrors images; set data.flip=true too")
     if cfg.data.split and cfg.data.name != "folder":
         raise ReslabError(
             f"data.split holds out test images from folder data; {cfg.data.name} has its own test set"

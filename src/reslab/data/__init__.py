@@ -92,7 +92,7 @@ def make_loaders(
             f"data.crop_padding: must be smaller than the {native}-pixel images, got {cfg.crop_padding}"
         )
     test = make_test_loader(data, cfg, eval_batch_size, device, rank, world_size, tta_shift)
-    augment = Augment(cfg.crop_padding, cfg.flip, cfg.erasing)
+    augment = Augment(cfg.crop_padding, cfg.flip, cfg.erasing, alternate=cfg.alternate_flip)
     train = TensorLoader(
         data.train_images,
         data.train_labels,

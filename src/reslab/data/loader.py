@@ -24,9 +24,12 @@ def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def flip(images: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:
-    """Mirror each image left-right with probability p. (B, C, H, W) -> (B, C, H, W)"""
-    mask = _to(torch.rand(images.shape[0], generator=generator) < p, images.device)
+def flip(
+    images: torch.Tensor, generator: torch.Generator, p: float = 0.5, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mirror each image left-right with probability p, or where `mask` (B,) is true. (B, C, H, W) -> same"""
+    if mask is None:
+        mask = _to(torch.rand(images.shape[0], generator=generator) < p, images.device)
     return torch.where(mask.view(-1, 1, 1, 1), images.flip(-1), images)
 
 
@@ -93,11 +96,14 @@ class Augment:
     flip: bool = False
     erasing: float = 0.0  # probability of random erasing per image; 0 = off
     fill: float = 0.0  # value of padded pixels: black after normalisation
+    alternate: bool = False  # flip: each image mirrored in every other epoch, from a random first epoch
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def __call__(
+        self, images: torch.Tensor, generator: torch.Generator, flips: torch.Tensor | None = None
+    ) -> torch.Tensor:
         images = random_crop(images, generator, self.crop_padding, self.fill)
         if self.flip:
-            images = flip(images, generator)
+            images = flip(images, generator, mask=flips)
         if self.erasing > 0:
             images = random_erasing(images, generator, self.erasing)
         return images
@@ -146,6 +152,10 @@ class TensorLoader:
         self.fill = float(((0 - mean_t) / std_t).flatten()[0])
         if augment is not None:
             augment.fill = self.fill
+        # alternating flips: a seeded coin per image for the first epoch (salt -1: no epoch's), the opposite next
+        self.first_flips = None
+        if train and augment is not None and augment.flip and augment.alternate:
+            self.first_flips = (torch.rand(len(labels), generator=self._generator(-1)) < 0.5).to(self.device)
         if batch_size % world_size:
             raise ValueError(f"batch size {batch_size} is not divisible by world size {world_size}")
 
@@ -181,7 +191,8 @@ class TensorLoader:
                 idx = idx[self.rank :: self.world_size]  # evaluation: every example once over all ranks
             x = self.images[idx]
             if self.train and self.augment is not None:
-                x = self.augment(x, self._generator(self.epoch, b, self.rank))
+                flips = None if self.first_flips is None else self.first_flips[idx] ^ bool(self.epoch % 2)
+                x = self.augment(x, self._generator(self.epoch, b, self.rank), flips)
             yield resize(x, self.resize), self.labels[idx]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

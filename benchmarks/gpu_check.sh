@@ -15,7 +15,7 @@
 #   profile-sprint the same for sprint.yaml (profile-sprint.json) [21 s]
 #   layout         benchmarks/zeropad_layout.py: ResNet-20's zero-pad shortcut before and after d841b80 (layout.json)
 #   sprint         configs/sprint.yaml: time to 0.94 test accuracy (goal < 10 s of training) [22 s at width 32;
-#                  width 64 since session 24, not yet run on a GPU]
+#                  width 64 since session 24 and alternating flips since session 28, not yet run on a GPU]
 #   best           configs/best.yaml for as many of (100, 80, 60) epochs as fit at EPOCH_S seconds an epoch
 #                  [session 8, 100 epochs: 240 s]; its run directory comes back as best-run.tar
 #   sprint-graphs  sprint.yaml compiled with CUDA graphs (train.compile_mode=reduce-overhead): the host's launches

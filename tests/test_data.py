@@ -207,10 +207,8 @@ def test_flip_is_an_involution_and_flips_about_half():
 
 
 def test_alternating_flip_mirrors_each_image_in_every_other_epoch():
-    n, images = (
-        120,
-        torch.randint(0, 256, (120, 1, 6, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)),
-    )
+    n, g = 120, torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 1, 6, 6), dtype=torch.uint8, generator=g)
     loader = TensorLoader(images, torch.arange(n), 24, train=True, augment=Augment(flip=True, alternate=True))
 
     def flipped(epoch: int, start: int = 0) -> dict[int, bool]:

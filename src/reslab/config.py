@@ -38,9 +38,7 @@ class DataConfig:
     normalize: bool = True  # subtract the dataset mean, divide by its std (the notebook: False, [0, 1])
     crop_padding: int = 0  # random crop after padding by this many pixels; 0 = off
     flip: bool = False  # random horizontal flip
-    alternate_flip: bool = (
-        False  # with flip: mirror each image in every other epoch (airbench) instead of at random
-    )
+    alternate_flip: bool = False  # with flip: each image mirrored every other epoch (airbench)
     erasing: float = 0.0  # random erasing probability (Zhong et al. 2017); 0 = off
     classes: list[str] | None = None  # class names for idx/folder data
     split: float = 0.0  # folder data without train/ and test/: fraction held out for testing

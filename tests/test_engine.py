@@ -1,3 +1,4 @@
+import importlib
 import json
 import math
 from pathlib import Path
@@ -92,6 +93,8 @@ def test_run_directory_contract(tiny_data, tmp_path):
         "images_per_sec",
         "epoch_seconds",
         "world_size",
+        "grad_norm",
+        "grad_norm_max",
     }
     assert all(keys <= set(r) for r in rows)
     saved = json.loads((out / "summary.json").read_text())
@@ -714,6 +717,37 @@ def test_train_step_reports_the_gradient_norm_and_clips_only_to_a_finite_limit(c
     after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in net.parameters()])).item()
     assert norm > 0.1  # the norm before clipping
     assert after == pytest.approx(norm if math.isinf(clip) else clip, rel=1e-4)
+
+
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+def test_each_epoch_reports_its_steps_gradient_norms(tiny_data, tmp_path, monkeypatch, clip):
+    fit_mod = importlib.import_module("reslab.engine.fit")  # the module, not the function reslab.engine.fit
+    step, norms = fit_mod.train_step, []
+
+    def spy(*args, **kwargs):
+        stats = step(*args, **kwargs)
+        norms.append(stats[1].item())
+        return stats
+
+    monkeypatch.setattr(fit_mod, "train_step", spy)
+    fit(tiny_cfg(tiny_data, **{"train.epochs": 2, "optim.grad_clip": clip}), tmp_path / "run", quiet=True)
+    rows, steps = read_metrics(tmp_path / "run"), len(norms) // 2  # 8 steps an epoch
+    for row, epoch in zip(rows, (norms[:steps], norms[steps:])):
+        assert row["grad_norm"] == pytest.approx(sum(epoch) / steps) and row["grad_norm_max"] == max(epoch)
+        if clip:  # the share of steps whose norm the clip cut
+            assert row["clipped"] == sum(n > clip for n in epoch) / steps
+        else:
+            assert "clipped" not in row
+    assert fit_mod.epoch_sums([1.0, 2.0, 3.0, 4.0]) == [
+        1.0,
+        2.0,
+        3.0,
+        4.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+    ]  # an old checkpoint
 
 
 @pytest.mark.slow

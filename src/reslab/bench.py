@@ -22,7 +22,7 @@ from .engine.checkpoint import make_file_dir, write_text
 from .engine.host import keep_freed_memory
 from .engine.optim import make_optimizer
 from .engine.precision import autocast, bf16_native, resolve_device, resolve_precision
-from .engine.run import speed_up
+from .engine.run import epoch_sums, speed_up
 from .errors import ReslabError
 from .models import build_model, summary
 from .studies.common import machine
@@ -217,7 +217,7 @@ def engine_overhead(
             step()
 
     def engine_epoch():
-        run.batch, run.sums = 0, [0.0, 0.0, 0.0, 0.0]
+        run.batch, run.sums = 0, epoch_sums()
         train_one_epoch(run, next(epochs))
 
     times = paired({"bare": bare_epoch, "engine": engine_epoch}, rounds, warmup=1, device=device)

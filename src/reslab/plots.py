@@ -21,12 +21,15 @@ def save(fig, path: str | Path) -> None:
 
 
 def curves(history: list[dict], path: str | Path, title: str = "", train_note: str = "") -> None:
-    """Loss and accuracy per epoch, training and test, side by side. train_note says how the training loss
-    differs from the test loss (e.g. label smoothing)."""
+    """Loss and accuracy per epoch, training and test, side by side, then the training steps' gradient norm
+    where the history has it. train_note says how the training loss differs from the test loss (e.g. label
+    smoothing)."""
     epochs = [h["epoch"] for h in history]
     shown = tested(history)  # every epoch unless train.eval_every > 1
     tested_epochs = [h["epoch"] for h in shown]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    normed = [h for h in history if "grad_norm" in h]  # runs from before reslab kept it have none
+    fig, axes = plt.subplots(1, 3 if normed else 2, figsize=(15 if normed else 10, 4))
+    ax_loss, ax_acc = axes[:2]
     ax_loss.plot(
         epochs,
         [h["train_loss"] for h in history],
@@ -48,7 +51,14 @@ def curves(history: list[dict], path: str | Path, title: str = "", train_note: s
             fontsize=8,
         )
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
-    for ax in (ax_loss, ax_acc):
+    if normed:
+        ax_norm, normed_epochs = axes[2], [h["epoch"] for h in normed]
+        ax_norm.plot(normed_epochs, [h["grad_norm"] for h in normed], "o-", label="mean of the steps")
+        ax_norm.plot(normed_epochs, [h["grad_norm_max"] for h in normed], "^--", label="largest step")
+        ax_norm.set(
+            xlabel="epoch", ylabel="global L2 norm, before clipping", title="gradient norm", yscale="log"
+        )
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
         if len(epochs) <= 20:

@@ -23,7 +23,7 @@ from .. import faults
 from ..config import Config
 from ..errors import ReslabError
 from . import checkpoint, dist, guard
-from .run import Run, prepare, restore, restore_training_state, save, snapshot, state_of
+from .run import Run, epoch_sums, prepare, restore, restore_training_state, save, snapshot, state_of
 from .schedule import lr_at
 from .steps import check_steps, evaluate, loss_fn, train_step
 
@@ -51,10 +51,16 @@ def settle(run: Run) -> None:
         rows = torch.stack([stats for _, _, stats in pending]).tolist()
     else:
         rows = check_steps([(s, t) for s, _, t in pending], run.device, run.ctx, run.scaler is None)
-    for (_, images, _), (loss, _, correct) in zip(pending, rows):
-        run.sums[0] += loss * images
-        run.sums[1] += correct
-        run.sums[2] += images
+    clip, sums = run.cfg.optim.grad_clip, run.sums
+    for (_, images, _), (loss, norm, correct) in zip(pending, rows):
+        sums[0] += loss * images
+        sums[1] += correct
+        sums[2] += images
+        if math.isfinite(norm):  # fp16: a step the gradient scaler skipped has an infinite norm
+            sums[4] += norm
+            sums[5] += 1
+            sums[6] = max(sums[6], norm)
+            sums[7] += 0 < clip < norm
 
 
 def train_one_epoch(run: Run, epoch: int, on_step=None) -> dict:
@@ -107,13 +113,19 @@ def train_one_epoch(run: Run, epoch: int, on_step=None) -> dict:
     settle(run)
     run.sums[3] += time.perf_counter() - start
     bar.close()
-    loss_sum, correct, count, seconds = dist.all_reduce_sum(run.sums[:3], run.device, run.ctx) + run.sums[3:]
-    return {
+    loss_sum, correct, count = dist.all_reduce_sum(run.sums[:3], run.device, run.ctx)
+    seconds, norm_sum, norms, norm_max, clipped = run.sums[3:]  # the gradient norm is the same on every rank
+    metrics = {
         "train_loss": loss_sum / count,
         "train_acc": correct / count,
         "images_per_sec": count / max(seconds, 1e-9),
         "train_seconds": seconds,
     }
+    if norms:
+        metrics |= {"grad_norm": norm_sum / norms, "grad_norm_max": norm_max}
+        if cfg.optim.grad_clip > 0:
+            metrics["clipped"] = clipped / norms
+    return metrics
 
 
 # ------------------------------------------------------------------------------------------- the run
@@ -248,7 +260,7 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
                 continue
             run.guard.retries = 0
             run.history.append(metrics)
-            run.epoch, run.batch, run.sums = epoch + 1, 0, [0.0, 0.0, 0.0, 0.0]
+            run.epoch, run.batch, run.sums = epoch + 1, 0, epoch_sums()
             saved = state_of(run)
             save(run, "last.pt", saved)
             faults.reached("after-checkpoint")
@@ -301,6 +313,7 @@ def _train_and_evaluate(run: Run, epoch: int, step_hook) -> dict:
         "images_per_sec": train_m["images_per_sec"],
         "epoch_seconds": train_m["train_seconds"] + time.perf_counter() - start,
         "world_size": run.ctx.world_size,
+        **{k: train_m[k] for k in ("grad_norm", "grad_norm_max", "clipped") if k in train_m},
     }
 
 

@@ -22,6 +22,13 @@ from .precision import resolve_device, resolve_precision
 from .warm_start import warm_start
 
 
+def epoch_sums(saved: list[float] = ()) -> list[float]:
+    """The running sums of an epoch: loss x images, correct, images, seconds, then the steps' gradient norms
+    (sum, number of finite ones, maximum, number above the clip). A checkpoint from before the gradient norms
+    were kept holds the first four."""
+    return [*saved, *[0.0] * (8 - len(saved))]
+
+
 @dataclass
 class Run:
     """Everything alive during one training run."""
@@ -45,7 +52,7 @@ class Run:
     history: list[dict] = field(default_factory=list)
     epoch: int = 0  # completed epochs
     batch: int = 0  # completed batches of the current epoch (mid-epoch checkpoints)
-    sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])  # loss, correct, count, seconds
+    sums: list[float] = field(default_factory=epoch_sums)  # the epoch so far: see epoch_sums
     guard_every: int = 1  # steps between host checks (train.guard_every resolved for the device)
     pending: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (step, images, stats) unread
     interrupted: int = 0  # the signal (SIGINT, SIGTERM) that asked the run to stop; 0: none
@@ -203,7 +210,7 @@ def restore_training_state(run: Run, state: dict) -> None:
     torch.set_rng_state(state["rng"])
     if state.get("cuda_rng") and run.device.type == "cuda":
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    run.batch, run.sums = state["batch"], list(state["sums"])  # a copy: the epoch adds to run.sums in place
+    run.batch, run.sums = state["batch"], epoch_sums(state["sums"])  # a copy: the epoch adds to it in place
     run.pending = []
 
 

@@ -2,8 +2,18 @@ import pytest
 import torch
 from torch import nn
 
+from reslab.cli import main
 from reslab.errors import ReslabError
-from reslab.models import ORDERS, ResidualUnit, build_model, count_params, list_models, model_options, summary
+from reslab.models import (
+    ORDERS,
+    ResidualUnit,
+    build_model,
+    count_params,
+    input_size,
+    list_models,
+    model_options,
+    summary,
+)
 
 # full-size ImageNet-style and very deep nets get a smaller input; every model must run forward and backward
 SLOW_MODELS = {"resnet1202", "preact-resnet1001", "wrn-28-10"}
@@ -159,6 +169,16 @@ def test_summary_rows_match_the_notebook():
     assert sum(r.params for r in rows) == 11_178_378
     # ResNet-18 at 224 px is about 1.8 GMACs for 3 channels; 1 channel saves a little in the stem
     assert 3.3e9 < sum(r.flops for r in rows) < 3.7e9
+
+
+def test_summary_defaults_to_the_size_each_model_is_built_for(capsys):
+    """`reslab summary MODEL` without --input: a CIFAR-style net at Fashion-MNIST's 28 px, where its FLOPs are
+    the ones training pays, the notebook's at the seed recipe's 96, ImageNet-style at 224."""
+    for name, side, last_map in (("resnet20", 28, 7), ("d2l-resnet18", 96, 3), ("resnet18", 224, 7)):
+        assert main(["summary", name]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"{name}, input 1,1,{side},{side}\n") and f", {last_map}, {last_map})" in out
+    assert input_size("wrn-40-4") == 28 and input_size("plain110") == 28 and input_size("plain34") == 224
 
 
 def test_bad_names_and_options_list_the_choices():

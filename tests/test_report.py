@@ -218,6 +218,15 @@ def test_cli_export_notes_that_torchscript_is_deprecated(trained, tmp_path, caps
         assert ("note: PyTorch deprecates TorchScript; a .pt2 file" in out) == noted
 
 
+def test_cli_onnx_export_says_one_line(trained, tmp_path, capfd):
+    """torch's exporter prints its progress and warns of operators and calls of its own; none of it reaches
+    the user, whose terminal shows the one line that names the file."""
+    pytest.importorskip("onnx")
+    assert main(["export", str(trained), "--out", str(tmp_path / "m.onnx")]) == 0
+    out, err = capfd.readouterr()
+    assert (out, err) == (f"wrote {tmp_path / 'm.onnx'}\n", "")
+
+
 def test_folder_dataset_round_trip(tmp_path):
     images, labels = make_images(120, 0)
     names = ["alpha", "beta", "gamma"]

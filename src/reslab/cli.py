@@ -87,8 +87,11 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from .models import build_model, summary
+    from .models import build_model, input_size, summary
 
+    if args.input is None:
+        side = input_size(args.model)
+        args.input = f"1,1,{side},{side}"
     try:
         shape = tuple(int(s) for s in args.input.split(","))
     except ValueError:
@@ -98,6 +101,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     if len(shape) != 4 or min(shape) < 1:
         raise ReslabError(f"--input {args.input!r}: expected 4 positive sizes N,C,H,W like 1,1,224,224")
     model = build_model(args.model, shape[1], args.num_classes)
+    print(f"{args.model}, input {args.input}")
     try:
         summary(model, shape)
     except RuntimeError as e:
@@ -239,7 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("summary", help="layer table of a model: output shapes, parameters, FLOPs")
     p.add_argument("model")
-    p.add_argument("--input", default="1,1,224,224", help="input shape N,C,H,W (default 1,1,224,224)")
+    p.add_argument(
+        "--input",
+        help="input shape N,C,H,W (default: one gray image of the size the model is built for: 28 px, 96 for "
+        "d2l-resnet18, 224 for the ImageNet-style ResNets)",
+    )
     p.add_argument("--num-classes", type=int, default=10)
     p.set_defaults(func=cmd_summary)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -236,14 +237,25 @@ def export(path: str | Path, fmt: str | None, out: str | Path) -> Path:
             import onnx  # noqa: F401
         except ImportError:
             raise ReslabError("ONNX export needs the export extra: pip install 'reslab[export]'") from None
-        program = torch.onnx.export(
-            model,
-            (example,),
-            input_names=["images"],
-            output_names=["logits"],
-            dynamic_shapes=batch,
-            dynamo=True,
-        )
+        # torch 2.13's exporter prints its progress, warns of torchvision's operators (not installed here: it has
+        # none of them) and of a deprecated pytree call of its own; the CLI says "wrote FILE" and nothing else
+        registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+        level = registration.level
+        registration.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "`isinstance\\(treespec, LeafSpec\\)`", FutureWarning)
+                program = torch.onnx.export(
+                    model,
+                    (example,),
+                    input_names=["images"],
+                    output_names=["logits"],
+                    dynamic_shapes=batch,
+                    dynamo=True,
+                    verbose=False,
+                )
+        finally:
+            registration.setLevel(level)
         buffer.write(program.model_proto.SerializeToString())
     checkpoint.write_bytes(out, buffer.getvalue())
     return out

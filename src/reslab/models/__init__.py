@@ -2,7 +2,7 @@
 
 from .blocks import ORDERS, SHORTCUTS, ResidualUnit, ZeroPadShortcut
 from .nets import cifar_resnet, d2l_resnet18, imagenet_resnet, init_weights, make_stage, wide_resnet
-from .registry import build_model, check_options, count_params, list_models, model_options
+from .registry import build_model, check_options, count_params, input_size, list_models, model_options
 from .summary import summary
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "d2l_resnet18",
     "imagenet_resnet",
     "init_weights",
+    "input_size",
     "list_models",
     "make_stage",
     "model_options",

@@ -105,5 +105,11 @@ def build_model(name: str, in_channels: int = 1, num_classes: int = 10, **option
     return _get(name)(in_channels=in_channels, num_classes=num_classes, **options)
 
 
+def input_size(name: str) -> int:
+    """The image side a model is built for here: 224 for the ImageNet-style nets, 96 for the notebook's (seed.yaml
+    resizes Fashion-MNIST to it), 28 (Fashion-MNIST's own) for the CIFAR-style and wide nets."""
+    return {imagenet_resnet: 224, d2l_resnet18: 96}.get(_unwrap(name)[0], 28)
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -181,6 +181,27 @@ def test_summary_defaults_to_the_size_each_model_is_built_for(capsys):
     assert input_size("wrn-40-4") == 28 and input_size("plain110") == 28 and input_size("plain34") == 224
 
 
+def test_summary_of_a_recipe_builds_its_model_with_its_options(capsys):
+    """`reslab summary --config fast`: the recipe's ResNet-8 at width 32 with its first stage at 14 px (61 M training
+    FLOPs an image: 3x the forward's 20.2 M), and `--set` changes it as it would change the run."""
+    assert main(["summary", "--config", "fast"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("resnet8, width=32, first_stride=2, input 1,1,28,28\n")
+    assert "(1, 128, 4, 4)" in out and out.rstrip().endswith("297,450       20.2")
+    assert main(["summary", "--config", "seed"]) == 0  # the notebook's net at its resize, 96 px
+    assert capsys.readouterr().out.startswith("d2l-resnet18, input 1,1,96,96\n")
+    assert main(["summary", "--config", "fast", "--set", "model.options.width=64"]) == 0
+    assert "1,184,714" in capsys.readouterr().out
+    for argv, message in (
+        (["summary"], "name a MODEL or a recipe with --config"),
+        (["summary", "resnet8", "--config", "fast"], "name a MODEL or a recipe with --config"),
+        (["summary", "resnet8", "--set", "train.epochs=2"], "--set changes a recipe; use it with --config"),
+        (["summary", "--config", "fast", "--set", "model.options.colour=1"], "resnet8 has no such option"),
+    ):
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_bad_names_and_options_list_the_choices():
     with pytest.raises(ReslabError, match="choose one of: d2l-resnet18"):
         build_model("resnet19")

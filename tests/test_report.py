@@ -126,6 +126,10 @@ def test_outputs_that_cannot_be_written_and_counts_below_one_are_one_line(traine
         (["eval", str(trained), "--limit", "8", "--out", str(note)], "note.txt is a file, not a directory"),
         (["export", str(trained), "--out", str(note / "m.onnx")], "note.txt is a file, not a directory"),
         (["export", str(trained), "--out", str(tmp_path)], "is a directory; name the file to write"),
+        (
+            ["export", str(trained), "--out", str(tmp_path / "m.onxx")],
+            "cannot tell the format from the suffix",
+        ),
         (["study", "units", "--out", str(note / "u")], "cannot create directory"),
         (["eval", str(trained), "--limit", "0"], "--limit must be a positive integer, got 0"),
         (["predict", str(trained), "x.png", "--top-k", "0"], "--top-k must be a positive integer, got 0"),
@@ -138,7 +142,7 @@ def test_outputs_that_cannot_be_written_and_counts_below_one_are_one_line(traine
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, (argv, err)
-    assert note.read_text() == "keep me"
+    assert note.read_text() == "keep me" and not (tmp_path / "m.onxx").exists()
 
 
 def test_huge_image_is_refused(tmp_path):

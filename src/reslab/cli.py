@@ -87,10 +87,20 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
+    from . import config
     from .models import build_model, input_size, summary
 
+    if (args.model is None) == (args.config is None):
+        raise ReslabError("summary: name a MODEL or a recipe with --config, one of the two")
+    if args.set and args.config is None:
+        raise ReslabError("summary: --set changes a recipe; use it with --config")
+    name, options, classes, side = args.model, {}, args.num_classes, None
+    if args.config is not None:  # the recipe's model, options and resize, for Fashion-MNIST's 1 channel
+        cfg = config.load(args.config, args.set)
+        name, options, side = cfg.model.name, cfg.model.options, cfg.data.resize
+        classes = len(cfg.data.classes) if cfg.data.classes else classes
     if args.input is None:
-        side = input_size(args.model)
+        side = side or input_size(name)
         args.input = f"1,1,{side},{side}"
     try:
         shape = tuple(int(s) for s in args.input.split(","))
@@ -100,12 +110,13 @@ def cmd_summary(args: argparse.Namespace) -> int:
         ) from None
     if len(shape) != 4 or min(shape) < 1:
         raise ReslabError(f"--input {args.input!r}: expected 4 positive sizes N,C,H,W like 1,1,224,224")
-    model = build_model(args.model, shape[1], args.num_classes)
-    print(f"{args.model}, input {args.input}")
+    model = build_model(name, shape[1], classes, **options)
+    extra = "".join(f", {k}={v}" for k, v in options.items())
+    print(f"{name}{extra}, input {args.input}")
     try:
         summary(model, shape)
     except RuntimeError as e:
-        raise ReslabError(f"{args.model} cannot take input {shape}: {str(e).splitlines()[0]}") from None
+        raise ReslabError(f"{name} cannot take input {shape}: {str(e).splitlines()[0]}") from None
     return 0
 
 
@@ -180,7 +191,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     path = export(args.checkpoint, args.format, args.out)
     print(f"wrote {path}")
-    if (args.format or SUFFIX_FORMATS.get(path.suffix)) == "torchscript":
+    if (args.format or SUFFIX_FORMATS.get(path.suffix.lower())) == "torchscript":
         print("note: PyTorch deprecates TorchScript; a .pt2 file (torch.export) is the format it recommends")
     return 0
 
@@ -242,7 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("summary", help="layer table of a model: output shapes, parameters, FLOPs")
-    p.add_argument("model")
+    p.add_argument("model", nargs="?", help="a registered model (see `reslab models`)")
+    p.add_argument("--config", help="or a recipe's model with its options and resize: a YAML file or a name")
+    p.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="with --config: dotted overrides"
+    )
     p.add_argument(
         "--input",
         help="input shape N,C,H,W (default: one gray image of the size the model is built for: 28 px, 96 for "
@@ -285,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--format",
         choices=["onnx", "pt2", "torchscript"],
-        help="default: pt2 for a .pt2 --out, torchscript for .pt/.pth/.ts, else onnx",
+        help="default: by the suffix of --out: .onnx, .pt2, or .pt/.pth/.ts (torchscript)",
     )
     p.add_argument("--out", required=True, help="output file, e.g. model.onnx, model.pt2 or model.pt")
     p.set_defaults(func=cmd_export)

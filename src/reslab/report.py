@@ -207,19 +207,33 @@ def predict(path: str | Path, images: list[str], top_k: int = 1, invert: bool = 
 
 # ------------------------------------------------------------------------------------------- export
 FORMATS = ("onnx", "pt2", "torchscript")
-SUFFIX_FORMATS = {".pt2": "pt2", ".pt": "torchscript", ".pth": "torchscript", ".ts": "torchscript"}
+SUFFIX_FORMATS = {
+    ".onnx": "onnx",
+    ".pt2": "pt2",
+    ".pt": "torchscript",
+    ".pth": "torchscript",
+    ".ts": "torchscript",
+}
 
 
 def export(path: str | Path, fmt: str | None, out: str | Path) -> Path:
     """Write the model as ONNX (opset 18), a torch.export program (.pt2: `torch.export.load(f).module()`) or
     TorchScript, each with a dynamic batch; the input is normalised images of the model's input size, (N, C, H, W).
-    Without `fmt` the suffix chooses: .pt2 a torch.export program, .pt, .pth or .ts TorchScript, any other ONNX.
+    Without `fmt` the suffix chooses: .onnx ONNX, .pt2 a torch.export program, .pt, .pth or .ts TorchScript; any
+    other suffix is refused (a typo must not write a file in a format its name does not say).
     The file is written whole beside `out` and then renamed over it: a failed export leaves `out` as it was."""
     out = Path(out)
-    fmt = fmt or SUFFIX_FORMATS.get(out.suffix, "onnx")
-    if fmt not in FORMATS:
+    fmt = fmt or SUFFIX_FORMATS.get(out.suffix.lower())
+    if (
+        fmt is None and not out.is_dir()
+    ):  # a directory gets make_file_dir's error, which names a file to write
+        raise ReslabError(
+            f"--out {out}: cannot tell the format from the suffix {out.suffix or '(none)'!r}; "
+            "name the file .onnx, .pt2 or .pt, or choose one with --format onnx|pt2|torchscript"
+        )
+    if fmt is not None and fmt not in FORMATS:
         raise ReslabError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
-    checkpoint.make_file_dir(out, f"model.{fmt}")
+    checkpoint.make_file_dir(out, f"model.{fmt or 'onnx'}")
     model, meta, _ = load_model(path)
     side = meta["resize"] or meta["image_size"]
     example = torch.randn(2, meta["in_channels"], side, side)

@@ -63,7 +63,7 @@ def probe_run(name: str, steps: int, every: int, sample: list) -> list[dict]:
         with contextlib.suppress(Enough):
             for epoch in range(cfg.train.epochs):
                 train_one_epoch(run, epoch, on_step)
-                run.epoch, run.batch, run.sums = epoch + 1, 0, [0.0, 0.0, 0.0, 0.0]  # as fit() goes on
+                run.finish_epoch()  # as fit() goes on
     return probes
 
 

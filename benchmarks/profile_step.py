@@ -58,7 +58,7 @@ def main() -> None:
     cfg.data.limit = cfg.train.batch_size * args.steps
     run = prepare(cfg, Path("/nonexistent"), quiet=True)
     train_one_epoch(run, 0)  # warm-up: cuDNN autotuning, allocator, momentum buffers
-    run.batch, run.sums = 0, [0.0, 0.0, 0.0, 0.0]
+    run.finish_epoch()
     engine = profiled(lambda: train_one_epoch(run, 1), run.device, args.steps)
 
     size = cfg.data.resize or run.meta["image_size"]

@@ -139,3 +139,29 @@ def test_a_late_failure_keeps_the_measurements_already_written(tmp_path, monkeyp
     assert len(saved["steps"]) == len(bench.CASES) * 2 * (2 if saved["bf16_native"] else 1)
     assert saved["engine_overhead"] == {"overhead": 0.01} and saved["data_cost"] == {"fraction": 0.02}
     assert "seed_vs_reslab" not in saved
+
+
+def test_profile_step_script_measures_the_loop_and_the_bare_steps(tiny_data, tmp_path):
+    """benchmarks/profile_step.py, which gpu_check.sh runs on a lent GPU, trains two epochs through the engine's
+    own loop: it broke once when the epoch's running sums grew and the script still reset them by hand."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    from conftest import tiny_overrides
+
+    out = tmp_path / "profile.json"
+    sets = tiny_overrides(tiny_data, **{"train.batch_size": 32})
+    script = Path(__file__).parents[1] / "benchmarks" / "profile_step.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--config", "fast", "--set", *sets, "--steps", "3", "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    for side in ("engine", "bare"):
+        assert result[side]["ms_per_step"] > 0 and result[side]["ops_per_step"] > 10
+    # the loop adds work of its own (the batch's slice, the guard's norm), never fewer operators than bare steps
+    assert result["engine"]["ops_per_step"] > result["bare"]["ops_per_step"]
+    assert "operators the loop adds" in done.stdout

@@ -13,6 +13,7 @@ from reslab.data import load_dataset, make_loaders
 from reslab.engine import checkpoint, fit
 from reslab.engine.guard import DivergenceError
 from reslab.engine.optim import EMA
+from reslab.engine.run import epoch_sums
 from reslab.engine.schedule import lr_at
 from reslab.engine.steps import predict_logits
 from reslab.errors import ReslabError
@@ -738,7 +739,7 @@ def test_each_epoch_reports_its_steps_gradient_norms(tiny_data, tmp_path, monkey
             assert row["clipped"] == sum(n > clip for n in epoch) / steps
         else:
             assert "clipped" not in row
-    assert fit_mod.epoch_sums([1.0, 2.0, 3.0, 4.0]) == [
+    assert epoch_sums([1.0, 2.0, 3.0, 4.0]) == [
         1.0,
         2.0,
         3.0,

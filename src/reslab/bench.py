@@ -4,7 +4,6 @@ measured side by side in one run; times are medians."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
 import statistics
@@ -22,7 +21,7 @@ from .engine.checkpoint import make_file_dir, write_text
 from .engine.host import keep_freed_memory
 from .engine.optim import make_optimizer
 from .engine.precision import autocast, bf16_native, resolve_device, resolve_precision
-from .engine.run import epoch_sums, speed_up
+from .engine.run import speed_up
 from .errors import ReslabError
 from .models import build_model, summary
 from .studies.common import machine
@@ -210,15 +209,13 @@ def engine_overhead(
         **cfg.model.options,
     )
 
-    epochs = itertools.count()  # the warm-up trains epoch 0, the rounds 1, 2, ...
-
     def bare_epoch():
         for _ in range(batches):
             step()
 
     def engine_epoch():
-        run.batch, run.sums = 0, epoch_sums()
-        train_one_epoch(run, next(epochs))
+        run.finish_epoch()
+        train_one_epoch(run, run.epoch)
 
     times = paired({"bare": bare_epoch, "engine": engine_epoch}, rounds, warmup=1, device=device)
     engine = [cfg.data.limit / t["engine"] for t in times]

@@ -23,7 +23,7 @@ from .. import faults
 from ..config import Config
 from ..errors import ReslabError
 from . import checkpoint, dist, guard
-from .run import Run, epoch_sums, prepare, restore, restore_training_state, save, snapshot, state_of
+from .run import Run, prepare, restore, restore_training_state, save, snapshot, state_of
 from .schedule import lr_at
 from .steps import check_steps, evaluate, loss_fn, train_step
 
@@ -260,7 +260,7 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
                 continue
             run.guard.retries = 0
             run.history.append(metrics)
-            run.epoch, run.batch, run.sums = epoch + 1, 0, epoch_sums()
+            run.finish_epoch()
             saved = state_of(run)
             save(run, "last.pt", saved)
             faults.reached("after-checkpoint")

@@ -58,6 +58,10 @@ class Run:
     interrupted: int = 0  # the signal (SIGINT, SIGTERM) that asked the run to stop; 0: none
     init: str = ""  # what model.init loaded, for the log
 
+    def finish_epoch(self) -> None:
+        """Count the epoch in progress as done: the next one starts at its first batch, with fresh sums."""
+        self.epoch, self.batch, self.sums = self.epoch + 1, 0, epoch_sums()
+
     @property
     def steps_per_epoch(self) -> int:
         return len(self.train_loader)

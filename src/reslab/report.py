@@ -224,11 +224,11 @@ def export(path: str | Path, fmt: str | None, out: str | Path) -> Path:
     The file is written whole beside `out` and then renamed over it: a failed export leaves `out` as it was."""
     out = Path(out)
     fmt = fmt or SUFFIX_FORMATS.get(out.suffix.lower())
-    if (
-        fmt is None and not out.is_dir()
-    ):  # a directory gets make_file_dir's error, which names a file to write
+    # (a directory gets make_file_dir's error instead, which suggests a file name)
+    if fmt is None and not out.is_dir():
         raise ReslabError(
-            f"--out {out}: cannot tell the format from the suffix {out.suffix or '(none)'!r}; "
+            f"--out {out}: cannot tell the format from "
+            f"{f'the suffix {out.suffix!r}' if out.suffix else 'a name without a suffix'}; "
             "name the file .onnx, .pt2 or .pt, or choose one with --format onnx|pt2|torchscript"
         )
     if fmt is not None and fmt not in FORMATS:

@@ -187,11 +187,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .report import SUFFIX_FORMATS, export
+    from .report import export, export_format
 
     path = export(args.checkpoint, args.format, args.out)
     print(f"wrote {path}")
-    if (args.format or SUFFIX_FORMATS.get(path.suffix.lower())) == "torchscript":
+    if export_format(path, args.format) == "torchscript":
         print("note: PyTorch deprecates TorchScript; a .pt2 file (torch.export) is the format it recommends")
     return 0
 

@@ -216,6 +216,11 @@ SUFFIX_FORMATS = {
 }
 
 
+def export_format(out: Path, fmt: str | None) -> str | None:
+    """The format `out` is written in: `fmt` if given, else the one its suffix names (None: no suffix names one)."""
+    return fmt or SUFFIX_FORMATS.get(out.suffix.lower())
+
+
 def export(path: str | Path, fmt: str | None, out: str | Path) -> Path:
     """Write the model as ONNX (opset 18), a torch.export program (.pt2: `torch.export.load(f).module()`) or
     TorchScript, each with a dynamic batch; the input is normalised images of the model's input size, (N, C, H, W).
@@ -223,7 +228,7 @@ def export(path: str | Path, fmt: str | None, out: str | Path) -> Path:
     other suffix is refused (a typo must not write a file in a format its name does not say).
     The file is written whole beside `out` and then renamed over it: a failed export leaves `out` as it was."""
     out = Path(out)
-    fmt = fmt or SUFFIX_FORMATS.get(out.suffix.lower())
+    fmt = export_format(out, fmt)
     # (a directory gets make_file_dir's error instead, which suggests a file name)
     if fmt is None and not out.is_dir():
         raise ReslabError(

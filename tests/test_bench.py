@@ -1,10 +1,14 @@
 """The benchmark's pieces on small inputs: real measurements, compared side by side in the same process."""
 
+import json
 import resource
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_overrides
 
 from reslab import bench
 from reslab.cli import main
@@ -144,12 +148,6 @@ def test_a_late_failure_keeps_the_measurements_already_written(tmp_path, monkeyp
 def test_profile_step_script_measures_the_loop_and_the_bare_steps(tiny_data, tmp_path):
     """benchmarks/profile_step.py, which gpu_check.sh runs on a lent GPU, trains two epochs through the engine's
     own loop: it broke once when the epoch's running sums grew and the script still reset them by hand."""
-    import json
-    import subprocess
-    from pathlib import Path
-
-    from conftest import tiny_overrides
-
     out = tmp_path / "profile.json"
     sets = tiny_overrides(tiny_data, **{"train.batch_size": 32})
     script = Path(__file__).parents[1] / "benchmarks" / "profile_step.py"

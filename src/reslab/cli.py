@@ -99,20 +99,17 @@ def cmd_summary(args: argparse.Namespace) -> int:
         cfg = config.load(args.config, args.set)
         name, options, side = cfg.model.name, cfg.model.options, cfg.data.resize
         classes = len(cfg.data.classes) if cfg.data.classes else classes
-    if args.input is None:
-        side = side or input_size(name)
-        args.input = f"1,1,{side},{side}"
+    side = side or input_size(name)
+    given = args.input or f"1,1,{side},{side}"
     try:
-        shape = tuple(int(s) for s in args.input.split(","))
+        shape = tuple(int(s) for s in given.split(","))
     except ValueError:
-        raise ReslabError(
-            f"--input {args.input!r}: expected comma-separated sizes like 1,1,224,224"
-        ) from None
+        raise ReslabError(f"--input {given!r}: expected comma-separated sizes like 1,1,224,224") from None
     if len(shape) != 4 or min(shape) < 1:
-        raise ReslabError(f"--input {args.input!r}: expected 4 positive sizes N,C,H,W like 1,1,224,224")
+        raise ReslabError(f"--input {given!r}: expected 4 positive sizes N,C,H,W like 1,1,224,224")
     model = build_model(name, shape[1], classes, **options)
     extra = "".join(f", {k}={v}" for k, v in options.items())
-    print(f"{name}{extra}, input {args.input}")
+    print(f"{name}{extra}, input {given}")
     try:
         summary(model, shape)
     except RuntimeError as e:

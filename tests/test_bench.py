@@ -29,8 +29,9 @@ def test_step_mfu_pairs_each_step_with_a_gemm_beside_it():
     assert s["img_s"] > 10 and s["peak_gflops"] > 1.0 and s["gemm_calls"] >= 1
     assert s["gflops"] == pytest.approx(s["img_s"] * s["train_gflop_per_image"])
     line = bench._step_line(s)  # a row of the table
+    lo, hi = 100 * min(s["mfu_runs"]), 100 * max(s["mfu_runs"])  # the rounds' spread closes the row
     assert line.startswith("| resnet8 @ 28 | fp32 channels_last | 32 |") and line.endswith(
-        f"| {100 * s['mfu']:.0f}% |"
+        f"| {100 * s['mfu']:.0f}% | {lo:.0f}% to {hi:.0f}% |"
     )
 
 
@@ -98,6 +99,7 @@ def test_seed_notebook_against_reslab_as_processes():
                 "engine_img_s": 9,
                 "bare_img_s": 10,
                 "overhead": 0.1,
+                "overhead_runs": [0.1, -0.05, 0.125],
             },
             "data_cost": {
                 "config": "c",
@@ -111,6 +113,7 @@ def test_seed_notebook_against_reslab_as_processes():
     )
     assert "Seed notebook code vs reslab" in table and "2.0% of one epoch" in table
     assert "median of 2 alternating rounds" in table
+    assert "ratios: +10.0% (rounds -5.0% to +12.5%)" in table  # how far one reading is to be trusted
 
 
 @pytest.mark.parametrize("flag", ["--seed-limit", "--seed-rounds"])

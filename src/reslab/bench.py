@@ -412,11 +412,16 @@ def run(
     return results
 
 
+def _spread(runs: list[float], fmt: str) -> str:
+    """The lowest and highest of a measurement's rounds, in percent: how far one reading is to be trusted."""
+    return f"{100 * min(runs):{fmt}}% to {100 * max(runs):{fmt}}%" if runs else ""
+
+
 def _step_line(s: dict) -> str:
     layout = "channels_last" if s["channels_last"] else "NCHW"
     return (
         f"| {s['model']} @ {s['size']} | {s['precision']} {layout} | {s['batch']} | {s['img_s']:,.0f} | "
-        f"{s['gflops']:.0f} | {s['peak_gflops']:.0f} | {100 * s['mfu']:.0f}% |"
+        f"{s['gflops']:.0f} | {s['peak_gflops']:.0f} | {100 * s['mfu']:.0f}% | {_spread(s.get('mfu_runs'), '.0f')} |"
     )
 
 
@@ -430,17 +435,18 @@ def table(results: dict) -> str:
         "",
         "MFU: the median of alternating rounds' ratios of a step to the same precision's GEMM run beside it",
         "",
-        "| model @ px | precision, layout | batch | img/s | GFLOP/s | GEMM GFLOP/s beside | MFU |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| model @ px | precision, layout | batch | img/s | GFLOP/s | GEMM GFLOP/s beside | MFU | rounds |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
         *(_step_line(s) for s in results["steps"]),
     ]
     o = results["engine_overhead"]
+    spread = _spread(o.get("overhead_runs"), "+.1f")
     lines += [
         "",
         f"Engine overhead ({o['config']}: {o['model']}, batch {o['batch']}, {o.get('precision', 'fp32')}, "
         f"{o.get('rounds', 3)} paired rounds): full epoch {o['engine_img_s']:,.0f} img/s vs bare steps "
         f"{o['bare_img_s']:,.0f} img/s (medians); overhead, the median of the rounds' ratios: "
-        f"{100 * o['overhead']:+.1f}%",
+        f"{100 * o['overhead']:+.1f}%{f' (rounds {spread})' if spread else ''}",
     ]
     d = results["data_cost"]
     lines += [

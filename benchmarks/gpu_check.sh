@@ -30,7 +30,7 @@
 # transfers included, a session does one of two plans, each call made at once after the last (a machine idle for
 # 30 s goes back, and with it what the calls left on it). Session 23 ran the short goals then 117 epochs of wrn.
 #   the short goals (~300 s est.): ONLY="tests seed seed-graphs profile-sprint sprint sprint-graphs" DEADLINE=330
-#   wrn.yaml in full (~640 s est., in two calls; needs the machine to start in ~2 min or less):
+#   wrn.yaml in full (~600 s est., in two calls; needs the machine to start in ~2 min or less):
 #     ONLY=wrn DEADLINE=590 bash benchmarks/gpu_check.sh, then ONLY=wrn DEADLINE=<budget_left_s - 60> again.
 # `ONLY=best BEST="train.epochs=N" RESERVE=0 DEADLINE=D` runs best.yaml instead, N = (D - 30) / 2.6: 2.4 s an epoch
 # measured on an H200 with test-time flip, plus ~0.2 s estimated for the 1-px shift's views. A call the budget cuts
@@ -110,8 +110,8 @@ step seed-graphs 150 "$PY" -m reslab train --config configs/seed.yaml --quiet --
 # wrn: configs/wrn.yaml's full schedule (WRN_EPOCHS, default 200) in WRN_DIR, which git ignores, so the machine
 # keeps it between two calls: a call that the DEADLINE stops saves a checkpoint (SIGTERM), and the next call, at
 # once, resumes it bit for bit. An epoch took ~3.2 s on an H200 testing every epoch (session 23), ~2.8 s estimated
-# now that wrn.yaml tests every 5th, and ~0.4 s more went to checkpoints and curves: ~640 s for 200 epochs and the
-# start-up, more than one call's 10 minutes.
+# now that wrn.yaml tests every 5th, and ~0.4 s more went to checkpoints and curves, which wrn.yaml now writes every
+# 5th epoch too (train.save_every): ~600 s for 200 epochs and the start-up, too close to one call's 10 minutes.
 # Once the run has finished, its final checkpoint is evaluated on the device (eval.json, confusion.png,
 # errors.png) and comes back with the run's files and its weights alone (fp32, ~36 MB) as wrn.tar.00, .01, ...
 # (`cat wrn.tar.* | tar -x`); until then wrn-metrics.jsonl brings its epochs so far.

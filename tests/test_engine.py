@@ -336,6 +336,30 @@ def test_mid_epoch_checkpoint_resume_is_bit_identical(tiny_data, tmp_path, guard
     assert a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
 
 
+def test_save_every_writes_last_pt_every_n_epochs_and_a_resume_replays_the_rest(tiny_data, tmp_path):
+    """train.save_every=2 writes last.pt after epochs 2 and 4 and after the last; a crash in epoch 4 resumes from
+    epoch 2's checkpoint, replays epoch 3, and ends bit for bit where a run saving every epoch ends."""
+    extra = {"train.epochs": 5, "data.flip": True}
+    fit(tiny_cfg(tiny_data, **extra), tmp_path / "a", quiet=True)
+    found = []  # the epoch last.pt holds as each epoch starts
+
+    def look(run):
+        if run.batch == 1:
+            last = tmp_path / "b" / "last.pt"
+            found.append(checkpoint.load(last)["epoch"] if last.exists() else None)
+            if run.epoch == 3:
+                raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        fit(tiny_cfg(tiny_data, **extra, **{"train.save_every": 2}), tmp_path / "b", quiet=True, on_step=look)
+    assert found == [None, None, 2, 2]
+    fit(tiny_cfg(tiny_data, **extra, **{"train.save_every": 2}), tmp_path / "b", resume=True, quiet=True)
+    a, b = checkpoint.load(tmp_path / "a" / "last.pt"), checkpoint.load(tmp_path / "b" / "last.pt")
+    assert b["epoch"] == 5 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+    assert read_metrics(tmp_path / "b")[-1]["test_acc"] == a["history"][-1]["test_acc"]
+
+
 def test_a_resume_names_its_changes_and_refuses_new_batches_mid_epoch(tiny_data, tmp_path, capsys):
     """A resume with other settings says which; one stopped mid-epoch cannot change what decides that epoch's
     batches (the seed, data.limit, the batch size): the batches it skips would not be the ones it trained on."""
@@ -475,6 +499,7 @@ def test_sizes_known_once_the_data_is_read_are_checked_before_any_write(
         (["optim.schedule=linear"], "optim.schedule"),
         (["nonsense"], "expected key=value"),
         (["train.eval_every=0"], "train.eval_every: must be > 0, got 0"),
+        (["train.save_every=0"], "train.save_every: must be > 0, got 0"),
         (["data.flip=false", "data.alternate_flip=true"], "data.alternate_flip changes how data.flip"),
     ],
 )

@@ -79,6 +79,7 @@ class TrainConfig:
     sync_bn: bool = False  # SyncBatchNorm under torchrun
     max_retries: int = 3  # divergence guard: restarts of an epoch (lr halved each time) before giving up
     on_checkpoint_error: str = "stop"  # stop | continue: what a failed checkpoint write does
+    save_every: int = 1  # write last.pt every N epochs (and after the last, and on Ctrl-C or SIGTERM)
     checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch; 0 = at epoch ends only
     # divergence guard: read loss and gradient norm every N steps; 0 = auto: 1 on the CPU (checked before each
     # update, which costs nothing there), 50 on a GPU (each read waits for it); a failed check rolls back
@@ -269,6 +270,7 @@ def validate(cfg: Config) -> None:
         positive(key, getattr(getattr(cfg, section), name), allow_zero=True)
     positive("data.crop_padding", cfg.data.crop_padding, allow_zero=True)
     positive("train.max_retries", cfg.train.max_retries, allow_zero=True)
+    positive("train.save_every", cfg.train.save_every)
     positive("train.checkpoint_every", cfg.train.checkpoint_every, allow_zero=True)
     positive("train.guard_every", cfg.train.guard_every, allow_zero=True)
     positive("train.tta_shift", cfg.train.tta_shift, allow_zero=True)

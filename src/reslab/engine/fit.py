@@ -262,8 +262,9 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
             run.history.append(metrics)
             run.finish_epoch()
             saved = state_of(run)
-            save(run, "last.pt", saved)
-            faults.reached("after-checkpoint")
+            if run.epoch % cfg.train.save_every == 0 or run.epoch == cfg.train.epochs or run.interrupted:
+                save(run, "last.pt", saved)
+                faults.reached("after-checkpoint")
             if metrics.get("test_acc", -1.0) > best:
                 best = metrics["test_acc"]
                 save(run, "best.pt", {k: v for k, v in saved.items() if k != "optimizer"})

@@ -262,7 +262,7 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
             run.history.append(metrics)
             run.finish_epoch()
             saved = state_of(run)
-            if run.epoch % cfg.train.save_every == 0 or run.epoch == cfg.train.epochs or run.interrupted:
+            if _due(run.epoch, cfg.train.save_every, cfg.train.epochs) or run.interrupted:
                 save(run, "last.pt", saved)
                 faults.reached("after-checkpoint")
             if metrics.get("test_acc", -1.0) > best:
@@ -278,6 +278,12 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
             signal.signal(s, handler)
 
 
+def _due(done: int, every: int, epochs: int) -> bool:
+    """Whether what a run does every `every` epochs and after its last of `epochs` (test, write last.pt) is due
+    once `done` epochs are done."""
+    return done % every == 0 or done == epochs
+
+
 def tested(history: list[dict]) -> list[dict]:
     """The epochs that were evaluated: with train.eval_every > 1 the others have no test_loss and test_acc."""
     return [h for h in history if "test_acc" in h]
@@ -291,7 +297,7 @@ def _train_and_evaluate(run: Run, epoch: int, step_hook) -> dict:
     eval_model = run.ema.model if run.ema is not None else run.eval_net
     start = time.perf_counter()
     test_m = {}
-    if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+    if _due(epoch + 1, cfg.train.eval_every, cfg.train.epochs):
         test_m = evaluate(
             eval_model,
             run.test_loader,

@@ -50,6 +50,7 @@ SELECT = [
     "tests/test_engine.py::test_seed_recipe_with_absurd_lr_never_writes_nan",
     "tests/test_engine.py::test_resume_after_a_crash_is_bit_identical",
     "tests/test_engine.py::test_mid_epoch_checkpoint_resume_is_bit_identical",
+    "tests/test_engine.py::test_save_every_writes_last_pt_every_n_epochs_and_a_resume_replays_the_rest",
     "tests/test_engine.py::test_a_resume_names_its_changes_and_refuses_new_batches_mid_epoch",
     "tests/test_engine.py::test_failed_checkpoint_write_keeps_the_previous_one",
     "tests/test_report.py::test_bad_image_files_give_one_clear_error",

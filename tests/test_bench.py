@@ -166,3 +166,19 @@ def test_profile_step_script_measures_the_loop_and_the_bare_steps(tiny_data, tmp
     # the loop adds work of its own (the batch's slice, the guard's norm), never fewer operators than bare steps
     assert result["engine"]["ops_per_step"] > result["bare"]["ops_per_step"]
     assert "operators the loop adds" in done.stdout
+
+
+def test_every_case_the_reliability_report_runs_exists():
+    """docs/reliability.md lists what benchmarks/reliability_report.py runs: a renamed test would drop from it."""
+    import ast
+    import importlib.util
+
+    root = Path(__file__).parents[1]
+    spec = importlib.util.spec_from_file_location("report", root / "benchmarks" / "reliability_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    for case in report.SELECT:
+        path, _, name = case.partition("::")
+        tree = ast.parse((root / path).read_text())
+        tests = {n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")}
+        assert (name in tests) if name else tests, case

@@ -22,6 +22,9 @@
 #                  are what bind this small net on a GPU [38 s]
 #   seed-graphs    the seed recipe compiled the same way: its ResNet-18 at batch 256 ran no faster as bare steps
 #                  (session 23), so its launches may bind it too [not yet run]
+#   profile-seed   profile_step.py on the seed recipe (profile-seed.json): how much of its step the GPU is busy, and
+#                  with which kernels, to tell launches from slow kernels if the graphs do not reach 40,000 img/s;
+#                  last of the short plan, so the first step a tight DEADLINE skips [not yet run]
 #   wrn            configs/wrn.yaml's 200 epochs, over two calls: the first stops at DEADLINE with a checkpoint,
 #                  the second resumes it (below) [session 23 ran 117 epochs in 453 s]
 # Writes $OUT (default ./gpu-check): results.json (everything, summarised), bench.json, profile.json, pytest.log,
@@ -29,7 +32,8 @@
 # With 15 minutes of device time, the machine's start (~30 s in session 23, 1-2 min in session 8) and the
 # transfers included, a session does one of two plans, each call made at once after the last (a machine idle for
 # 30 s goes back, and with it what the calls left on it). Session 23 ran the short goals then 117 epochs of wrn.
-#   the short goals (~300 s est.): ONLY="tests seed seed-graphs profile-sprint sprint sprint-graphs" DEADLINE=330
+#   the short goals (~320 s est.):
+#     ONLY="tests seed seed-graphs profile-sprint sprint sprint-graphs profile-seed" DEADLINE=360
 #   wrn.yaml in full (~600 s est., in two calls; needs the machine to start in ~2 min or less):
 #     ONLY=wrn DEADLINE=590 bash benchmarks/gpu_check.sh, then ONLY=wrn DEADLINE=<budget_left_s - 60> again.
 # `ONLY=best BEST="train.epochs=N" RESERVE=0 DEADLINE=D` runs best.yaml instead, N = (D - 30) / 2.6: 2.4 s an epoch
@@ -106,6 +110,8 @@ step sprint-graphs 150 "$PY" -m reslab train --config configs/sprint.yaml --quie
 	--set "${SET[@]}" train.compile=true train.compile_mode=reduce-overhead
 step seed-graphs 150 "$PY" -m reslab train --config configs/seed.yaml --quiet --out "$RUNS/seed-graphs" \
 	--set "${SET[@]}" train.compile=true train.compile_mode=reduce-overhead
+step profile-seed 60 "$PY" benchmarks/profile_step.py --config configs/seed.yaml --set "${SET[@]}" \
+	--steps "$PROFILE_STEPS" --out "$OUT/profile-seed.json"
 
 # wrn: configs/wrn.yaml's full schedule (WRN_EPOCHS, default 200) in WRN_DIR, which git ignores, so the machine
 # keeps it between two calls: a call that the DEADLINE stops saves a checkpoint (SIGTERM), and the next call, at
@@ -197,4 +203,4 @@ print(json.dumps(brief, indent=1))
 EOF
 rm -rf "$RUNS"
 grep -A20 "^GEMM peak" "$LOG" # the bench table
-grep -A18 "operators a step" "$LOG" # the profile
+grep -A34 "operators a step" "$LOG" # the profiles

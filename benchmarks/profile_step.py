@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from reslab import bench, config
@@ -25,7 +26,8 @@ from reslab.errors import ReslabError
 
 
 def profiled(fn, device: torch.device, steps: int) -> dict:
-    """Wall ms per step, operators per step and each operator's host (self CPU) ms per step, of fn() = `steps` steps."""
+    """Wall ms per step, operators per step and each operator's host (self CPU) ms per step, of fn() = `steps` steps;
+    on a GPU also each kernel's device ms per step, and their sum: the device's busy time a step."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         start = time.perf_counter()
@@ -34,15 +36,20 @@ def profiled(fn, device: torch.device, steps: int) -> dict:
         seconds = time.perf_counter() - start
     ops = Counter()
     host = Counter()
+    kernels = Counter()  # device time by GPU kernel (an operator's device time is its kernels': counted once)
     for e in prof.key_averages():
         if e.key.startswith("aten::") or e.key.startswith("cuda"):
             ops[e.key] += e.count
             host[e.key] += e.self_cpu_time_total / 1000
+        if e.device_type != DeviceType.CPU:
+            kernels[e.key] += e.self_device_time_total / 1000
     return {
         "ms_per_step": 1000 * seconds / steps,
         "ops_per_step": sum(ops.values()) / steps,
         "ops": {k: ops[k] / steps for k in ops},
         "host_ms": {k: host[k] / steps for k in host},
+        "device_busy_ms": sum(kernels.values()) / steps,
+        "device_ms": {k: kernels[k] / steps for k in kernels},
     }
 
 
@@ -82,6 +89,13 @@ def main() -> None:
     )
     for name, r in (("reslab training loop", engine), ("bare steps", plain)):
         print(f"  {name:<22} {r['ms_per_step']:7.2f} ms a step, {r['ops_per_step']:6.0f} operators a step")
+        if r["device_ms"]:  # a GPU: busy near the wall time means kernel-bound, far below it host-bound
+            busy = r["device_busy_ms"]
+            print(f"  {'':<22} {busy:7.2f} ms of it the GPU was busy ({100 * busy / r['ms_per_step']:.0f}%)")
+    if plain["device_ms"]:
+        print("  the bare step's largest GPU kernels, by device ms a step:")
+        for k, v in sorted(plain["device_ms"].items(), key=lambda kv: -kv[1])[:12]:
+            print(f"    {k[:70]:<70} {v:7.2f} ms  {100 * v / plain['device_busy_ms']:5.1f}%")
     print("  the bare step's largest operators, by host ms a step:")
     for k, v in sorted(plain["host_ms"].items(), key=lambda kv: -kv[1])[:12]:
         print(f"    {k:<40} {v:7.2f} ms  {100 * v / plain['ms_per_step']:5.1f}%")

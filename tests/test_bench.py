@@ -23,10 +23,27 @@ def test_gemm_peak_and_flops_are_plausible():
     assert 1.8e9 < bench.train_flops("d2l-resnet18", 96) < 2.0e9
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_both_gemm_routes_compute_the_same_product(dtype):
+    a, b = (torch.randn(128, 128).to(dtype) for _ in range(2))
+    routes = bench.gemm_routes(a, b)
+    want = a.double() @ b.double()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for name, fn in routes.items():
+        got = fn()
+        if name == "conv1x1":  # (n/64, n, 8, 8): image, channel, row, column -> position x channel
+            got = got.permute(0, 2, 3, 1).reshape(128, 128)
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * 128**0.5, msg=name)
+    with pytest.raises(ValueError, match="must divide by 64"):
+        bench.gemm_routes(torch.ones(100, 100), torch.ones(100, 100))
+    assert bench.gemm_route(dtype, n=128)[0] in routes
+
+
 def test_step_mfu_pairs_each_step_with_a_gemm_beside_it():
     s = bench.step_mfu("resnet8", 28, 32, "fp32", rounds=3, n=256)
     assert len(s["mfu_runs"]) == 3 and min(s["mfu_runs"]) <= s["mfu"] <= max(s["mfu_runs"])
     assert s["img_s"] > 10 and s["peak_gflops"] > 1.0 and s["gemm_calls"] >= 1
+    assert s["gemm_route"] in ("matmul", "conv1x1")
     assert s["gflops"] == pytest.approx(s["img_s"] * s["train_gflop_per_image"])
     line = bench._step_line(s)  # a row of the table
     lo, hi = 100 * min(s["mfu_runs"]), 100 * max(s["mfu_runs"])  # the rounds' spread closes the row

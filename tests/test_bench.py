@@ -17,7 +17,8 @@ from reslab.engine.precision import resolve_precision
 
 
 def test_gemm_peak_and_flops_are_plausible():
-    assert bench.gemm_peak(__import__("torch").float32, n=256, repeats=2) > 1.0  # GFLOP/s
+    gflops, route = bench.gemm_peak(torch.float32, n=256, repeats=2)
+    assert gflops > 1.0 and route in ("matmul", "conv1x1")
     # per training image (forward x 3): ResNet-20 at 28 px 0.19 GFLOP, the notebook's ResNet-18 at 96 px 1.90
     assert 0.17e9 < bench.train_flops("resnet20", 28) < 0.20e9
     assert 1.8e9 < bench.train_flops("d2l-resnet18", 96) < 2.0e9
@@ -37,6 +38,37 @@ def test_both_gemm_routes_compute_the_same_product(dtype):
     with pytest.raises(ValueError, match="must divide by 64"):
         bench.gemm_routes(torch.ones(100, 100), torch.ones(100, 100))
     assert bench.gemm_route(dtype, n=128)[0] in routes
+
+
+def test_the_table_names_each_peak_route_and_reads_files_without_one():
+    results = {
+        "gemm_gflops": {"fp32": 386.4, "bf16": 808.0},
+        "gemm_route": {"fp32": "conv1x1", "bf16": "matmul"},
+        "bf16_native": True,
+        "steps": [],
+        "engine_overhead": {
+            "config": "c",
+            "model": "m",
+            "batch": 1,
+            "engine_img_s": 9,
+            "bare_img_s": 10,
+            "overhead": 0.1,
+        },
+        "data_cost": {
+            "config": "c",
+            "load_seconds": 1,
+            "batches_seconds": 1,
+            "model_epoch_seconds": 100,
+            "fraction": 0.02,
+        },
+    }
+    head = bench.table(results).splitlines()[0]
+    assert (
+        head
+        == "GEMM peak at the start of this run (CPU): 386 GFLOP/s fp32 (conv1x1), 808.0 GFLOP/s bf16 (matmul)"
+    )
+    del results["gemm_route"]  # a file written before the routes
+    assert bench.table(results).splitlines()[0].endswith("386 GFLOP/s fp32, 808.0 GFLOP/s bf16")
 
 
 def test_step_mfu_pairs_each_step_with_a_gemm_beside_it():
@@ -144,7 +176,7 @@ def test_a_late_failure_keeps_the_measurements_already_written(tmp_path, monkeyp
     leaves every step, the engine overhead and the data cost in the file."""
     import json
 
-    monkeypatch.setattr(bench, "gemm_peak", lambda dtype, **kw: 100.0)
+    monkeypatch.setattr(bench, "gemm_peak", lambda dtype, **kw: (100.0, "matmul"))
     monkeypatch.setattr(
         bench, "step_mfu", lambda name, size, batch, precision, cl, *a: {"model": name, "cl": cl}
     )

@@ -76,8 +76,8 @@ def gemm_route(
     """The faster of two routes to the same (n x n) by (n x n) product, 2 n^3 FLOPs: `matmul` (BLAS: MKL on a
     CPU, cuBLAS) and `conv1x1`, a 1x1 convolution of n channels over n positions in channels_last (oneDNN on a CPU,
     cuDNN), the library the models' convolutions run in. On machine D (AMD, full-width AVX-512) MKL's fp32
-    matmul reached ~180 GFLOP/s while the models' fp32 convolutions ran at up to 270: a peak from `matmul` alone
-    read an MFU of 156%. The name of the route comes back with a function that runs it once."""
+    matmul reached 180 GFLOP/s and oneDNN's 1x1 convolution 386: a peak from `matmul` alone read fp32 MFUs of up
+    to 156%. The name of the route comes back with a function that runs it once."""
     routes = gemm_routes(*(torch.randn(n, n, dtype=dtype, device=device) for _ in range(2)))
     name = min(routes, key=lambda k: _median_time(routes[k], 3, warmup=1, device=device))
     return name, routes[name]
@@ -96,10 +96,13 @@ def gemm_routes(a: torch.Tensor, b: torch.Tensor) -> dict[str, Callable[[], torc
     return {"matmul": lambda: a @ b, "conv1x1": lambda: nn.functional.conv2d(x, w)}
 
 
-def gemm_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5, device: torch.device = CPU) -> float:
-    """GFLOP/s of an n x n matrix multiply by its faster route (`gemm_route`), the ceiling MFU is measured
-    against."""
-    return 2 * n**3 / _median_time(gemm_route(dtype, n, device)[1], repeats, device=device) / 1e9
+def gemm_peak(
+    dtype: torch.dtype, n: int = 2048, repeats: int = 5, device: torch.device = CPU
+) -> tuple[float, str]:
+    """GFLOP/s of an n x n matrix multiply by its faster route, the ceiling MFU is measured against, and the
+    route's name (`gemm_route`)."""
+    route, product = gemm_route(dtype, n, device)
+    return 2 * n**3 / _median_time(product, repeats, device=device) / 1e9, route
 
 
 def train_flops(name: str, size: int) -> float:
@@ -404,13 +407,15 @@ def run(
         torch.backends.cudnn.benchmark = True  # as training does on a GPU
     bf16_ok = bf16_native(dev)
     n = 8192 if gpu else 2048
-    peaks = {"fp32": gemm_peak(torch.float32, n=n, device=dev)}
-    peaks["bf16"] = gemm_peak(torch.bfloat16, n=n if bf16_ok else 256, repeats=3, device=dev)
+    peaks, routes = {}, {}
+    peaks["fp32"], routes["fp32"] = gemm_peak(torch.float32, n=n, device=dev)
+    peaks["bf16"], routes["bf16"] = gemm_peak(torch.bfloat16, n=n if bf16_ok else 256, repeats=3, device=dev)
     results = {
         "machine": machine(),
         "device": dev.type,
         "bf16_native": bf16_ok,
         "gemm_gflops": peaks,
+        "gemm_route": routes,
         "steps": [],
     }
     precisions = ["fp32", "bf16"] if bf16_ok else ["fp32"]
@@ -455,10 +460,13 @@ def _step_line(s: dict) -> str:
 
 def table(results: dict) -> str:
     peaks = results["gemm_gflops"]
+    routes = {
+        k: f" ({v})" for k, v in results.get("gemm_route", {}).items()
+    }  # files before session 36 have none
     where = results.get("machine", {}).get("gpu") if results.get("device") == "cuda" else "CPU"
     lines = [
-        f"GEMM peak at the start of this run ({where}): {peaks['fp32']:.0f} GFLOP/s fp32, {peaks['bf16']:.1f} GFLOP/s "
-        "bf16"
+        f"GEMM peak at the start of this run ({where}): {peaks['fp32']:.0f} GFLOP/s fp32{routes.get('fp32', '')}, "
+        f"{peaks['bf16']:.1f} GFLOP/s bf16{routes.get('bf16', '')}"
         f"{'' if results['bf16_native'] else ' (no native bf16 here: emulated)'}",
         "",
         "MFU: the median of alternating rounds' ratios of a step to the same precision's GEMM run beside it (the",

@@ -460,9 +460,8 @@ def _step_line(s: dict) -> str:
 
 def table(results: dict) -> str:
     peaks = results["gemm_gflops"]
-    routes = {
-        k: f" ({v})" for k, v in results.get("gemm_route", {}).items()
-    }  # files before session 36 have none
+    # which route gave each peak; files written before session 36 do not say
+    routes = {k: f" ({v})" for k, v in results.get("gemm_route", {}).items()}
     where = results.get("machine", {}).get("gpu") if results.get("device") == "cuda" else "CPU"
     lines = [
         f"GEMM peak at the start of this run ({where}): {peaks['fp32']:.0f} GFLOP/s fp32{routes.get('fp32', '')}, "

@@ -40,28 +40,25 @@ def test_both_gemm_routes_compute_the_same_product(dtype):
     assert bench.gemm_route(dtype, n=128)[0] in routes
 
 
-def test_the_table_names_each_peak_route_and_reads_files_without_one():
-    results = {
-        "gemm_gflops": {"fp32": 386.4, "bf16": 808.0},
-        "gemm_route": {"fp32": "conv1x1", "bf16": "matmul"},
-        "bf16_native": True,
-        "steps": [],
-        "engine_overhead": {
-            "config": "c",
-            "model": "m",
-            "batch": 1,
-            "engine_img_s": 9,
-            "bare_img_s": 10,
-            "overhead": 0.1,
-        },
-        "data_cost": {
-            "config": "c",
-            "load_seconds": 1,
-            "batches_seconds": 1,
-            "model_epoch_seconds": 100,
-            "fraction": 0.02,
-        },
+def bench_results(**parts) -> dict:
+    """A bench JSON's minimal parts, for its table: no steps, made-up overhead and data cost; `parts` add or
+    replace."""
+    overhead = {"config": "c", "model": "m", "batch": 1, "engine_img_s": 9, "bare_img_s": 10, "overhead": 0.1}
+    data = {
+        "config": "c",
+        "load_seconds": 1,
+        "batches_seconds": 1,
+        "model_epoch_seconds": 100,
+        "fraction": 0.02,
     }
+    results = {"bf16_native": True, "steps": [], "engine_overhead": overhead, "data_cost": data}
+    return results | parts
+
+
+def test_the_table_names_each_peak_route_and_reads_files_without_one():
+    results = bench_results(
+        gemm_gflops={"fp32": 386.4, "bf16": 808.0}, gemm_route={"fp32": "conv1x1", "bf16": "matmul"}
+    )
     head = bench.table(results).splitlines()[0]
     assert (
         head
@@ -136,29 +133,14 @@ def test_seed_notebook_against_reslab_as_processes():
     ratios = [a / b for a, b in zip(result["seed_notebook_runs_s"], result["reslab_runs_s"])]
     assert min(ratios) <= result["speedup"] <= max(ratios)
     assert 0 <= result["seed_notebook_test_acc"] <= 1 and 0 <= result["reslab_test_acc"] <= 1
+    overhead = bench_results()["engine_overhead"] | {"overhead_runs": [0.1, -0.05, 0.125]}
     table = bench.table(
-        {
-            "gemm_gflops": {"fp32": 100.0, "bf16": 1.0},
-            "bf16_native": False,
-            "steps": [],
-            "engine_overhead": {
-                "config": "c",
-                "model": "m",
-                "batch": 1,
-                "engine_img_s": 9,
-                "bare_img_s": 10,
-                "overhead": 0.1,
-                "overhead_runs": [0.1, -0.05, 0.125],
-            },
-            "data_cost": {
-                "config": "c",
-                "load_seconds": 1,
-                "batches_seconds": 1,
-                "model_epoch_seconds": 100,
-                "fraction": 0.02,
-            },
-            "seed_vs_reslab": result,
-        }
+        bench_results(
+            gemm_gflops={"fp32": 100.0, "bf16": 1.0},
+            bf16_native=False,
+            engine_overhead=overhead,
+            seed_vs_reslab=result,
+        )
     )
     assert "Seed notebook code vs reslab" in table and "2.0% of one epoch" in table
     assert "median of 2 alternating rounds" in table

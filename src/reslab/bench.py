@@ -71,15 +71,17 @@ def _median_time(fn, repeats: int, warmup: int = 2, device: torch.device = CPU) 
 
 
 def gemm_route(
-    dtype: torch.dtype, n: int = 2048, device: torch.device = CPU
+    dtype: torch.dtype, n: int = 2048, device: torch.device = CPU, name: str | None = None
 ) -> tuple[str, Callable[[], object]]:
     """The faster of two routes to the same (n x n) by (n x n) product, 2 n^3 FLOPs: `matmul` (BLAS: MKL on a
     CPU, cuBLAS) and `conv1x1`, a 1x1 convolution of n channels over n positions in channels_last (oneDNN on a CPU,
     cuDNN), the library the models' convolutions run in. On machine D (AMD, full-width AVX-512) MKL's fp32
     matmul reached 180 GFLOP/s and oneDNN's 1x1 convolution 386: a peak from `matmul` alone read fp32 MFUs of up
-    to 156%. The name of the route comes back with a function that runs it once."""
+    to 156%. The name of the route comes back with a function that runs it once. `name` takes a route already
+    chosen (a bench run picks once, with its peak) instead of timing both again."""
     routes = gemm_routes(*(torch.randn(n, n, dtype=dtype, device=device) for _ in range(2)))
-    name = min(routes, key=lambda k: _median_time(routes[k], 3, warmup=1, device=device))
+    if name is None:
+        name = min(routes, key=lambda k: _median_time(routes[k], 3, warmup=1, device=device))
     return name, routes[name]
 
 
@@ -171,14 +173,16 @@ def step_mfu(
     rounds: int = 5,
     n: int = 2048,
     device: torch.device = CPU,
+    route: str | None = None,
 ) -> dict:
     """Bare training steps against the GEMM peak, timed back to back in alternating rounds (`paired`): one step,
-    then n x n matrix multiplies of the step's precision for about as long. The MFU is the median of the rounds'
+    then n x n matrix multiplies of the step's precision for about as long, by `route` (default: the faster of the
+    two, timed here; `gemm_route`). The MFU is the median of the rounds'
     ratios, so a machine whose speed drifts during the run (shared VMs, clocks that change with load) weighs on
     both sides of each ratio, not on the peak at the run's start and the steps minutes later."""
     step = make_step(name, size, batch, precision, channels_last, device)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    route, product = gemm_route(dtype, n, device)
+    route, product = gemm_route(dtype, n, device, route)
     reps = max(1, round(_median_time(step, 1, device=device) / _median_time(product, 1, device=device)))
 
     def gemm():
@@ -429,8 +433,11 @@ def run(
         batch = (256 if gpu else 64) if name == "d2l-resnet18" else (512 if gpu else 256)
         for precision in precisions:
             for channels_last in (False, True):
-                results["steps"].append(step_mfu(name, size, batch, precision, channels_last, rounds, n, dev))
-                print(_step_line(results["steps"][-1]), flush=True)
+                step = step_mfu(
+                    name, size, batch, precision, channels_last, rounds, n, dev, routes[precision]
+                )
+                results["steps"].append(step)
+                print(_step_line(step), flush=True)
                 keep()
     results["engine_overhead"] = engine_overhead(device=dev)
     print(f"engine overhead: {results['engine_overhead']}", flush=True)

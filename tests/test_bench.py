@@ -16,9 +16,17 @@ from reslab.engine.host import keep_freed_memory
 from reslab.engine.precision import resolve_precision
 
 
-def test_gemm_peak_and_flops_are_plausible():
-    gflops, route = bench.gemm_peak(torch.float32, n=256, repeats=2)
-    assert gflops > 1.0 and route in ("matmul", "conv1x1")
+def test_gemm_peak_is_the_faster_route_and_its_flops_over_its_median_time(monkeypatch):
+    gflops, route = bench.gemm_peak(
+        torch.float32, n=256, repeats=2
+    )  # real: any positive speed on any machine
+    assert gflops > 0 and route in ("matmul", "conv1x1")
+    # timed by a stand-in clock (the 1x1 convolution's result is 4-d): the arithmetic and the choice, exactly
+    monkeypatch.setattr(bench, "_median_time", lambda fn, *a, **k: 0.004 if fn().dim() == 4 else 0.008)
+    assert bench.gemm_peak(torch.float32, n=256, repeats=2) == (2 * 256**3 / 0.004 / 1e9, "conv1x1")
+
+
+def test_train_flops_match_the_published_costs():
     # per training image (forward x 3): ResNet-20 at 28 px 0.19 GFLOP, the notebook's ResNet-18 at 96 px 1.90
     assert 0.17e9 < bench.train_flops("resnet20", 28) < 0.20e9
     assert 1.8e9 < bench.train_flops("d2l-resnet18", 96) < 2.0e9
@@ -72,7 +80,9 @@ def test_the_table_names_each_peak_route_and_reads_files_without_one():
 def test_step_mfu_pairs_each_step_with_a_gemm_beside_it():
     s = bench.step_mfu("resnet8", 28, 32, "fp32", rounds=3, n=256)
     assert len(s["mfu_runs"]) == 3 and min(s["mfu_runs"]) <= s["mfu"] <= max(s["mfu_runs"])
-    assert s["img_s"] > 10 and s["peak_gflops"] > 1.0 and s["gemm_calls"] >= 1
+    assert (
+        s["img_s"] > 0 and s["peak_gflops"] > 0 and s["gemm_calls"] >= 1
+    )  # no floor: a busy machine is slow
     assert s["gemm_route"] in ("matmul", "conv1x1")
     assert s["gflops"] == pytest.approx(s["img_s"] * s["train_gflop_per_image"])
     line = bench._step_line(s)  # a row of the table
@@ -84,7 +94,7 @@ def test_step_mfu_pairs_each_step_with_a_gemm_beside_it():
 
 def test_step_throughput_and_engine_overhead():
     ips = bench.step_throughput("resnet8", 28, 32, "fp32", repeats=2)
-    assert ips > 10
+    assert ips > 0
     o = bench.engine_overhead(batches=4, rounds=2)
     assert o["engine_img_s"] > 0 and o["bare_img_s"] > 0 and o["model"] == "resnet8" and o["rounds"] == 2
     # measured at the precision `reslab train` runs at here: bf16 on a CPU with AVX-512 BF16, else fp32

@@ -17,9 +17,8 @@ from reslab.engine.precision import resolve_precision
 
 
 def test_gemm_peak_is_the_faster_route_and_its_flops_over_its_median_time(monkeypatch):
-    gflops, route = bench.gemm_peak(
-        torch.float32, n=256, repeats=2
-    )  # real: any positive speed on any machine
+    # real: any positive speed, as a busy machine may be slow
+    gflops, route = bench.gemm_peak(torch.float32, n=256, repeats=2)
     assert gflops > 0 and route in ("matmul", "conv1x1")
     # timed by a stand-in clock (the 1x1 convolution's result is 4-d): the arithmetic and the choice, exactly
     monkeypatch.setattr(bench, "_median_time", lambda fn, *a, **k: 0.004 if fn().dim() == 4 else 0.008)
@@ -80,9 +79,8 @@ def test_the_table_names_each_peak_route_and_reads_files_without_one():
 def test_step_mfu_pairs_each_step_with_a_gemm_beside_it():
     s = bench.step_mfu("resnet8", 28, 32, "fp32", rounds=3, n=256)
     assert len(s["mfu_runs"]) == 3 and min(s["mfu_runs"]) <= s["mfu"] <= max(s["mfu_runs"])
-    assert (
-        s["img_s"] > 0 and s["peak_gflops"] > 0 and s["gemm_calls"] >= 1
-    )  # no floor: a busy machine is slow
+    # any speed above zero: a busy machine is slow
+    assert s["img_s"] > 0 and s["peak_gflops"] > 0 and s["gemm_calls"] >= 1
     assert s["gemm_route"] in ("matmul", "conv1x1")
     assert s["gflops"] == pytest.approx(s["img_s"] * s["train_gflop_per_image"])
     line = bench._step_line(s)  # a row of the table

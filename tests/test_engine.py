@@ -730,6 +730,29 @@ def test_cpu_training_never_imports_torch_dynamo(tiny_data, tmp_path):
     assert result.stdout.strip().splitlines()[-1] == "False"
 
 
+@pytest.mark.parametrize("given", [None, "5000"])
+def test_the_command_line_shortens_openmps_busy_wait_before_torch_loads_it(given):
+    """libgomp reads GOMP_SPINCOUNT once, when torch loads it (OMP_DISPLAY_ENV makes it print what it read): the
+    command line sets reslab's value before any torch import, and keeps one the user set."""
+    import os
+    import subprocess
+    import sys
+
+    from reslab.cli import OPENMP_SPINS
+
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"} | {"OMP_DISPLAY_ENV": "VERBOSE"}
+    if given:
+        env["GOMP_SPINCOUNT"] = given
+    done = subprocess.run(
+        [sys.executable, "-m", "reslab", "summary", "resnet8"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert f"GOMP_SPINCOUNT = '{given or OPENMP_SPINS}'" in done.stderr
+
+
 @pytest.mark.parametrize("clip", [math.inf, 0.01])
 def test_train_step_reports_the_gradient_norm_and_clips_only_to_a_finite_limit(clip):
     from reslab.engine.steps import train_step

@@ -1,0 +1,114 @@
+"""`reslab train` alone and beside CPU-bound processes, under each OpenMP setting: what a shared machine costs a CPU
+run, and what `GOMP_SPINCOUNT` or fewer threads change. The other processes are pure-Python loops started in a
+session of their own with `nice 19`, as a job started from another terminal would be; where the kernel groups
+processes by session (autogroup), `nice` ranks them only within their own group, and they take a fair share of
+the CPU from the run. Variants and states alternate round by round; prints each time and the medians.
+
+Usage: .venv/bin/python benchmarks/contention.py [--variants GOMP_SPINCOUNT=300000 GOMP_SPINCOUNT=30000 ...]
+           [--hogs 1,2] [--renice-sessions] [--rounds 2] [--config configs/fast.yaml] [--set train.epochs=1 data.limit=6400]
+           [--out FILE]
+(300,000 is libgomp's default when GOMP_SPINCOUNT is unset; the reslab command line sets cli.OPENMP_SPINS.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+AUTOGROUP = Path("/proc/sys/kernel/sched_autogroup_enabled")
+
+
+def start_hogs(n: int, renice_sessions: bool) -> list[subprocess.Popen]:
+    """`n` CPU-bound Python loops, each niced and in a session of its own; with `renice_sessions`, each session's
+    autogroup niced too (`echo 19 > /proc/PID/autogroup`)."""
+    hogs = [
+        subprocess.Popen(
+            [sys.executable, "-c", "while True: pass"], start_new_session=True, preexec_fn=lambda: os.nice(19)
+        )
+        for _ in range(n)
+    ]
+    for h in hogs if renice_sessions else []:
+        Path(f"/proc/{h.pid}/autogroup").write_text("19")
+    return hogs
+
+
+def timed_run(variant: str, args: list[str], out: Path, hogs: int, renice_sessions: bool) -> float:
+    """Seconds of one whole `reslab train` process of this working tree, with the environment assignments of
+    `variant` ("GOMP_SPINCOUNT=30000 OMP_NUM_THREADS=1"), beside `hogs` CPU-bound processes."""
+    env = {**os.environ, **dict(kv.split("=", 1) for kv in variant.split()), "PYTHONPATH": str(ROOT / "src")}
+    others = start_hogs(hogs, renice_sessions)
+    try:
+        time.sleep(1 if hogs else 0)
+        start = time.perf_counter()
+        done = subprocess.run(
+            [sys.executable, "-m", "reslab", "train", *args, "--quiet", "--overwrite", "--out", str(out)],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        seconds = time.perf_counter() - start
+    finally:
+        for p in others:
+            p.kill()
+            p.wait()
+    if done.returncode:
+        sys.exit(f"contention: reslab train failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["GOMP_SPINCOUNT=300000", "GOMP_SPINCOUNT=30000", "GOMP_SPINCOUNT=30000 OMP_NUM_THREADS=1"],
+        help="environment assignments of each variant, one quoted string per variant",
+    )
+    parser.add_argument(
+        "--hogs", default="1,2", help="how many CPU-bound processes beside the run, comma-separated"
+    )
+    parser.add_argument("--renice-sessions", action="store_true", help="nice the other processes' autogroups")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--config", default=str(ROOT / "configs" / "fast.yaml"))
+    parser.add_argument("--set", nargs="*", default=["train.epochs=1", "data.limit=6400"], dest="overrides")
+    parser.add_argument("--out", help="write the numbers as JSON here")
+    args = parser.parse_args()
+    hogs = [0, *(int(n) for n in args.hogs.split(","))]
+    train_args = ["--config", args.config, "--set", *args.overrides]
+    times: dict[str, dict[int, list[float]]] = {v: {n: [] for n in hogs} for v in args.variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for n in hogs:
+                for v in args.variants:
+                    times[v][n].append(timed_run(v, train_args, Path(tmp) / "run", n, args.renice_sessions))
+                    print(f"round {r + 1}, {v}, {n} other processes: {times[v][n][-1]:.1f} s", flush=True)
+    medians = {v: {n: statistics.median(t) for n, t in by_hogs.items()} for v, by_hogs in times.items()}
+    for v, by_hogs in medians.items():
+        print(
+            f"{v}: " + ", ".join(f"{n} others {s:.1f} s ({s / by_hogs[0]:.1f}x)" for n, s in by_hogs.items())
+        )
+    if args.out:
+        result = {
+            "command": " ".join(sys.argv),
+            "machine": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "autogroup": AUTOGROUP.read_text().strip() if AUTOGROUP.exists() else None,
+            "train_args": train_args,
+            "renice_sessions": args.renice_sessions,
+            "seconds": times,
+            "medians": medians,
+        }
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -21,9 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def timed_run(src: Path, args: list[str], out: Path) -> tuple[float, list[dict]]:
-    """Seconds of one `python -m reslab train` process importing reslab from `src`, and its metrics."""
-    env = {**os.environ, "PYTHONPATH": str(src)}
+def timed_run(src: Path, args: list[str], out: Path, env: dict | None = None) -> tuple[float, list[dict]]:
+    """Seconds of one `python -m reslab train` process importing reslab from `src`, with `env` added to this
+    process's environment, and its metrics."""
+    env = {**os.environ, **(env or {}), "PYTHONPATH": str(src)}
     start = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-m", "reslab", "train", *args, "--quiet", "--out", str(out)],
@@ -34,7 +35,7 @@ def timed_run(src: Path, args: list[str], out: Path) -> tuple[float, list[dict]]
     seconds = time.perf_counter() - start
     if done.returncode:
         sys.exit(
-            f"ab_train: reslab train from {src} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
+            f"{Path(sys.argv[0]).stem}: reslab train from {src} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
         )
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return seconds, metrics

@@ -15,13 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from ab_train import timed_run  # this directory is on sys.path when a script of it runs
+
+from reslab.studies.common import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 AUTOGROUP = Path("/proc/sys/kernel/sched_autogroup_enabled")
@@ -41,28 +44,18 @@ def start_hogs(n: int, renice_sessions: bool) -> list[subprocess.Popen]:
     return hogs
 
 
-def timed_run(variant: str, args: list[str], out: Path, hogs: int, renice_sessions: bool) -> float:
+def run_beside(variant: str, args: list[str], out: Path, hogs: int, renice_sessions: bool) -> float:
     """Seconds of one whole `reslab train` process of this working tree, with the environment assignments of
     `variant` ("GOMP_SPINCOUNT=30000 OMP_NUM_THREADS=1"), beside `hogs` CPU-bound processes."""
-    env = {**os.environ, **dict(kv.split("=", 1) for kv in variant.split()), "PYTHONPATH": str(ROOT / "src")}
     others = start_hogs(hogs, renice_sessions)
     try:
         time.sleep(1 if hogs else 0)
-        start = time.perf_counter()
-        done = subprocess.run(
-            [sys.executable, "-m", "reslab", "train", *args, "--quiet", "--overwrite", "--out", str(out)],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        seconds = time.perf_counter() - start
+        env = dict(kv.split("=", 1) for kv in variant.split())
+        return timed_run(ROOT / "src", [*args, "--overwrite"], out, env)[0]
     finally:
         for p in others:
             p.kill()
             p.wait()
-    if done.returncode:
-        sys.exit(f"contention: reslab train failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
-    return seconds
 
 
 def main() -> None:
@@ -89,7 +82,7 @@ def main() -> None:
         for r in range(args.rounds):
             for n in hogs:
                 for v in args.variants:
-                    times[v][n].append(timed_run(v, train_args, Path(tmp) / "run", n, args.renice_sessions))
+                    times[v][n].append(run_beside(v, train_args, Path(tmp) / "run", n, args.renice_sessions))
                     print(f"round {r + 1}, {v}, {n} other processes: {times[v][n][-1]:.1f} s", flush=True)
     medians = {v: {n: statistics.median(t) for n, t in by_hogs.items()} for v, by_hogs in times.items()}
     for v, by_hogs in medians.items():
@@ -99,8 +92,7 @@ def main() -> None:
     if args.out:
         result = {
             "command": " ".join(sys.argv),
-            "machine": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(),
+            "machine": machine(),
             "autogroup": AUTOGROUP.read_text().strip() if AUTOGROUP.exists() else None,
             "train_args": train_args,
             "renice_sessions": args.renice_sessions,

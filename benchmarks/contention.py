@@ -2,7 +2,8 @@
 run, and what `GOMP_SPINCOUNT` or fewer threads change. The other processes are pure-Python loops started in a
 session of their own with `nice 19`, as a job started from another terminal would be; where the kernel groups
 processes by session (autogroup), `nice` ranks them only within their own group, and they take a fair share of
-the CPU from the run. Variants and states alternate round by round; prints each time and the medians.
+the CPU from the run. Variants and states alternate round by round; prints each time, the largest share of
+its threads' time an epoch waited for a CPU (metrics.jsonl's cpu_wait), and the medians.
 
 Usage: .venv/bin/python benchmarks/contention.py [--variants GOMP_SPINCOUNT=300000 GOMP_SPINCOUNT=30000 ...]
            [--hogs 1,2] [--renice-sessions] [--rounds 2] [--config configs/fast.yaml] [--set train.epochs=1 data.limit=6400]
@@ -44,14 +45,18 @@ def start_hogs(n: int, renice_sessions: bool) -> list[subprocess.Popen]:
     return hogs
 
 
-def run_beside(variant: str, args: list[str], out: Path, hogs: int, renice_sessions: bool) -> float:
+def run_beside(
+    variant: str, args: list[str], out: Path, hogs: int, renice_sessions: bool
+) -> tuple[float, float | None]:
     """Seconds of one whole `reslab train` process of this working tree, with the environment assignments of
-    `variant` ("GOMP_SPINCOUNT=30000 OMP_NUM_THREADS=1"), beside `hogs` CPU-bound processes."""
+    `variant` ("GOMP_SPINCOUNT=30000 OMP_NUM_THREADS=1"), beside `hogs` CPU-bound processes; and the largest
+    share of its threads' time an epoch spent waiting for a CPU (metrics.jsonl's cpu_wait; None before it)."""
     others = start_hogs(hogs, renice_sessions)
     try:
         time.sleep(1 if hogs else 0)
         env = dict(kv.split("=", 1) for kv in variant.split())
-        return timed_run(ROOT / "src", [*args, "--overwrite"], out, env)[0]
+        seconds, metrics = timed_run(ROOT / "src", [*args, "--overwrite"], out, env)
+        return seconds, max((m["cpu_wait"] for m in metrics if "cpu_wait" in m), default=None)
     finally:
         for p in others:
             p.kill()
@@ -78,12 +83,16 @@ def main() -> None:
     hogs = [0, *(int(n) for n in args.hogs.split(","))]
     train_args = ["--config", args.config, "--set", *args.overrides]
     times: dict[str, dict[int, list[float]]] = {v: {n: [] for n in hogs} for v in args.variants}
+    waits: dict[str, dict[int, list[float | None]]] = {v: {n: [] for n in hogs} for v in args.variants}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for n in hogs:
                 for v in args.variants:
-                    times[v][n].append(run_beside(v, train_args, Path(tmp) / "run", n, args.renice_sessions))
-                    print(f"round {r + 1}, {v}, {n} other processes: {times[v][n][-1]:.1f} s", flush=True)
+                    seconds, wait = run_beside(v, train_args, Path(tmp) / "run", n, args.renice_sessions)
+                    times[v][n].append(seconds)
+                    waits[v][n].append(wait)
+                    shown = "" if wait is None else f", waited for a CPU {wait:.1%}"
+                    print(f"round {r + 1}, {v}, {n} other processes: {seconds:.1f} s{shown}", flush=True)
     medians = {v: {n: statistics.median(t) for n, t in by_hogs.items()} for v, by_hogs in times.items()}
     for v, by_hogs in medians.items():
         print(
@@ -97,6 +106,7 @@ def main() -> None:
             "train_args": train_args,
             "renice_sessions": args.renice_sessions,
             "seconds": times,
+            "cpu_wait": waits,
             "medians": medians,
         }
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

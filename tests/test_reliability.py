@@ -10,7 +10,7 @@ import zipfile
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import tiny_overrides, without_timings
 
 from reslab.engine import checkpoint
 from reslab.engine.checkpoint import CheckpointError
@@ -40,8 +40,7 @@ def train_process(out, data, extra=(), env_extra=None, resume=False):
 def outcome(out):
     state = checkpoint.load(out / "last.pt")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    strip = [{k: v for k, v in r.items() if k not in ("images_per_sec", "epoch_seconds")} for r in rows]
-    return state["model"], state["ema"], strip
+    return state["model"], state["ema"], without_timings(rows)
 
 
 @pytest.fixture(scope="module")

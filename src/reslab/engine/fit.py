@@ -23,6 +23,7 @@ from .. import faults
 from ..config import Config
 from ..errors import ReslabError
 from . import checkpoint, dist, guard
+from .host import cpu_wait_seconds
 from .run import Run, prepare, restore, restore_training_state, save, snapshot, state_of
 from .schedule import lr_at
 from .steps import check_steps, evaluate, loss_fn, train_step
@@ -77,7 +78,7 @@ def train_one_epoch(run: Run, epoch: int, on_step=None) -> dict:
     mem = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     show = not run.quiet and run.ctx.is_main and sys.stderr.isatty()
     bar = tqdm(total=len(loader), initial=run.batch, desc=f"epoch {epoch + 1}", leave=False, disable=not show)
-    start = time.perf_counter()
+    start, waited = time.perf_counter(), cpu_wait_seconds() if run.device.type == "cpu" else None
     for b, (x, y) in enumerate(loader.batches(run.batch), run.batch):
         step = epoch * run.steps_per_epoch + b
         lr = lr_at(step, total, run.steps_per_epoch, cfg.optim) * run.guard.lr_scale
@@ -112,15 +113,21 @@ def train_one_epoch(run: Run, epoch: int, on_step=None) -> dict:
             on_step(run)
     settle(run)
     run.sums[3] += time.perf_counter() - start
+    if waited is not None and (now := cpu_wait_seconds()) is not None:
+        run.sums[8] += max(now - waited, 0.0)  # a thread that ended took its waits with it
     bar.close()
     loss_sum, correct, count = dist.all_reduce_sum(run.sums[:3], run.device, run.ctx)
-    seconds, norm_sum, norms, norm_max, clipped = run.sums[3:]  # the gradient norm is the same on every rank
+    seconds, norm_sum, norms, norm_max, clipped, wait = run.sums[
+        3:
+    ]  # the gradient norm is the same on every rank
     metrics = {
         "train_loss": loss_sum / count,
         "train_acc": correct / count,
         "images_per_sec": count / max(seconds, 1e-9),
         "train_seconds": seconds,
     }
+    if waited is not None:  # the share of the threads' time spent ready to run but kept off a CPU
+        metrics["cpu_wait"] = wait / max(seconds * torch.get_num_threads(), 1e-9)
     if norms:
         metrics |= {"grad_norm": norm_sum / norms, "grad_norm_max": norm_max}
         if cfg.optim.grad_clip > 0:
@@ -248,6 +255,7 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
     previous = {s: signal.signal(s, on_signal) for s in stops}
     faults.reached("start")
     best = max((h["test_acc"] for h in tested(run.history)), default=-1.0)
+    warned_crowded = False
     try:
         while run.epoch < cfg.train.epochs:
             epoch = run.epoch
@@ -270,12 +278,29 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
                 save(run, "best.pt", {k: v for k, v in saved.items() if k != "optimizer"})
             _write_outputs(run, draw="test_acc" in metrics)
             _log(run, _epoch_line(metrics, cfg.train.epochs))
+            if not warned_crowded and metrics.get("cpu_wait", 0.0) >= CROWDED:
+                warned_crowded = True
+                _log(run, crowded_warning(metrics), err=True)
             faults.reached("epoch-end")
             if run.interrupted:
                 raise Interrupted(run.interrupted, out)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+# the share of its threads' time an epoch on the CPU may spend waiting for a CPU before the run warns: alone it is
+# under 1%; beside one or two CPU-bound processes, 49-60%, and the epochs take 3-20x as long (BENCHMARKS.md)
+CROWDED = 0.2
+
+
+def crowded_warning(m: dict) -> str:
+    """The one-time warning of a run whose CPU other processes share (epoch metrics `m`)."""
+    return (
+        f"reslab: warning: epoch {m['epoch']}'s {torch.get_num_threads()} threads waited for a CPU "
+        f"{m['cpu_wait']:.0%} of the time: other processes are using these cores, which slows a CPU run far more "
+        'than their share (README.md, "Sharing the CPU", says what helps)'
+    )
 
 
 def _due(done: int, every: int, epochs: int) -> bool:
@@ -320,7 +345,7 @@ def _train_and_evaluate(run: Run, epoch: int, step_hook) -> dict:
         "images_per_sec": train_m["images_per_sec"],
         "epoch_seconds": train_m["train_seconds"] + time.perf_counter() - start,
         "world_size": run.ctx.world_size,
-        **{k: train_m[k] for k in ("grad_norm", "grad_norm_max", "clipped") if k in train_m},
+        **{k: train_m[k] for k in ("grad_norm", "grad_norm_max", "clipped", "cpu_wait") if k in train_m},
     }
 
 

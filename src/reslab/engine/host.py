@@ -1,4 +1,4 @@
-"""The host process's memory allocator, set for training on the CPU.
+"""The host process: its memory allocator, set for training on the CPU, and how long its threads waited for a CPU.
 
 glibc's malloc serves blocks above its mmap threshold (128 KiB, adapting up to 32 MiB) with fresh mappings and
 hands them back to the OS when they are freed; smaller freed blocks at the top of the heap are trimmed away too.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import platform
+from pathlib import Path
 
 import torch
 
@@ -45,4 +46,23 @@ def keep_freed_memory(device: torch.device) -> bool:
     return _kept
 
 
-__all__ = ["keep_freed_memory"]
+def cpu_wait_seconds() -> float | None:
+    """Seconds this process's live threads have spent ready to run but waiting for a CPU (Linux's per-thread
+    schedstat, the run-queue delay); None where the kernel does not tell. A thread that sleeps (an idle OpenMP
+    thread after its busy wait) does not wait; a thread that another process keeps off its core does."""
+    total = 0
+    try:
+        tasks = list(Path("/proc/self/task").iterdir())
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+        except FileNotFoundError:  # the thread ended since the listing
+            continue
+        except (OSError, IndexError, ValueError):
+            return None
+    return total / 1e9
+
+
+__all__ = ["cpu_wait_seconds", "keep_freed_memory"]

@@ -8,8 +8,7 @@ import sys
 import pytest
 from conftest import tiny_overrides
 
-from reslab.engine.fit import CROWDED
-from reslab.engine.host import cpu_wait_seconds
+from reslab.engine.host import CROWDED, cpu_wait_seconds
 
 pytestmark = pytest.mark.skipif(
     cpu_wait_seconds() is None, reason="the kernel does not report run-queue waits"

@@ -23,7 +23,7 @@ from .. import faults
 from ..config import Config
 from ..errors import ReslabError
 from . import checkpoint, dist, guard
-from .host import cpu_wait_seconds
+from .host import CROWDED, cpu_wait_seconds, crowded_warning
 from .run import Run, prepare, restore, restore_training_state, save, snapshot, state_of
 from .schedule import lr_at
 from .steps import check_steps, evaluate, loss_fn, train_step
@@ -287,20 +287,6 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-
-
-# the share of its threads' time an epoch on the CPU may spend waiting for a CPU before the run warns: alone it is
-# under 1%; beside one or two CPU-bound processes, 49-60%, and the epochs take 3-20x as long (BENCHMARKS.md)
-CROWDED = 0.2
-
-
-def crowded_warning(m: dict) -> str:
-    """The one-time warning of a run whose CPU other processes share (epoch metrics `m`)."""
-    return (
-        f"reslab: warning: epoch {m['epoch']}'s {torch.get_num_threads()} threads waited for a CPU "
-        f"{m['cpu_wait']:.0%} of the time: other processes are using these cores, which slows a CPU run far more "
-        'than their share (README.md, "Sharing the CPU", says what helps)'
-    )
 
 
 def _due(done: int, every: int, epochs: int) -> bool:

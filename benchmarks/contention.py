@@ -3,10 +3,11 @@ run, and what `GOMP_SPINCOUNT` or fewer threads change. The other processes are 
 session of their own with `nice 19`, as a job started from another terminal would be; where the kernel groups
 processes by session (autogroup), `nice` ranks them only within their own group, and they take a fair share of
 the CPU from the run. Variants and states alternate round by round; prints each time, the largest share of
-its threads' time an epoch waited for a CPU (metrics.jsonl's cpu_wait), and the medians.
+its threads' time an epoch waited for a CPU (metrics.jsonl's cpu_wait), and the medians. With --cpu-quota, all of it
+runs in a control group allowed that many CPUs' time, as in a container with a CPU limit.
 
 Usage: .venv/bin/python benchmarks/contention.py [--variants GOMP_SPINCOUNT=300000 GOMP_SPINCOUNT=30000 ...]
-           [--hogs 1,2] [--renice-sessions] [--rounds 2] [--config configs/fast.yaml] [--set train.epochs=1 data.limit=6400]
+           [--hogs 1,2] [--renice-sessions] [--cpu-quota CPUS] [--rounds 2] [--config configs/fast.yaml] [--set train.epochs=1 data.limit=6400]
            [--out FILE]
 (300,000 is libgomp's default when GOMP_SPINCOUNT is unset; the reslab command line sets cli.OPENMP_SPINS.)
 """
@@ -45,6 +46,24 @@ def start_hogs(n: int, renice_sessions: bool) -> list[subprocess.Popen]:
     return hogs
 
 
+def limit_cpus(cpus: float) -> None:
+    """Move this process, and so every process it starts, into a new control group allowed `cpus` CPUs' time, as a
+    container's CPU quota would (cgroup v2 or v1's cpu controller; needs root)."""
+    period = 100_000  # microseconds
+    v2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
+    group = Path("/sys/fs/cgroup" if v2 else "/sys/fs/cgroup/cpu") / "reslab-contention"
+    try:
+        group.mkdir(exist_ok=True)
+        if v2:
+            (group / "cpu.max").write_text(f"{round(cpus * period)} {period}")
+        else:
+            (group / "cpu.cfs_period_us").write_text(str(period))
+            (group / "cpu.cfs_quota_us").write_text(str(round(cpus * period)))
+        (group / "cgroup.procs").write_text(str(os.getpid()))
+    except OSError as e:
+        sys.exit(f"contention: cannot limit the CPU time with a control group at {group}: {e}")
+
+
 def run_beside(
     variant: str, args: list[str], out: Path, hogs: int, renice_sessions: bool
 ) -> tuple[float, float | None]:
@@ -72,7 +91,12 @@ def main() -> None:
         help="environment assignments of each variant, one quoted string per variant",
     )
     parser.add_argument(
-        "--hogs", default="1,2", help="how many CPU-bound processes beside the run, comma-separated"
+        "--hogs",
+        default="1,2",
+        help="how many CPU-bound processes beside the run, comma-separated (each variant also runs alone)",
+    )
+    parser.add_argument(
+        "--cpu-quota", type=float, help="run everything in a control group allowed this many CPUs' time"
     )
     parser.add_argument("--renice-sessions", action="store_true", help="nice the other processes' autogroups")
     parser.add_argument("--rounds", type=int, default=2)
@@ -80,7 +104,9 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=["train.epochs=1", "data.limit=6400"], dest="overrides")
     parser.add_argument("--out", help="write the numbers as JSON here")
     args = parser.parse_args()
-    hogs = [0, *(int(n) for n in args.hogs.split(","))]
+    hogs = sorted({0, *(int(n) for n in args.hogs.split(",") if n)})
+    if args.cpu_quota:
+        limit_cpus(args.cpu_quota)
     train_args = ["--config", args.config, "--set", *args.overrides]
     times: dict[str, dict[int, list[float]]] = {v: {n: [] for n in hogs} for v in args.variants}
     waits: dict[str, dict[int, list[float | None]]] = {v: {n: [] for n in hogs} for v in args.variants}
@@ -105,6 +131,7 @@ def main() -> None:
             "autogroup": AUTOGROUP.read_text().strip() if AUTOGROUP.exists() else None,
             "train_args": train_args,
             "renice_sessions": args.renice_sessions,
+            "cpu_quota": args.cpu_quota,
             "seconds": times,
             "cpu_wait": waits,
             "medians": medians,

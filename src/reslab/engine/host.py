@@ -66,7 +66,8 @@ def cpu_wait_seconds() -> float | None:
 
 
 # the share of its threads' time an epoch on the CPU may spend waiting for a CPU before the run warns: alone it is
-# under 1%; beside one or two CPU-bound processes, 49-59%, and the epochs take 3-12x as long (BENCHMARKS.md)
+# under 1%; beside one or two CPU-bound processes, 49-59%, and the epochs take 3-12x as long; 2 threads under a
+# 1-CPU quota, 26-35% (BENCHMARKS.md)
 CROWDED = 0.2
 
 
@@ -74,8 +75,8 @@ def crowded_warning(m: dict) -> str:
     """The one-time warning of a run whose CPU other processes share (an epoch's metrics `m`)."""
     return (
         f"reslab: warning: epoch {m['epoch']}'s {torch.get_num_threads()} threads waited for a CPU "
-        f"{m['cpu_wait']:.0%} of the time: other processes are using these cores, which slows a CPU run far more "
-        'than their share (README.md, "Sharing the CPU", says what helps)'
+        f"{m['cpu_wait']:.0%} of the time: other processes share these cores, or a CPU quota (a container's limit) "
+        'allows fewer cores than threads; README.md, "Sharing the CPU", says what helps'
     )
 
 

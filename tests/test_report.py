@@ -341,6 +341,10 @@ def test_runs_lists_each_run_directory_with_its_state(trained, tmp_path, capsys,
     (stopped / "config.yaml").write_text(
         text.replace("epochs: ", "epochs: 1").replace("init: null", "init: r0")
     )
+    history = [json.loads(line) for line in (stopped / "metrics.jsonl").read_text().splitlines()]
+    for h in history:  # its first epoch shared the CPU with another process; its threads alone waited 1%
+        h["cpu_wait"] = 0.5 if h["epoch"] == 1 else 0.01
+    (stopped / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     (tmp_path / "runs" / "broken").mkdir()
     (tmp_path / "runs" / "broken" / "config.yaml").write_text("train: [unclosed")
     (tmp_path / "runs" / "listed").mkdir()
@@ -359,12 +363,16 @@ def test_runs_lists_each_run_directory_with_its_state(trained, tmp_path, capsys,
     assert rows["stopped"]["state"] == "stopped; --resume continues it"
     assert rows["stopped"]["planned_epochs"] > rows["stopped"]["epochs"]
     assert rows["stopped"]["init"] == "r0" and rows["done"]["init"] is None
+    assert rows["stopped"]["crowded_epochs"] == 1
     assert rows["broken"]["state"].startswith("unreadable")
     assert main(["runs", str(trained)]) == 0  # a run directory itself: one row of a table
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 and lines[2].startswith(f"| {trained} | resnet8 |") and "| finished |" in lines[2]
     assert main(["runs", str(stopped)]) == 0
-    assert f"| {stopped} | resnet8 from r0 |" in capsys.readouterr().out
+    assert (
+        f"| {stopped} | resnet8 from r0 |" in (out := capsys.readouterr().out)
+        and "(CPU shared in 1 epoch) |" in out
+    )
     assert main(["runs", str(tmp_path / "nowhere")]) == 2
     assert main(["runs", str(tmp_path / "runs"), "--plot", str(tmp_path / "figs" / "cmp.png")]) == 0
     assert (tmp_path / "figs" / "cmp.png").read_bytes()[:4] == b"\x89PNG"

@@ -9,7 +9,8 @@ from pathlib import Path
 import yaml
 
 from .engine.checkpoint import lock_owner
-from .engine.fit import tested
+from .engine.fit import n_epochs, tested
+from .engine.host import CROWDED
 from .errors import ReslabError
 
 
@@ -35,8 +36,9 @@ def read_history(run: Path) -> list[dict]:
 
 def describe(run: Path) -> dict:
     """What a run directory holds: its model (and the run it started from), epochs done of those planned, last
-    and best test accuracy, training seconds, and its state (finished, stopped and resumable, training now, or
-    never checkpointed)."""
+    and best test accuracy, training seconds and how many epochs other processes slowed (their threads waited for
+    a CPU CROWDED of the time or more: the seconds say little of the recipe), and its state (finished, stopped and
+    resumable, training now, or never checkpointed)."""
     try:
         cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
         history = read_history(run)
@@ -65,6 +67,7 @@ def describe(run: Path) -> dict:
         "test_acc": scored[-1]["test_acc"] if scored else None,  # the last evaluated epoch
         "best_test_acc": max(h["test_acc"] for h in scored) if scored else None,
         "train_seconds": sum(h["epoch_seconds"] for h in history),
+        "crowded_epochs": sum(h.get("cpu_wait", 0.0) >= CROWDED for h in history),
         "state": state,
     }
 
@@ -72,6 +75,9 @@ def describe(run: Path) -> dict:
 def table(rows: list[dict]) -> str:
     def acc(value: float | None) -> str:
         return "" if value is None else f"{value:.4f}"
+
+    def shared(epochs: int) -> str:
+        return f" (CPU shared in {n_epochs(epochs)})" if epochs else ""
 
     lines = ["| run | model | epochs | test acc | best | seconds | state |", "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -81,6 +87,6 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['run']} | {r['model']}{f' from {init}' if (init := r.get('init')) else ''} | "
             f"{r['epochs']}/{r['planned_epochs']} | {acc(r['test_acc'])} | "
-            f"{acc(r['best_test_acc'])} | {r['train_seconds']:.0f} | {r['state']} |"
+            f"{acc(r['best_test_acc'])} | {r['train_seconds']:.0f}{shared(r['crowded_epochs'])} | {r['state']} |"
         )
     return "\n".join(lines)

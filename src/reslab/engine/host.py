@@ -47,17 +47,23 @@ def keep_freed_memory(device: torch.device) -> bool:
 
 
 def cpu_wait_seconds() -> float | None:
-    """Seconds this process's live threads have spent ready to run but waiting for a CPU (Linux's per-thread
-    schedstat, the run-queue delay); None where the kernel does not tell. A thread that sleeps (an idle OpenMP
-    thread after its busy wait) does not wait; a thread that another process keeps off its core does."""
+    """Seconds the threads that compute this process's operators have spent ready to run but waiting for a CPU
+    (Linux's per-thread schedstat, the run-queue delay); None where the kernel does not tell. Those threads are
+    the ones that carry the process's own name: the main thread and the OpenMP workers it starts. Threads that
+    name themselves (gloo's communication threads under torchrun) are left out: they wake while the training
+    threads hold the cores, and their waits would count a rank's own work as another process's. A thread that
+    sleeps (an idle OpenMP thread after its busy wait) does not wait; one that another process keeps off its
+    core does."""
     total = 0
     try:
+        name = Path("/proc/self/comm").read_text()
         tasks = list(Path("/proc/self/task").iterdir())
     except OSError:
         return None
     for task in tasks:
         try:
-            total += int((task / "schedstat").read_text().split()[1])
+            if (task / "comm").read_text() == name:
+                total += int((task / "schedstat").read_text().split()[1])
         except FileNotFoundError:  # the thread ended since the listing
             continue
         except (OSError, IndexError, ValueError):

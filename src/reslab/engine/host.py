@@ -72,8 +72,8 @@ def cpu_wait_seconds() -> float | None:
 
 
 # the share of its threads' time an epoch on the CPU may spend waiting for a CPU before the run warns: alone it is
-# under 1%; beside one or two CPU-bound processes, 49-59%, and the epochs take 3-12x as long; 2 threads under a
-# 1-CPU quota, 26-35% (BENCHMARKS.md)
+# under 1% (two torchrun ranks on two cores: 8-11%); beside one or two CPU-bound processes, 49-57%, and the
+# epochs take 3-14x as long; 2 threads under a 1-CPU quota, 32-37% (BENCHMARKS.md)
 CROWDED = 0.2
 
 

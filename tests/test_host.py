@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 from conftest import tiny_overrides
@@ -50,3 +51,37 @@ def test_a_cpu_run_records_its_waits_and_warns_once_when_another_process_takes_i
     # the scheduler shares the core between the two sessions: the run's thread waits about half its time
     assert all(CROWDED <= r["cpu_wait"] <= 1 for r in rows)
     assert err.count("waited") == 1 and "Sharing the CPU" in err
+
+
+def test_threads_that_name_themselves_are_not_counted():
+    """Two threads hashing on one core wait about half the time each; a thread that names itself, as gloo's
+    communication threads do under torchrun, is left out, so only the main thread's half counts."""
+    script = textwrap.dedent(
+        """
+        import ctypes, hashlib, os, threading, time
+        from pathlib import Path
+        from reslab.engine.host import cpu_wait_seconds
+
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # the threads started after it inherit it
+        data, stop = bytes(1 << 22), threading.Event()  # hashlib hashes 4 MiB without holding the GIL
+
+        def named():
+            ctypes.CDLL(None).prctl(15, b"gloo_tcp_loop")  # PR_SET_NAME
+            while not stop.is_set():
+                hashlib.sha256(data)
+
+        thread = threading.Thread(target=named)
+        thread.start()
+        waited, start = cpu_wait_seconds(), time.perf_counter()
+        while time.perf_counter() < start + 2:
+            hashlib.sha256(data)
+        ours, wall = cpu_wait_seconds() - waited, time.perf_counter() - start
+        theirs = int(Path(f"/proc/self/task/{thread.native_id}/schedstat").read_text().split()[1]) / 1e9
+        stop.set()
+        thread.join()
+        print(ours / wall, theirs / wall)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    ours, theirs = map(float, done.stdout.split())
+    assert 0.3 < ours < 0.7 and theirs > 0.3  # counting both threads would read about 1

@@ -76,6 +76,15 @@ def test_the_table_names_each_peak_route_and_reads_files_without_one():
     assert bench.table(results).splitlines()[0].endswith("386 GFLOP/s fp32, 808.0 GFLOP/s bf16")
 
 
+def test_the_table_says_when_other_processes_shared_the_cpu():
+    peaks = {"gemm_gflops": {"fp32": 386.4, "bf16": 808.0}}
+    assert "Waiting for a CPU" not in bench.table(bench_results(**peaks))  # a GPU's, or a file from before
+    alone = bench.table(bench_results(**peaks, cpu_wait=0.004)).splitlines()[-1]
+    assert alone == "Waiting for a CPU: the measuring threads, 0.4% of their time"
+    shared = bench.table(bench_results(**peaks, cpu_wait=0.49)).splitlines()[-1]
+    assert shared.startswith("Waiting for a CPU: the measuring threads, 49.0% of their time (from 20%: other")
+
+
 def test_step_mfu_pairs_each_step_with_a_gemm_beside_it():
     s = bench.step_mfu("resnet8", 28, 32, "fp32", rounds=3, n=256)
     assert len(s["mfu_runs"]) == 3 and min(s["mfu_runs"]) <= s["mfu"] <= max(s["mfu_runs"])
@@ -186,6 +195,7 @@ def test_a_late_failure_keeps_the_measurements_already_written(tmp_path, monkeyp
     assert len(saved["steps"]) == len(bench.CASES) * 2 * (2 if saved["bf16_native"] else 1)
     assert saved["engine_overhead"] == {"overhead": 0.01} and saved["data_cost"] == {"fraction": 0.02}
     assert "seed_vs_reslab" not in saved
+    assert saved["cpu_wait"] >= 0  # the share of the measuring threads' time spent waiting for a CPU, so far
 
 
 def test_profile_step_script_measures_the_loop_and_the_bare_steps(tiny_data, tmp_path):

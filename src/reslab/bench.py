@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import RECIPES, OptimConfig, load
 from .engine.checkpoint import make_file_dir, write_text
-from .engine.host import keep_freed_memory
+from .engine.host import CROWDED, cpu_wait_seconds, keep_freed_memory, wait_share
 from .engine.optim import make_optimizer
 from .engine.precision import autocast, bf16_native, resolve_device, resolve_precision
 from .engine.run import speed_up
@@ -397,6 +397,7 @@ def run(
     seed_rounds: int = 3,
 ) -> dict:
     dev = resolve_device(device)
+    start, waited = time.perf_counter(), cpu_wait_seconds() if dev.type == "cpu" else None
     if out is not None:  # checked before minutes of measuring, not after them, as is the seed limit
         make_file_dir(Path(out), "bench.json")
     if not quick:
@@ -443,6 +444,8 @@ def run(
     print(f"engine overhead: {results['engine_overhead']}", flush=True)
     results["data_cost"] = data_cost(device=dev)
     print(f"data cost: {results['data_cost']}", flush=True)
+    if waited is not None and (now := cpu_wait_seconds()) is not None:  # over what ran in this process
+        results["cpu_wait"] = wait_share(max(now - waited, 0.0), time.perf_counter() - start)
     keep()
     if not quick:
         results["seed_vs_reslab"] = seed_vs_reslab(seed_limit, device=dev, rounds=seed_rounds)
@@ -496,6 +499,17 @@ def table(results: dict) -> str:
         f"Data ({d['config']}): loading {d['load_seconds']:.2f} s + one epoch of batches {d['batches_seconds']:.2f} s "
         f"= {100 * d['fraction']:.1f}% of one epoch of model steps ({d['model_epoch_seconds']:.0f} s)"
     ]
+    if "cpu_wait" in results:
+        w = results["cpu_wait"]
+        lines += [
+            f"Waiting for a CPU: the measuring threads, {100 * w:.1f}% of their time"
+            + (
+                f" (from {CROWDED:.0%}: other processes shared the CPU, and these figures understate this machine; "
+                'README.md, "Sharing the CPU")'
+                if w >= CROWDED
+                else ""
+            )
+        ]
     if "seed_vs_reslab" in results:
         s = results["seed_vs_reslab"]
         lines += [

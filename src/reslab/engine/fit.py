@@ -23,7 +23,7 @@ from .. import faults
 from ..config import Config
 from ..errors import ReslabError
 from . import checkpoint, dist, guard
-from .host import CROWDED, cpu_wait_seconds, crowded_warning
+from .host import CROWDED, cpu_wait_seconds, crowded_warning, wait_share
 from .run import Run, prepare, restore, restore_training_state, save, snapshot, state_of
 from .schedule import lr_at
 from .steps import check_steps, evaluate, loss_fn, train_step
@@ -127,7 +127,7 @@ def train_one_epoch(run: Run, epoch: int, on_step=None) -> dict:
         "train_seconds": seconds,
     }
     if waited is not None:  # the share of the threads' time spent ready to run but kept off a CPU
-        metrics["cpu_wait"] = wait / max(seconds * torch.get_num_threads(), 1e-9)
+        metrics["cpu_wait"] = wait_share(wait, seconds)
     if norms:
         metrics |= {"grad_norm": norm_sum / norms, "grad_norm_max": norm_max}
         if cfg.optim.grad_clip > 0:

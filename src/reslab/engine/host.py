@@ -71,6 +71,12 @@ def cpu_wait_seconds() -> float | None:
     return total / 1e9
 
 
+def wait_share(waited: float, seconds: float) -> float:
+    """The share of the compute threads' time in `seconds` of wall time that they spent waiting for a CPU, given
+    the seconds they `waited` (summed over the threads: cpu_wait_seconds' difference)."""
+    return waited / max(seconds * torch.get_num_threads(), 1e-9)
+
+
 # the share of its threads' time an epoch on the CPU may spend waiting for a CPU before the run warns: alone it is
 # under 1% (two torchrun ranks on two cores: 8-11%); beside one or two CPU-bound processes, 49-57%, and the
 # epochs take 3-14x as long; 2 threads under a 1-CPU quota, 32-37% (BENCHMARKS.md)
@@ -86,4 +92,4 @@ def crowded_warning(m: dict) -> str:
     )
 
 
-__all__ = ["CROWDED", "cpu_wait_seconds", "crowded_warning", "keep_freed_memory"]
+__all__ = ["CROWDED", "cpu_wait_seconds", "crowded_warning", "keep_freed_memory", "wait_share"]

@@ -117,9 +117,8 @@ def train_one_epoch(run: Run, epoch: int, on_step=None) -> dict:
         run.sums[8] += max(now - waited, 0.0)  # a thread that ended took its waits with it
     bar.close()
     loss_sum, correct, count = dist.all_reduce_sum(run.sums[:3], run.device, run.ctx)
-    seconds, norm_sum, norms, norm_max, clipped, wait = run.sums[
-        3:
-    ]  # the gradient norm is the same on every rank
+    # the gradient norm is the same on every rank; the waits are this rank's
+    seconds, norm_sum, norms, norm_max, clipped, wait = run.sums[3:]
     metrics = {
         "train_loss": loss_sum / count,
         "train_acc": correct / count,

@@ -24,9 +24,9 @@ from .warm_start import warm_start
 
 def epoch_sums(saved: list[float] = ()) -> list[float]:
     """The running sums of an epoch: loss x images, correct, images, seconds, then the steps' gradient norms
-    (sum, number of finite ones, maximum, number above the clip), then the seconds the process's threads waited
-    for a CPU. A checkpoint from before the gradient norms were kept holds the first four; from before the
-    waits, the first eight."""
+    (sum, number of finite ones, maximum, number above the clip), then the seconds the process's compute threads
+    waited for a CPU (host.cpu_wait_seconds). A checkpoint from before the gradient norms were kept holds the
+    first four; from before the waits, the first eight."""
     return [*saved, *[0.0] * (9 - len(saved))]
 
 

@@ -1,6 +1,5 @@
 """The host process: how long a CPU run's threads waited for a CPU, and the warning when other processes take it."""
 
-import json
 import os
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import pytest
 from conftest import tiny_overrides
 
 from reslab.engine.host import CROWDED, cpu_wait_seconds
+from reslab.runs import read_history
 
 pytestmark = pytest.mark.skipif(
     cpu_wait_seconds() is None, reason="the kernel does not report run-queue waits"
@@ -40,14 +40,15 @@ def train_on_one_core(data, out, beside: bool) -> tuple[list[dict], str]:
         if other is not None:
             other.kill()
             other.wait()
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return rows, done.stderr
+    return read_history(out), done.stderr
 
 
 def test_a_cpu_run_records_its_waits_and_warns_once_when_another_process_takes_its_core(tiny_data, tmp_path):
     rows, err = train_on_one_core(tiny_data, tmp_path / "alone", beside=False)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert all(0 <= r["cpu_wait"] < CROWDED for r in rows) and "warning" not in err
     rows, err = train_on_one_core(tiny_data, tmp_path / "beside", beside=True)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
     # the scheduler shares the core between the two sessions: the run's thread waits about half its time
     assert all(CROWDED <= r["cpu_wait"] <= 1 for r in rows)
     assert err.count("waited") == 1 and "Sharing the CPU" in err

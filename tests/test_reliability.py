@@ -14,6 +14,7 @@ from conftest import tiny_overrides, without_timings
 
 from reslab.engine import checkpoint
 from reslab.engine.checkpoint import CheckpointError
+from reslab.runs import read_history
 
 KILL_POINTS = [
     "start:1",  # before the first checkpoint
@@ -39,8 +40,7 @@ def train_process(out, data, extra=(), env_extra=None, resume=False):
 
 def outcome(out):
     state = checkpoint.load(out / "last.pt")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return state["model"], state["ema"], without_timings(rows)
+    return state["model"], state["ema"], without_timings(read_history(out))
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from reslab.cli import main
 from reslab.engine import checkpoint, fit
 from reslab.engine.precision import bf16_native
 from reslab.report import evaluate_checkpoint, export, load_model, predict, read_image
+from reslab.runs import read_history
 
 
 @pytest.fixture(scope="module")
@@ -341,7 +342,7 @@ def test_runs_lists_each_run_directory_with_its_state(trained, tmp_path, capsys,
     (stopped / "config.yaml").write_text(
         text.replace("epochs: ", "epochs: 1").replace("init: null", "init: r0")
     )
-    history = [json.loads(line) for line in (stopped / "metrics.jsonl").read_text().splitlines()]
+    history = read_history(stopped)
     for h in history:  # its first epoch shared the CPU with another process; its threads alone waited 1%
         h["cpu_wait"] = 0.5 if h["epoch"] == 1 else 0.01
     (stopped / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))

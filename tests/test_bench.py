@@ -76,13 +76,16 @@ def test_the_table_names_each_peak_route_and_reads_files_without_one():
     assert bench.table(results).splitlines()[0].endswith("386 GFLOP/s fp32, 808.0 GFLOP/s bf16")
 
 
-def test_the_table_says_when_other_processes_shared_the_cpu():
+def test_the_table_says_when_the_threads_waited_for_a_cpu():
     peaks = {"gemm_gflops": {"fp32": 386.4, "bf16": 808.0}}
     assert "Waiting for a CPU" not in bench.table(bench_results(**peaks))  # a GPU's, or a file from before
     alone = bench.table(bench_results(**peaks, cpu_wait=0.004)).splitlines()[-1]
     assert alone == "Waiting for a CPU: the measuring threads, 0.4% of their time"
     shared = bench.table(bench_results(**peaks, cpu_wait=0.49)).splitlines()[-1]
     assert shared.startswith("Waiting for a CPU: the measuring threads, 49.0% of their time (from 20%: other")
+    cause = "this process runs 4 threads on 2 CPUs: set OMP_NUM_THREADS=2"  # as the run found it
+    crowded = bench.table(bench_results(**peaks, cpu_wait=0.49, cpu_wait_cause=cause)).splitlines()[-1]
+    assert f"(from 20%: {cause}; these figures understate this machine" in crowded
 
 
 def test_step_mfu_pairs_each_step_with_a_gemm_beside_it():

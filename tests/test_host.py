@@ -1,14 +1,16 @@
-"""The host process: how long a CPU run's threads waited for a CPU, and the warning when other processes take it."""
+"""The host process: how long a CPU run's threads waited for a CPU, the warning when they wait, and its cause."""
 
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from conftest import tiny_overrides
 
-from reslab.engine.host import CROWDED, cpu_wait_seconds
+from reslab.engine import host
+from reslab.engine.host import CROWDED, cpu_quota, cpu_wait_seconds, crowding_cause
 from reslab.runs import read_history
 
 pytestmark = pytest.mark.skipif(
@@ -16,9 +18,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def train_on_one_core(data, out, beside: bool) -> tuple[list[dict], str]:
-    """`reslab train` on one thread pinned to one core; with `beside`, next to a CPU-bound process in a session
-    of its own pinned to the same core, as a job started from another terminal would be. Its metrics and stderr."""
+def train_on_one_core(data, out, beside: bool, threads: int = 1) -> tuple[list[dict], str]:
+    """`reslab train` on `threads` threads pinned to one core; with `beside`, next to a CPU-bound process in a
+    session of its own pinned to the same core, as a job started from another terminal would be. Its metrics and
+    stderr."""
     core = min(os.sched_getaffinity(0))
     pin = lambda: os.sched_setaffinity(0, {core})  # noqa: E731
     other = (
@@ -30,7 +33,7 @@ def train_on_one_core(data, out, beside: bool) -> tuple[list[dict], str]:
         done = subprocess.run(
             [sys.executable, "-m", "reslab", "train", "--out", str(out), "--quiet"]
             + ["--set", *tiny_overrides(data, **{"train.epochs": 3})],
-            env=os.environ | {"OMP_NUM_THREADS": "1"},
+            env=os.environ | {"OMP_NUM_THREADS": str(threads)},
             preexec_fn=pin,
             capture_output=True,
             text=True,
@@ -52,6 +55,17 @@ def test_a_cpu_run_records_its_waits_and_warns_once_when_another_process_takes_i
     # the scheduler shares the core between the two sessions: the run's thread waits about half its time
     assert all(CROWDED <= r["cpu_wait"] <= 1 for r in rows)
     assert err.count("waited") == 1 and "Sharing the CPU" in err
+    assert "other processes share these cores" in err
+
+
+@pytest.mark.skipif(os.cpu_count() < 2, reason="PyTorch runs no more threads than the machine has cores")
+def test_a_run_with_more_threads_than_cpus_says_so(tiny_data, tmp_path):
+    """Two threads pinned to one core wait for each other: the warning names the threads, not other processes."""
+    rows, err = train_on_one_core(tiny_data, tmp_path / "two", beside=False, threads=2)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert all(CROWDED <= r["cpu_wait"] <= 1 for r in rows)
+    assert err.count("waited") == 1
+    assert "this process runs 2 threads on 1 CPU: set OMP_NUM_THREADS=1" in err
 
 
 def test_threads_that_name_themselves_are_not_counted():
@@ -86,3 +100,89 @@ def test_threads_that_name_themselves_are_not_counted():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     ours, theirs = map(float, done.stdout.split())
     assert 0.3 < ours < 0.7 and theirs > 0.3  # counting both threads would read about 1
+
+
+def write_groups(root: Path, groups: dict[str, str]) -> None:
+    for name, text in groups.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+def test_cpu_quota_reads_the_tightest_limit_along_the_group_path(tmp_path):
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/box/job\n")  # cgroup v2
+    write_groups(tmp_path, {"cpu.max": "max 100000\n", "box/cpu.max": "150000 100000\n"})
+    assert cpu_quota(proc, tmp_path) == 1.5  # the job's own group has no file: its parent's limit holds
+    write_groups(tmp_path, {"box/job/cpu.max": "50000 100000\n"})
+    assert cpu_quota(proc, tmp_path) == 0.5
+    proc.write_text("4:memory:/x\n3:cpu,cpuacct:/box\n")  # cgroup v1's cpu controller
+    write_groups(tmp_path, {"cpu/box/cpu.cfs_quota_us": "200000\n", "cpu/box/cpu.cfs_period_us": "100000\n"})
+    write_groups(tmp_path, {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"})
+    assert cpu_quota(proc, tmp_path) == 2.0
+    proc.write_text("3:cpu,cpuacct:/\n")
+    assert cpu_quota(proc, tmp_path) is None  # unlimited
+    assert cpu_quota(tmp_path / "missing", tmp_path) is None
+
+
+@pytest.mark.parametrize(
+    "threads, ranks, cpus, quota, says",
+    [
+        (2, 1, 2, None, "other processes share these cores"),
+        (2, 2, 4, 4.0, "other processes share these cores"),
+        (4, 1, 2, None, "this process runs 4 threads on 2 CPUs: set OMP_NUM_THREADS=2"),
+        (
+            2,
+            1,
+            2,
+            1.0,
+            "this process runs 2 threads on a CPU quota of 1 (a container's limit): set OMP_NUM_THREADS=1",
+        ),
+        (
+            1,
+            4,
+            2,
+            None,
+            "this machine's 4 ranks run 4 threads (1 each) on 2 CPUs: start at most 2 ranks on this",
+        ),
+        (
+            1,
+            1,
+            2,
+            0.5,
+            "this process runs 1 thread on a CPU quota of 0.5 (a container's limit): give it more CPU",
+        ),
+    ],
+)
+def test_the_warning_names_what_crowds_the_cpu(monkeypatch, threads, ranks, cpus, quota, says):
+    monkeypatch.setattr(host.torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(host.os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    monkeypatch.setattr(host, "cpu_quota", lambda: quota)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+    assert says in crowding_cause()
+    assert says in host.crowded_warning({"epoch": 3, "cpu_wait": 0.5})
+
+
+def test_cpu_quota_reads_a_real_control_group(tmp_path):
+    """A process in a control group allowed half a CPU reads 0.5 (needs root and a writable cgroup hierarchy)."""
+    v2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
+    group = Path("/sys/fs/cgroup" if v2 else "/sys/fs/cgroup/cpu") / f"reslab-test-{os.getpid()}"
+    try:
+        group.mkdir()
+    except OSError as e:
+        pytest.skip(f"cannot make a control group: {e}")
+    try:
+        if v2:
+            (group / "cpu.max").write_text("50000 100000")
+        else:
+            (group / "cpu.cfs_period_us").write_text("100000")
+            (group / "cpu.cfs_quota_us").write_text("50000")
+        join = f"open({str(group / 'cgroup.procs')!r}, 'w').write(str(__import__('os').getpid()))"
+        done = subprocess.run(
+            [sys.executable, "-c", f"{join}\nfrom reslab.engine.host import cpu_quota\nprint(cpu_quota())"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert float(done.stdout) == 0.5
+    finally:
+        group.rmdir()

@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import RECIPES, OptimConfig, load
 from .engine.checkpoint import make_file_dir, write_text
-from .engine.host import CROWDED, cpu_wait_seconds, keep_freed_memory, wait_share
+from .engine.host import CROWDED, cpu_wait_seconds, crowding_cause, keep_freed_memory, wait_share
 from .engine.optim import make_optimizer
 from .engine.precision import autocast, bf16_native, resolve_device, resolve_precision
 from .engine.run import speed_up
@@ -446,6 +446,8 @@ def run(
     print(f"data cost: {results['data_cost']}", flush=True)
     if waited is not None and (now := cpu_wait_seconds()) is not None:  # over what ran in this process
         results["cpu_wait"] = wait_share(max(now - waited, 0.0), time.perf_counter() - start)
+        if results["cpu_wait"] >= CROWDED:
+            results["cpu_wait_cause"] = crowding_cause()
     keep()
     if not quick:
         results["seed_vs_reslab"] = seed_vs_reslab(seed_limit, device=dev, rounds=seed_rounds)
@@ -504,7 +506,8 @@ def table(results: dict) -> str:
         lines += [
             f"Waiting for a CPU: the measuring threads, {100 * w:.1f}% of their time"
             + (
-                f" (from {CROWDED:.0%}: other processes shared the CPU, and these figures understate this machine; "
+                f" (from {CROWDED:.0%}: {results.get('cpu_wait_cause', 'other processes share these cores')}; these "
+                "figures understate this machine; "
                 'README.md, "Sharing the CPU")'
                 if w >= CROWDED
                 else ""

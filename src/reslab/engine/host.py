@@ -12,6 +12,7 @@ the same. The process's resident memory then stays near its peak instead of shri
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 from pathlib import Path
 
@@ -83,13 +84,90 @@ def wait_share(waited: float, seconds: float) -> float:
 CROWDED = 0.2
 
 
+def _v2_limit(group: Path) -> list[str]:
+    return (group / "cpu.max").read_text().split()  # "max 100000" or "QUOTA PERIOD"
+
+
+def _v1_limit(group: Path) -> list[str]:
+    return [(group / f"cpu.cfs_{k}_us").read_text().strip() for k in ("quota", "period")]  # quota -1: none
+
+
+def cpu_quota(proc: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPUs' worth of time this process's control groups allow it (a container's CPU limit): the tightest of
+    cgroup v2's cpu.max or v1's cpu.cfs_quota_us over cpu.cfs_period_us along its group and the groups above;
+    None where no group limits it or the kernel does not tell."""
+    try:
+        lines = proc.read_text().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2's single hierarchy
+            top, read = root, _v2_limit
+        elif "cpu" in controllers.split(","):
+            top, read = root / "cpu", _v1_limit
+        else:
+            continue
+        group = top / path.lstrip("/")
+        while group.is_relative_to(top):
+            try:
+                quota, period = read(group)
+                if quota not in ("max", "-1"):
+                    limits.append(int(quota) / int(period))
+            except (OSError, ValueError):
+                pass  # a group without the controller's files
+            group = group.parent
+    return min(limits, default=None)
+
+
+def crowding_cause() -> str:
+    """Why a CPU run's threads wait for a CPU, as far as this process can tell: its own threads (or this machine's
+    torchrun ranks' together) outnumber the CPUs it may use (its affinity, a container's quota), or else other
+    processes take the cores."""
+    threads, ranks = torch.get_num_threads(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cpus = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )  # Linux's
+    quota = cpu_quota()
+    allowed = min(cpus, quota if quota is not None else cpus)
+    if threads * ranks <= allowed:
+        return "other processes share these cores"
+    who = (
+        f"this process runs {threads} thread{'s' * (threads > 1)}"
+        if ranks == 1
+        else f"this machine's {ranks} ranks run {threads * ranks} threads ({threads} each)"
+    )
+    on = (
+        f"{cpus} CPU{'s' * (cpus > 1)}"
+        if allowed == cpus
+        else f"a CPU quota of {quota:g} (a container's limit)"
+    )
+    if ranks > max(allowed, 1):
+        n = max(1, int(allowed))
+        fix = f"start at most {n} rank{'s' * (n > 1)} on this machine (torchrun --nproc_per_node)"
+    elif threads > 1:
+        fix = f"set OMP_NUM_THREADS={max(1, int(allowed // ranks))}"
+    else:
+        fix = "give it more CPU time"
+    return f"{who} on {on}: {fix}"
+
+
 def crowded_warning(m: dict) -> str:
-    """The one-time warning of a run whose CPU other processes share (an epoch's metrics `m`)."""
+    """The one-time warning of a run whose threads wait for a CPU (an epoch's metrics `m`)."""
+    threads = torch.get_num_threads()
     return (
-        f"reslab: warning: epoch {m['epoch']}'s {torch.get_num_threads()} threads waited for a CPU "
-        f"{m['cpu_wait']:.0%} of the time: other processes share these cores, or a CPU quota (a container's limit) "
-        'allows fewer cores than threads; README.md, "Sharing the CPU", says what helps'
+        f"reslab: warning: epoch {m['epoch']}'s {threads} thread{'s' * (threads > 1)} waited for a CPU "
+        f'{m["cpu_wait"]:.0%} of the time: {crowding_cause()}; README.md, "Sharing the CPU", says what helps'
     )
 
 
-__all__ = ["CROWDED", "cpu_wait_seconds", "crowded_warning", "keep_freed_memory", "wait_share"]
+__all__ = [
+    "CROWDED",
+    "cpu_quota",
+    "cpu_wait_seconds",
+    "crowded_warning",
+    "crowding_cause",
+    "keep_freed_memory",
+    "wait_share",
+]

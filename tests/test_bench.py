@@ -88,6 +88,17 @@ def test_the_table_says_when_the_threads_waited_for_a_cpu():
     assert f"(from 20%: {cause}; these figures understate this machine" in crowded
 
 
+def test_a_compiled_bare_step_updates_its_model_as_the_eager_one_does():
+    """make_step(compiled=True) calls the model through torch.compile, as train.compile does; `step.model` is the
+    model it steps (benchmarks/compile_step.py swaps its convolutions)."""
+    eager, compiled = (bench.make_step("resnet8", 28, 8, "fp32", compiled=c) for c in (False, True))
+    before = [p.detach().clone() for p in eager.model.parameters()]
+    eager(), compiled()
+    for e, c in zip(eager.model.parameters(), compiled.model.parameters()):
+        assert torch.allclose(e, c, atol=1e-5)  # the same fresh model (seed 0), the same update, to rounding
+    assert any(not torch.equal(b, e) for b, e in zip(before, eager.model.parameters()))  # a step was taken
+
+
 def test_step_mfu_pairs_each_step_with_a_gemm_beside_it():
     s = bench.step_mfu("resnet8", 28, 32, "fp32", rounds=3, n=256)
     assert len(s["mfu_runs"]) == 3 and min(s["mfu_runs"]) <= s["mfu"] <= max(s["mfu_runs"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import tiny_overrides
 
-from reslab import bench
+from reslab import baseline, bench
 from reslab.cli import main
 from reslab.engine.host import keep_freed_memory
 from reslab.engine.precision import resolve_precision
@@ -142,20 +142,20 @@ def test_cpu_steps_reuse_freed_memory_instead_of_faulting_in_fresh_pages():
 def test_timed_process_reports_the_process_own_peak_memory_not_its_parent():
     held = bytearray(800 * 2**20)  # the benchmark's own peak, gigabytes after its measurements in a real run
     held[::4096] = b"\1" * len(held[::4096])  # touch every page so it is resident
-    seconds, out, rss_mb = bench._timed_process(
+    seconds, out, rss_mb = baseline.timed_process(
         [sys.executable, "-c", "x = bytearray(100 * 2**20); print('ok')"]
     )
     assert out.strip() == "ok" and seconds > 0
     # its 100 MB plus Python; a process started straight from this one would report over 800
     assert 100 < rss_mb < 400, rss_mb
     with pytest.raises(RuntimeError, match="failed: .*boom"):
-        bench._timed_process([sys.executable, "-c", "raise SystemExit('boom')"])
+        baseline.timed_process([sys.executable, "-c", "raise SystemExit('boom')"])
     del held
 
 
 @pytest.mark.slow
 def test_seed_notebook_against_reslab_as_processes():
-    result = bench.seed_vs_reslab(limit=256, epochs=1, workers=2, rounds=2)
+    result = baseline.seed_vs_reslab(limit=256, epochs=1, workers=2, rounds=2)
     assert len(result["seed_notebook_runs_s"]) == len(result["reslab_runs_s"]) == result["rounds"] == 2
     assert (
         min(result["seed_notebook_runs_s"])

@@ -1,6 +1,5 @@
 """Two gloo processes on the CPU under torchrun: the same training as one process with the same global batch."""
 
-import json
 import os
 import shutil
 import subprocess
@@ -12,6 +11,7 @@ from conftest import tiny_overrides
 
 from reslab.cli import main
 from reslab.engine import checkpoint
+from reslab.runs import read_history
 
 TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
 
@@ -30,17 +30,13 @@ def launch(out, data, nproc, extra=None, resume=False, kill_at=None, epochs=3):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def metrics(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(tiny_data, tmp_path):
     one = launch(tmp_path / "one", tiny_data, 1)
     two = launch(tmp_path / "two", tiny_data, 2)
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr[-3000:]
-    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    m1, m2 = read_history(tmp_path / "one"), read_history(tmp_path / "two")
     assert [m["world_size"] for m in m2] == [2, 2, 2] and m1[0]["world_size"] == 1
     assert two.stdout.count("epoch ") == 3 and two.stdout.count("done: test acc") == 1  # only rank 0 prints
     # the same global batches and lr; only BatchNorm sees 32 instead of 64 images per batch:
@@ -75,11 +71,11 @@ def test_kill_then_resume_under_torchrun_and_with_another_world_size(tiny_data, 
     shutil.copytree(out, tmp_path / "single")
     resumed = launch(out, tiny_data, 2, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert [m["world_size"] for m in metrics(out)] == [2, 2, 2]
+    assert [m["world_size"] for m in read_history(out)] == [2, 2, 2]
     # the same run continued by one process: the global batch stays 64
     single = launch(tmp_path / "single", tiny_data, 1, resume=True)
     assert single.returncode == 0, single.stderr
-    assert [m["world_size"] for m in metrics(tmp_path / "single")] == [2, 1, 1]
+    assert [m["world_size"] for m in read_history(tmp_path / "single")] == [2, 1, 1]
 
 
 def test_a_torchrun_worker_leaves_through_os_exit_with_its_code(monkeypatch, tmp_path):

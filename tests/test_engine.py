@@ -19,14 +19,11 @@ from reslab.engine.steps import predict_logits
 from reslab.errors import ReslabError
 from reslab.models import build_model
 from reslab.report import evaluate_checkpoint
+from reslab.runs import read_history
 
 
 def tiny_cfg(data_dir, **extra):
     return config.load(None, tiny_overrides(data_dir, **extra))
-
-
-def read_metrics(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
@@ -82,7 +79,7 @@ def test_run_directory_contract(tiny_data, tmp_path):
     summary = fit(tiny_cfg(tiny_data, **{"train.epochs": 3}), out, quiet=True)
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "last.pt", "best.pt", "curves.png"):
         assert (out / name).is_file(), name
-    rows = read_metrics(out)
+    rows = read_history(out)
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     keys = {
         "epoch",
@@ -138,7 +135,7 @@ def test_metric_definitions(tiny_data, tmp_path):
     out = tmp_path / "run"
     cfg = tiny_cfg(tiny_data, **{"train.epochs": 1})
     fit(cfg, out, quiet=True)
-    row = read_metrics(out)[0]
+    row = read_history(out)[0]
     # test loss and accuracy over the full test set, recomputed from the saved weights
     state = checkpoint.load(out / "last.pt")
     data = load_dataset(cfg.data)
@@ -181,7 +178,7 @@ def test_guard_rolls_back_and_halves_the_lr_on_injected_nan(tiny_data, tmp_path)
     summary = fit(tiny_cfg(tiny_data, **{"train.epochs": 3}), out, quiet=True, on_step=poison)
     assert injected and len(summary["guard_events"]) == 1
     assert summary["guard_events"][0]["lr_scale"] == 0.5
-    rows = read_metrics(out)
+    rows = read_history(out)
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert all(math.isfinite(v) for r in rows for v in r.values())
     assert rows[1]["lr"] == pytest.approx(0.025)  # halved from epoch 2 on
@@ -202,7 +199,7 @@ def test_batched_guard_checks_train_the_same_and_still_roll_back(tiny_data, tmp_
     a, b = checkpoint.load(tmp_path / "a" / "last.pt"), checkpoint.load(tmp_path / "b" / "last.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
-    assert without_timings(read_metrics(tmp_path / "a")) == without_timings(read_metrics(tmp_path / "b"))
+    assert without_timings(read_history(tmp_path / "a")) == without_timings(read_history(tmp_path / "b"))
 
     def poison(run):
         if run.epoch == 1 and run.batch == 3 and not run.guard.events:
@@ -214,7 +211,7 @@ def test_batched_guard_checks_train_the_same_and_still_roll_back(tiny_data, tmp_
     steps_per_epoch = 512 // 64
     assert [e["epoch"] for e in summary["guard_events"]] == [2]
     assert f"at step {steps_per_epoch + 3}" in summary["guard_events"][0]["what"]  # the first bad step
-    assert all(math.isfinite(v) for r in read_metrics(out) for v in r.values())
+    assert all(math.isfinite(v) for r in read_history(out) for v in r.values())
     assert all(torch.isfinite(p).all() for p in checkpoint.load(out / "last.pt")["model"].values())
 
 
@@ -245,7 +242,7 @@ def test_seed_recipe_with_absurd_lr_never_writes_nan(tiny_data, tmp_path):
         pass
     path = tmp_path / "run" / "metrics.jsonl"
     if path.exists():
-        assert all(math.isfinite(v) for r in read_metrics(tmp_path / "run") for v in r.values())
+        assert all(math.isfinite(v) for r in read_history(tmp_path / "run") for v in r.values())
 
 
 def test_ema_decay_warms_up_then_holds():
@@ -276,7 +273,7 @@ def test_resume_after_a_crash_is_bit_identical(tiny_data, tmp_path):
     for key in a["ema"]:
         assert torch.equal(a["ema"][key], b["ema"][key]), key
 
-    assert without_timings(read_metrics(tmp_path / "a")) == without_timings(read_metrics(tmp_path / "b"))
+    assert without_timings(read_history(tmp_path / "a")) == without_timings(read_history(tmp_path / "b"))
 
 
 def test_evaluating_every_few_epochs_trains_the_same_and_tests_the_last(tiny_data, tmp_path, capsys):
@@ -288,7 +285,7 @@ def test_evaluating_every_few_epochs_trains_the_same_and_tests_the_last(tiny_dat
     for part in ("model", "ema"):
         for key in a[part]:
             assert torch.equal(a[part][key], b[part][key]), (part, key)
-    every, some = read_metrics(tmp_path / "every"), read_metrics(tmp_path / "some")
+    every, some = read_history(tmp_path / "every"), read_history(tmp_path / "some")
     assert [("test_acc" in r) for r in some] == [False, True, False, True, True]  # every 2nd, and the last
     for r, s in zip(every, some):
         for key in ("train_loss", "train_acc", "lr", *(("test_loss", "test_acc") if "test_acc" in s else ())):
@@ -351,7 +348,7 @@ def test_save_every_writes_last_pt_every_n_epochs_and_a_resume_replays_the_rest(
     a, b = checkpoint.load(tmp_path / "a" / "last.pt"), checkpoint.load(tmp_path / "b" / "last.pt")
     assert b["epoch"] == 5 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
-    assert read_metrics(tmp_path / "b")[-1]["test_acc"] == a["history"][-1]["test_acc"]
+    assert read_history(tmp_path / "b")[-1]["test_acc"] == a["history"][-1]["test_acc"]
 
 
 def test_a_resume_names_its_changes_and_refuses_new_batches_mid_epoch(tiny_data, tmp_path, capsys):
@@ -774,7 +771,7 @@ def test_each_epoch_reports_its_steps_gradient_norms(tiny_data, tmp_path, monkey
 
     monkeypatch.setattr(fit_mod, "train_step", spy)
     fit(tiny_cfg(tiny_data, **{"train.epochs": 2, "optim.grad_clip": clip}), tmp_path / "run", quiet=True)
-    rows, steps = read_metrics(tmp_path / "run"), len(norms) // 2  # 8 steps an epoch
+    rows, steps = read_history(tmp_path / "run"), len(norms) // 2  # 8 steps an epoch
     for row, epoch in zip(rows, (norms[:steps], norms[steps:])):
         assert row["grad_norm"] == pytest.approx(sum(epoch) / steps) and row["grad_norm_max"] == max(epoch)
         if clip:  # the share of steps whose norm the clip cut

@@ -1,6 +1,5 @@
 """Faults, hostile files and bad input: a crash, a broken file or a typo never costs a user their run."""
 
-import json
 import os
 import pickle
 import signal
@@ -417,5 +416,5 @@ def test_guard_catches_nan_and_inf_in_inputs_gradients_and_loss(tiny_data, tmp_p
     summary = fit(cfg, tmp_path / "run", quiet=True, on_step=on_step)
     assert fired == [where]
     assert len(summary["guard_events"]) >= 1 and summary["epochs"] == 3
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_history(tmp_path / "run")
     assert all(math.isfinite(v) for r in rows for v in r.values())

@@ -3,12 +3,10 @@ multiplies: bare bf16 steps (forward, backward, SGD), channels_last. Each varian
 beside training's eager step, in alternating rounds: img/s are medians, the speed-up the median of the rounds'
 ratios, and a compiled variant's compile is its first call's seconds.
 
-Training with train.compile=true leaves the matrix-multiply convolutions out (engine/run.speed_up), so on a CPU with
-AMX a compiled step loses what they gain. The variants, each against "eager" (training's eager step: the matrix
-multiplies where gemm_conv.pays):
+The variants, each against "eager" (training's eager step: the matrix multiplies where gemm_conv.pays):
 - eager, oneDNN: every convolution oneDNN's;
-- compiled: training's compiled step (every convolution oneDNN's, inside the graph);
-- compiled, gemm traced: the matrix multiplies traced into the graph by torch.compile;
+- compiled: training's compiled step (since session 40: the matrix multiplies where they pay, traced into the graph);
+- compiled, oneDNN: every convolution oneDNN's, inside the graph (training's compiled step before session 40);
 - compiled, gemm eager: the matrix-multiply convolutions left out of the graph (torch.compiler.disable), so the
   graph breaks at each convolution and Inductor fuses what lies between them.
 
@@ -47,7 +45,7 @@ VARIANTS = {
     "eager": (False, None, False),
     "eager, oneDNN": (False, False, False),
     "compiled": (True, None, False),
-    "compiled, gemm traced": (True, True, False),
+    "compiled, oneDNN": (True, False, False),
     "compiled, gemm eager": (True, True, True),
 }
 

@@ -92,39 +92,54 @@ def test_a_model_keeps_its_state_dict_and_only_plain_convolutions_change():
 
 
 @pytest.mark.parametrize(
-    "precision, amx, converted", [("bf16", True, True), ("fp32", True, False), ("bf16", False, False)]
+    "precision, amx, compiled, converted",
+    [
+        ("bf16", True, False, True),
+        ("bf16", True, True, True),
+        ("fp32", True, False, False),
+        ("bf16", False, False, False),
+    ],
 )
-def test_training_converts_only_for_bf16_on_amx(tiny_data, tmp_path, monkeypatch, precision, amx, converted):
+def test_training_converts_only_for_bf16_on_amx(
+    tiny_data, tmp_path, monkeypatch, precision, amx, compiled, converted
+):
+    """Compiled training too: torch.compile traces the matrix multiplies into its graph (BENCHMARKS.md, "Naming the
+    cause, and the seed recipe compiled")."""
     monkeypatch.setattr(gemm_conv, "has_amx", lambda: amx)
-    cfg = config.load(None, tiny_overrides(tiny_data, precision=precision))
+    cfg = config.load(None, tiny_overrides(tiny_data, precision=precision, **{"train.compile": compiled}))
     r = run.prepare(cfg, tmp_path / "run", quiet=True)
     kinds = {type(m) for m in r.model.modules() if isinstance(m, nn.Conv2d)}
     assert kinds == ({gemm_conv.Conv2d} if converted else {nn.Conv2d})
 
 
-def test_a_whole_net_in_bf16_is_as_close_to_fp32_as_with_onednn():
-    """ResNet-8 on 12 px images has 12x12 (oneDNN), 6x6 (weight gradient) and 3x3 (all matrix multiplies) maps."""
-    torch.manual_seed(0)
-    model = build_model("resnet8", 1, 10).to(memory_format=torch.channels_last)
+def whole_net_gradients(model: nn.Module, bf16: bool, compiled: bool = False) -> list[torch.Tensor]:
+    """The gradients of a copy of `model` on a fixed batch of 64 12-px images, in fp64 for comparing."""
+    net = copy.deepcopy(model)
+    call = torch.compile(net) if compiled else net
+    torch.manual_seed(1)
     x = torch.randn(64, 1, 12, 12).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (64,))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        nn.functional.cross_entropy(call(x), y).backward()
+    return [p.grad.double() for p in net.parameters()]
 
-    def gradients(net: nn.Module, bf16: bool) -> list[torch.Tensor]:
-        net = copy.deepcopy(net)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            nn.functional.cross_entropy(net(x), y).backward()
-        return [p.grad.double() for p in net.parameters()]
 
-    def error(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
-        diff = sum(((g - r) ** 2).sum() for g, r in zip(grads, reference))
-        return (diff / sum((r**2).sum() for r in reference)).sqrt().item()
+def error(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    diff = sum(((g - r) ** 2).sum() for g, r in zip(grads, reference))
+    return (diff / sum((r**2).sum() for r in reference)).sqrt().item()
 
-    fp32, onednn = gradients(model, False), gradients(model, True)
+
+def test_a_whole_net_in_bf16_is_as_close_to_fp32_as_with_onednn():
+    """ResNet-8 on 12 px images has 12x12 (oneDNN), 6x6 (weight gradient) and 3x3 (all matrix multiplies) maps.
+    Compiled (torch.compile traces the matrix multiplies into its graph, as compiled training does) as close too."""
+    torch.manual_seed(0)
+    model = build_model("resnet8", 1, 10).to(memory_format=torch.channels_last)
+    fp32, onednn = whole_net_gradients(model, False), whole_net_gradients(model, True)
     fast = copy.deepcopy(model)
     assert gemm_conv.use_gemm_convs(fast) == 7
-    gemm = gradients(fast, True)
     assert 0 < error(onednn, fp32) < 0.2  # bf16's own error: ~0.09
-    assert error(gemm, fp32) < 1.1 * error(onednn, fp32)
+    assert error(whole_net_gradients(fast, True), fp32) < 1.1 * error(onednn, fp32)
+    assert error(whole_net_gradients(fast, True, compiled=True), fp32) < 1.1 * error(onednn, fp32)
 
 
 @pytest.mark.skipif(not bf16_native(torch.device("cpu")), reason="bf16 is emulated on this CPU: far too slow")

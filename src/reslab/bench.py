@@ -133,7 +133,7 @@ def make_step(
     torch.manual_seed(0)
     mem = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model(name, 1, 10, **options).to(device=device, memory_format=mem).train()
-    speed_up(model, device, precision, compiled, pool_first, gemm_convs)
+    speed_up(model, device, precision, pool_first, gemm_convs)
     net = torch.compile(model) if compiled else model
     optim = optim or OptimConfig(lr=0.01, momentum=0.9)
     opt = make_optimizer(model, optim)

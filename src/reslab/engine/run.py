@@ -72,17 +72,16 @@ def speed_up(
     model: nn.Module,
     device: torch.device,
     precision: str,
-    compiled: bool = False,
     pool_first: bool = True,
     gemm_convs: bool | None = None,
 ) -> None:
     """What training does to a built model, in place, before its first step (bench.make_step does the same):
-    the stem's max-pool before its ReLU (engine/rewrites.py), and, where they pay and the steps run eagerly,
-    small-map convolutions as matrix multiplies (engine/gemm_conv.py). pool_first and gemm_convs (None: where
-    training would) let a benchmark compare with and without each."""
+    the stem's max-pool before its ReLU (engine/rewrites.py), and, where they pay, small-map convolutions as
+    matrix multiplies (engine/gemm_conv.py; torch.compile traces them into its graph). pool_first and gemm_convs
+    (None: where training would) let a benchmark compare with and without each."""
     if pool_first:
         rewrites.pool_before_relu(model)
-    if (gemm_conv.pays(device, precision) and not compiled) if gemm_convs is None else gemm_convs:
+    if gemm_conv.pays(device, precision) if gemm_convs is None else gemm_convs:
         gemm_conv.use_gemm_convs(model)
 
 
@@ -114,7 +113,7 @@ def prepare(cfg: Config, out: Path, quiet: bool = False, warm: bool = True) -> R
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     mem = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=mem)
-    speed_up(model, device, precision, compiled=cfg.train.compile)
+    speed_up(model, device, precision)
     train_loader, test_loader = make_loaders(
         data,
         cfg.data,

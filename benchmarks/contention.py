@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ab_train import timed_run  # this directory is on sys.path when a script of it runs
 
+from reslab.engine.host import make_cpu_group
 from reslab.studies.common import machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,19 +50,11 @@ def start_hogs(n: int, renice_sessions: bool) -> list[subprocess.Popen]:
 def limit_cpus(cpus: float) -> None:
     """Move this process, and so every process it starts, into a new control group allowed `cpus` CPUs' time, as a
     container's CPU quota would (cgroup v2 or v1's cpu controller; needs root)."""
-    period = 100_000  # microseconds
-    v2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
-    group = Path("/sys/fs/cgroup" if v2 else "/sys/fs/cgroup/cpu") / "reslab-contention"
     try:
-        group.mkdir(exist_ok=True)
-        if v2:
-            (group / "cpu.max").write_text(f"{round(cpus * period)} {period}")
-        else:
-            (group / "cpu.cfs_period_us").write_text(str(period))
-            (group / "cpu.cfs_quota_us").write_text(str(round(cpus * period)))
+        group = make_cpu_group("reslab-contention", cpus)
         (group / "cgroup.procs").write_text(str(os.getpid()))
     except OSError as e:
-        sys.exit(f"contention: cannot limit the CPU time with a control group at {group}: {e}")
+        sys.exit(f"contention: cannot limit the CPU time with a control group: {e}")
 
 
 def run_beside(

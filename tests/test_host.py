@@ -10,7 +10,7 @@ import pytest
 from conftest import tiny_overrides
 
 from reslab.engine import host
-from reslab.engine.host import CROWDED, cpu_quota, cpu_wait_seconds, crowding_cause
+from reslab.engine.host import CROWDED, cpu_quota, cpu_wait_seconds, crowding_cause, make_cpu_group
 from reslab.runs import read_history
 
 pytestmark = pytest.mark.skipif(
@@ -164,18 +164,11 @@ def test_the_warning_names_what_crowds_the_cpu(monkeypatch, threads, ranks, cpus
 
 def test_cpu_quota_reads_a_real_control_group(tmp_path):
     """A process in a control group allowed half a CPU reads 0.5 (needs root and a writable cgroup hierarchy)."""
-    v2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
-    group = Path("/sys/fs/cgroup" if v2 else "/sys/fs/cgroup/cpu") / f"reslab-test-{os.getpid()}"
     try:
-        group.mkdir()
+        group = make_cpu_group(f"reslab-test-{os.getpid()}", 0.5)
     except OSError as e:
         pytest.skip(f"cannot make a control group: {e}")
     try:
-        if v2:
-            (group / "cpu.max").write_text("50000 100000")
-        else:
-            (group / "cpu.cfs_period_us").write_text("100000")
-            (group / "cpu.cfs_quota_us").write_text("50000")
         join = f"open({str(group / 'cgroup.procs')!r}, 'w').write(str(__import__('os').getpid()))"
         done = subprocess.run(
             [sys.executable, "-c", f"{join}\nfrom reslab.engine.host import cpu_quota\nprint(cpu_quota())"],

@@ -422,9 +422,8 @@ def table(results: dict) -> str:
         lines += [
             f"Waiting for a CPU: the measuring threads, {100 * w:.1f}% of their time"
             + (
-                f" (from {CROWDED:.0%}: {results.get('cpu_wait_cause', 'other processes share these cores')}; these "
-                "figures understate this machine; "
-                'README.md, "Sharing the CPU")'
+                f" (from {CROWDED:.0%}: {results.get('cpu_wait_cause', 'other processes share these cores')}; "
+                'these figures understate this machine; README.md, "Sharing the CPU")'
                 if w >= CROWDED
                 else ""
             )

@@ -84,6 +84,12 @@ def wait_share(waited: float, seconds: float) -> float:
 CROWDED = 0.2
 
 
+CGROUP = Path(
+    "/sys/fs/cgroup"
+)  # where Linux mounts its control groups (v2; v1 under one directory per controller)
+PERIOD = 100_000  # microseconds: the period of the CPU quotas make_cpu_group writes
+
+
 def _v2_limit(group: Path) -> list[str]:
     return (group / "cpu.max").read_text().split()  # "max 100000" or "QUOTA PERIOD"
 
@@ -92,7 +98,7 @@ def _v1_limit(group: Path) -> list[str]:
     return [(group / f"cpu.cfs_{k}_us").read_text().strip() for k in ("quota", "period")]  # quota -1: none
 
 
-def cpu_quota(proc: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> float | None:
+def cpu_quota(proc: Path = Path("/proc/self/cgroup"), root: Path = CGROUP) -> float | None:
     """The CPUs' worth of time this process's control groups allow it (a container's CPU limit): the tightest of
     cgroup v2's cpu.max or v1's cpu.cfs_quota_us over cpu.cfs_period_us along its group and the groups above;
     None where no group limits it or the kernel does not tell."""
@@ -121,14 +127,27 @@ def cpu_quota(proc: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs
     return min(limits, default=None)
 
 
+def make_cpu_group(name: str, cpus: float) -> Path:
+    """A control group `name` allowed `cpus` CPUs' time, as a container's CPU limit allows (cgroup v2, or v1's cpu
+    controller; needs root), for benchmarks and tests: a process moves in by writing its pid to the group's
+    cgroup.procs, and the empty group goes with rmdir. Raises OSError where the group cannot be made."""
+    v2 = (CGROUP / "cgroup.controllers").exists()
+    group = (CGROUP if v2 else CGROUP / "cpu") / name
+    group.mkdir(exist_ok=True)
+    if v2:
+        (group / "cpu.max").write_text(f"{round(cpus * PERIOD)} {PERIOD}")
+    else:
+        (group / "cpu.cfs_period_us").write_text(str(PERIOD))
+        (group / "cpu.cfs_quota_us").write_text(str(round(cpus * PERIOD)))
+    return group
+
+
 def crowding_cause() -> str:
     """Why a CPU run's threads wait for a CPU, as far as this process can tell: its own threads (or this machine's
     torchrun ranks' together) outnumber the CPUs it may use (its affinity, a container's quota), or else other
     processes take the cores."""
     threads, ranks = torch.get_num_threads(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    cpus = (
-        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    )  # Linux's
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     quota = cpu_quota()
     allowed = min(cpus, quota if quota is not None else cpus)
     if threads * ranks <= allowed:
@@ -169,5 +188,6 @@ __all__ = [
     "crowded_warning",
     "crowding_cause",
     "keep_freed_memory",
+    "make_cpu_group",
     "wait_share",
 ]

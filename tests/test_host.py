@@ -1,5 +1,6 @@
 """The host process: how long a CPU run's threads waited for a CPU, the warning when they wait, and its cause."""
 
+import importlib
 import os
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_overrides
 
 from reslab.engine import host
@@ -66,6 +68,35 @@ def test_a_run_with_more_threads_than_cpus_says_so(tiny_data, tmp_path):
     assert all(CROWDED <= r["cpu_wait"] <= 1 for r in rows)
     assert err.count("waited") == 1
     assert "this process runs 2 threads on 1 CPU: set OMP_NUM_THREADS=1" in err
+
+
+def test_cpu_wait_covers_testing_too(tiny_data, tmp_path, monkeypatch):
+    """An epoch's cpu_wait is over the whole epoch: seconds waited while the test set is evaluated count, shared
+    out over training and testing. Here the clock of waits stands still while training and moves 1 s in each
+    evaluation, so each tested epoch waited 1 s of its threads' epoch_seconds, and the untested one nothing."""
+    from reslab import config
+
+    fit_mod = importlib.import_module(
+        "reslab.engine.fit"
+    )  # the module: reslab.engine's `fit` is the function
+
+    waited = [0.0]
+
+    def evaluate(*args, **kwargs):
+        waited[0] += 1.0
+        return real(*args, **kwargs)
+
+    real = fit_mod.evaluate
+    monkeypatch.setattr(fit_mod, "cpu_wait_seconds", lambda: waited[0])
+    monkeypatch.setattr(fit_mod, "evaluate", evaluate)
+    cfg = config.load(None, tiny_overrides(tiny_data, **{"train.epochs": 3, "train.eval_every": 2}))
+    fit_mod.fit(cfg, tmp_path / "run", quiet=True)
+    rows = read_history(tmp_path / "run")
+    assert ["test_acc" in r for r in rows] == [False, True, True]
+    threads = torch.get_num_threads()
+    assert rows[0]["cpu_wait"] == 0.0
+    for r in rows[1:]:
+        assert r["cpu_wait"] == pytest.approx(1.0 / (r["epoch_seconds"] * threads), rel=1e-9)
 
 
 def test_threads_that_name_themselves_are_not_counted():

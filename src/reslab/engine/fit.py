@@ -125,8 +125,8 @@ def train_one_epoch(run: Run, epoch: int, on_step=None) -> dict:
         "images_per_sec": count / max(seconds, 1e-9),
         "train_seconds": seconds,
     }
-    if waited is not None:  # the share of the threads' time spent ready to run but kept off a CPU
-        metrics["cpu_wait"] = wait_share(wait, seconds)
+    if waited is not None:  # seconds the threads spent ready to run but kept off a CPU, summed over them
+        metrics["cpu_wait_seconds"] = wait
     if norms:
         metrics |= {"grad_norm": norm_sum / norms, "grad_norm_max": norm_max}
         if cfg.optim.grad_clip > 0:
@@ -305,7 +305,7 @@ def _train_and_evaluate(run: Run, epoch: int, step_hook) -> dict:
     cfg = run.cfg
     train_m = train_one_epoch(run, epoch, step_hook)
     eval_model = run.ema.model if run.ema is not None else run.eval_net
-    start = time.perf_counter()
+    start, waited = time.perf_counter(), cpu_wait_seconds() if "cpu_wait_seconds" in train_m else None
     test_m = {}
     if _due(epoch + 1, cfg.train.eval_every, cfg.train.epochs):
         test_m = evaluate(
@@ -319,6 +319,10 @@ def _train_and_evaluate(run: Run, epoch: int, step_hook) -> dict:
             cfg.train.tta_shift,
         )
         guard.check(test_m["test_loss"], "test loss", (epoch + 1) * run.steps_per_epoch)
+    seconds, wait = train_m["train_seconds"] + time.perf_counter() - start, {}
+    if waited is not None and (now := cpu_wait_seconds()) is not None:
+        # the share of the threads' time in the whole epoch, training and testing, spent waiting for a CPU
+        wait["cpu_wait"] = wait_share(train_m["cpu_wait_seconds"] + max(now - waited, 0.0), seconds)
     last_step = (epoch + 1) * run.steps_per_epoch - 1
     lr = lr_at(last_step, cfg.train.epochs * run.steps_per_epoch, run.steps_per_epoch, cfg.optim)
     return {
@@ -328,9 +332,10 @@ def _train_and_evaluate(run: Run, epoch: int, step_hook) -> dict:
         **test_m,
         "lr": lr * run.guard.lr_scale,
         "images_per_sec": train_m["images_per_sec"],
-        "epoch_seconds": train_m["train_seconds"] + time.perf_counter() - start,
+        "epoch_seconds": seconds,
         "world_size": run.ctx.world_size,
-        **{k: train_m[k] for k in ("grad_norm", "grad_norm_max", "clipped", "cpu_wait") if k in train_m},
+        **{k: train_m[k] for k in ("grad_norm", "grad_norm_max", "clipped") if k in train_m},
+        **wait,
     }
 
 

@@ -15,6 +15,7 @@ Usage: .venv/bin/python benchmarks/contention.py [--variants GOMP_SPINCOUNT=3000
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import statistics
@@ -49,12 +50,14 @@ def start_hogs(n: int, renice_sessions: bool) -> list[subprocess.Popen]:
 
 def limit_cpus(cpus: float) -> None:
     """Move this process, and so every process it starts, into a new control group allowed `cpus` CPUs' time, as a
-    container's CPU quota would (cgroup v2 or v1's cpu controller; needs root)."""
+    container's CPU quota would (cgroup v2 or v1's cpu controller; needs root); at exit, back to the top group, and
+    the emptied group is removed."""
     try:
         group = make_cpu_group("reslab-contention", cpus)
         (group / "cgroup.procs").write_text(str(os.getpid()))
     except OSError as e:
         sys.exit(f"contention: cannot limit the CPU time with a control group: {e}")
+    atexit.register(lambda: ((group.parent / "cgroup.procs").write_text(str(os.getpid())), group.rmdir()))
 
 
 def run_beside(

@@ -210,3 +210,64 @@ def test_cpu_quota_reads_a_real_control_group(tmp_path):
         assert float(done.stdout) == 0.5
     finally:
         group.rmdir()
+
+
+@pytest.mark.parametrize(
+    "quota, ranks, env, threads",
+    [
+        (None, 1, {}, None),  # no quota: PyTorch's own count stands
+        (0.5, 1, {}, 1),
+        (1.0, 1, {}, 1),
+        (1.25, 1, {}, 1),  # measured even (BENCHMARKS.md): the quota rounded
+        (1.5, 1, {}, None),  # 2 threads were faster than 1 under 1.5 CPUs
+        (3.0, 1, {}, None),
+        (2.0, 2, {}, 1),  # two torchrun ranks on this machine share the quota
+        (1.0, 1, {"OMP_NUM_THREADS": "2"}, None),  # the user's count stands
+    ],
+)
+def test_the_threads_fit_a_cpu_quota(monkeypatch, quota, ranks, env, threads):
+    set_to = []
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+    monkeypatch.setattr(host, "cpu_quota", lambda: quota)
+    monkeypatch.setattr(host, "_fitted_to", None)
+    monkeypatch.setattr(host.torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(host.torch, "set_num_threads", set_to.append)
+    host.fit_threads_to_quota(host.torch.device("cuda"))
+    assert set_to == []  # nothing changes for a GPU's steps
+    host.fit_threads_to_quota(host.torch.device("cpu"))
+    assert set_to == ([] if threads is None else [threads])
+    assert host.cpu_threads() == "2 threads" + (f" for a CPU quota of {quota:g}" if threads else "")
+
+
+def test_a_run_under_a_cpu_quota_fits_its_threads(tiny_data, tmp_path):
+    """Under a 1-CPU quota of a real control group (needs root), a run left to choose runs 1 thread and says so;
+    one told OMP_NUM_THREADS=2 runs 2, and waits for CPU time."""
+    if os.cpu_count() < 2:
+        pytest.skip("PyTorch runs no more threads than the machine has cores")
+    try:
+        group = make_cpu_group(f"reslab-test-{os.getpid()}", 1.0)
+    except OSError as e:
+        pytest.skip(f"cannot make a control group: {e}")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    join = lambda: (group / "cgroup.procs").write_text(str(os.getpid()))  # noqa: E731
+    try:
+        for name, extra, says in [
+            ("fit", {}, "(1 thread for a CPU quota of 1)"),
+            ("two", {"OMP_NUM_THREADS": "2"}, "(2 threads)"),
+        ]:
+            done = subprocess.run(
+                [sys.executable, "-m", "reslab", "train", "--out", str(tmp_path / name)]
+                + ["--set", *tiny_overrides(tiny_data, **{"train.epochs": 1})],
+                env=env | extra,
+                preexec_fn=join,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            assert says in done.stdout.splitlines()[0]
+        assert read_history(tmp_path / "fit")[0]["cpu_wait"] < read_history(tmp_path / "two")[0]["cpu_wait"]
+    finally:
+        group.rmdir()

@@ -16,7 +16,14 @@ from torch import nn
 from .baseline import seed_vs_reslab
 from .config import OptimConfig, load
 from .engine.checkpoint import make_file_dir, write_text
-from .engine.host import CROWDED, cpu_wait_seconds, crowding_cause, keep_freed_memory, wait_share
+from .engine.host import (
+    CROWDED,
+    cpu_wait_seconds,
+    crowding_cause,
+    fit_threads_to_quota,
+    keep_freed_memory,
+    wait_share,
+)
 from .engine.optim import make_optimizer
 from .engine.precision import autocast, bf16_native, resolve_device, resolve_precision
 from .engine.run import speed_up
@@ -313,6 +320,7 @@ def run(
     seed_rounds: int = 3,
 ) -> dict:
     dev = resolve_device(device)
+    fit_threads_to_quota(dev)
     start, waited = time.perf_counter(), cpu_wait_seconds() if dev.type == "cpu" else None
     if out is not None:  # checked before minutes of measuring, not after them, as is the seed limit
         make_file_dir(Path(out), "bench.json")

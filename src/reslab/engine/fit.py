@@ -23,7 +23,7 @@ from .. import faults
 from ..config import Config
 from ..errors import ReslabError
 from . import checkpoint, dist, guard
-from .host import CROWDED, cpu_wait_seconds, crowded_warning, wait_share
+from .host import CROWDED, cpu_threads, cpu_wait_seconds, crowded_warning, wait_share
 from .run import Run, prepare, restore, restore_training_state, save, snapshot, state_of
 from .schedule import lr_at
 from .steps import check_steps, evaluate, loss_fn, train_step
@@ -226,7 +226,8 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
     _log(
         run,
         f"reslab: {cfg.model.name} ({run.meta['params'] / 1e6:.2f}M params) on {run.device.type}"
-        f"{f' x{run.ctx.world_size}' if run.ctx.active else ''}, {run.precision}, "
+        f"{f' x{run.ctx.world_size}' if run.ctx.active else ''}"
+        f"{f' ({cpu_threads()})' if run.device.type == 'cpu' else ''}, {run.precision}, "
         f"{run.train_loader.num_examples} train / {run.test_loader.num_examples} test images, "
         f"{n_epochs(cfg.train.epochs)} -> {out}"
         + (f" (resumed at epoch {run.epoch + 1})" if resumed else ""),

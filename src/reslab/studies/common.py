@@ -31,6 +31,7 @@ def machine() -> dict:
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
         "gpu": gpu,
         "torch": torch.__version__,
         "python": platform.python_version(),

@@ -30,7 +30,7 @@ import torch
 
 from reslab import bench
 from reslab.engine import gemm_conv
-from reslab.engine.host import keep_freed_memory
+from reslab.engine.host import set_up
 from reslab.studies.common import machine
 
 CPU = torch.device("cpu")
@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=[s[0] for s in STEPS], default=[s[0] for s in STEPS])
     parser.add_argument("--out", help="write the numbers as JSON here")
     args = parser.parse_args()
-    keep_freed_memory(CPU)  # as training does
+    set_up(CPU)  # as training does
     # Dynamo's default limit of 8 graphs per function would leave the later blocks eager when the graph breaks
     # at each convolution (a graph per block)
     torch._dynamo.config.recompile_limit = 1024

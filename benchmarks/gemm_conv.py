@@ -18,7 +18,7 @@ from torch import nn
 
 from reslab import bench
 from reslab.engine import gemm_conv
-from reslab.engine.host import keep_freed_memory
+from reslab.engine.host import set_up
 from reslab.studies.common import machine
 
 CPU = torch.device("cpu")
@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", help="write the numbers as JSON here")
     args = parser.parse_args()
-    keep_freed_memory(CPU)  # as training does
+    set_up(CPU)  # as training does
     print(f"AMX: {gemm_conv.has_amx()}; bf16 layers, forward + backward (channels_last):")
     result = {"machine": machine(), "amx": gemm_conv.has_amx(), "layers": layers(args.rounds)}
     print("whole training steps (forward, backward, SGD), bf16 channels_last:")

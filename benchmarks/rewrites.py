@@ -16,7 +16,7 @@ import torch
 from torch.profiler import profile
 
 from reslab import bench
-from reslab.engine.host import keep_freed_memory
+from reslab.engine.host import set_up
 from reslab.engine.precision import bf16_native
 from reslab.studies.common import machine
 
@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--out", help="write the numbers as JSON here")
     args = parser.parse_args()
-    keep_freed_memory(CPU)
+    set_up(CPU)
     rows = []
     for name, size, batch, precision in STEPS:
         if precision == "bf16" and not bf16_native(CPU):

@@ -20,8 +20,7 @@ from .engine.host import (
     CROWDED,
     cpu_wait_seconds,
     crowding_cause,
-    fit_threads_to_quota,
-    keep_freed_memory,
+    set_up,
     wait_share,
 )
 from .engine.optim import make_optimizer
@@ -136,7 +135,7 @@ def make_step(
     train.compile does (compiling in its first call). `optim` (default: SGD, lr 0.01, momentum 0.9) sets the
     update and the label smoothing, made as training makes them; a recipe's own makes the step the one its
     training loop runs, less the loop."""
-    keep_freed_memory(device)  # as training does
+    set_up(device)  # as training does
     torch.manual_seed(0)
     mem = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model(name, 1, 10, **options).to(device=device, memory_format=mem).train()
@@ -320,7 +319,7 @@ def run(
     seed_rounds: int = 3,
 ) -> dict:
     dev = resolve_device(device)
-    fit_threads_to_quota(dev)
+    set_up(dev)
     start, waited = time.perf_counter(), cpu_wait_seconds() if dev.type == "cpu" else None
     if out is not None:  # checked before minutes of measuring, not after them, as is the seed limit
         make_file_dir(Path(out), "bench.json")

@@ -8,7 +8,7 @@ from torch import nn
 
 from .config import DataConfig
 from .data import TensorLoader, load_dataset, make_loaders
-from .engine.host import keep_freed_memory
+from .engine.host import set_up
 from .engine.steps import evaluate, train_step
 from .errors import is_count
 from .models.blocks import ResidualUnit
@@ -100,7 +100,7 @@ def train_3ch(net, loss, num_epochs, train_iter, optimizer, test_iter, device) -
     """The notebook's training function on reslab's engine: train mode every epoch (the notebook's NaN bug is
     fixed), guarded steps, true mean losses. Prints the notebook's line for each epoch; returns the metrics."""
     device = torch.device(device)
-    keep_freed_memory(device)  # as reslab's own runs do
+    set_up(device)  # as reslab's own runs do
     net.to(device)
     history = []
     for epoch in range(num_epochs):

@@ -15,7 +15,7 @@ from torch import nn
 from . import config as config_mod
 from .data import load_dataset, make_test_loader, resize
 from .engine import checkpoint
-from .engine.host import fit_threads_to_quota, keep_freed_memory
+from .engine.host import set_up
 from .engine.precision import autocast, resolve_precision
 from .engine.run import speed_up
 from .engine.steps import predict_logits
@@ -71,8 +71,7 @@ def evaluate_checkpoint(
             f"the model predicts {len(meta['classes'])} classes, the data has {len(data.classes)}"
         )
     device = torch.device("cpu")
-    keep_freed_memory(device)  # as training does: else each batch faults its activations in afresh
-    fit_threads_to_quota(device)
+    set_up(device)  # as training does: else each batch faults its activations in afresh
     test = make_test_loader(data, cfg.data, cfg.train.eval_batch_size, device, tta_shift=cfg.train.tta_shift)
     if out is not None:  # before the evaluation, so a wrong --out fails at once
         out = checkpoint.make_dir(Path(out))

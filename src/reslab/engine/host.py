@@ -198,6 +198,13 @@ def cpu_threads() -> str:
     return said if _fitted_to is None else f"{said} for a CPU quota of {_fitted_to:g}"
 
 
+def set_up(device: torch.device) -> None:
+    """Set this process up for steps on `device` as training does: on the CPU, freed memory kept for reuse
+    (keep_freed_memory) and the threads fitted to a container's CPU quota (fit_threads_to_quota)."""
+    keep_freed_memory(device)
+    fit_threads_to_quota(device)
+
+
 def crowded_warning(m: dict) -> str:
     """The one-time warning of a run whose threads wait for a CPU (an epoch's metrics `m`)."""
     threads = torch.get_num_threads()
@@ -217,5 +224,6 @@ __all__ = [
     "fit_threads_to_quota",
     "keep_freed_memory",
     "make_cpu_group",
+    "set_up",
     "wait_share",
 ]

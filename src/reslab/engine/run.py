@@ -16,7 +16,7 @@ from ..data import TensorLoader, load_dataset, make_loaders
 from ..errors import ReslabError
 from ..models import build_model, count_params
 from . import checkpoint, dist, gemm_conv, guard, rewrites
-from .host import fit_threads_to_quota, keep_freed_memory
+from .host import set_up
 from .optim import EMA, SGD, load_optimizer_state, make_optimizer
 from .precision import resolve_device, resolve_precision
 from .warm_start import warm_start
@@ -93,8 +93,7 @@ def prepare(cfg: Config, out: Path, quiet: bool = False, warm: bool = True) -> R
     if ctx.active and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
     precision = resolve_precision(cfg.precision, device)
-    keep_freed_memory(device)  # activations are freed and allocated again every step: keep their pages
-    fit_threads_to_quota(device)
+    set_up(device)  # keep freed activations' pages for the next step; threads fitted to a CPU quota
     if device.type == "cuda":  # fixed batch shapes: cuDNN times its convolution algorithms once and keeps the
         # fastest, unless deterministic kernels were asked for (exact resume on a GPU needs them)
         torch.backends.cudnn.benchmark = not torch.backends.cudnn.deterministic

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import NEEDS_CUDA, crash_then_resume, tiny_overrides, without_timings
 
 from reslab import config
@@ -500,6 +501,27 @@ def test_config_errors_exit_2_and_write_nothing(tmp_path, capsys, overrides, mes
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and err.startswith("reslab: error:")
     assert not out.exists()
+
+
+def test_print_config_shows_the_resolved_config_and_trains_nothing(tiny_data, tmp_path, capsys):
+    """--print-config prints what config.yaml would hold, the file's keys with the defaults and overrides, and
+    exits without training or writing; with --resume, the run's own config with the changes asked for."""
+    out = tmp_path / "run"
+    assert (
+        main(["train", "--config", "best", "--out", str(out), "--set", "optim.lr=0.3", "--print-config"]) == 0
+    )
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown == config.load("best", ["optim.lr=0.3"]).to_dict()
+    assert shown["optim"]["lr"] == 0.3 and shown["model"]["name"] == "resnet20" and not out.exists()
+    assert main(["train", "--print-config", "--set", "optim.lr=-1"]) == 2  # checked as training checks it
+    assert "optim.lr: must be > 0" in capsys.readouterr().err
+    fit(tiny_cfg(tiny_data, **{"train.epochs": 1}), out, quiet=True)
+    capsys.readouterr()
+    files = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
+    assert main(["train", "--out", str(out), "--resume", "--set", "train.epochs=3", "--print-config"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["train"]["epochs"] == 3 and shown["data"]["root"] == str(tiny_data)
+    assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == files  # the run is untouched
 
 
 def test_missing_config_file_and_bad_yaml(tmp_path, capsys):

@@ -41,6 +41,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ReslabError(f"cannot resume: {args.out} holds no run (no config.yaml, no last.pt)")
     else:
         cfg = config.load(args.config, args.set)
+    if args.print_config:  # what the run's config.yaml would hold; nothing trains, nothing is written
+        print(config.dump(cfg), end="")
+        return 0
     out = args.out or f"runs/{cfg.name}"
     summary = fit(cfg, out, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
     if summary["test_acc"] is not None and dist.is_main_process():  # under torchrun: rank 0 says it
@@ -219,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     again.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (file, defaults, overrides) as YAML and exit without training",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run directory or checkpoint on the test set, with a report")

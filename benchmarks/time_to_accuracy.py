@@ -65,8 +65,10 @@ def run_seed(out: Path, overrides: list[str], budget: float) -> dict:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait()
     stopped = time.perf_counter() - start
-    if code not in (0, 128 + signal.SIGTERM):
-        sys.exit(f"time_to_accuracy: the seed recipe's run failed (exit {code})")
+    if code not in (0, 128 + signal.SIGTERM) or not (out / "last.pt").exists():
+        sys.exit(
+            f"time_to_accuracy: the seed recipe's run saved no checkpoint (exit {code}): a budget too short?"
+        )
     state = checkpoint.load(out / "last.pt")
     evaluated = subprocess.run(
         [sys.executable, "-m", "reslab", "eval", str(out / "last.pt"), "--json"],

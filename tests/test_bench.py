@@ -232,6 +232,29 @@ def test_profile_step_script_measures_the_loop_and_the_bare_steps(tiny_data, tmp
     assert "operators the loop adds" in done.stdout
 
 
+def test_time_to_accuracy_script_evaluates_what_each_recipe_reached(tiny_data, tmp_path):
+    """benchmarks/time_to_accuracy.py on tiny data, the seed recipe given time to finish: the accuracy it reports
+    for the seed recipe, from `reslab eval` of its checkpoint, is the run's own final test accuracy."""
+    out = tmp_path / "tta.json"
+    sets = tiny_overrides(tiny_data, **{"data.resize": 32, "train.epochs": 1})
+    script = Path(__file__).parents[1] / "benchmarks" / "time_to_accuracy.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--budget", "600", "--set", *sets, "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    fast, seed = result["fast"], result["seed"]
+    assert (
+        fast["test_acc"] == fast["epochs"][-1]["test_acc"]
+        and fast["wall_seconds"] > fast["epochs"][-1]["seconds"]
+    )
+    assert seed["exit_code"] == 0 and seed["epochs_done"] == 1 and seed["batches_into_next_epoch"] == 0
+    assert seed["test_acc_at_budget"] == seed["epochs"][-1]["test_acc"]
+    assert set(seed["seconds_to"]) == {"0.85", "0.9", "0.92", "0.93"}
+
+
 def test_every_case_the_reliability_report_runs_exists():
     """docs/reliability.md lists what benchmarks/reliability_report.py runs: a renamed test would drop from it."""
     import ast

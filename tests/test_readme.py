@@ -1,0 +1,28 @@
+"""README.md's Python examples run as written: a newcomer copies them first."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reslab.data.fashion_mnist import SYSTEM
+
+README = Path(__file__).parents[1] / "README.md"
+BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+
+
+def test_the_readme_has_python_examples():
+    assert len(BLOCKS) >= 3
+
+
+@pytest.mark.parametrize("code", BLOCKS, ids=[f"block{i + 1}" for i in range(len(BLOCKS))])
+def test_a_readme_python_example_runs(code, tmp_path):
+    if "fit(" in code and not SYSTEM.is_dir():
+        pytest.skip("trains on the Fashion-MNIST files, which are not installed")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    if "the same accuracy twice" in code:  # as its comment says: the run's own figure, then its checkpoint's
+        first, second = done.stdout.strip().splitlines()[-1].split()
+        assert first == second and 0 < float(first) <= 1

@@ -74,6 +74,8 @@ def test_the_table_names_each_peak_route_and_reads_files_without_one():
     )
     del results["gemm_route"]  # a file written before the routes
     assert bench.table(results).splitlines()[0].endswith("386 GFLOP/s fp32, 808.0 GFLOP/s bf16")
+    results["machine"] = {"threads": 1, "gpu": None}  # since session 41 the file gives the CPU threads
+    assert bench.table(results).startswith("GEMM peak at the start of this run (CPU, 1 thread):")
 
 
 def test_the_table_says_when_the_threads_waited_for_a_cpu():

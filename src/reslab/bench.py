@@ -397,7 +397,11 @@ def table(results: dict) -> str:
     peaks = results["gemm_gflops"]
     # which route gave each peak; files written before session 36 do not say
     routes = {k: f" ({v})" for k, v in results.get("gemm_route", {}).items()}
-    where = results.get("machine", {}).get("gpu") if results.get("device") == "cuda" else "CPU"
+    m = results.get("machine", {})
+    if results.get("device") == "cuda":
+        where = m.get("gpu")
+    else:  # files written before session 41 do not give the threads
+        where = "CPU" + (f", {m['threads']} thread{'s' * (m['threads'] > 1)}" if m.get("threads") else "")
     lines = [
         f"GEMM peak at the start of this run ({where}): {peaks['fp32']:.0f} GFLOP/s fp32{routes.get('fp32', '')}, "
         f"{peaks['bf16']:.1f} GFLOP/s bf16{routes.get('bf16', '')}"

@@ -16,13 +16,7 @@ from torch import nn
 from .baseline import seed_vs_reslab
 from .config import OptimConfig, load
 from .engine.checkpoint import make_file_dir, write_text
-from .engine.host import (
-    CROWDED,
-    cpu_wait_seconds,
-    crowding_cause,
-    set_up,
-    wait_share,
-)
+from .engine.host import CROWDED, cpu_wait_seconds, crowding_cause, set_up, wait_share
 from .engine.optim import make_optimizer
 from .engine.precision import autocast, bf16_native, resolve_device, resolve_precision
 from .engine.run import speed_up

@@ -180,8 +180,8 @@ def fit_threads_to_quota(device: torch.device) -> None:
     runs threads, run as many threads as the quota allows CPUs, rounded (at least one; under torchrun, this
     machine's ranks share them), unless OMP_NUM_THREADS sets the count. PyTorch counts the CPUs this process may
     run on, not its quota, and threads beyond the quota wait for each other. On 2 cores (BENCHMARKS.md, "Fitting
-    the threads to a CPU quota"), a fast.yaml epoch took, with 1 thread against 2: 5.3 s against 6.3 under a
-    quota of 1 CPU, 5.9 against 6.0 under 1.25, 6.3 against 5.4 under 1.5."""
+    the threads to a CPU quota"), a fast.yaml epoch took, with 1 thread against 2: 6.3 s against 7.1 under a
+    quota of 1 CPU, 5.9 against 6.0 under 1.25, 6.3 against 5.3 under 1.5."""
     global _fitted_to
     if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ or (quota := cpu_quota()) is None:
         return

@@ -9,7 +9,8 @@
 # one runs). Their durations on an H200 in session 23 (session 8 where marked) are in brackets.
 #   tests          the CUDA-marked tests (`pytest -m cuda`: tests/test_cuda.py and CUDA cases elsewhere) [60 s]
 #   bench          `reslab bench --device cuda`: GEMM peaks, step throughput and MFU, engine overhead, the
-#                  notebook's code against reslab [76 s]
+#                  notebook's code against reslab [76 s], and since session 41 fast.yaml against the seed recipe
+#                  in the same wall time [~40 s est.]
 #   seed           the seed recipe (configs/seed.yaml), 10 epochs: img/s (goal >= 40,000 on an H100) [40 s]
 #   profile        benchmarks/profile_step.py: best.yaml's training loop against bare steps, per operator
 #   profile-sprint the same for sprint.yaml (profile-sprint.json) [21 s]
@@ -86,7 +87,7 @@ step() { # name limit_seconds command...; the limit shrinks to what is left befo
 nvidia-smi >>"$LOG" 2>&1
 step tests 90 "$PY" -m pytest -m cuda tests -q -p no:cacheprovider
 grep -E "(passed|failed|skipped|error).* in [0-9.]+s" "$LOG" | tail -1 >"$OUT/pytest.log"
-step bench 120 "$PY" -m reslab bench --device "$DEVICE" --seed-rounds 1 --out "$OUT/bench.json"
+step bench 180 "$PY" -m reslab bench --device "$DEVICE" --seed-rounds 1 --out "$OUT/bench.json"
 step seed 100 "$PY" -m reslab train --config configs/seed.yaml --quiet --out "$RUNS/seed" --set "${SET[@]}"
 step profile 60 "$PY" benchmarks/profile_step.py --config configs/best.yaml --set "${SET[@]}" \
 	--steps "$PROFILE_STEPS" --out "$OUT/profile.json"

@@ -235,8 +235,9 @@ def test_profile_step_script_measures_the_loop_and_the_bare_steps(tiny_data, tmp
 
 
 def test_time_to_accuracy_script_evaluates_what_each_recipe_reached(tiny_data, tmp_path):
-    """benchmarks/time_to_accuracy.py on tiny data, the seed recipe given time to finish: the accuracy it reports
-    for the seed recipe, from `reslab eval` of its checkpoint, is the run's own final test accuracy."""
+    """benchmarks/time_to_accuracy.py (reslab bench's last part) on tiny data, the seed recipe given time to
+    finish: the accuracy it reports for the seed recipe, from `reslab eval` of its checkpoint, is the run's own
+    final test accuracy; bench's table gives it."""
     out = tmp_path / "tta.json"
     sets = tiny_overrides(tiny_data, **{"data.resize": 32, "train.epochs": 1})
     script = Path(__file__).parents[1] / "benchmarks" / "time_to_accuracy.py"
@@ -255,6 +256,8 @@ def test_time_to_accuracy_script_evaluates_what_each_recipe_reached(tiny_data, t
     assert seed["exit_code"] == 0 and seed["epochs_done"] == 1 and seed["batches_into_next_epoch"] == 0
     assert seed["test_acc_at_budget"] == seed["epochs"][-1]["test_acc"]
     assert set(seed["seconds_to"]) == {"0.85", "0.9", "0.92", "0.93"}
+    line = bench.table(bench_results(gemm_gflops={"fp32": 1.0, "bf16": 1.0}, time_to_accuracy=result))
+    assert line.endswith(f"in the same time: 1 epoch and 0 batches of 64, {seed['test_acc_at_budget']:.4f}")
 
 
 def test_every_case_the_reliability_report_runs_exists():

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .baseline import seed_vs_reslab
+from .baseline import seed_vs_reslab, time_to_accuracy
 from .config import OptimConfig, load
 from .engine.checkpoint import make_file_dir, write_text
 from .engine.host import CROWDED, cpu_wait_seconds, crowding_cause, set_up, wait_share
@@ -370,6 +370,9 @@ def run(
         results["seed_vs_reslab"] = seed_vs_reslab(seed_limit, device=dev, rounds=seed_rounds)
         print(f"seed notebook vs reslab: {results['seed_vs_reslab']}", flush=True)
         keep()
+        results["time_to_accuracy"] = time_to_accuracy(device=dev)
+        print(f"time to accuracy: {results['time_to_accuracy']}", flush=True)
+        keep()
     print(table(results))
     return results
 
@@ -440,5 +443,14 @@ def table(results: dict) -> str:
             f"median of {s.get('rounds', 1)} alternating rounds): {s['seed_notebook_seconds']:.0f} s vs "
             f"{s['reslab_seconds']:.0f} s, {s['speedup']:.2f}x; peak RSS of the "
             f"largest process {s['seed_notebook_peak_rss_mb']:.0f} MB vs {s['reslab_peak_rss_mb']:.0f} MB"
+        ]
+    if "time_to_accuracy" in results:
+        t = results["time_to_accuracy"]
+        f, seed = t["fast"], t["seed"]
+        lines += [
+            f"Time to accuracy (whole processes, the full data): fast.yaml {f['test_acc']:.4f} in "
+            f"{f['wall_seconds']:.0f} s; the seed recipe in the same time: {seed['epochs_done']} "
+            f"epoch{'s' * (seed['epochs_done'] != 1)} and "
+            f"{seed['batches_into_next_epoch']} batches of {seed['batch_size']}, {seed['test_acc_at_budget']:.4f}"
         ]
     return "\n".join(lines)

@@ -310,9 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output file, e.g. model.onnx, model.pt2 or model.pt")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("bench", help="throughput, MFU, engine overhead, and the seed notebook as a baseline")
+    p = sub.add_parser(
+        "bench", help="throughput, MFU, engine overhead; the seed notebook and the seed recipe as baselines"
+    )
     p.add_argument("--out", help="write the results as JSON here")
-    p.add_argument("--quick", action="store_true", help="small models only, no seed-notebook comparison")
+    p.add_argument("--quick", action="store_true", help="small models only, no comparison with the seed")
     p.add_argument(
         "--seed-limit", type=int, default=2560, help="images for the seed comparison (default 2560)"
     )

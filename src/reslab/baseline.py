@@ -121,6 +121,10 @@ def _train(recipe: str, out: Path, overrides: list[str]) -> list[str]:
     return [*train, "--config", str(RECIPES / f"{recipe}.yaml"), "--out", str(out), "--set", *overrides]
 
 
+def _last_line(text: str) -> str:
+    return (text.strip().splitlines() or ["?"])[-1]
+
+
 def _reached(out: Path) -> dict:
     """A run's finished epochs (test accuracy, and the seconds of training and testing to its end), and the
     seconds to the end of the first epoch that reached each accuracy in THRESHOLDS (None: none did)."""
@@ -149,7 +153,7 @@ def time_to_accuracy(
         done = subprocess.run(_train("fast", fast_out, overrides), capture_output=True, text=True)
         wall = time.perf_counter() - start
         if done.returncode:
-            raise ReslabError(f"fast.yaml's run failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+            raise ReslabError(f"fast.yaml's run failed: {_last_line(done.stderr)}")
         budget = budget or wall
         start = time.perf_counter()
         proc = subprocess.Popen(_train("seed", seed_out, overrides), stdout=subprocess.DEVNULL)
@@ -164,10 +168,13 @@ def time_to_accuracy(
         state = checkpoint.load(seed_out / "last.pt")
         evaluated = subprocess.run(
             [sys.executable, "-m", "reslab", "eval", str(seed_out / "last.pt"), "--json"],
-            check=True,
             capture_output=True,
             text=True,
         )
+        if evaluated.returncode:
+            raise ReslabError(
+                f"evaluating the seed recipe's checkpoint failed: {_last_line(evaluated.stderr)}"
+            )
         fast = json.loads((fast_out / "summary.json").read_text())
         return {
             "budget_seconds": budget,

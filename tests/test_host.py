@@ -193,23 +193,36 @@ def test_the_warning_names_what_crowds_the_cpu(monkeypatch, threads, ranks, cpus
     assert says in host.crowded_warning({"epoch": 3, "cpu_wait": 0.5})
 
 
-def test_cpu_quota_reads_a_real_control_group(tmp_path):
-    """A process in a control group allowed half a CPU reads 0.5 (needs root and a writable cgroup hierarchy)."""
-    try:
-        group = make_cpu_group(f"reslab-test-{os.getpid()}", 0.5)
-    except OSError as e:
-        pytest.skip(f"cannot make a control group: {e}")
-    try:
-        join = f"open({str(group / 'cgroup.procs')!r}, 'w').write(str(__import__('os').getpid()))"
-        done = subprocess.run(
-            [sys.executable, "-c", f"{join}\nfrom reslab.engine.host import cpu_quota\nprint(cpu_quota())"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        assert float(done.stdout) == 0.5
-    finally:
+@pytest.fixture
+def cpu_group():
+    """A control group allowed `cpus` CPUs' time (needs root and a writable cgroup hierarchy, else the test is
+    skipped), and the function a child process calls before it runs to move into it; removed afterwards, when its
+    processes have ended."""
+    made = []
+
+    def make(cpus: float):
+        try:
+            group = make_cpu_group(f"reslab-test-{os.getpid()}", cpus)
+        except OSError as e:
+            pytest.skip(f"cannot make a control group: {e}")
+        made.append(group)
+        return lambda: (group / "cgroup.procs").write_text(str(os.getpid()))
+
+    yield make
+    for group in made:
         group.rmdir()
+
+
+def test_cpu_quota_reads_a_real_control_group(cpu_group):
+    """A process in a control group allowed half a CPU reads 0.5."""
+    done = subprocess.run(
+        [sys.executable, "-c", "from reslab.engine.host import cpu_quota\nprint(cpu_quota())"],
+        preexec_fn=cpu_group(0.5),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert float(done.stdout) == 0.5
 
 
 @pytest.mark.parametrize(
@@ -242,32 +255,25 @@ def test_the_threads_fit_a_cpu_quota(monkeypatch, quota, ranks, env, threads):
     assert host.cpu_threads() == "2 threads" + (f" for a CPU quota of {quota:g}" if threads else "")
 
 
-def test_a_run_under_a_cpu_quota_fits_its_threads(tiny_data, tmp_path):
-    """Under a 1-CPU quota of a real control group (needs root), a run left to choose runs 1 thread and says so;
-    one told OMP_NUM_THREADS=2 runs 2, and waits for CPU time."""
+def test_a_run_under_a_cpu_quota_fits_its_threads(tiny_data, tmp_path, cpu_group):
+    """Under a 1-CPU quota of a real control group, a run left to choose runs 1 thread and says so; one told
+    OMP_NUM_THREADS=2 runs 2, and waits for CPU time."""
     if os.cpu_count() < 2:
         pytest.skip("PyTorch runs no more threads than the machine has cores")
-    try:
-        group = make_cpu_group(f"reslab-test-{os.getpid()}", 1.0)
-    except OSError as e:
-        pytest.skip(f"cannot make a control group: {e}")
+    join = cpu_group(1.0)
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    join = lambda: (group / "cgroup.procs").write_text(str(os.getpid()))  # noqa: E731
-    try:
-        for name, extra, says in [
-            ("fit", {}, "(1 thread for a CPU quota of 1)"),
-            ("two", {"OMP_NUM_THREADS": "2"}, "(2 threads)"),
-        ]:
-            done = subprocess.run(
-                [sys.executable, "-m", "reslab", "train", "--out", str(tmp_path / name)]
-                + ["--set", *tiny_overrides(tiny_data, **{"train.epochs": 1})],
-                env=env | extra,
-                preexec_fn=join,
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            assert says in done.stdout.splitlines()[0]
-        assert read_history(tmp_path / "fit")[0]["cpu_wait"] < read_history(tmp_path / "two")[0]["cpu_wait"]
-    finally:
-        group.rmdir()
+    for name, extra, says in [
+        ("fit", {}, "(1 thread for a CPU quota of 1)"),
+        ("two", {"OMP_NUM_THREADS": "2"}, "(2 threads)"),
+    ]:
+        done = subprocess.run(
+            [sys.executable, "-m", "reslab", "train", "--out", str(tmp_path / name)]
+            + ["--set", *tiny_overrides(tiny_data, **{"train.epochs": 1})],
+            env=env | extra,
+            preexec_fn=join,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert says in done.stdout.splitlines()[0]
+    assert read_history(tmp_path / "fit")[0]["cpu_wait"] < read_history(tmp_path / "two")[0]["cpu_wait"]

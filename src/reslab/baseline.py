@@ -26,6 +26,16 @@ from .runs import read_history
 CPU = torch.device("cpu")
 
 
+def _train(recipe: str, out: Path, overrides: list[str]) -> list[str]:
+    """The command of a `reslab train` process of the package's own `recipe` (wherever this runs) into `out`."""
+    train = [sys.executable, "-m", "reslab", "train", "--quiet"]
+    return [*train, "--config", str(RECIPES / f"{recipe}.yaml"), "--out", str(out), "--set", *overrides]
+
+
+def _last_line(text: str) -> str:
+    return (text.strip().splitlines() or ["?"])[-1]
+
+
 # Runs argv[2:] and writes its wall seconds and peak RSS to the file argv[1]. The measured process must start
 # from a small one: Linux seeds a new process's peak RSS with its parent's at exec, so a process started straight
 # from the benchmark (gigabytes after its own measurements) would report the benchmark's peak, not its own.
@@ -51,7 +61,7 @@ def timed_process(cmd: list[str]) -> tuple[float, str, float]:
         out.seek(0)
         err.seek(0)
         if code != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed: {err.read().strip().splitlines()[-1:]}")
+            raise RuntimeError(f"{' '.join(cmd)} failed: {_last_line(err.read())}")
         measured = json.load(numbers)
         return measured["seconds"], out.read(), measured["maxrss_kb"] / 1024
 
@@ -76,24 +86,12 @@ def seed_vs_reslab(
         "--device",
         device.type,
     ]
-    ours = [
-        sys.executable,
-        "-m",
-        "reslab",
-        "train",
-        "--config",
-        str(RECIPES / "seed.yaml"),  # the package's own recipe, wherever this runs
-        "--quiet",
-        "--set",
-        f"data.limit={limit}",
-        f"train.epochs={epochs}",
-        f"device={device.type}",
-    ]
+    ours = [f"data.limit={limit}", f"train.epochs={epochs}", f"device={device.type}"]
     seed_runs, ours_runs = [], []
     with tempfile.TemporaryDirectory(prefix="reslab-bench-seed-") as runs:
         for r in range(rounds):
             seed_runs.append(timed_process(baseline))
-            ours_runs.append(timed_process([*ours, "--out", f"{runs}/{r}"]))
+            ours_runs.append(timed_process(_train("seed", Path(runs) / str(r), ours)))
     seed_acc = json.loads(seed_runs[-1][1].strip().splitlines()[-1])["history"][-1]["test_acc"]
     match = re.search(r"test acc (\d\.\d+)", ours_runs[-1][1])
     return {
@@ -113,16 +111,6 @@ def seed_vs_reslab(
 
 
 THRESHOLDS = (0.85, 0.9, 0.92, 0.93)  # test accuracies whose time to reach time_to_accuracy reports
-
-
-def _train(recipe: str, out: Path, overrides: list[str]) -> list[str]:
-    """The command of a `reslab train` process of the package's own `recipe` into `out`."""
-    train = [sys.executable, "-m", "reslab", "train", "--quiet"]
-    return [*train, "--config", str(RECIPES / f"{recipe}.yaml"), "--out", str(out), "--set", *overrides]
-
-
-def _last_line(text: str) -> str:
-    return (text.strip().splitlines() or ["?"])[-1]
 
 
 def _reached(out: Path) -> dict:

@@ -84,9 +84,8 @@ def wait_share(waited: float, seconds: float) -> float:
 CROWDED = 0.2
 
 
-CGROUP = Path(
-    "/sys/fs/cgroup"
-)  # where Linux mounts its control groups (v2; v1 under one directory per controller)
+# where Linux mounts its control groups (v2; v1 under one directory per controller)
+CGROUP = Path("/sys/fs/cgroup")
 PERIOD = 100_000  # microseconds: the period of the CPU quotas make_cpu_group writes
 
 
@@ -142,11 +141,16 @@ def make_cpu_group(name: str, cpus: float) -> Path:
     return group
 
 
+def _local_ranks() -> int:
+    """How many processes torchrun started on this machine (1 without torchrun)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def crowding_cause() -> str:
     """Why a CPU run's threads wait for a CPU, as far as this process can tell: its own threads (or this machine's
     torchrun ranks' together) outnumber the CPUs it may use (its affinity, a container's quota), or else other
     processes take the cores."""
-    threads, ranks = torch.get_num_threads(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads, ranks = torch.get_num_threads(), _local_ranks()
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     quota = cpu_quota()
     allowed = min(cpus, quota if quota is not None else cpus)
@@ -185,7 +189,7 @@ def fit_threads_to_quota(device: torch.device) -> None:
     global _fitted_to
     if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ or (quota := cpu_quota()) is None:
         return
-    threads = max(1, int(quota / int(os.environ.get("LOCAL_WORLD_SIZE", "1")) + 0.5))
+    threads = max(1, int(quota / _local_ranks() + 0.5))
     if threads < torch.get_num_threads():
         torch.set_num_threads(threads)
         _fitted_to = quota

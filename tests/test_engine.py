@@ -63,16 +63,17 @@ def test_an_override_of_one_model_option_keeps_the_files_others():
 
 
 def test_naming_another_model_drops_the_files_options_for_its_own():
-    """fast.yaml's width 32 and first stride 2 are ResNet-8's; `--set model.name=resnet56` means the paper's
+    """fast.yaml's width 32, first stride 2 and stem width 16 are ResNet-8's; `--set model.name=resnet56` means the paper's
     ResNet-56 (it used to build a width-32 one silently, and `model.name=resnet18` failed on the width)."""
     fast = CONFIGS[0].parent / "fast.yaml"
-    assert config.load(fast).model.options == {"width": 32, "first_stride": 2}
+    assert config.load(fast).model.options == {"width": 32, "first_stride": 2, "stem_width": 16}
     assert config.load(fast, ["model.name=resnet56"]).model.options == {}
     assert config.load(fast, ["model.name=resnet18"]).model.name == "resnet18"
     cfg = config.load(fast, ["model.name=resnet56", "model.options.order=full-preact"])
     assert cfg.model.options == {"order": "full-preact"}
     same = config.load(fast, ["model.name=resnet8", "model.options.width=16"])
-    assert same.model.options == {"width": 16, "first_stride": 2}  # the file's own model keeps its options
+    # the file's own model keeps its options
+    assert same.model.options == {"width": 16, "first_stride": 2, "stem_width": 16}
 
 
 def test_run_directory_contract(tiny_data, tmp_path):
@@ -377,7 +378,10 @@ def test_config_changes_name_dotted_keys_and_ignore_keys_of_other_versions():
     old = config.load("fast").to_dict()
     new = config.load("fast", ["optim.lr=0.3", "model.options.width=16", "train.ema=0.9"]).to_dict()
     assert config.changes(old, new) == {
-        "model.options": ({"width": 32, "first_stride": 2}, {"width": 16, "first_stride": 2}),
+        "model.options": (
+            {"width": 32, "first_stride": 2, "stem_width": 16},
+            {"width": 16, "first_stride": 2, "stem_width": 16},
+        ),
         "optim.lr": (old["optim"]["lr"], 0.3),
         "train.ema": (old["train"]["ema"], 0.9),
     }

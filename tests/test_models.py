@@ -182,16 +182,16 @@ def test_summary_defaults_to_the_size_each_model_is_built_for(capsys):
 
 
 def test_summary_of_a_recipe_builds_its_model_with_its_options(capsys):
-    """`reslab summary --config fast`: the recipe's ResNet-8 at width 32 with its first stage at 14 px (61 M training
-    FLOPs an image: 3x the forward's 20.2 M), and `--set` changes it as it would change the run."""
+    """`reslab summary --config fast`: the recipe's ResNet-8 at width 32 with its first stage at 14 px and a 16-channel
+    stem (54 M training FLOPs an image: 3x the forward's 18.1 M), and `--set` changes it as it would change the run."""
     assert main(["summary", "--config", "fast"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("resnet8, width=32, first_stride=2, input 1,1,28,28\n")
-    assert "(1, 128, 4, 4)" in out and out.rstrip().endswith("297,450       20.2")
+    assert out.startswith("resnet8, width=32, first_stride=2, stem_width=16, input 1,1,28,28\n")
+    assert "(1, 128, 4, 4)" in out and out.rstrip().endswith("292,666       18.1")
     assert main(["summary", "--config", "seed"]) == 0  # the notebook's net at its resize, 96 px
     assert capsys.readouterr().out.startswith("d2l-resnet18, input 1,1,96,96\n")
     assert main(["summary", "--config", "fast", "--set", "model.options.width=64"]) == 0
-    assert "1,184,714" in capsys.readouterr().out
+    assert "1,156,538" in capsys.readouterr().out
     for argv, message in (
         (["summary"], "name a MODEL or a recipe with --config"),
         (["summary", "resnet8", "--config", "fast"], "name a MODEL or a recipe with --config"),
@@ -244,6 +244,25 @@ def test_cifar_resolution_options_halve_the_maps_where_they_say():
     assert [r.output_shape for r in stage[1:4]] == [r.output_shape for r in stem[1:4]]
     assert stage[0].output_shape == (1, 16, 28, 28)
     assert sum(r.params for r in stem) == sum(r.params for r in stage)
+
+
+def test_stem_width_narrows_the_stem_alone():
+    # fast.yaml's ResNet-8: only the stem's 28 px maps narrow; the first unit's zero-padding shortcut widens them
+    rows = summary(
+        build_model("resnet8", 1, 10, width=32, first_stride=2, stem_width=16), (1, 1, 28, 28), False
+    )
+    same = summary(build_model("resnet8", 1, 10, width=32, first_stride=2), (1, 1, 28, 28), print_table=False)
+    assert [r.output_shape for r in rows[:4]] == [
+        (1, 16, 28, 28),
+        (1, 32, 14, 14),
+        (1, 64, 7, 7),
+        (1, 128, 4, 4),
+    ]
+    assert [r.output_shape for r in rows[1:]] == [r.output_shape for r in same[1:]]
+    assert sum(r.params for r in same) - sum(r.params for r in rows) == 16 * 9 + 2 * 16 + 16 * 32 * 9
+    assert build_model("resnet8", 1, 10, stem_width=None)[0][0].out_channels == 16  # None: the width
+    with pytest.raises(ReslabError, match="stem_width: must be an integer > 0, got 0"):
+        build_model("resnet8", 1, 10, stem_width=0)
 
 
 def test_models_command_counts_on_the_meta_device_as_a_real_build(capsys):

@@ -104,18 +104,21 @@ def cifar_resnet(
     always_project: bool = False,
     first_stride: int = 1,
     stem_stride: int = 1,
+    stem_width: int | None = None,
 ) -> nn.Sequential:
     """He et al. 2015 section 4.2: 3x3 stem, three stages of widths w, 2w, 4w (16/32/64), 6n+2 layers
     (9n+2 with bottlenecks), global average pooling and a linear head. Not in the paper, for fast CPU recipes:
     first_stride=2 halves the resolution in the first stage already (a quarter of the cost), stem_stride=2 in
-    the stem (the same stages, without the stem's full-resolution maps)."""
+    the stem (the same stages, without the stem's full-resolution maps); stem_width (default: w) sets the stem's
+    channels alone, so that a wide net's only full-resolution maps can stay narrow."""
     per_unit = 2 if check_choice("block kind", kind, KINDS) == "basic" else 3
     n, rest = divmod(depth - 2, 3 * per_unit)
     if rest or n < 1:
         raise ReslabError(f"depth {depth} is not {3 * per_unit}n+2 for {kind} units; e.g. 20, 56, 110, 164")
+    stem_width = stem_width or width
     return _staged(
-        _stem_3x3(in_channels, width, order, stem_stride),
-        width,
+        _stem_3x3(in_channels, stem_width, order, stem_stride),
+        stem_width,
         (width, 2 * width, 4 * width),
         (n, n, n),
         (first_stride, 2, 2),

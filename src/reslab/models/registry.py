@@ -84,6 +84,10 @@ def check_options(name: str, options: dict[str, object], prefix: str = "") -> No
                 f"{prefix}{key}: {name} has no such option; its options: {', '.join(valid) or 'none'}"
             )
         kind = hints.get(key)
+        if type(None) in typing.get_args(kind):  # optional (int | None): None leaves it to the builder
+            if value is None:
+                continue
+            kind = next(k for k in typing.get_args(kind) if k is not type(None))
         number = isinstance(value, int | float) and not isinstance(value, bool)
         if kind is bool and not isinstance(value, bool):
             raise ReslabError(f"{prefix}{key}: must be true or false, got {value!r}")

@@ -63,8 +63,8 @@ def test_an_override_of_one_model_option_keeps_the_files_others():
 
 
 def test_naming_another_model_drops_the_files_options_for_its_own():
-    """fast.yaml's width 32, first stride 2 and stem width 16 are ResNet-8's; `--set model.name=resnet56` means the paper's
-    ResNet-56 (it used to build a width-32 one silently, and `model.name=resnet18` failed on the width)."""
+    """fast.yaml's width 32, first stride 2 and stem width 16 are ResNet-8's; `--set model.name=resnet56` means the
+    paper's ResNet-56 (it used to build a width-32 one silently, and `model.name=resnet18` failed on the width)."""
     fast = CONFIGS[0].parent / "fast.yaml"
     assert config.load(fast).model.options == {"width": 32, "first_stride": 2, "stem_width": 16}
     assert config.load(fast, ["model.name=resnet56"]).model.options == {}

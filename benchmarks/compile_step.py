@@ -34,7 +34,8 @@ from reslab.engine.host import set_up
 from reslab.studies.common import machine
 
 CPU = torch.device("cpu")
-# (model, size, batch, options): the seed recipe's step, best.yaml's, fast.yaml's
+# (model, size, batch, options): the seed recipe's step, best.yaml's, fast.yaml's as it was until session 42 (a
+# 32-channel stem; compile-step-e*.json were measured with it)
 STEPS = [
     ("d2l-resnet18", 96, 256, {}),
     ("resnet20", 28, 512, {}),

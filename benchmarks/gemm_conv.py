@@ -33,7 +33,8 @@ LAYERS = [
     (128, 64, 128, 4, 2),
     (128, 64, 64, 7, 1),
 ]
-# (model, size, batch, options): the notebook's net at both of the bench's batches, fast.yaml's net
+# (model, size, batch, options): the notebook's net at both of the bench's batches, fast.yaml's net as it was
+# until session 42 (a 32-channel stem; gemm-conv-*.json were measured with it)
 STEPS = [
     ("d2l-resnet18", 96, 256, {}),
     ("d2l-resnet18", 96, 64, {}),

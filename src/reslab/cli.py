@@ -22,6 +22,46 @@ def require_counts(*flags: tuple[str, int | None]) -> None:
             raise ReslabError(f"{flag} must be a positive integer, got {value}")
 
 
+def import_modules(specs: list[str]) -> None:
+    """--import: run modules of the user's (which register models of their own) before the command. A path to
+    a .py file, or a module name looked up from the current directory first, as `python -m` would find it."""
+    import importlib
+    import importlib.util
+    import traceback
+
+    for spec in specs:
+        try:
+            if spec.endswith(".py"):
+                path = Path(spec)
+                if not path.is_file():
+                    raise ReslabError(f"--import {spec}: no such file")
+                found = importlib.util.spec_from_file_location(path.stem, path)
+                module = importlib.util.module_from_spec(found)
+                sys.modules[path.stem] = (
+                    module  # as an import would: its classes pickle and its dataclasses work
+                )
+                found.loader.exec_module(module)
+            else:
+                if os.getcwd() not in sys.path and "" not in sys.path:
+                    sys.path.insert(0, os.getcwd())
+                importlib.import_module(spec)
+        except ReslabError:
+            raise
+        except ModuleNotFoundError as e:
+            if e.name != spec:
+                raise ReslabError(f"--import {spec}: it imports {e.name!r}, which is not installed") from None
+            raise ReslabError(
+                f"--import {spec}: no module {spec!r} here or installed (a file: {spec}.py)"
+            ) from None
+        except Exception as e:  # the user's code failed: say where, in one line
+            if isinstance(e, SyntaxError):  # its text names the place already
+                what, where = e.msg, f"{e.filename}:{e.lineno}"
+            else:
+                frame = traceback.extract_tb(e.__traceback__)[-1]
+                what, where = e, f"{frame.filename}:{frame.lineno}"
+            raise ReslabError(f"--import {spec}: {type(e).__name__}: {what} ({where})") from None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from . import config
     from .engine import dist, fit
@@ -207,8 +247,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reslab", description="Build, train and study residual networks.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    imports = argparse.ArgumentParser(add_help=False)  # for the commands that build a model
+    imports.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="a module, or a .py file, to import first: one that registers models of your own "
+        "(reslab.models.register); repeatable",
+    )
 
-    p = sub.add_parser("train", help="train a model from a YAML config")
+    p = sub.add_parser("train", parents=[imports], help="train a model from a YAML config")
     p.add_argument(
         "--config",
         default="fast",
@@ -229,7 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a run directory or checkpoint on the test set, with a report")
+    p = sub.add_parser(
+        "eval",
+        parents=[imports],
+        help="evaluate a run directory or checkpoint on the test set, with a report",
+    )
     p.add_argument("path", help="run directory (uses best.pt) or checkpoint file")
     p.add_argument("--out", help="write eval.json, confusion.png and errors.png here")
     p.add_argument("--data-dir", help="directory of the dataset files (default: the run's own)")
@@ -251,13 +305,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_runs)
 
-    p = sub.add_parser("models", help="list the registered models with parameter counts")
+    p = sub.add_parser("models", parents=[imports], help="list the registered models with parameter counts")
     p.add_argument("--in-channels", type=int, default=1)
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--names", action="store_true", help="names only (fast)")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("summary", help="layer table of a model: output shapes, parameters, FLOPs")
+    p = sub.add_parser(
+        "summary", parents=[imports], help="layer table of a model: output shapes, parameters, FLOPs"
+    )
     p.add_argument("model", nargs="?", help="a registered model (see `reslab models`)")
     p.add_argument("--config", help="or a recipe's model with its options and resize: a YAML file or a name")
     p.add_argument(
@@ -290,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
     p.set_defaults(func=cmd_study)
 
-    p = sub.add_parser("predict", help="classify image files with a trained model")
+    p = sub.add_parser("predict", parents=[imports], help="classify image files with a trained model")
     p.add_argument("checkpoint", help="run directory or checkpoint file")
     p.add_argument("images", nargs="+", help="PNG, JPEG, BMP or GIF files")
     p.add_argument("--top-k", type=int, default=1, help="show the k most likely classes")
@@ -300,7 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("export", help="export a trained model to ONNX, torch.export (.pt2) or TorchScript")
+    p = sub.add_parser(
+        "export", parents=[imports], help="export a trained model to ONNX, torch.export (.pt2) or TorchScript"
+    )
     p.add_argument("checkpoint", help="run directory or checkpoint file")
     p.add_argument(
         "--format",
@@ -366,6 +424,7 @@ def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        import_modules(getattr(args, "imports", []))
         return args.func(args)
     except ReslabError as e:
         print(f"reslab: error: {e}", file=sys.stderr)

@@ -2,7 +2,15 @@
 
 from .blocks import ORDERS, SHORTCUTS, ResidualUnit, ZeroPadShortcut
 from .nets import cifar_resnet, d2l_resnet18, imagenet_resnet, init_weights, make_stage, wide_resnet
-from .registry import build_model, check_options, count_params, input_size, list_models, model_options
+from .registry import (
+    build_model,
+    check_options,
+    count_params,
+    input_size,
+    list_models,
+    model_options,
+    register,
+)
 from .summary import summary
 
 __all__ = [
@@ -21,6 +29,7 @@ __all__ = [
     "list_models",
     "make_stage",
     "model_options",
+    "register",
     "summary",
     "wide_resnet",
 ]

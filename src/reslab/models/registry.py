@@ -1,4 +1,5 @@
-"""Name -> builder table: `build_model(name, in_channels, num_classes, **options)` and `list_models()`."""
+"""Name -> builder table: `build_model(name, in_channels, num_classes, **options)`, `list_models()`, and
+`register()` for models of your own."""
 
 from __future__ import annotations
 
@@ -14,11 +15,43 @@ from ..errors import ReslabError, is_count
 from .nets import cifar_resnet, d2l_resnet18, imagenet_resnet, wide_resnet
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
-_FIXED = ("in_channels", "num_classes", "depth", "widen")
+_BUILT_IN: frozenset[str] = frozenset()  # set below, once the library's own models are in
+_INPUTS = ("in_channels", "num_classes")  # every builder takes these; the data decides them, not the options
+_NAMED = ("depth", "widen")  # a registration that sets these names the net by them: not options
+_VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
 
 
-def register(name: str, builder: Callable[..., nn.Module], **fixed) -> None:
-    _REGISTRY[name] = functools.partial(builder, **fixed) if fixed else builder
+def register(name: str, builder: Callable[..., nn.Module] | None = None, **defaults):
+    """Add a model to the table that configs (`model.name`), `build_model` and every command draw on, as
+    timm's and torchvision's `register_model` do. `builder(in_channels, num_classes, **options)` returns the
+    nn.Module; its other keyword parameters, each with a default, are the model's options (`model.options`),
+    checked by their annotations as the library's are (bool, int > 0, float, str, `int | None`). `defaults`
+    replace some of those defaults (`depth` and `widen` given here are fixed, as resnet56's and wrn-40-4's
+    are: they name the net). As a decorator, without `builder`: `@register("mine")`. Returns the builder.
+    A built-in name is refused; a name of your own may be registered again (a notebook cell run twice)."""
+    if builder is None:
+        return lambda builder: register(name, builder, **defaults)
+    if not isinstance(name, str) or not name.strip():
+        raise ReslabError(f"a model's name must be a non-empty string, got {name!r}")
+    if name in _BUILT_IN:
+        raise ReslabError(f"model {name!r} is built in; register yours under another name")
+    if not callable(builder):
+        raise ReslabError(f"model {name!r}: the builder must be a function or class, got {builder!r}")
+    params = inspect.signature(builder).parameters
+    named = {k: p for k, p in params.items() if p.kind not in _VARIADIC}
+    lacking = [k for k in _INPUTS if k not in named]
+    if lacking:
+        raise ReslabError(
+            f"model {name!r}: the builder must take in_channels and num_classes (lacks {lacking})"
+        )
+    for key in defaults:
+        if key not in named or key in _INPUTS:
+            raise ReslabError(f"model {name!r}: the builder has no option {key!r} to give a default")
+    for key, p in named.items():
+        if key not in _INPUTS and key not in defaults and p.default is p.empty:
+            raise ReslabError(f"model {name!r}: option {key!r} needs a default value (or one in register's)")
+    _REGISTRY[name] = functools.partial(builder, **defaults) if defaults else builder
+    return builder
 
 
 register("d2l-resnet18", d2l_resnet18)
@@ -43,6 +76,7 @@ for _depth in (18, 34):
     register(f"plain{_depth}", imagenet_resnet, depth=_depth, shortcut="none")
 for _depth, _widen in ((16, 4), (16, 8), (28, 10), (40, 4)):
     register(f"wrn-{_depth}-{_widen}", wide_resnet, depth=_depth, widen=_widen)
+_BUILT_IN = frozenset(_REGISTRY)
 
 
 def list_models() -> list[str]:
@@ -63,21 +97,33 @@ def model_options(name: str) -> dict[str, object]:
     return {
         p.name: fixed.get(p.name, p.default)
         for p in inspect.signature(func).parameters.values()
-        if p.name not in _FIXED
+        if p.name not in _INPUTS and p.kind not in _VARIADIC and not (p.name in _NAMED and p.name in fixed)
     }
 
 
 def _get(name: str) -> Callable[..., nn.Module]:
     if name not in _REGISTRY:
-        raise ReslabError(f"unknown model {name!r}; choose one of: {', '.join(_REGISTRY)}")
+        raise ReslabError(
+            f"unknown model {name!r}; choose one of: {', '.join(_REGISTRY)} (a model of your own: "
+            "reslab.models.register it in a module, and pass the module to the command with --import)"
+        )
     return _REGISTRY[name]
+
+
+def _hints(builder: Callable) -> dict[str, object]:
+    """A builder's parameter annotations (a class's, from its __init__); none where they do not resolve (names
+    a model of your own imports only for its type checker)."""
+    try:
+        return typing.get_type_hints(builder.__init__ if isinstance(builder, type) else builder)
+    except (NameError, TypeError):
+        return {}
 
 
 def check_options(name: str, options: dict[str, object], prefix: str = "") -> None:
     """One clear error for an option the model lacks, or a value of the wrong type or range: booleans must be
     true or false, integers (widths, strides) > 0, floats finite. `prefix` names where the options came from."""
     valid = model_options(name)
-    hints = typing.get_type_hints(_unwrap(name)[0])
+    hints = _hints(_unwrap(name)[0])
     for key, value in options.items():
         if key not in valid:
             raise ReslabError(
@@ -100,13 +146,18 @@ def check_options(name: str, options: dict[str, object], prefix: str = "") -> No
 
 
 def build_model(name: str, in_channels: int = 1, num_classes: int = 10, **options) -> nn.Module:
-    """Build a registered model. Options (unit order, shortcut, stem, ...) depend on the family:
+    """Build a registered model (the library's or one of your own, `register`). Options (unit order, shortcut, stem, ...) depend on the family:
     `model_options(name)` lists them."""
     for what, value in (("in_channels", in_channels), ("num_classes", num_classes)):
         if not is_count(value):
             raise ReslabError(f"{what} must be an integer > 0, got {value!r}")
     check_options(name, options)
-    return _get(name)(in_channels=in_channels, num_classes=num_classes, **options)
+    model = _get(name)(in_channels=in_channels, num_classes=num_classes, **options)
+    if not isinstance(model, nn.Module):
+        raise ReslabError(
+            f"model {name!r}: its builder returned {type(model).__name__}, not a torch nn.Module"
+        )
+    return model
 
 
 def input_size(name: str) -> int:

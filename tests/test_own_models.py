@@ -1,0 +1,155 @@
+"""Models of your own: reslab.models.register from Python, and --import MODULE on the command line."""
+
+import json
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import tiny_overrides
+from torch import nn
+
+from reslab import config
+from reslab.cli import main
+from reslab.engine import fit
+from reslab.errors import ReslabError
+from reslab.models import ResidualUnit, build_model, list_models, model_options, register, registry
+
+MODULE = """
+from torch import nn
+from reslab.models import ResidualUnit, register
+
+
+@register("{name}")
+def tiny(in_channels: int = 1, num_classes: int = 10, width: int = 8, units: int = 1) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(inplace=True),
+        *[ResidualUnit(width, width) for _ in range(units)],
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(width, num_classes),
+    )
+"""
+
+
+@pytest.fixture
+def own(monkeypatch):
+    """The registry, sys.path and the imported modules as they were, after the test."""
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    yield
+    for name in ("mynets", "broken"):
+        sys.modules.pop(name, None)
+
+
+def tiny(in_channels: int, num_classes: int, width: int = 8, units: int = 1) -> nn.Module:
+    layers = [
+        nn.Conv2d(in_channels, width, 3, padding=1),
+        *[ResidualUnit(width, width) for _ in range(units)],
+    ]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
+
+
+class Wide(nn.Module):  # a class as its own builder: its __init__'s annotations check the options
+    def __init__(self, in_channels: int, num_classes: int, width: int = 4, bias: bool = True):
+        super().__init__()
+        self.body = tiny(in_channels, num_classes, width)
+        self.bias = bias
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_register_adds_a_model_that_builds_with_checked_options(own):
+    assert register("tiny", tiny) is tiny
+    register("tiny-wide", tiny, width=32)  # defaults of its own
+    register("wide")(Wide)  # as a decorator
+    assert {"tiny", "tiny-wide", "wide"} <= set(list_models())
+    assert model_options("tiny") == {"width": 8, "units": 1}
+    assert model_options("tiny-wide") == {"width": 32, "units": 1}
+    assert model_options("wide") == {"width": 4, "bias": True}
+    net = build_model("tiny-wide", 3, 5, units=2)
+    assert net(torch.randn(2, 3, 28, 28)).shape == (2, 5) and net[-1].in_features == 32
+    assert build_model("wide", 1, 10).body[-1].in_features == 4
+    with pytest.raises(ReslabError, match="width: must be an integer > 0, got 0"):
+        build_model("tiny", width=0)
+    with pytest.raises(ReslabError, match="bias: must be true or false, got 'yes'"):
+        build_model("wide", bias="yes")
+    with pytest.raises(ReslabError, match="colour: tiny has no such option; its options: width, units"):
+        build_model("tiny", colour="red")
+    register("tiny", tiny, units=3)  # again (a notebook cell run twice): the new one counts
+    assert model_options("tiny")["units"] == 3
+
+
+def test_register_refuses_what_would_fail_later(own):
+    with pytest.raises(ReslabError, match="'resnet20' is built in"):
+        register("resnet20", tiny)
+    with pytest.raises(ReslabError, match="must take in_channels and num_classes"):
+        register("mine", lambda channels, classes: nn.Identity())
+    with pytest.raises(ReslabError, match="option 'width' needs a default"):
+        register("mine", lambda in_channels, num_classes, width: nn.Identity())
+    with pytest.raises(ReslabError, match="no option 'depth' to give a default"):
+        register("mine", tiny, depth=3)
+    with pytest.raises(ReslabError, match="non-empty string"):
+        register("", tiny)
+    with pytest.raises(ReslabError, match="must be a function or class"):
+        register("mine", 42)
+    assert "mine" not in list_models()
+    register("mine", lambda in_channels, num_classes: "not a net")
+    with pytest.raises(ReslabError, match="returned str, not a torch nn.Module"):
+        build_model("mine")
+
+
+def test_a_registered_model_trains_from_python(own, tiny_data, tmp_path):
+    register("tiny", tiny)
+    cfg = config.load("fast", tiny_overrides(tiny_data, **{"model.name": "tiny", "model.options.width": 16}))
+    summary = fit(cfg, tmp_path / "run", quiet=True)
+    assert summary["model"] == "tiny" and summary["params"] == sum(
+        p.numel() for p in tiny(1, 10, 16).parameters()
+    )
+
+
+def test_import_on_the_command_line_trains_evaluates_and_resumes(
+    own, tiny_data, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mynets.py").write_text(textwrap.dedent(MODULE.format(name="mine")))
+    sets = tiny_overrides(tiny_data, **{"model.name": "mine", "model.options.units": 2})
+    assert main(["train", "--import", "mynets", "--quiet", "--out", "run", "--set", *sets]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    capsys.readouterr()
+    # a .py file names it as well; eval finds the run's own accuracy
+    assert main(["eval", "run", "--import", "mynets.py", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["test_acc"] == pytest.approx(summary["test_acc"], abs=1e-9)
+    assert main(["train", "--import", "mynets", "--out", "run", "--resume", "--set", "train.epochs=3"]) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["epochs"] == 3
+    capsys.readouterr()
+    # without the module, one line that says how to bring it
+    registry._REGISTRY.pop("mine")
+    assert main(["eval", "run"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'mine'" in err and "--import" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "source, flag, message",
+    [
+        (None, "nothere", "--import nothere: no module 'nothere' here or installed (a file: nothere.py)"),
+        (None, "nothere.py", "--import nothere.py: no such file"),
+        ("import not_a_package_anywhere\n", "broken", "it imports 'not_a_package_anywhere', which is not"),
+        ("x = (\n", "broken", "--import broken: SyntaxError: '(' was never closed ("),
+        ("raise ValueError('bad width')\n", "broken.py", "--import broken.py: ValueError: bad width ("),
+    ],
+    ids=["no-module", "no-file", "missing-dependency", "syntax", "raises"],
+)
+def test_a_module_that_cannot_be_imported_is_one_line(
+    own, tmp_path, monkeypatch, capsys, source, flag, message
+):
+    monkeypatch.chdir(tmp_path)
+    if source is not None:
+        (tmp_path / "broken.py").write_text(source)
+    assert main(["models", "--names", "--import", flag]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

@@ -25,6 +25,7 @@ AREAS = {
     "test_models": ("model names and options", "one line naming the valid choices"),
     "test_studies": ("studies", "stopped cleanly and resumed, or refused in one line"),
     "test_warm_start": ("model.init", "refused in one line / resumed without its source"),
+    "test_own_models": ("models of your own", "refused in one line naming the cause"),
 }
 SELECT = [
     "tests/test_reliability.py",
@@ -67,6 +68,8 @@ SELECT = [
     "tests/test_warm_start.py::test_another_architecture_is_refused",
     "tests/test_warm_start.py::test_a_bad_source_is_one_line_and_nothing_written",
     "tests/test_warm_start.py::test_a_run_starts_from_init_and_a_resume_does_not_read_it_again",
+    "tests/test_own_models.py::test_register_refuses_what_would_fail_later",
+    "tests/test_own_models.py::test_a_module_that_cannot_be_imported_is_one_line",
 ]
 
 

@@ -79,6 +79,8 @@ def test_fp32_keeps_the_plain_convolution_and_no_grad_works():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = conv(x)
     assert out.grad_fn is None and out.shape == (2, 4, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # an unbatched image, as nn.Conv2d takes it
+        assert conv(x[0]).shape == (4, 5, 5)
 
 
 def test_a_model_keeps_its_state_dict_and_only_plain_convolutions_change():

@@ -13,7 +13,16 @@ from reslab import config
 from reslab.cli import main
 from reslab.engine import fit
 from reslab.errors import ReslabError
-from reslab.models import ResidualUnit, build_model, list_models, model_options, register, registry
+from reslab.models import (
+    ResidualUnit,
+    build_model,
+    list_models,
+    model_options,
+    nets,
+    register,
+    registered_by,
+    registry,
+)
 
 MODULE = """
 from torch import nn
@@ -67,6 +76,9 @@ def test_register_adds_a_model_that_builds_with_checked_options(own):
     register("tiny-wide", tiny, width=32)  # defaults of its own
     register("wide")(Wide)  # as a decorator
     assert {"tiny", "tiny-wide", "wide"} <= set(list_models())
+    assert registered_by(__name__) == ["tiny", "tiny-wide", "wide"] and "resnet20" in registered_by(
+        nets.__name__
+    )
     assert model_options("tiny") == {"width": 8, "units": 1}
     assert model_options("tiny-wide") == {"width": 32, "units": 1}
     assert model_options("wide") == {"width": 4, "bias": True}
@@ -141,8 +153,20 @@ def test_import_on_the_command_line_trains_evaluates_and_resumes(
         ("import not_a_package_anywhere\n", "broken", "it imports 'not_a_package_anywhere', which is not"),
         ("x = (\n", "broken", "--import broken: SyntaxError: '(' was never closed ("),
         ("raise ValueError('bad width')\n", "broken.py", "--import broken.py: ValueError: bad width ("),
+        ("WIDTH = 3\n", "broken", "--import broken: it registered no model ("),
+        (None, "json", "--import json: it registered no model ("),  # an installed module of that name
+        (None, "nothere.sub", "--import nothere.sub: no module 'nothere.sub' here or installed"),
     ],
-    ids=["no-module", "no-file", "missing-dependency", "syntax", "raises"],
+    ids=[
+        "no-module",
+        "no-file",
+        "missing-dependency",
+        "syntax",
+        "raises",
+        "registers-nothing",
+        "shadowed",
+        "dotted",
+    ],
 )
 def test_a_module_that_cannot_be_imported_is_one_line(
     own, tmp_path, monkeypatch, capsys, source, flag, message

@@ -23,43 +23,59 @@ def require_counts(*flags: tuple[str, int | None]) -> None:
 
 
 def import_modules(specs: list[str]) -> None:
-    """--import: run modules of the user's (which register models of their own) before the command. A path to
-    a .py file, or a module name looked up from the current directory first, as `python -m` would find it."""
+    """--import: run modules of the user's, which register models of their own, before the command. A path to a
+    .py file, or a module name looked up from the current directory first, as `python -m` would find it. A
+    module that registers no model is refused: most likely an installed one of the same name was found."""
+    if not specs:
+        return
+    from .models import list_models, registered_by
+
+    for spec in specs:
+        before = set(list_models())
+        module = _import(spec)
+        # a second command in one process finds the module imported already: its models stay registered
+        if set(list_models()) == before and not registered_by(module.__name__):
+            raise ReslabError(
+                f"--import {spec}: it registered no model ({getattr(module, '__file__', None) or spec}); "
+                "register them with reslab.models.register, or name your file by its path"
+            )
+
+
+def _import(spec: str):
+    """Import a module by name, or run a .py file as one; a failure is one line naming the place."""
     import importlib
     import importlib.util
     import traceback
 
-    for spec in specs:
-        try:
-            if spec.endswith(".py"):
-                path = Path(spec)
-                if not path.is_file():
-                    raise ReslabError(f"--import {spec}: no such file")
-                found = importlib.util.spec_from_file_location(path.stem, path)
-                module = importlib.util.module_from_spec(found)
-                sys.modules[path.stem] = (
-                    module  # as an import would: its classes pickle and its dataclasses work
-                )
-                found.loader.exec_module(module)
-            else:
-                if os.getcwd() not in sys.path and "" not in sys.path:
-                    sys.path.insert(0, os.getcwd())
-                importlib.import_module(spec)
-        except ReslabError:
-            raise
-        except ModuleNotFoundError as e:
-            if e.name != spec:
-                raise ReslabError(f"--import {spec}: it imports {e.name!r}, which is not installed") from None
+    try:
+        if spec.endswith(".py"):
+            path = Path(spec)
+            if not path.is_file():
+                raise ReslabError(f"--import {spec}: no such file")
+            found = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(found)
+            # registered as an import would register it: its classes pickle and its dataclasses work
+            sys.modules[path.stem] = module
+            found.loader.exec_module(module)
+            return module
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        return importlib.import_module(spec)
+    except ReslabError:
+        raise
+    except ModuleNotFoundError as e:
+        if e.name and (spec == e.name or spec.startswith(e.name + ".")):
             raise ReslabError(
                 f"--import {spec}: no module {spec!r} here or installed (a file: {spec}.py)"
             ) from None
-        except Exception as e:  # the user's code failed: say where, in one line
-            if isinstance(e, SyntaxError):  # its text names the place already
-                what, where = e.msg, f"{e.filename}:{e.lineno}"
-            else:
-                frame = traceback.extract_tb(e.__traceback__)[-1]
-                what, where = e, f"{frame.filename}:{frame.lineno}"
-            raise ReslabError(f"--import {spec}: {type(e).__name__}: {what} ({where})") from None
+        raise ReslabError(f"--import {spec}: it imports {e.name!r}, which is not installed") from None
+    except Exception as e:  # the user's code failed: say where, in one line
+        if isinstance(e, SyntaxError):  # its text names the place already
+            what, where = e.msg, f"{e.filename}:{e.lineno}"
+        else:
+            frame = traceback.extract_tb(e.__traceback__)[-1]
+            what, where = e, f"{frame.filename}:{frame.lineno}"
+        raise ReslabError(f"--import {spec}: {type(e).__name__}: {what} ({where})") from None
 
 
 def cmd_train(args: argparse.Namespace) -> int:

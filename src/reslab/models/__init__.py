@@ -10,6 +10,7 @@ from .registry import (
     list_models,
     model_options,
     register,
+    registered_by,
 )
 from .summary import summary
 
@@ -30,6 +31,7 @@ __all__ = [
     "make_stage",
     "model_options",
     "register",
+    "registered_by",
     "summary",
     "wide_resnet",
 ]

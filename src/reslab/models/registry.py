@@ -83,6 +83,11 @@ def list_models() -> list[str]:
     return list(_REGISTRY)
 
 
+def registered_by(module: str) -> list[str]:
+    """The models whose builder the module of that name defines."""
+    return [name for name in _REGISTRY if getattr(_unwrap(name)[0], "__module__", None) == module]
+
+
 def _unwrap(name: str) -> tuple[Callable[..., nn.Module], dict[str, object]]:
     """A registered model's builder function and the arguments its registration fixed."""
     builder = _get(name)

@@ -126,19 +126,22 @@ def test_step_throughput_and_engine_overhead():
 
 
 def test_cpu_steps_reuse_freed_memory_instead_of_faulting_in_fresh_pages():
-    # glibc's defaults hand a step's freed activations back to the OS: 6,000-8,000 page faults a step here (fresh
-    # zeroed 4 KiB pages). make_step, like training, keeps them; what faults is the heap still growing now and
-    # then (0-900 a step over 8 steps after 8 warm-ups).
+    # glibc's defaults hand a step's freed activations back to the OS: 6,000-8,000 page faults every step here
+    # (fresh zeroed 4 KiB pages). make_step, like training, keeps them; what faults is the heap still growing now
+    # and then: 0 a step in most windows of 8 steps after 8 warm-ups, 300-400 in some, and once, within the whole
+    # suite, 1,568. So the quietest of three windows is what must stay low.
     if not keep_freed_memory(torch.device("cpu")):
         pytest.skip("not glibc: the allocator is left as it is")
     step = bench.make_step("resnet8", 28, 256, "fp32")
     for _ in range(8):
         step()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(8):
-        step()
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 8
-    assert faults < 1500, faults
+    windows = []
+    for _ in range(3):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(8):
+            step()
+        windows.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 8)
+    assert min(windows) < 1500, windows
 
 
 def test_timed_process_reports_the_process_own_peak_memory_not_its_parent():

@@ -70,6 +70,7 @@ SELECT = [
     "tests/test_warm_start.py::test_a_run_starts_from_init_and_a_resume_does_not_read_it_again",
     "tests/test_own_models.py::test_register_refuses_what_would_fail_later",
     "tests/test_own_models.py::test_a_module_that_cannot_be_imported_is_one_line",
+    "tests/test_own_models.py::test_a_model_that_cannot_train_on_the_data_is_one_line_before_any_write",
 ]
 
 

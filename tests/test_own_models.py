@@ -177,3 +177,58 @@ def test_a_module_that_cannot_be_imported_is_one_line(
     assert main(["models", "--names", "--import", flag]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_model_that_cannot_train_on_the_data_is_one_line_before_any_write(own, tiny_data, tmp_path, capsys):
+    def flat(in_channels: int, num_classes: int, hidden: int = 8) -> nn.Module:
+        return nn.Sequential(
+            nn.Flatten(), nn.Linear(in_channels * 28 * 28, hidden), nn.Linear(hidden, num_classes)
+        )
+
+    register("too-few", flat, hidden=8)
+    register("eight-logits", lambda in_channels, num_classes: flat(in_channels, 8))
+    register(
+        "wrong-size", lambda in_channels, num_classes: nn.Sequential(nn.Flatten(), nn.Linear(10, num_classes))
+    )
+    cases = [
+        (
+            "eight-logits",
+            {},
+            "model 'eight-logits' gave (2, 8) for a batch of shape (2, 1, 28, 28); training needs (2, 10)",
+        ),
+        (
+            "wrong-size",
+            {},
+            "model 'wrong-size' failed on a batch of shape (2, 1, 28, 28): RuntimeError: mat1 and mat2",
+        ),
+        (
+            "too-few",
+            {"data.resize": 32},
+            "model 'too-few' failed on a batch of shape (2, 1, 32, 32): RuntimeError",
+        ),
+    ]
+    for name, extra, message in cases:
+        out = tmp_path / name
+        assert (
+            main(
+                [
+                    "train",
+                    "--quiet",
+                    "--out",
+                    str(out),
+                    "--set",
+                    *tiny_overrides(tiny_data, **{"model.name": name}, **extra),
+                ]
+            )
+            == 2
+        )
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+    # the check leaves the model as it found it: in train mode, BatchNorm's statistics untouched
+    net = build_model("resnet8")
+    registry.check_forward(net, "mine", 1, 10, 28)
+    registry.check_forward(net, "resnet8", 1, 3, 28)  # a built-in model is tested to fit, and not run here
+    assert net.training and all(
+        float(m.num_batches_tracked) == 0 for m in net.modules() if isinstance(m, nn.BatchNorm2d)
+    )

@@ -14,7 +14,7 @@ from torch import nn
 from ..config import Config
 from ..data import TensorLoader, load_dataset, make_loaders
 from ..errors import ReslabError
-from ..models import build_model, count_params
+from ..models import build_model, check_forward, count_params
 from . import checkpoint, dist, gemm_conv, guard, rewrites
 from .host import set_up
 from .optim import EMA, SGD, load_optimizer_state, make_optimizer
@@ -104,6 +104,8 @@ def prepare(cfg: Config, out: Path, quiet: bool = False, warm: bool = True) -> R
     torch.manual_seed(cfg.seed)
     data = load_dataset(cfg.data)
     model = build_model(cfg.model.name, data.in_channels, len(data.classes), **cfg.model.options)
+    size = cfg.data.resize or int(data.train_images.shape[-1])
+    check_forward(model, cfg.model.name, data.in_channels, len(data.classes), size)
     init = warm_start(model, cfg.model.init) if warm and cfg.model.init else ""
     if ctx.active and cfg.train.sync_bn:
         if device.type != "cuda":

@@ -4,6 +4,7 @@ from .blocks import ORDERS, SHORTCUTS, ResidualUnit, ZeroPadShortcut
 from .nets import cifar_resnet, d2l_resnet18, imagenet_resnet, init_weights, make_stage, wide_resnet
 from .registry import (
     build_model,
+    check_forward,
     check_options,
     count_params,
     input_size,
@@ -20,6 +21,7 @@ __all__ = [
     "ResidualUnit",
     "ZeroPadShortcut",
     "build_model",
+    "check_forward",
     "check_options",
     "cifar_resnet",
     "count_params",

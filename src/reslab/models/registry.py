@@ -9,6 +9,7 @@ import math
 import typing
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from ..errors import ReslabError, is_count
@@ -163,6 +164,31 @@ def build_model(name: str, in_channels: int = 1, num_classes: int = 10, **option
             f"model {name!r}: its builder returned {type(model).__name__}, not a torch nn.Module"
         )
     return model
+
+
+def check_forward(model: nn.Module, name: str, in_channels: int, num_classes: int, size: int) -> None:
+    """Run a model of your own once on two blank images (eval mode, no gradients: no state changes), so a
+    forward that fails, or gives other than one logit per class, is one line before the run writes anything,
+    not a traceback at its first step. The library's own models are tested to fit and skip this."""
+    if name in _BUILT_IN:
+        return
+    was_training, shape = model.training, (2, in_channels, size, size)
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(shape))
+    except Exception as e:  # the user's code: one line with its own message
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ReslabError(
+            f"model {name!r} failed on a batch of shape {shape}: {type(e).__name__}: {first}"
+        ) from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ReslabError(
+            f"model {name!r} gave {got} for a batch of shape {shape}; training needs (2, {num_classes}): "
+            "one logit per class for each image"
+        )
 
 
 def input_size(name: str) -> int:

@@ -89,3 +89,51 @@ def test_a_torchrun_worker_leaves_through_os_exit_with_its_code(monkeypatch, tmp
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
     assert exits == [2]
+
+
+SPARE = """
+from torch import nn
+from reslab.models import register
+
+
+@register("spare")
+class Spare(nn.Module):  # a model of your own with a layer its forward never calls
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 28 * 28, num_classes))
+        self.spare = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.body(x)
+"""
+
+
+@pytest.mark.slow
+def test_a_model_of_your_own_with_an_unused_parameter_trains_under_torchrun(tiny_data, tmp_path):
+    # DDP fails at the second step unless told of parameters without gradients; reslab finds them first
+    (tmp_path / "spare_model.py").write_text(SPARE)
+    env = dict(os.environ, RESLAB_DIST_TIMEOUT="120", OMP_NUM_THREADS="1")
+    sets = tiny_overrides(tiny_data, **{"model.name": "spare", "train.epochs": 2})
+    runs = {}
+    for n in (1, 2):
+        args = [
+            "-m",
+            "reslab",
+            "train",
+            "--import",
+            "spare_model",
+            "--out",
+            f"r{n}",
+            "--quiet",
+            "--set",
+            *sets,
+        ]
+        cmd = (
+            [sys.executable, *args] if n == 1 else [TORCHRUN, "--standalone", f"--nproc_per_node={n}", *args]
+        )
+        done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[n] = checkpoint.load(tmp_path / f"r{n}" / "last.pt")
+    assert [m["world_size"] for m in read_history(tmp_path / "r2")] == [2, 2]
+    for key in ("spare.weight", "spare.bias"):  # never updated, as in one process
+        assert runs[2]["model"][key].equal(runs[1]["model"][key])

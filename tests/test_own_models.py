@@ -232,3 +232,23 @@ def test_a_model_that_cannot_train_on_the_data_is_one_line_before_any_write(own,
     assert net.training and all(
         float(m.num_batches_tracked) == 0 for m in net.modules() if isinstance(m, nn.BatchNorm2d)
     )
+
+
+def test_unused_parameters_are_found_on_a_copy_with_the_random_state_kept(own):
+    class Spare(nn.Module):
+        def __init__(self, in_channels: int, num_classes: int):
+            super().__init__()
+            self.body = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(in_channels * 4, num_classes))
+            self.spare = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.body(x)
+
+    register("spare", Spare)
+    net = build_model("spare", 1, 3)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    rng = torch.get_rng_state()
+    assert registry.unused_parameters(net, "spare", (2, 1, 2, 2)) == ["spare.weight", "spare.bias"]
+    assert torch.get_rng_state().equal(rng) and all(p.grad is None for p in net.parameters())
+    assert all(v.equal(state[k]) for k, v in net.state_dict().items())
+    assert registry.unused_parameters(build_model("resnet8"), "resnet8", (2, 1, 28, 28)) == []

@@ -14,7 +14,7 @@ from torch import nn
 from ..config import Config
 from ..data import TensorLoader, load_dataset, make_loaders
 from ..errors import ReslabError
-from ..models import build_model, check_forward, count_params
+from ..models import build_model, check_forward, count_params, unused_parameters
 from . import checkpoint, dist, gemm_conv, guard, rewrites
 from .host import set_up
 from .optim import EMA, SGD, load_optimizer_state, make_optimizer
@@ -106,6 +106,7 @@ def prepare(cfg: Config, out: Path, quiet: bool = False, warm: bool = True) -> R
     model = build_model(cfg.model.name, data.in_channels, len(data.classes), **cfg.model.options)
     size = cfg.data.resize or int(data.train_images.shape[-1])
     check_forward(model, cfg.model.name, data.in_channels, len(data.classes), size)
+    unused = ctx.active and unused_parameters(model, cfg.model.name, (2, data.in_channels, size, size))
     init = warm_start(model, cfg.model.init) if warm and cfg.model.init else ""
     if ctx.active and cfg.train.sync_bn:
         if device.type != "cuda":
@@ -134,7 +135,9 @@ def prepare(cfg: Config, out: Path, quiet: bool = False, warm: bool = True) -> R
     net = model
     if ctx.active:
         net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=bool(unused),
         )
     eval_net = net  # evaluation stays eager: no second compile for eval mode, and with CUDA graphs no
     # replay overwriting the logits of a test-time flip's first call

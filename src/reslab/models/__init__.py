@@ -12,6 +12,7 @@ from .registry import (
     model_options,
     register,
     registered_by,
+    unused_parameters,
 )
 from .summary import summary
 
@@ -35,5 +36,6 @@ __all__ = [
     "register",
     "registered_by",
     "summary",
+    "unused_parameters",
     "wide_resnet",
 ]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import math
@@ -189,6 +190,18 @@ def check_forward(model: nn.Module, name: str, in_channels: int, num_classes: in
             f"model {name!r} gave {got} for a batch of shape {shape}; training needs (2, {num_classes}): "
             "one logit per class for each image"
         )
+
+
+def unused_parameters(model: nn.Module, name: str, shape: tuple[int, ...]) -> list[str]:
+    """The parameters of a model of your own that a training step leaves without a gradient (DDP must be told
+    of them, or it fails at the second step): one forward and backward of a copy on blank images of `shape`, the
+    random state kept. The library's own models use every parameter."""
+    if name in _BUILT_IN:
+        return []
+    twin = copy.deepcopy(model).train()
+    with torch.random.fork_rng(devices=[]):
+        twin(torch.zeros(shape)).float().sum().backward()
+    return [n for n, p in twin.named_parameters() if p.requires_grad and p.grad is None]
 
 
 def input_size(name: str) -> int:

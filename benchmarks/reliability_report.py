@@ -71,6 +71,7 @@ SELECT = [
     "tests/test_own_models.py::test_register_refuses_what_would_fail_later",
     "tests/test_own_models.py::test_a_module_that_cannot_be_imported_is_one_line",
     "tests/test_own_models.py::test_a_model_that_cannot_train_on_the_data_is_one_line_before_any_write",
+    "tests/test_own_models.py::test_a_model_that_cannot_be_traced_is_one_line_on_export_and_no_file",
 ]
 
 

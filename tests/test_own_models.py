@@ -252,3 +252,38 @@ def test_unused_parameters_are_found_on_a_copy_with_the_random_state_kept(own):
     assert torch.get_rng_state().equal(rng) and all(p.grad is None for p in net.parameters())
     assert all(v.equal(state[k]) for k, v in net.state_dict().items())
     assert registry.unused_parameters(build_model("resnet8"), "resnet8", (2, 1, 28, 28)) == []
+
+
+class Branchy(
+    nn.Module
+):  # a forward with a Python branch on a tensor's value: no traced file can hold both paths
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 28 * 28, num_classes))
+
+    def forward(self, x):
+        out = self.body(x)
+        return out if out.sum() > 0 else -out
+
+
+@pytest.mark.parametrize("suffix", [".pt2", ".onnx", ".pt"])
+def test_a_model_that_cannot_be_traced_is_one_line_on_export_and_no_file(
+    own, tiny_data, tmp_path, capsys, suffix
+):
+    register("branchy", Branchy)
+    fit(
+        config.load("fast", tiny_overrides(tiny_data, **{"model.name": "branchy", "train.epochs": 1})),
+        tmp_path / "run",
+        quiet=True,
+    )
+    capsys.readouterr()
+    target = tmp_path / f"model{suffix}"
+    target.write_bytes(b"an older export")
+    assert main(["export", str(tmp_path / "run"), "--out", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "reslab: error: cannot export model 'branchy' as " in err
+        and "(its forward branches on a tensor's value)" in err
+    )
+    assert len(err.strip().splitlines()) == 1, err
+    assert target.read_bytes() == b"an older export"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -221,6 +224,43 @@ def export_format(out: Path, fmt: str | None) -> str | None:
     return fmt or SUFFIX_FORMATS.get(out.suffix.lower())
 
 
+# what tracing raises for a Python branch on a tensor's value, which a traced file cannot hold
+DATA_DEPENDENT = ("TracerWarning", "GuardOnDataDependentSymNode")
+
+
+def _short(text: str, limit: int = 160) -> str:
+    """An exception's first line, without terminal colours, cut at a sentence's end when longer than `limit`."""
+    line = re.sub(r"\x1b\[[0-9;]*m", "", text).strip().partition("\n")[0]
+    if len(line) <= limit:
+        return line
+    cut = line[:limit].rpartition(". ")[0]
+    return cut + "." if cut else line[:limit] + "..."
+
+
+@contextlib.contextmanager
+def _one_line_if_untraceable(name: str, fmt: str):
+    """A model that cannot be exported is one line, and no file. torch.export prints the graph it reached and logs a
+    warning before it raises: shown only when the export succeeds. A TorchScript trace that would record one path
+    of a Python branch on tensor values (its TracerWarning) fails too, instead of writing a file that answers
+    otherwise than the model (a model of your own may branch so; the library's never do)."""
+    shapes = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level, printed = shapes.level, io.StringIO()
+    shapes.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(printed):
+            warnings.filterwarnings("error", category=torch.jit.TracerWarning)
+            yield
+    except Exception as e:
+        while (e.__cause__ or e.__context__) is not None:  # the exporters wrap the cause, some more than once
+            e = e.__cause__ or e.__context__
+        why = type(e).__name__
+        hint = " (its forward branches on a tensor's value)" if why in DATA_DEPENDENT else ""
+        raise ReslabError(f"cannot export model {name!r} as {fmt}: {why}: {_short(str(e))}{hint}") from None
+    finally:
+        shapes.setLevel(level)
+    sys.stderr.write(printed.getvalue())
+
+
 def export(path: str | Path, fmt: str | None, out: str | Path) -> Path:
     """Write the model as ONNX (opset 18), a torch.export program (.pt2: `torch.export.load(f).module()`) or
     TorchScript, each with a dynamic batch; the input is normalised images of the model's input size, (N, C, H, W).
@@ -243,26 +283,26 @@ def export(path: str | Path, fmt: str | None, out: str | Path) -> Path:
     side = meta["resize"] or meta["image_size"]
     example = torch.randn(2, meta["in_channels"], side, side)
     batch = ({0: torch.export.Dim("batch", min=1, max=4096)},)
-    buffer = io.BytesIO()
-    if fmt == "torchscript":
-        # torch 2.13 deprecates TorchScript in five warnings; the CLI says it in one line
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", r"`torch\.jit\.", DeprecationWarning)
-            torch.jit.save(torch.jit.trace(model, example), buffer)
-    elif fmt == "pt2":
-        torch.export.save(torch.export.export(model, (example,), dynamic_shapes=batch), buffer)
-    else:
+    if fmt == "onnx":
         try:
             import onnx  # noqa: F401
         except ImportError:
             raise ReslabError("ONNX export needs the export extra: pip install 'reslab[export]'") from None
-        # torch 2.13's exporter prints its progress, warns of torchvision's operators (not installed here: it has
-        # none of them) and of a deprecated pytree call of its own; the CLI says "wrote FILE" and nothing else
-        registration = logging.getLogger("torch.onnx._internal.exporter._registration")
-        level = registration.level
-        registration.setLevel(logging.ERROR)
-        try:
-            with warnings.catch_warnings():
+    buffer = io.BytesIO()
+    with _one_line_if_untraceable(meta["model_name"], fmt):
+        if fmt == "torchscript":
+            # torch 2.13 deprecates TorchScript in five warnings; the CLI says it in one line
+            warnings.filterwarnings("ignore", r"`torch\.jit\.", DeprecationWarning)
+            torch.jit.save(torch.jit.trace(model, example), buffer)
+        elif fmt == "pt2":
+            torch.export.save(torch.export.export(model, (example,), dynamic_shapes=batch), buffer)
+        else:
+            # torch 2.13's exporter prints its progress, warns of torchvision's operators (not installed here: it
+            # has none of them) and of a deprecated pytree call of its own; the CLI says "wrote FILE" and nothing else
+            registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+            level = registration.level
+            registration.setLevel(logging.ERROR)
+            try:
                 warnings.filterwarnings("ignore", "`isinstance\\(treespec, LeafSpec\\)`", FutureWarning)
                 program = torch.onnx.export(
                     model,
@@ -273,8 +313,8 @@ def export(path: str | Path, fmt: str | None, out: str | Path) -> Path:
                     dynamo=True,
                     verbose=False,
                 )
-        finally:
-            registration.setLevel(level)
-        buffer.write(program.model_proto.SerializeToString())
+            finally:
+                registration.setLevel(level)
+            buffer.write(program.model_proto.SerializeToString())
     checkpoint.write_bytes(out, buffer.getvalue())
     return out

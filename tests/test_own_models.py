@@ -156,6 +156,11 @@ def test_import_on_the_command_line_trains_evaluates_and_resumes(
         ("WIDTH = 3\n", "broken", "--import broken: it registered no model ("),
         (None, "json", "--import json: it registered no model ("),  # an installed module of that name
         (None, "nothere.sub", "--import nothere.sub: no module 'nothere.sub' here or installed"),
+        (
+            "import json\n",
+            "json.py",
+            "--import json.py: a module named 'json' is loaded already; rename the file",
+        ),
     ],
     ids=[
         "no-module",
@@ -166,6 +171,7 @@ def test_import_on_the_command_line_trains_evaluates_and_resumes(
         "registers-nothing",
         "shadowed",
         "dotted",
+        "file-shadows",
     ],
 )
 def test_a_module_that_cannot_be_imported_is_one_line(
@@ -173,7 +179,7 @@ def test_a_module_that_cannot_be_imported_is_one_line(
 ):
     monkeypatch.chdir(tmp_path)
     if source is not None:
-        (tmp_path / "broken.py").write_text(source)
+        (tmp_path / (flag if flag.endswith(".py") else "broken.py")).write_text(source)
     assert main(["models", "--names", "--import", flag]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1

@@ -52,6 +52,13 @@ def _import(spec: str):
             path = Path(spec)
             if not path.is_file():
                 raise ReslabError(f"--import {spec}: no such file")
+            loaded = sys.modules.get(path.stem)
+            if loaded is not None:  # the same file again (a second command in one process), or another module
+                if Path(getattr(loaded, "__file__", None) or "").resolve() == path.resolve():
+                    return loaded
+                raise ReslabError(
+                    f"--import {spec}: a module named {path.stem!r} is loaded already; rename the file"
+                )
             found = importlib.util.spec_from_file_location(path.stem, path)
             module = importlib.util.module_from_spec(found)
             # registered as an import would register it: its classes pickle and its dataclasses work

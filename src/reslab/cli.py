@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import ReslabError
+from .errors import ReslabError, first_line
 
 
 def require_counts(*flags: tuple[str, int | None]) -> None:
@@ -81,7 +81,7 @@ def _import(spec: str):
             what, where = e.msg, f"{e.filename}:{e.lineno}"
         else:
             frame = traceback.extract_tb(e.__traceback__)[-1]
-            what, where = e, f"{frame.filename}:{frame.lineno}"
+            what, where = first_line(str(e)), f"{frame.filename}:{frame.lineno}"
         raise ReslabError(f"--import {spec}: {type(e).__name__}: {what} ({where})") from None
 
 

@@ -1,9 +1,21 @@
 """The one exception for mistakes a user can make: the CLI prints its message and exits 2."""
 
+import re
+
 
 def is_count(value: object) -> bool:
     """An integer >= 1 and not a bool: what every width, stride, channel and batch count given by a user must be."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def first_line(text: str, limit: int = 160) -> str:
+    """An error's first line, for one of ours that reports it: no terminal colours, cut at a sentence's end when
+    longer than `limit`."""
+    line = re.sub(r"\x1b\[[0-9;]*m", "", text).strip().partition("\n")[0]
+    if len(line) <= limit:
+        return line
+    cut = line[:limit].rpartition(". ")[0]
+    return cut + "." if cut else line[:limit] + "..."
 
 
 class ReslabError(Exception):

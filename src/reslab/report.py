@@ -6,7 +6,6 @@ import contextlib
 import io
 import json
 import logging
-import re
 import sys
 import warnings
 from pathlib import Path
@@ -22,7 +21,7 @@ from .engine.host import set_up
 from .engine.precision import autocast, resolve_precision
 from .engine.run import speed_up
 from .engine.steps import predict_logits
-from .errors import ReslabError
+from .errors import ReslabError, first_line
 from .models import build_model
 
 
@@ -228,15 +227,6 @@ def export_format(out: Path, fmt: str | None) -> str | None:
 DATA_DEPENDENT = ("TracerWarning", "GuardOnDataDependentSymNode")
 
 
-def _short(text: str, limit: int = 160) -> str:
-    """An exception's first line, without terminal colours, cut at a sentence's end when longer than `limit`."""
-    line = re.sub(r"\x1b\[[0-9;]*m", "", text).strip().partition("\n")[0]
-    if len(line) <= limit:
-        return line
-    cut = line[:limit].rpartition(". ")[0]
-    return cut + "." if cut else line[:limit] + "..."
-
-
 @contextlib.contextmanager
 def _one_line_if_untraceable(name: str, fmt: str):
     """A model that cannot be exported is one line, and no file. torch.export prints the graph it reached and logs a
@@ -255,7 +245,9 @@ def _one_line_if_untraceable(name: str, fmt: str):
             e = e.__cause__ or e.__context__
         why = type(e).__name__
         hint = " (its forward branches on a tensor's value)" if why in DATA_DEPENDENT else ""
-        raise ReslabError(f"cannot export model {name!r} as {fmt}: {why}: {_short(str(e))}{hint}") from None
+        raise ReslabError(
+            f"cannot export model {name!r} as {fmt}: {why}: {first_line(str(e))}{hint}"
+        ) from None
     finally:
         shapes.setLevel(level)
     sys.stderr.write(printed.getvalue())

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..errors import ReslabError, is_count
+from ..errors import ReslabError, first_line, is_count
 from .nets import cifar_resnet, d2l_resnet18, imagenet_resnet, wide_resnet
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -178,9 +178,8 @@ def check_forward(model: nn.Module, name: str, in_channels: int, num_classes: in
         with torch.no_grad():
             out = model.eval()(torch.zeros(shape))
     except Exception as e:  # the user's code: one line with its own message
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ReslabError(
-            f"model {name!r} failed on a batch of shape {shape}: {type(e).__name__}: {first}"
+            f"model {name!r} failed on a batch of shape {shape}: {type(e).__name__}: {first_line(str(e))}"
         ) from None
     finally:
         model.train(was_training)

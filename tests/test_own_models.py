@@ -6,12 +6,12 @@ import textwrap
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import crash_then_resume, tiny_overrides, without_timings
 from torch import nn
 
 from reslab import config
 from reslab.cli import main
-from reslab.engine import fit
+from reslab.engine import checkpoint, fit
 from reslab.errors import ReslabError
 from reslab.models import (
     ResidualUnit,
@@ -23,6 +23,7 @@ from reslab.models import (
     registered_by,
     registry,
 )
+from reslab.runs import read_history
 
 MODULE = """
 from torch import nn
@@ -293,3 +294,19 @@ def test_a_model_that_cannot_be_traced_is_one_line_on_export_and_no_file(
     )
     assert len(err.strip().splitlines()) == 1, err
     assert target.read_bytes() == b"an older export"
+
+
+def dropped(in_channels: int, num_classes: int, p: float = 0.3) -> nn.Module:
+    """A model of your own that draws random numbers in every training step (dropout)."""
+    return nn.Sequential(tiny(in_channels, 16), nn.ReLU(), nn.Dropout(p), nn.Linear(16, num_classes))
+
+
+def test_a_model_of_your_own_resumes_bit_identical_after_a_crash(own, tiny_data, tmp_path):
+    register("dropped", dropped)
+    sets = tiny_overrides(tiny_data, **{"model.name": "dropped", "train.epochs": 3, "data.flip": True})
+    fit(config.load("fast", sets), tmp_path / "a", quiet=True)
+    crash_then_resume(config.load("fast", sets), tmp_path / "b")
+    a, b = checkpoint.load(tmp_path / "a" / "last.pt"), checkpoint.load(tmp_path / "b" / "last.pt")
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert without_timings(read_history(tmp_path / "a")) == without_timings(read_history(tmp_path / "b"))

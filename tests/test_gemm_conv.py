@@ -156,3 +156,21 @@ def test_a_bf16_run_through_gemm_convs_resumes_bit_identical(tiny_data, tmp_path
     a, b = checkpoint.load(tmp_path / "a" / "last.pt"), checkpoint.load(tmp_path / "b" / "last.pt")
     assert calls  # the matrix multiplies ran
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_an_in_place_relu_may_follow_a_small_map_convolution():
+    # a model of your own may put nn.ReLU(inplace=True) straight after a convolution (squeeze-and-excitation's
+    # 1x1 layers on a 1x1 map): autograd refuses to modify a custom Function's output in place if it is a view
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(8, 8, 1), nn.ReLU(inplace=True))
+    fast = nn.Sequential(nn.Conv2d(8, 8, 1), nn.ReLU(inplace=True))
+    fast.load_state_dict(plain.state_dict())
+    assert gemm_conv.use_gemm_convs(fast) == 1
+    x = torch.randn(4, 8, 1, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, expected = fast(x), plain(x)
+    assert "_Conv2dFn" in type(got.grad_fn.next_functions[0][0]).__name__
+    got.float().sum().backward()
+    expected.float().sum().backward()
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(fast[0].weight.grad, plain[0].weight.grad, rtol=2e-2, atol=2e-2)

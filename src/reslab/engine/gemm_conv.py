@@ -83,8 +83,16 @@ class _Conv2dFn(torch.autograd.Function):
             ho, wo = (out_size(x.shape[i + 2], kernel[i], stride[i], padding[i]) for i in (0, 1))
             wm = weight.permute(0, 2, 3, 1).reshape(cout, -1)  # (Cout, kh * kw * Cin), tap-major like im2col
             cols = im2col(x, kernel, stride, padding)
-            out = cols @ wm.t() if bias is None else torch.addmm(bias, cols, wm.t())  # (B * Ho * Wo, Cout)
-            out = out.view(b, ho, wo, cout).permute(0, 3, 1, 2)  # channels_last (B, Cout, Ho, Wo)
+            # written straight into a channels_last (B, Cout, Ho, Wo) tensor, read as (B * Ho * Wo, Cout): the
+            # output is no view, so an in-place ReLU after it (a model of your own may have one) is allowed
+            out = torch.empty(
+                (b, cout, ho, wo), dtype=cols.dtype, device=x.device, memory_format=torch.channels_last
+            )
+            rows = out.permute(0, 2, 3, 1).view(-1, cout)
+            if bias is None:
+                torch.mm(cols, wm.t(), out=rows)
+            else:
+                torch.addmm(bias, cols, wm.t(), out=rows)
             ctx.save_for_backward(cols, weight)  # kh * kw times the input's memory, on maps that are tiny
         else:
             out = F.conv2d(x, weight, bias, stride, padding)

@@ -24,12 +24,12 @@ data:
 	  echo "note: could not install dataset-fashion-mnist; reslab will download Fashion-MNIST on first use"
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m ruff format --check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff format --check src tests benchmarks examples
 
 format: $(VENV)/.installed
-	$(PY) -m ruff format src tests benchmarks
-	$(PY) -m ruff check --fix src tests benchmarks
+	$(PY) -m ruff format src tests benchmarks examples
+	$(PY) -m ruff check --fix src tests benchmarks examples
 
 test: setup lint
 	$(PY) -m pytest -q $(ARGS)

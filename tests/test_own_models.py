@@ -3,6 +3,7 @@
 import json
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,7 +51,7 @@ def own(monkeypatch):
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     monkeypatch.setattr(sys, "path", list(sys.path))
     yield
-    for name in ("mynets", "broken"):
+    for name in ("mynets", "broken", "se_resnet"):
         sys.modules.pop(name, None)
 
 
@@ -310,3 +311,12 @@ def test_a_model_of_your_own_resumes_bit_identical_after_a_crash(own, tiny_data,
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert without_timings(read_history(tmp_path / "a")) == without_timings(read_history(tmp_path / "b"))
+
+
+def test_the_example_model_of_your_own_registers_builds_and_trains(own, tiny_data, tmp_path, capsys):
+    example = Path(__file__).parents[1] / "examples" / "se_resnet.py"
+    assert main(["summary", "se-resnet8", "--import", str(example)]) == 0
+    assert "303,698" in capsys.readouterr().out  # fast.yaml's 292,666 and three squeeze-and-excitation gates
+    sets = tiny_overrides(tiny_data, **{"model.name": "se-resnet8", "train.epochs": 1})
+    summary = fit(config.load("fast", sets), tmp_path / "run", quiet=True)
+    assert summary["model"] == "se-resnet8" and 0 < summary["test_acc"] <= 1

@@ -10,8 +10,8 @@ from conftest import tiny_overrides
 from torch import nn
 
 from reslab import config
-from reslab.engine import rewrites, run
-from reslab.models import build_model
+from reslab.engine import gemm_conv, rewrites, run
+from reslab.models import ResidualUnit, build_model
 
 
 def step(
@@ -89,3 +89,85 @@ def test_training_builds_the_rewritten_model(tiny_data, tmp_path):
     cfg = config.load(None, tiny_overrides(tiny_data, **{"model.name": "d2l-resnet18"}))
     r = run.prepare(cfg, tmp_path / "run", quiet=True)
     assert [type(m) for m in r.model[0]] == [nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.ReLU]
+    assert sum(type(m) is rewrites.GlobalAvgPool for m in r.model.modules()) == 1
+
+
+@pytest.mark.parametrize(
+    "name, size, options",
+    [
+        ("resnet8", 28, {"width": 32, "first_stride": 2, "stem_width": 16}),  # fast.yaml's
+        ("resnet20", 28, {}),
+        ("wrn-16-4", 28, {}),
+        ("d2l-resnet18", 40, {}),
+        ("resnet50", 40, {}),
+    ],
+)
+@pytest.mark.parametrize("bf16", [False, True])
+def test_global_avg_pool_leaves_outputs_gradients_and_state_bit_identical(name, size, options, bf16):
+    """In channels_last, as training runs: the gradient the layers below the pool receive is a broadcast view
+    instead of a new NCHW tensor, with the same values."""
+    torch.manual_seed(0)
+    model = build_model(name, 1, 10, **options).to(memory_format=torch.channels_last).train()
+    swapped = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    assert rewrites.global_avg_pool(swapped) == 1
+    assert list(swapped.state_dict()) == keys
+    x = torch.randn(4, 1, size, size).contiguous(memory_format=torch.channels_last)
+    (out, grads, state), (out2, grads2, state2) = step(model, x, bf16), step(swapped, x, bf16)
+    assert torch.equal(out, out2)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads2))
+    assert all(torch.equal(state[k], state2[k]) for k in keys)
+
+
+def test_global_avg_pool_replaces_only_pools_to_one_pixel_and_takes_any_input():
+    class Pool(nn.AdaptiveAvgPool2d):  # a subclass may do more than average
+        pass
+
+    others = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.AdaptiveAvgPool2d((1, None)), Pool(1))
+    assert rewrites.global_avg_pool(others) == 0
+    pools = nn.Sequential(nn.Sequential(nn.AdaptiveAvgPool2d(1)), nn.AdaptiveAvgPool2d((1, 1)))
+    assert rewrites.global_avg_pool(pools) == 2
+    assert [type(m) for m in pools.modules()][2:] == [rewrites.GlobalAvgPool] * 2
+    for shape in [(2, 3, 5, 7), (3, 5, 7)]:  # batched and unbatched, odd sides
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(rewrites.GlobalAvgPool(), (x,))
+        assert torch.equal(rewrites.GlobalAvgPool()(x), nn.AdaptiveAvgPool2d(1)(x))
+        y = x * 1  # not a leaf: autograd.grad returns the gradient as the backward made it
+        (g,) = torch.autograd.grad(rewrites.GlobalAvgPool()(y).sum(), y)
+        assert g.stride()[-2:] == (0, 0)  # a broadcast view: nothing of the map's size written
+
+
+def test_a_broadcast_gradient_reaches_convolutions_and_layers_of_ones_own():
+    """A pool right after a small-map convolution hands gemm_conv's backward a broadcast gradient; squeeze-and-
+    excitation (a pool inside the residual branch, its input used twice) accumulates one into another."""
+    torch.manual_seed(0)
+    conv_head = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)
+    )
+    se = build_model("resnet8", 1, 10)
+    for unit in se.modules():
+        if isinstance(unit, ResidualUnit):
+            c = unit.out_channels
+            gate = nn.Sequential(
+                nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, 4, 1), nn.ReLU(), nn.Conv2d(4, c, 1), nn.Sigmoid()
+            )
+            unit.residual.append(Gated(gate))
+    for model, size in [(conv_head, 3), (se, 12)]:
+        model = model.to(memory_format=torch.channels_last).train()
+        gemm_conv.use_gemm_convs(model)
+        swapped = copy.deepcopy(model)
+        assert rewrites.global_avg_pool(swapped) >= 1
+        x = torch.randn(4, 1, size, size).contiguous(memory_format=torch.channels_last)
+        for bf16 in (False, True):
+            (out, grads, _), (out2, grads2, _) = step(model, x, bf16), step(swapped, x, bf16)
+            assert torch.equal(out, out2)
+            assert all(torch.equal(a, b) for a, b in zip(grads, grads2))
+
+
+class Gated(nn.Module):
+    def __init__(self, gate: nn.Module):
+        super().__init__()
+        self.gate = gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(x)

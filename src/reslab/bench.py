@@ -118,14 +118,14 @@ def make_step(
     channels_last: bool = True,
     device: torch.device = CPU,
     gemm_convs: bool | None = None,
-    pool_first: bool = True,
+    skip: tuple[str, ...] = (),
     optim: OptimConfig | None = None,
     compiled: bool = False,
     **options,
 ):
     """A bare training step (forward, backward, SGD) of a fresh model on a fixed random batch, as a function
     (its `model` attribute: the model it steps). The model is sped up as training's (engine/run.speed_up, whose
-    pool_first and gemm_convs these pass on) and, `compiled`, called through torch.compile as training's
+    skip and gemm_convs these pass on) and, `compiled`, called through torch.compile as training's
     train.compile does (compiling in its first call). `optim` (default: SGD, lr 0.01, momentum 0.9) sets the
     update and the label smoothing, made as training makes them; a recipe's own makes the step the one its
     training loop runs, less the loop."""
@@ -133,7 +133,7 @@ def make_step(
     torch.manual_seed(0)
     mem = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model(name, 1, 10, **options).to(device=device, memory_format=mem).train()
-    speed_up(model, device, precision, pool_first, gemm_convs)
+    speed_up(model, device, precision, skip, gemm_convs)
     net = torch.compile(model) if compiled else model
     optim = optim or OptimConfig(lr=0.01, momentum=0.9)
     opt = make_optimizer(model, optim)

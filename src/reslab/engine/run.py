@@ -72,15 +72,17 @@ def speed_up(
     model: nn.Module,
     device: torch.device,
     precision: str,
-    pool_first: bool = True,
+    skip: tuple[str, ...] = (),
     gemm_convs: bool | None = None,
 ) -> None:
     """What training does to a built model, in place, before its first step (bench.make_step does the same):
-    the stem's max-pool before its ReLU (engine/rewrites.py), and, where they pay, small-map convolutions as
-    matrix multiplies (engine/gemm_conv.py; torch.compile traces them into its graph). pool_first and gemm_convs
-    (None: where training would) let a benchmark compare with and without each."""
-    if pool_first:
-        rewrites.pool_before_relu(model)
+    engine/rewrites.py's exact rewrites (the stem's max-pool before its ReLU, the head's pool with a cheaper
+    backward), and, where they pay, small-map convolutions as matrix multiplies (engine/gemm_conv.py; torch.compile
+    traces them into its graph). `skip` (names of rewrites.REWRITES) and gemm_convs (None: where training would)
+    let a benchmark compare with and without each."""
+    for name, rewrite in rewrites.REWRITES.items():
+        if name not in skip:
+            rewrite(model)
     if gemm_conv.pays(device, precision) if gemm_convs is None else gemm_convs:
         gemm_conv.use_gemm_convs(model)
 

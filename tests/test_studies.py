@@ -53,8 +53,18 @@ def test_degradation_study_writes_results_and_skips_finished_runs(tiny_data, tmp
     assert (tmp_path / "deg" / "gradients.png").stat().st_size > 1000
     table = (tmp_path / "deg" / "table.md").read_text()
     assert "| gradient RMS at initialisation: first 3x3 layer |" in table
-    # one row in the gradient table and one in the responses'
-    assert len([line for line in table.splitlines() if line.startswith("| resnet14 | ")]) == 2
+    # lesions: each seed-0 net's test error intact, with each unit of unchanged shape deleted, and k at random
+    les = saved["lesion"]
+    assert les["images"] == 128 and set(les["nets"]) == set(nets)
+    r14 = les["nets"]["resnet14"]
+    assert r14["units"] == ["stage1.0", "stage1.1", "stage2.1", "stage3.1"] and len(r14["single"]) == 4
+    assert [d["k"] for d in r14["random"]] == [2] and len(r14["random"][0]["errors"]) == 3
+    assert les["nets"]["resnet8"]["random"] == []  # one deletable unit: no k below it
+    assert all(0 <= e <= 1 for net in les["nets"].values() for e in [net["intact"], *net["single"]])
+    assert (tmp_path / "deg" / "lesion.png").stat().st_size > 1000
+    assert "| one deleted: median | worst | 2 deleted |" in table
+    # one row each in the responses', the gradients' and the lesions' tables
+    assert len([line for line in table.splitlines() if line.startswith("| resnet14 | ")]) == 3
     # a second call trains nothing: every run has its summary.json
     before = {p: p.stat().st_mtime for p in (tmp_path / "deg" / "runs").glob("*/last.pt")}
     again = degradation.run(tmp_path / "deg", quick=True, seeds=1, overrides=overrides, depths=(8, 14))

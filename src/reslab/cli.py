@@ -202,6 +202,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     print((out / "table.md").read_text())
     extra = ", responses.png" if payload.get("responses", {}).get("nets") else ""
     extra += ", gradients.png" if payload.get("gradients", {}).get("init") else ""
+    extra += ", lesion.png" if payload.get("lesion", {}).get("nets") else ""
     print(
         f"wrote {out}/results.json, table.md, figure.png{extra} in {payload['seconds']:.0f} s "
         f"(the runs trained for {payload['train_seconds']:.0f} s in all)"

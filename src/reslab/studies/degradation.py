@@ -2,8 +2,8 @@
 
 Trains plain-N and resnet-N (CIFAR-style 6n+2, option-A shortcuts, identical recipe) for each depth and
 records training and test error per epoch, then the trained nets' layer responses (the paper's Fig. 7, in
-responses.py) and the gradients the backward pass carries through them (gradients.py). `--quick` fits a
-2-core CPU in about half an hour.
+responses.py), the gradients the backward pass carries through them (gradients.py), and their test error with
+units deleted (lesion.py, Veit et al. 2016). `--quick` fits a 2-core CPU in about half an hour.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from ..data import load_dataset
 from ..engine.checkpoint import make_dir
 from ..errors import ReslabError
 from ..models import list_models
-from . import gradients, responses
+from . import gradients, lesion, responses
 from .common import (
     EVERY_EPOCH,
     Timer,
@@ -104,6 +104,8 @@ def run(
         data = load_dataset(data_cfg) if nets else None
         found = responses.of_nets(nets, data, data_cfg)
         backward = gradients.of_nets(nets, data, data_cfg)
+        # --quick reads the lesions on 2,000 test images: each error within about 0.7 point
+        lesioned = lesion.of_nets(nets, data, data_cfg, images=2000 if quick else None)
     rows = []
     for r in results:
         s, h = r["summary"], r["history"]
@@ -131,11 +133,14 @@ def run(
         "train_seconds": sum(r["summary"]["train_seconds"] for r in results),  # every run's, whenever it ran
         "responses": found,
         "gradients": backward,
+        "lesion": lesioned,
     }
     if found["nets"]:
         responses.figure(found, out / "responses.png", untrained(rows, found["classes"]))
     if backward["init"]:
         gradients.figure(backward, out / "gradients.png")
+    if lesioned["nets"]:
+        lesion.figure(lesioned, out / "lesion.png", chance=1 - 1 / found["classes"])
     return finish(out, payload, table, figure)
 
 
@@ -226,6 +231,8 @@ def table(payload: dict) -> str:
             "over its norm at initialisation (BN makes a layer's function independent of that scale, and its",
             "learning k^2 times slower when its weights grew k-fold).",
         ]
+    if payload.get("lesion", {}).get("nets"):  # results before session 44 have none
+        lines += [""] + lesion.table_lines(payload["lesion"])
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,167 @@
+"""Lesions (Veit, Wilber and Belongie 2016, "Residual Networks Behave Like Ensembles of Relatively Shallow
+Networks"): delete units of a trained net at test time and measure its test error.
+
+A unit whose input and output have the same shape can be deleted: it is replaced by the identity, so its input
+goes straight on to the next unit. In a ResNet that leaves the unit's shortcut (in the original order,
+relu(x + 0) = x, since x comes out of a ReLU); in its plain twin it removes two layers from the only path. Veit
+et al. found that a ResNet barely notices one unit gone and degrades smoothly as more go, as an ensemble of many
+paths of different lengths would, while a plain net fails (a VGG falls to chance). Units that change the shape
+(a stride or more channels) stay.
+
+Evaluated in eval mode (BatchNorm's running statistics, as trained: no re-estimation), in the precision training
+resolves to on this machine, on the first `images` test images.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..engine.precision import autocast, resolve_precision
+from ..models import ResidualUnit
+
+CPU = torch.device("cpu")
+
+
+def deletable(model: nn.Module) -> list[str]:
+    """The names of the units that keep their input's shape, input side first."""
+    names = []
+    for name, m in model.named_modules():
+        if isinstance(m, ResidualUnit):
+            first = next(c for c in m.residual if isinstance(c, nn.Conv2d))
+            if first.stride == (1, 1) and first.in_channels == m.out_channels:
+                names.append(name)
+    return names
+
+
+def without(model: nn.Module, names: list[str]) -> nn.Module:
+    """A copy of `model` with the named units replaced by the identity."""
+    lesioned = copy.deepcopy(model)
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(lesioned.get_submodule(parent), child, nn.Identity())
+    return lesioned
+
+
+@torch.no_grad()
+def test_error(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], precision: str) -> float:
+    model.eval()
+    wrong = total = 0
+    with autocast(CPU, precision):
+        for x, y in batches:
+            wrong += (model(x).argmax(1) != y).sum().item()
+            total += len(y)
+    return wrong / total
+
+
+def lesions(model: nn.Module, batches, precision: str, ks: tuple[int, ...], samples: int) -> dict:
+    """One net's {"units", "intact", "single", "random"} (of_nets)."""
+    units = deletable(model)
+    draw = random.Random(0)
+
+    def error(names: list[str]) -> float:
+        return test_error(without(model, names), batches, precision)
+
+    return {
+        "units": units,
+        "intact": error([]),
+        "single": [error([u]) for u in units],
+        "random": [
+            {"k": k, "errors": [error(draw.sample(units, k)) for _ in range(samples)]}
+            for k in ks
+            if k < len(units)
+        ],
+    }
+
+
+def of_nets(
+    nets: dict[str, tuple[nn.Module, dict]],
+    data,
+    data_cfg,
+    images: int | None = None,
+    ks: tuple[int, ...] = (2, 4, 8, 16),
+    samples: int = 3,
+) -> dict:
+    """{"images": n, "nets": {name: {"units", "intact", "single", "random"}}} for each trained model of `nets`
+    (common.final_nets) on the first `images` test images of `data` (None: all): its test error intact, with each deletable unit deleted alone ("single", in the order
+    of "units"), and with k of them deleted at random for each k of `ks` below their number ("random": [{"k",
+    "errors"}], `samples` draws each, seeded: a rerun draws the same units)."""
+    from ..data import make_test_loader
+
+    found: dict = {"images": 0, "nets": {}}
+    if not nets:
+        return found
+    precision = resolve_precision("auto", CPU)
+    batches, n = [], 0
+    images = images or len(data.test_labels)
+    for x, y in make_test_loader(data, data_cfg, 500, CPU):
+        if n >= images:
+            break
+        batches.append((x[: images - n].contiguous(memory_format=torch.channels_last), y[: images - n]))
+        n += len(batches[-1][1])
+    found["images"] = n
+    for name, (model, _) in nets.items():
+        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        found["nets"][name] = lesions(model, batches, precision, ks, samples)
+    return found
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def table_lines(found: dict) -> list[str]:
+    ks = sorted({r["k"] for net in found["nets"].values() for r in net["random"]})
+    lines = [
+        "| net (seed 0) | deletable units | intact | one deleted: median | worst | "
+        + " | ".join(f"{k} deleted" for k in ks)
+        + " |",
+        "|---|---:|---:|---:|---:|" + "---:|" * len(ks),
+    ]
+    for name, net in found["nets"].items():
+        single = sorted(net["single"])
+        by_k = {r["k"]: f"{mean(r['errors']):.3f}" for r in net["random"]}
+        cells = [f"{net['intact']:.3f}", f"{single[len(single) // 2]:.3f}", f"{single[-1]:.3f}"]
+        cells += [by_k.get(k, "-") for k in ks]
+        lines.append(f"| {name} | {len(net['units'])} | {' | '.join(cells)} |")
+    lines += [
+        "",
+        "Lesions (Veit et al. 2016): test error with units deleted at test time (each replaced by the identity;",
+        f"the units that change shape stay), on the first {found['images']} test images, eval mode. k deleted: the",
+        "mean over random draws of k units. lesion.png plots each unit's and each k's error.",
+    ]
+    return lines
+
+
+def figure(found: dict, path: Path, chance: float) -> None:
+    """Left: the test error with each deletable unit deleted alone, input side first, the intact error as a
+    thin line. Right: the mean error against the number of units deleted at random. Plain dashed, ResNet solid."""
+    from ..plots import plt, save  # matplotlib on its Agg backend
+    from .responses import label
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for i, (name, r) in enumerate(found["nets"].items()):
+        style, colour = ("-" if name.startswith("resnet") else "--"), f"C{i}"
+        x = range(1, len(r["single"]) + 1)
+        axes[0].plot(
+            x, [100 * e for e in r["single"]], style, marker="o", ms=3, color=colour, label=label(name)
+        )
+        axes[0].axhline(100 * r["intact"], color=colour, lw=0.8, ls=":")
+        ks = [0, 1] + [d["k"] for d in r["random"]]
+        means = [r["intact"], mean(r["single"])] + [mean(d["errors"]) for d in r["random"]]
+        axes[1].plot(ks, [100 * m for m in means], style, marker="o", ms=3, color=colour, label=label(name))
+    for ax in axes:
+        ax.axhline(100 * chance, color="grey", lw=0.8, ls="-.", label="chance")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set(xlabel="unit deleted (input side first)", ylabel="test error (%)", title="one unit deleted")
+    axes[1].set(xlabel="units deleted at random", title="several deleted (mean of draws)")
+    fig.tight_layout()
+    save(fig, path)
+
+
+__all__ = ["deletable", "figure", "lesions", "of_nets", "table_lines", "test_error", "without"]

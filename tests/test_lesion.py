@@ -1,0 +1,48 @@
+"""Lesions (studies/lesion.py): a deleted unit is the identity, and only units that keep their input's shape go."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from reslab.models import ResidualUnit, build_model
+from reslab.studies import lesion
+
+
+def test_the_units_of_unchanged_shape_are_deletable_in_every_family():
+    counts = {
+        name: len(lesion.deletable(build_model(name, 1, 10))) for name in ("resnet56", "plain56", "resnet50")
+    }
+    # 9 units a stage, the 2nd and 3rd stages' first ones downsample; ResNet-50's 4 stages each widen first
+    assert counts == {"resnet56": 25, "plain56": 25, "resnet50": 12}
+    assert lesion.deletable(build_model("wrn-16-4", 1, 10)) == ["stage1.1", "stage2.1", "stage3.1"]
+
+
+def test_a_deleted_unit_passes_its_input_on_and_the_model_is_left_as_it_was():
+    """The lesioned copy computes what the model computes when that unit's output is replaced by its input."""
+    torch.manual_seed(0)
+    for name in ("resnet20", "plain20"):
+        model = build_model(name, 1, 10).eval()
+        x = torch.randn(3, 1, 28, 28)
+        intact = model(x)
+        lesioned = lesion.without(model, ["stage1.1", "stage3.2"])
+        assert isinstance(lesioned.get_submodule("stage1.1"), nn.Identity)
+        assert isinstance(model.get_submodule("stage1.1"), ResidualUnit)  # the model keeps its units
+        handles = [
+            model.get_submodule(u).register_forward_hook(lambda m, inputs, out: inputs[0])
+            for u in ("stage1.1", "stage3.2")
+        ]
+        expected = model(x)
+        for h in handles:
+            h.remove()
+        assert torch.equal(lesioned(x), expected) and not torch.equal(expected, intact)
+        assert torch.equal(model(x), intact)
+
+
+def test_test_error_counts_the_wrong_answers():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2, bias=False))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
+    x = torch.tensor([[2.0, 1, 0, 0], [0, 3, 0, 0], [5, 0, 0, 0], [1, 4, 0, 0]]).view(4, 1, 2, 2)
+    y = torch.tensor([0, 0, 0, 1])  # the second is wrong
+    assert lesion.test_error(model, [(x[:2], y[:2]), (x[2:], y[2:])], "fp32") == 0.25

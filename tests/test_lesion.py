@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import torch
+from conftest import tiny_overrides
 from torch import nn
 
+from reslab import config
+from reslab.data import load_dataset
 from reslab.models import ResidualUnit, build_model
 from reslab.studies import lesion
 
@@ -39,10 +42,22 @@ def test_a_deleted_unit_passes_its_input_on_and_the_model_is_left_as_it_was():
         assert torch.equal(model(x), intact)
 
 
-def test_test_error_counts_the_wrong_answers():
+def test_the_error_counts_the_wrong_answers():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2, bias=False))
     with torch.no_grad():
         model[1].weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
     x = torch.tensor([[2.0, 1, 0, 0], [0, 3, 0, 0], [5, 0, 0, 0], [1, 4, 0, 0]]).view(4, 1, 2, 2)
     y = torch.tensor([0, 0, 0, 1])  # the second is wrong
-    assert lesion.test_error(model, [(x[:2], y[:2]), (x[2:], y[2:])], "fp32") == 0.25
+    assert lesion.error_on(model, [(x[:2], y[:2]), (x[2:], y[2:])], "fp32") == 0.25
+
+
+def test_nets_are_lesioned_on_the_first_images_asked_for_and_a_net_without_units_is_left_out(tiny_data):
+    cfg = config.load(None, tiny_overrides(tiny_data))
+    data = load_dataset(cfg.data)
+    torch.manual_seed(0)
+    nets = {"resnet14": (build_model("resnet14", 1, 10), {}), "linear": (nn.Sequential(nn.Flatten()), {})}
+    found = lesion.of_nets(nets, data, cfg.data, images=100, ks=(2, 4), samples=2)
+    assert found["images"] == 100 and list(found["nets"]) == ["resnet14"]
+    net = found["nets"]["resnet14"]
+    assert len(net["single"]) == len(net["units"]) == 4 and [len(r["errors"]) for r in net["random"]] == [2]
+    assert lesion.of_nets(nets, data, cfg.data, images=100, ks=(2, 4), samples=2) == found  # the same draws

@@ -48,7 +48,8 @@ def without(model: nn.Module, names: list[str]) -> nn.Module:
 
 
 @torch.no_grad()
-def test_error(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], precision: str) -> float:
+def error_on(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], precision: str) -> float:
+    """The share of the batches' images the model, in eval mode, gets wrong."""
     model.eval()
     wrong = total = 0
     with autocast(CPU, precision):
@@ -64,7 +65,7 @@ def lesions(model: nn.Module, batches, precision: str, ks: tuple[int, ...], samp
     draw = random.Random(0)
 
     def error(names: list[str]) -> float:
-        return test_error(without(model, names), batches, precision)
+        return error_on(without(model, names), batches, precision)
 
     return {
         "units": units,
@@ -87,9 +88,10 @@ def of_nets(
     samples: int = 3,
 ) -> dict:
     """{"images": n, "nets": {name: {"units", "intact", "single", "random"}}} for each trained model of `nets`
-    (common.final_nets) on the first `images` test images of `data` (None: all): its test error intact, with each deletable unit deleted alone ("single", in the order
-    of "units"), and with k of them deleted at random for each k of `ks` below their number ("random": [{"k",
-    "errors"}], `samples` draws each, seeded: a rerun draws the same units)."""
+    (common.final_nets) with a unit to delete, on the first `images` test images of `data` (None: all): its test
+    error intact, with each deletable unit deleted alone ("single", in the order of "units"), and with k of them
+    deleted at random for each k of `ks` below their number ("random": [{"k", "errors"}], `samples` draws each,
+    seeded: a rerun draws the same units)."""
     from ..data import make_test_loader
 
     found: dict = {"images": 0, "nets": {}}
@@ -105,8 +107,9 @@ def of_nets(
         n += len(batches[-1][1])
     found["images"] = n
     for name, (model, _) in nets.items():
-        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
-        found["nets"][name] = lesions(model, batches, precision, ks, samples)
+        if deletable(model):  # every CIFAR-style net has one: its first unit
+            model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+            found["nets"][name] = lesions(model, batches, precision, ks, samples)
     return found
 
 
@@ -164,4 +167,4 @@ def figure(found: dict, path: Path, chance: float) -> None:
     save(fig, path)
 
 
-__all__ = ["deletable", "figure", "lesions", "of_nets", "table_lines", "test_error", "without"]
+__all__ = ["deletable", "error_on", "figure", "lesions", "of_nets", "table_lines", "without"]

@@ -131,9 +131,8 @@ class Conv2d(nn.Conv2d):
         autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
         if x.device.type != "cpu" or not (autocast_bf16 or x.dtype == self.weight.dtype == torch.bfloat16):
             return super().forward(x)
-        if (
-            x.dim() != 4
-        ):  # one unbatched image (C, H, W): nn.Conv2d takes it, and a model of your own may pass it
+        # one unbatched image (C, H, W): nn.Conv2d takes it, and a model of your own may pass it
+        if x.dim() != 4:
             return super().forward(x)
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         pixels = out_size(x.shape[2], kh, sh, ph) * out_size(x.shape[3], kw, sw, pw)

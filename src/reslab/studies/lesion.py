@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import random
 from pathlib import Path
+from statistics import fmean
 
 import torch
 from torch import nn
@@ -113,10 +114,6 @@ def of_nets(
     return found
 
 
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
 def table_lines(found: dict) -> list[str]:
     ks = sorted({r["k"] for net in found["nets"].values() for r in net["random"]})
     lines = [
@@ -127,7 +124,7 @@ def table_lines(found: dict) -> list[str]:
     ]
     for name, net in found["nets"].items():
         single = sorted(net["single"])
-        by_k = {r["k"]: f"{mean(r['errors']):.3f}" for r in net["random"]}
+        by_k = {r["k"]: f"{fmean(r['errors']):.3f}" for r in net["random"]}
         cells = [f"{net['intact']:.3f}", f"{single[len(single) // 2]:.3f}", f"{single[-1]:.3f}"]
         cells += [by_k.get(k, "-") for k in ks]
         lines.append(f"| {name} | {len(net['units'])} | {' | '.join(cells)} |")
@@ -155,7 +152,7 @@ def figure(found: dict, path: Path, chance: float) -> None:
         )
         axes[0].axhline(100 * r["intact"], color=colour, lw=0.8, ls=":")
         ks = [0, 1] + [d["k"] for d in r["random"]]
-        means = [r["intact"], mean(r["single"])] + [mean(d["errors"]) for d in r["random"]]
+        means = [r["intact"], fmean(r["single"])] + [fmean(d["errors"]) for d in r["random"]]
         axes[1].plot(ks, [100 * m for m in means], style, marker="o", ms=3, color=colour, label=label(name))
     for ax in axes:
         ax.axhline(100 * chance, color="grey", lw=0.8, ls="-.", label="chance")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import tiny_overrides
 from torch import nn
@@ -29,7 +30,8 @@ def test_a_deleted_unit_passes_its_input_on_and_the_model_is_left_as_it_was():
         x = torch.randn(3, 1, 28, 28)
         intact = model(x)
         lesioned = lesion.without(model, ["stage1.1", "stage3.2"])
-        assert isinstance(lesioned.get_submodule("stage1.1"), nn.Identity)
+        deleted = lesioned.get_submodule("stage1.1")
+        assert isinstance(deleted.residual if name == "resnet20" else deleted, (lesion.NoBranch, nn.Identity))
         assert isinstance(model.get_submodule("stage1.1"), ResidualUnit)  # the model keeps its units
         handles = [
             model.get_submodule(u).register_forward_hook(lambda m, inputs, out: inputs[0])
@@ -40,6 +42,31 @@ def test_a_deleted_unit_passes_its_input_on_and_the_model_is_left_as_it_was():
             h.remove()
         assert torch.equal(lesioned(x), expected) and not torch.equal(expected, intact)
         assert torch.equal(model(x), intact)
+
+
+@pytest.mark.parametrize(
+    "options, after",
+    [
+        ({"order": "full-preact"}, lambda unit, x: x),
+        ({"order": "relu-before-add"}, lambda unit, x: x),
+        ({"order": "bn-after-add"}, lambda unit, x: unit.post(x)),  # f stays: relu(BN(x))
+        ({"shortcut_scale": 0.5}, lambda unit, x: torch.relu(0.5 * x)),
+        ({"shortcut": "projection", "always_project": True}, lambda unit, x: torch.relu(unit.shortcut(x))),
+    ],
+    ids=["full-preact", "relu-before-add", "bn-after-add", "scaled", "1x1-conv"],
+)
+def test_a_deleted_unit_keeps_its_shortcut_and_what_follows_the_addition(options, after):
+    """x' = f(s h(x)) with F(x) = 0, in every unit variant of the units study."""
+    torch.manual_seed(0)
+    model = build_model("resnet20", 1, 10, **options).eval()
+    lesioned = lesion.without(model, ["stage2.1"])
+    seen = {}
+    unit = lesioned.get_submodule("stage2.1")
+    unit.register_forward_hook(lambda m, inputs, out: seen.update(x=inputs[0], out=out))
+    with torch.no_grad():
+        lesioned(torch.randn(3, 1, 28, 28))
+        assert torch.allclose(seen["out"], after(unit, seen["x"]))
+    assert seen["out"].abs().sum() > 0
 
 
 def test_the_error_counts_the_wrong_answers():

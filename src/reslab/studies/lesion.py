@@ -1,9 +1,10 @@
 """Lesions (Veit, Wilber and Belongie 2016, "Residual Networks Behave Like Ensembles of Relatively Shallow
 Networks"): delete units of a trained net at test time and measure its test error.
 
-A unit whose input and output have the same shape can be deleted: it is replaced by the identity, so its input
-goes straight on to the next unit. In a ResNet that leaves the unit's shortcut (in the original order,
-relu(x + 0) = x, since x comes out of a ReLU); in its plain twin it removes two layers from the only path. Veit
+A unit whose input and output have the same shape can be deleted. In a ResNet its residual branch goes (F(x) = 0)
+and the rest stays: x' = f(s h(x)), which is x itself for the identity shortcut in every order but BN after the
+addition (in the original order relu(x) = x, since x comes out of a ReLU). In its plain twin, which has no
+shortcut, the unit is replaced by the identity: two layers leave the only path. Veit
 et al. found that a ResNet barely notices one unit gone and degrades smoothly as more go, as an ensemble of many
 paths of different lengths would, while a plain net fails (a VGG falls to chance). Units that change the shape
 (a stride or more channels) stay.
@@ -39,12 +40,24 @@ def deletable(model: nn.Module) -> list[str]:
     return names
 
 
+class NoBranch(nn.Module):
+    """A deleted residual branch: F(x) = 0."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
 def without(model: nn.Module, names: list[str]) -> nn.Module:
-    """A copy of `model` with the named units replaced by the identity."""
+    """A copy of `model` with the named units deleted: a unit with a shortcut loses its residual branch, one
+    without (plain) is replaced by the identity."""
     lesioned = copy.deepcopy(model)
     for name in names:
-        parent, _, child = name.rpartition(".")
-        setattr(lesioned.get_submodule(parent), child, nn.Identity())
+        unit = lesioned.get_submodule(name)
+        if unit.shortcut is not None:
+            unit.residual = NoBranch()
+        else:
+            parent, _, child = name.rpartition(".")
+            setattr(lesioned.get_submodule(parent), child, nn.Identity())
     return lesioned
 
 
@@ -130,8 +143,8 @@ def table_lines(found: dict) -> list[str]:
         lines.append(f"| {name} | {len(net['units'])} | {' | '.join(cells)} |")
     lines += [
         "",
-        "Lesions (Veit et al. 2016): test error with units deleted at test time (each replaced by the identity;",
-        f"the units that change shape stay), on the first {found['images']} test images, eval mode. k deleted: the",
+        "Lesions (Veit et al. 2016): test error with units deleted at test time (a residual branch set to 0, a",
+        f"plain unit replaced by the identity; the units that change shape stay), on the first {found['images']} test images, eval mode. k deleted: the",
         "mean over random draws of k units. lesion.png plots each unit's and each k's error.",
     ]
     return lines
@@ -139,13 +152,13 @@ def table_lines(found: dict) -> list[str]:
 
 def figure(found: dict, path: Path, chance: float) -> None:
     """Left: the test error with each deletable unit deleted alone, input side first, the intact error as a
-    thin line. Right: the mean error against the number of units deleted at random. Plain dashed, ResNet solid."""
+    thin line. Right: the mean error against the number of units deleted at random. Plain dashed, residual solid."""
     from ..plots import plt, save  # matplotlib on its Agg backend
     from .responses import label
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for i, (name, r) in enumerate(found["nets"].items()):
-        style, colour = ("-" if name.startswith("resnet") else "--"), f"C{i}"
+        style, colour = ("--" if name.startswith("plain") else "-"), f"C{i}"
         x = range(1, len(r["single"]) + 1)
         axes[0].plot(
             x, [100 * e for e in r["single"]], style, marker="o", ms=3, color=colour, label=label(name)
@@ -164,4 +177,4 @@ def figure(found: dict, path: Path, chance: float) -> None:
     save(fig, path)
 
 
-__all__ = ["deletable", "error_on", "figure", "lesions", "of_nets", "table_lines", "without"]
+__all__ = ["NoBranch", "deletable", "error_on", "figure", "lesions", "of_nets", "table_lines", "without"]

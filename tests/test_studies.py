@@ -103,6 +103,11 @@ def test_units_study_covers_every_variant(tiny_data, tmp_path):
     assert [a["variant"] for a in payload["aggregate"]] == list(units.VARIANTS)
     table = (tmp_path / "u" / "table.md").read_text()
     assert "full-preact" in table and "6.37%" in table
+    # lesions of each variant's seed-0 net: ResNet-8's one unit of unchanged shape, its first
+    les = payload["lesion"]
+    assert list(les["nets"]) == list(units.VARIANTS) and les["images"] == 64
+    assert all(n["units"] == ["stage1.0"] and len(n["single"]) == 1 for n in les["nets"].values())
+    assert "one deleted: median" in table and (tmp_path / "u" / "lesion.png").stat().st_size > 1000
     cfg = json.loads((tmp_path / "u" / "runs" / "resnet8-1x1-conv-shortcut-s0" / "summary.json").read_text())
     assert cfg["model"] == "resnet8"
 

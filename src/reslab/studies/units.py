@@ -1,5 +1,7 @@
 """Unit variants (He et al. 2016, Tables 1 and 2) on Fashion-MNIST: where BN, ReLU and the addition go, and
-what a non-identity shortcut costs. One depth, one recipe, one run directory per variant."""
+what a non-identity shortcut costs. One depth, one recipe, one run directory per variant. Then lesions (lesion.py) of
+each variant's seed-0 net: which unit orders and shortcuts make a net that, as an ensemble would, barely notices a
+unit gone."""
 
 from __future__ import annotations
 
@@ -7,12 +9,15 @@ from pathlib import Path
 
 from .. import config
 from ..config import Config
+from ..data import load_dataset
 from ..engine.checkpoint import make_dir
+from . import lesion
 from .common import (
     EVERY_EPOCH,
     Timer,
     error_curve,
     error_stats,
+    final_nets,
     finish,
     machine,
     refuse_chosen,
@@ -76,6 +81,15 @@ def run(
     out = make_dir(Path(out))
     with Timer() as timer:
         results = run_grid(runs, out)
+        # which units can go without the net noticing: each variant's seed-0 net, as in the degradation study
+        seed0 = {
+            r["name"][len(f"resnet{depth}-") : -len("-s0")]: out / "runs" / r["name"]
+            for r in results
+            if r["name"].endswith("-s0")
+        }
+        nets, data_cfg = final_nets(seed0), runs[0][1].data
+        data = load_dataset(data_cfg) if nets else None
+        lesioned = lesion.of_nets(nets, data, data_cfg, images=2000 if quick else None)
     rows = []
     for (name, _), r in zip(runs, results):
         variant = name[len(f"resnet{depth}-") : name.rindex("-s")]
@@ -107,7 +121,10 @@ def run(
         "machine": machine(),
         "seconds": timer.seconds,  # of this call, which skips the runs finished before it
         "train_seconds": sum(r["summary"]["train_seconds"] for r in results),  # every run's, whenever it ran
+        "lesion": lesioned,
     }
+    if lesioned["nets"]:
+        lesion.figure(lesioned, out / "lesion.png", chance=1 - 1 / len(data.classes))
     return finish(out, payload, table, figure)
 
 
@@ -131,6 +148,8 @@ def table(payload: dict) -> str:
     lines.append(
         f"{seeds} seed(s) per variant; the paper's numbers are from Tables 1 and 2 of He et al. 2016."
     )
+    if payload.get("lesion", {}).get("nets"):  # results before session 45 have none
+        lines += [""] + lesion.table_lines(payload["lesion"])
     return "\n".join(lines) + "\n"
 
 

@@ -78,9 +78,9 @@ def test_degradation_study_writes_results_and_skips_finished_runs(tiny_data, tmp
     assert third["runs"] == payload["runs"] and set(third["responses"]["nets"]) == {"plain14", "resnet14"}
     assert set(third["gradients"]["init"]) == set(third["gradients"]["trained"]) == {"plain14", "resnet14"}
     out = capsys.readouterr().out
-    assert (
-        "note: no layer responses for resnet8: checkpoint" in out and "no layer responses for plain8" in out
-    )
+    assert "note: resnet8 is left out of the measures of trained nets: checkpoint" in out
+    assert "note: plain8 is left out of the measures" in out
+    assert set(third["lesion"]["nets"]) == {"plain14", "resnet14"}
 
 
 def test_degradation_study_of_the_residual_nets_only(tiny_data, tmp_path):

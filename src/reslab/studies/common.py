@@ -49,7 +49,7 @@ def final_nets(run_dirs: dict[str, Path]) -> dict[str, tuple[torch.nn.Module, di
         try:
             model, meta, _ = load_model(d / "last.pt")
         except CheckpointError as e:
-            print(f"note: no layer responses for {name}: {e}", flush=True)
+            print(f"note: {name} is left out of the measures of trained nets: {e}", flush=True)
             continue
         nets[name] = (model, meta)
     return nets

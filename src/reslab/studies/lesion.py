@@ -2,12 +2,12 @@
 Networks"): delete units of a trained net at test time and measure its test error.
 
 A unit whose input and output have the same shape can be deleted. In a ResNet its residual branch goes (F(x) = 0)
-and the rest stays: x' = f(s h(x)), which is x itself for the identity shortcut in every order but BN after the
-addition (in the original order relu(x) = x, since x comes out of a ReLU). In its plain twin, which has no
-shortcut, the unit is replaced by the identity: two layers leave the only path. Veit
-et al. found that a ResNet barely notices one unit gone and degrades smoothly as more go, as an ensemble of many
-paths of different lengths would, while a plain net fails (a VGG falls to chance). Units that change the shape
-(a stride or more channels) stay.
+and the rest stays: x' = f(s h(x)), which is x itself for an unscaled identity shortcut in every order but BN after
+the addition (in the original order relu(x) = x, since x comes out of a ReLU). In its plain twin, which has no
+shortcut, the unit is replaced by the identity: two layers leave the only path. Veit et al. found that a ResNet
+barely notices one unit gone and degrades smoothly as more go, as an ensemble of many paths of different lengths
+would, while a plain net fails (a VGG falls to chance). Units that change the shape (a stride or more channels)
+stay.
 
 Evaluated in eval mode (BatchNorm's running statistics, as trained: no re-estimation), in the precision training
 resolves to on this machine, on the first `images` test images.
@@ -144,8 +144,9 @@ def table_lines(found: dict) -> list[str]:
     lines += [
         "",
         "Lesions (Veit et al. 2016): test error with units deleted at test time (a residual branch set to 0, a",
-        f"plain unit replaced by the identity; the units that change shape stay), on the first {found['images']} test images, eval mode. k deleted: the",
-        "mean over random draws of k units. lesion.png plots each unit's and each k's error.",
+        "plain unit replaced by the identity; the units that change shape stay), eval mode, on the first",
+        f"{found['images']} test images. k deleted: the mean over random draws of k units. lesion.png plots each",
+        "unit's and each k's error.",
     ]
     return lines
 

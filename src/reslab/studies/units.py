@@ -81,28 +81,26 @@ def run(
     out = make_dir(Path(out))
     with Timer() as timer:
         results = run_grid(runs, out)
+        rows = []
+        for (name, _), r in zip(runs, results):
+            variant = name[len(f"resnet{depth}-") : name.rindex("-s")]
+            h = r["history"]
+            rows.append(
+                {
+                    "variant": variant,
+                    "seed": int(name.rsplit("-s", 1)[1]),
+                    "final_train_error": 1 - h[-1]["train_acc"],
+                    "final_test_error": 1 - h[-1]["test_acc"],
+                    "curve": error_curve(h),
+                }
+            )
         # which units can go without the net noticing: each variant's seed-0 net, as in the degradation study
         seed0 = {
-            r["name"][len(f"resnet{depth}-") : -len("-s0")]: out / "runs" / r["name"]
-            for r in results
-            if r["name"].endswith("-s0")
+            row["variant"]: out / "runs" / name for (name, _), row in zip(runs, rows) if row["seed"] == 0
         }
         nets, data_cfg = final_nets(seed0), runs[0][1].data
         data = load_dataset(data_cfg) if nets else None
         lesioned = lesion.of_nets(nets, data, data_cfg, images=2000 if quick else None)
-    rows = []
-    for (name, _), r in zip(runs, results):
-        variant = name[len(f"resnet{depth}-") : name.rindex("-s")]
-        h = r["history"]
-        rows.append(
-            {
-                "variant": variant,
-                "seed": int(name.rsplit("-s", 1)[1]),
-                "final_train_error": 1 - h[-1]["train_acc"],
-                "final_test_error": 1 - h[-1]["test_acc"],
-                "curve": error_curve(h),
-            }
-        )
     aggregate = [
         {
             "variant": variant,

@@ -92,6 +92,15 @@ def test_training_builds_the_rewritten_model(tiny_data, tmp_path):
     assert sum(type(m) is rewrites.GlobalAvgPool for m in r.model.modules()) == 1
 
 
+def test_speed_up_skips_the_named_rewrite_and_refuses_a_name_it_does_not_know():
+    model = build_model("d2l-resnet18", 1, 10)
+    run.speed_up(model, torch.device("cpu"), "fp32", skip=("pool_before_relu",), gemm_convs=False)
+    assert [type(m) for m in model[0]] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d]  # left in order
+    assert sum(type(m) is rewrites.GlobalAvgPool for m in model.modules()) == 1  # the other rewrite ran
+    with pytest.raises(ValueError, match="unknown rewrites \\['pool_before_rleu'\\]"):
+        run.speed_up(model, torch.device("cpu"), "fp32", skip=("pool_before_rleu",))
+
+
 @pytest.mark.parametrize(
     "name, size, options",
     [

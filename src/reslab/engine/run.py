@@ -80,6 +80,9 @@ def speed_up(
     backward), and, where they pay, small-map convolutions as matrix multiplies (engine/gemm_conv.py; torch.compile
     traces them into its graph). `skip` (names of rewrites.REWRITES) and gemm_convs (None: where training would)
     let a benchmark compare with and without each."""
+    unknown = sorted(set(skip) - set(rewrites.REWRITES))
+    if unknown:  # a misspelt name would otherwise skip nothing and the comparison would compare nothing
+        raise ValueError(f"unknown rewrites {unknown}: choose from {sorted(rewrites.REWRITES)}")
     for name, rewrite in rewrites.REWRITES.items():
         if name not in skip:
             rewrite(model)

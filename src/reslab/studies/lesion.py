@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import random
+import re
 from pathlib import Path
 from statistics import fmean
 
@@ -130,7 +131,7 @@ def of_nets(
 def table_lines(found: dict) -> list[str]:
     ks = sorted({r["k"] for net in found["nets"].values() for r in net["random"]})
     lines = [
-        "| net (seed 0) | deletable units | intact | one deleted: median | worst | "
+        "| net | deletable units | intact | one deleted: median | worst | "
         + " | ".join(f"{k} deleted" for k in ks)
         + " |",
         "|---|---:|---:|---:|---:|" + "---:|" * len(ks),
@@ -145,29 +146,37 @@ def table_lines(found: dict) -> list[str]:
         "",
         "Lesions (Veit et al. 2016): test error with units deleted at test time (a residual branch set to 0, a",
         "plain unit replaced by the identity; the units that change shape stay), eval mode, on the first",
-        f"{found['images']} test images. k deleted: the mean over random draws of k units. lesion.png plots each",
-        "unit's and each k's error.",
+        f"{found['images']} test images. k deleted: the mean over random draws of k units. A net named without",
+        "-sN is seed 0's. lesion.png plots each unit's and each k's error.",
     ]
     return lines
 
 
 def figure(found: dict, path: Path, chance: float) -> None:
     """Left: the test error with each deletable unit deleted alone, input side first, the intact error as a
-    thin line. Right: the mean error against the number of units deleted at random. Plain dashed, residual solid."""
+    thin line. Right: the mean error against the number of units deleted at random. Plain dashed, residual solid;
+    the nets of one configuration's seeds (names ending -sN) share its colour and legend entry."""
     from ..plots import plt, save  # matplotlib on its Agg backend
     from .responses import label
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for i, (name, r) in enumerate(found["nets"].items()):
-        style, colour = ("--" if name.startswith("plain") else "-"), f"C{i}"
-        x = range(1, len(r["single"]) + 1)
-        axes[0].plot(
-            x, [100 * e for e in r["single"]], style, marker="o", ms=3, color=colour, label=label(name)
-        )
+    colours: dict[str, str] = {}
+    for name, r in found["nets"].items():
+        family = re.sub(r"-s\d+$", "", name)
+        first = family not in colours
+        colour = colours.setdefault(family, f"C{len(colours)}")
+        kw = {
+            "marker": "o",
+            "ms": 3,
+            "color": colour,
+            "ls": "--" if name.startswith("plain") else "-",
+            "label": label(family) if first else None,
+        }
+        axes[0].plot(range(1, len(r["single"]) + 1), [100 * e for e in r["single"]], **kw)
         axes[0].axhline(100 * r["intact"], color=colour, lw=0.8, ls=":")
         ks = [0, 1] + [d["k"] for d in r["random"]]
         means = [r["intact"], fmean(r["single"])] + [fmean(d["errors"]) for d in r["random"]]
-        axes[1].plot(ks, [100 * m for m in means], style, marker="o", ms=3, color=colour, label=label(name))
+        axes[1].plot(ks, [100 * m for m in means], **kw)
     for ax in axes:
         ax.axhline(100 * chance, color="grey", lw=0.8, ls="-.", label="chance")
         ax.grid(alpha=0.3)

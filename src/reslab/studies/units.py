@@ -1,6 +1,6 @@
 """Unit variants (He et al. 2016, Tables 1 and 2) on Fashion-MNIST: where BN, ReLU and the addition go, and
-what a non-identity shortcut costs. One depth, one recipe, one run directory per variant. Then lesions (lesion.py) of
-each variant's seed-0 net: which unit orders and shortcuts make a net that, as an ensemble would, barely notices a
+what a non-identity shortcut costs. One depth, one recipe, one run directory per variant and seed. Then lesions
+(lesion.py) of every net: which unit orders and shortcuts make a net that, as an ensemble would, barely notices a
 unit gone."""
 
 from __future__ import annotations
@@ -94,11 +94,13 @@ def run(
                     "curve": error_curve(h),
                 }
             )
-        # which units can go without the net noticing: each variant's seed-0 net, as in the degradation study
-        seed0 = {
-            row["variant"]: out / "runs" / name for (name, _), row in zip(runs, rows) if row["seed"] == 0
+        # which units can go without the net noticing: every seed's net (a second seed tells a variant's way of
+        # failing from one net's), named by its variant, with -sN after it for seeds above 0
+        trained = {
+            row["variant"] + (f"-s{row['seed']}" if row["seed"] else ""): out / "runs" / name
+            for (name, _), row in zip(runs, rows)
         }
-        nets, data_cfg = final_nets(seed0), runs[0][1].data
+        nets, data_cfg = final_nets(trained), runs[0][1].data
         data = load_dataset(data_cfg) if nets else None
         lesioned = lesion.of_nets(nets, data, data_cfg, images=2000 if quick else None)
     aggregate = [

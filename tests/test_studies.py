@@ -147,6 +147,14 @@ def test_study_cli_rejects_bad_depths_before_training(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1
         assert not out.exists()
+    # units: a CIFAR-style ResNet; resnet18 (ImageNet-style) lacks the 1x1-conv variant's option
+    assert units.depths()[:3] == [8, 14, 20] and 18 not in units.depths()
+    for depth in ("18", "57"):
+        out = tmp_path / "study"
+        assert main(["study", "units", "--depth", depth, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"--depth {depth}: no CIFAR-style ResNet" in err and len(err.splitlines()) == 1
+        assert not out.exists()
 
 
 @pytest.mark.parametrize(

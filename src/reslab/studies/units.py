@@ -11,6 +11,8 @@ from .. import config
 from ..config import Config
 from ..data import load_dataset
 from ..engine.checkpoint import make_dir
+from ..errors import ReslabError
+from ..models import list_models, model_options
 from . import lesion
 from .common import (
     EVERY_EPOCH,
@@ -40,6 +42,14 @@ FULL = ["train.epochs=30", "data.crop_padding=2", "data.flip=true"]
 QUICK = ["data.limit=4000", "train.epochs=4"]
 
 
+def depths() -> list[int]:
+    """The depths N whose resnetN takes every variant's options: the CIFAR-style ResNets (an ImageNet-style one
+    has no always_project, its shortcuts project wherever the shape changes)."""
+    needed = {k for options, _ in VARIANTS.values() for k in options}
+    names = [n for n in list_models() if n.startswith("resnet") and n[6:].isdigit()]
+    return sorted(int(n[6:]) for n in names if needed <= set(model_options(n)))
+
+
 def plan(
     quick: bool, seeds: int, overrides: list[str], depth: int, variants=tuple(VARIANTS)
 ) -> list[tuple[str, Config]]:
@@ -50,6 +60,10 @@ def plan(
         overrides,
         {"model.name": "--depth", "seed": "--seeds", "name": "one per run", **EVERY_EPOCH, **varied},
     )
+    if depth not in (valid := depths()):
+        raise ReslabError(
+            f"--depth {depth}: no CIFAR-style ResNet of that depth (one taking every variant's options); choose from {valid}"
+        )
     base = config.load(None, RECIPE + (QUICK if quick else FULL) + overrides)
     runs = []
     for variant in variants:

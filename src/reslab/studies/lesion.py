@@ -121,8 +121,9 @@ def of_nets(
         batches.append((x[: images - n].contiguous(memory_format=torch.channels_last), y[: images - n]))
         n += len(batches[-1][1])
     found["images"] = n
-    for name, (model, _) in nets.items():
+    for i, (name, (model, _)) in enumerate(nets.items(), 1):
         if deletable(model):  # every CIFAR-style net has one: its first unit
+            print(f"[lesions {i}/{len(nets)}] {name}", flush=True)  # a minute or two each on all test images
             model = copy.deepcopy(model).to(memory_format=torch.channels_last)
             found["nets"][name] = lesions(model, batches, precision, ks, samples)
     return found

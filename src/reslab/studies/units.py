@@ -62,7 +62,8 @@ def plan(
     )
     if depth not in (valid := depths()):
         raise ReslabError(
-            f"--depth {depth}: no CIFAR-style ResNet of that depth (one taking every variant's options); choose from {valid}"
+            f"--depth {depth}: no CIFAR-style ResNet of that depth (one taking every variant's options); "
+            f"choose from {valid}"
         )
     base = config.load(None, RECIPE + (QUICK if quick else FULL) + overrides)
     runs = []

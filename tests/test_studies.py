@@ -118,9 +118,8 @@ def test_units_study_lesions_every_seeds_net(tiny_data, tmp_path, capsys):
     payload = units.run(tmp_path / "u", quick=True, seeds=2, overrides=overrides, depth=8, variants=variants)
     nets = payload["lesion"]["nets"]
     assert list(nets) == ["original", "original-s1", "full-preact", "full-preact-s1"]
-    assert (
-        "[lesions 4/4] full-preact-s1" in capsys.readouterr().out
-    )  # the long part after training says where it is
+    # the long part after training says where it is
+    assert "[lesions 4/4] full-preact-s1" in capsys.readouterr().out
     # seed 1's net is its own: trained from another initialisation, so its lesions are read from its weights
     assert nets["original"]["intact"] == payload["runs"][0]["final_test_error"]
     assert nets["original-s1"]["intact"] == payload["runs"][1]["final_test_error"]

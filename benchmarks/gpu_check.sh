@@ -17,6 +17,7 @@
 #   layout         benchmarks/zeropad_layout.py: ResNet-20's zero-pad shortcut before and after d841b80 (layout.json)
 #   sprint         configs/sprint.yaml: time to 0.94 test accuracy (goal < 10 s of training) [22 s at width 32;
 #                  width 64 since session 24 and alternating flips since session 28, not yet run on a GPU]
+#   sprint-s1, sprint-s2  the same with seeds 1 and 2, for the median of 3 seeds
 #   best           configs/best.yaml for as many of (100, 80, 60) epochs as fit at EPOCH_S seconds an epoch
 #                  [session 8, 100 epochs: 240 s]; its run directory comes back as best-run.tar
 #   sprint-graphs  sprint.yaml compiled with CUDA graphs (train.compile_mode=reduce-overhead): the host's launches
@@ -34,7 +35,7 @@
 # transfers included, a session does one of two plans, each call made at once after the last (a machine idle for
 # 30 s goes back, and with it what the calls left on it). Session 23 ran the short goals then 117 epochs of wrn.
 #   the short goals (~320 s est.):
-#     ONLY="tests seed seed-graphs profile-sprint sprint sprint-graphs profile-seed" DEADLINE=360
+#     ONLY="tests seed seed-graphs profile-sprint sprint sprint-s1 sprint-s2 sprint-graphs profile-seed" DEADLINE=400
 #   wrn.yaml in full (~600 s est., in two calls; needs the machine to start in ~2 min or less):
 #     ONLY=wrn DEADLINE=590 bash benchmarks/gpu_check.sh, then ONLY=wrn DEADLINE=<budget_left_s - 60> again.
 # `ONLY=best BEST="train.epochs=N" RESERVE=0 DEADLINE=D` runs best.yaml instead, N = (D - 30) / 2.6: 2.4 s an epoch
@@ -97,6 +98,10 @@ step layout 60 "$PY" benchmarks/zeropad_layout.py --model resnet20 --set --batch
 	--precision bf16 --steps 20 --out "$OUT/layout.json"
 step sprint 60 "$PY" -m reslab train --config configs/sprint.yaml --quiet --out "$RUNS/sprint" \
 	--set "${SET[@]}"
+for s in 1 2; do # the sprint's other two seeds, for a median of 3
+	step sprint-s$s 60 "$PY" -m reslab train --config configs/sprint.yaml --quiet --out "$RUNS/sprint-s$s" \
+		--set "${SET[@]}" seed=$s
+done
 # the largest of (100, 80, 60) epochs that end RESERVE s before DEADLINE at EPOCH_S an epoch (plus 20 s start-up)
 EPOCHS=$(awk -v left=$((DEADLINE - SECONDS - RESERVE)) -v per="$EPOCH_S" \
 	'BEGIN { n = 0; split("100 80 60", c); for (i = 3; i >= 1; i--) if (20 + c[i] * per <= left) n = c[i]; print n }')
@@ -181,7 +186,8 @@ def summary(rows):
 
 
 # results.json's key for each run directory: its name with "_" for "-"
-names = {n.replace("-", "_"): n for n in ("seed", "sprint", "best", "sprint-graphs", "seed-graphs", "wrn")}
+run_names = ("seed", "sprint", "sprint-s1", "sprint-s2", "best", "sprint-graphs", "seed-graphs", "wrn")
+names = {n.replace("-", "_"): n for n in run_names}
 result = {
     "machine": machine(),
     "torch_cuda": torch.version.cuda,

@@ -6,38 +6,35 @@
 # then on the GPU machine: `bash benchmarks/gpu_check.sh` (device tool: carry [".fmnist"], timeout_s 595).
 #
 # Steps, each under its own time limit and all inside DEADLINE seconds (a failed step is recorded and the next
-# one runs). Their durations on an H200 in session 23 (session 8 where marked) are in brackets.
-#   tests          the CUDA-marked tests (`pytest -m cuda`: tests/test_cuda.py and CUDA cases elsewhere) [60 s]
+# one runs). Their durations on an H200 in session 47 (23 or 8 where marked) are in brackets.
+#   tests          the CUDA-marked tests (`pytest -m cuda`: tests/test_cuda.py and CUDA cases elsewhere) [80 s]
 #   bench          `reslab bench --device cuda`: GEMM peaks, step throughput and MFU, engine overhead, the
-#                  notebook's code against reslab [76 s], and since session 41 fast.yaml against the seed recipe
+#                  notebook's code against reslab [session 23: 76 s], and since session 41 fast.yaml against the seed recipe
 #                  in the same wall time [~40 s est.]
-#   seed           the seed recipe (configs/seed.yaml), 10 epochs: img/s (goal >= 40,000 on an H100) [40 s]
+#   seed           the seed recipe (configs/seed.yaml), 10 epochs: img/s (goal >= 40,000 on an H100) [54 s]
 #   profile        benchmarks/profile_step.py: best.yaml's training loop against bare steps, per operator
-#   profile-sprint the same for sprint.yaml (profile-sprint.json) [21 s]
+#   profile-sprint the same for sprint.yaml (profile-sprint.json) [25 s]
 #   layout         benchmarks/zeropad_layout.py: ResNet-20's zero-pad shortcut before and after d841b80 (layout.json)
-#   sprint         configs/sprint.yaml: time to 0.94 test accuracy (goal < 10 s of training) [22 s at width 32;
-#                  width 64 since session 24 and alternating flips since session 28, not yet run on a GPU]
-#   sprint-s1, sprint-s2  the same with seeds 1 and 2, for the median of 3 seeds
+#   sprint         configs/sprint.yaml: time to 0.94 test accuracy (goal < 10 s of training) [28 s]
+#   sprint-s1, sprint-s2  the same with seeds 1 and 2, for the median of 3 seeds [28 s each]
 #   best           configs/best.yaml for as many of (100, 80, 60) epochs as fit at EPOCH_S seconds an epoch
 #                  [session 8, 100 epochs: 240 s]; its run directory comes back as best-run.tar
 #   sprint-graphs  sprint.yaml compiled with CUDA graphs (train.compile_mode=reduce-overhead): the host's launches
-#                  are what bind this small net on a GPU [38 s]
-#   seed-graphs    the seed recipe compiled the same way: its ResNet-18 at batch 256 ran no faster as bare steps
-#                  (session 23), so its launches may bind it too [not yet run]
+#                  are what bind this small net on a GPU [47 s]
+#   seed-graphs    the seed recipe compiled the same way: its ResNet-18 at batch 256 waits on the host too [67 s]
 #   profile-seed   profile_step.py on the seed recipe (profile-seed.json): how much of its step the GPU is busy, and
-#                  with which kernels, to tell launches from slow kernels if the graphs do not reach 40,000 img/s;
-#                  last of the short plan, so the first step a tight DEADLINE skips [not yet run]
-#   wrn            configs/wrn.yaml's 200 epochs, over two calls: the first stops at DEADLINE with a checkpoint,
-#                  the second resumes it (below) [session 23 ran 117 epochs in 453 s]
+#                  with which kernels; last of the short plan, so the first step a tight DEADLINE skips [43 s]
+#   wrn            configs/wrn.yaml's 200 epochs with CUDA graphs (~390 s est.: session 47 ran 72 of them in 175 s);
+#                  a call that DEADLINE stops leaves a checkpoint that the next call, at once, resumes (below)
 # Writes $OUT (default ./gpu-check): results.json (everything, summarised), bench.json, profile.json, pytest.log,
 # log.txt, best-run.tar, wrn.tar.NN (or wrn-metrics.jsonl while the wrn run is not finished).
-# With 15 minutes of device time, the machine's start (~30 s in session 23, 1-2 min in session 8) and the
-# transfers included, a session does one of two plans, each call made at once after the last (a machine idle for
-# 30 s goes back, and with it what the calls left on it). Session 23 ran the short goals then 117 epochs of wrn.
-#   the short goals (~320 s est.):
-#     ONLY="tests seed seed-graphs profile-sprint sprint sprint-s1 sprint-s2 sprint-graphs profile-seed" DEADLINE=400
-#   wrn.yaml in full (~600 s est., in two calls; needs the machine to start in ~2 min or less):
-#     ONLY=wrn DEADLINE=590 bash benchmarks/gpu_check.sh, then ONLY=wrn DEADLINE=<budget_left_s - 60> again.
+# With 15 minutes of device time, the machine's start (~30 s in sessions 23 and 47, 1-2 min in session 8) and the
+# transfers included, a session does one of two plans (a machine idle for 30 s goes back, and with it what the
+# calls left on it). Session 47 ran the short goals (411 s) and a probe of wrn with and without CUDA graphs.
+#   the short goals:
+#     ONLY="tests seed seed-graphs profile-sprint sprint sprint-s1 sprint-s2 sprint-graphs profile-seed" DEADLINE=420
+#   wrn.yaml in full, in one call (timeout_s 560), then the bench with what is left:
+#     ONLY=wrn DEADLINE=540 bash benchmarks/gpu_check.sh
 # `ONLY=best BEST="train.epochs=N" RESERVE=0 DEADLINE=D` runs best.yaml instead, N = (D - 30) / 2.6: 2.4 s an epoch
 # measured on an H200 with test-time flip, plus ~0.2 s estimated for the 1-px shift's views. A call the budget cuts
 # short returns only what $OUT already holds, and the tar files are written after the run: D must fit.
@@ -121,9 +118,9 @@ step profile-seed 60 "$PY" benchmarks/profile_step.py --config configs/seed.yaml
 
 # wrn: configs/wrn.yaml's full schedule (WRN_EPOCHS, default 200) in WRN_DIR, which git ignores, so the machine
 # keeps it between two calls: a call that the DEADLINE stops saves a checkpoint (SIGTERM), and the next call, at
-# once, resumes it bit for bit. An epoch took ~3.2 s on an H200 testing every epoch (session 23), ~2.8 s estimated
-# now that wrn.yaml tests every 5th, and ~0.4 s more went to checkpoints and curves, which wrn.yaml now writes every
-# 5th epoch too (train.save_every): ~600 s for 200 epochs and the start-up, too close to one call's 10 minutes.
+# once, resumes it. Eager, an epoch took 2.7 s on an H200 (3.2 s when tested), too slow for 200 in one call; with
+# the CUDA graphs wrn.yaml now asks for, 1.4 s (2.0 s tested, every 5th) after a first epoch of 36 s that compiles
+# (session 47): ~350 s for 200 epochs, plus the start-up and a checkpoint every 5th epoch.
 # Once the run has finished, its final checkpoint is evaluated on the device (eval.json, confusion.png,
 # errors.png) and comes back with the run's files and its weights alone (fp32, ~36 MB) as wrn.tar.00, .01, ...
 # (`cat wrn.tar.* | tar -x`); until then wrn-metrics.jsonl brings its epochs so far.

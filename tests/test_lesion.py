@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import tiny_overrides
@@ -88,3 +90,44 @@ def test_nets_are_lesioned_on_the_first_images_asked_for_and_a_net_without_units
     net = found["nets"]["resnet14"]
     assert len(net["single"]) == len(net["units"]) == 4 and [len(r["errors"]) for r in net["random"]] == [2]
     assert lesion.of_nets(nets, data, cfg.data, images=100, ks=(2, 4), samples=2) == found  # the same draws
+
+
+def test_a_nets_lesions_are_kept_in_its_run_directory_until_their_key_changes(
+    tiny_data, tmp_path, monkeypatch, capsys
+):
+    """A study run again reads each net's lesions back from lesion.json; other settings, other weights or a broken
+    file make it read them from the net again."""
+    cfg = config.load(None, tiny_overrides(tiny_data))
+    data = load_dataset(cfg.data)
+    torch.manual_seed(0)
+    nets = {"resnet14": (build_model("resnet14", 1, 10), {})}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"weights")  # only hashed: the model comes from `nets`
+
+    def read(images=100):
+        return lesion.of_nets(
+            nets, data, cfg.data, images=images, ks=(2,), samples=2, run_dirs={"resnet14": run}
+        )
+
+    first = read()
+    assert first == lesion.of_nets(
+        nets, data, cfg.data, images=100, ks=(2,), samples=2
+    )  # what it reads uncached
+    saved = json.loads((run / "lesion.json").read_text())
+    assert saved["lesions"] == first["nets"]["resnet14"] and saved["key"]["images"] == 100
+    calls = []
+    real = lesion.lesions
+    monkeypatch.setattr(lesion, "lesions", lambda *a: calls.append(a) or real(*a))
+    assert read() == first and calls == []
+    assert "[lesions 1/1] resnet14: kept in" in capsys.readouterr().out
+    read(images=50)  # other settings
+    assert len(calls) == 1 and json.loads((run / "lesion.json").read_text())["key"]["images"] == 50
+    read(images=50)
+    assert len(calls) == 1
+    (run / "last.pt").write_bytes(b"retrained")  # other weights
+    read(images=50)
+    assert len(calls) == 2
+    (run / "lesion.json").write_text("{")  # broken: read again and written whole
+    assert read(images=50)["nets"]["resnet14"] == json.loads((run / "lesion.json").read_text())["lesions"]
+    assert len(calls) == 3

@@ -71,6 +71,9 @@ def test_degradation_study_writes_results_and_skips_finished_runs(tiny_data, tmp
     assert again["runs"] == payload["runs"]
     assert again["train_seconds"] == payload["train_seconds"] > 0  # the runs' time is kept, not this call's
     assert before == {p: p.stat().st_mtime for p in (tmp_path / "deg" / "runs").glob("*/last.pt")}
+    # nor does it read the lesions again: each run directory's lesion.json holds them
+    assert again["lesion"] == payload["lesion"]
+    assert "[lesions 4/4] resnet14: kept in" in capsys.readouterr().out
     # checkpoints deleted to save disk, or damaged, after the runs finished: the tables stand, those responses go
     (tmp_path / "deg" / "runs" / "resnet8-s0" / "last.pt").unlink()
     (tmp_path / "deg" / "runs" / "plain8-s0" / "last.pt").write_bytes(b"damaged")

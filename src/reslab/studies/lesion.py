@@ -10,12 +10,15 @@ would, while a plain net fails (a VGG falls to chance). Units that change the sh
 stay.
 
 Evaluated in eval mode (BatchNorm's running statistics, as trained: no re-estimation), in the precision training
-resolves to on this machine, on the first `images` test images.
+resolves to on this machine, on the first `images` test images. Each net's lesions are kept in its run directory
+(lesion.json), keyed by its checkpoint's SHA-256 and the settings, so a study run again reads them back.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import random
 import re
 from pathlib import Path
@@ -24,10 +27,12 @@ from statistics import fmean
 import torch
 from torch import nn
 
+from ..engine.checkpoint import atomic_write
 from ..engine.precision import autocast, resolve_precision
 from ..models import ResidualUnit
 
 CPU = torch.device("cpu")
+KEPT = "lesion.json"  # in a run directory: its net's lesions, under the key they were read with
 
 
 def deletable(model: nn.Module) -> list[str]:
@@ -94,6 +99,21 @@ def lesions(model: nn.Module, batches, precision: str, ks: tuple[int, ...], samp
     }
 
 
+def kept(run_dir: Path, key: dict) -> dict | None:
+    """The lesions run_dir/lesion.json holds under `key`, or None (no file, another key, unreadable)."""
+    try:
+        saved = json.loads((run_dir / KEPT).read_text())
+        return saved["lesions"] if saved["key"] == key else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def keep(run_dir: Path, key: dict, found: dict) -> None:
+    """Write run_dir/lesion.json, atomically: a crash leaves the old file or the new one."""
+    data = (json.dumps({"key": key, "lesions": found}, indent=1) + "\n").encode()
+    atomic_write(run_dir / KEPT, lambda f: f.write(data))
+
+
 def of_nets(
     nets: dict[str, tuple[nn.Module, dict]],
     data,
@@ -101,12 +121,15 @@ def of_nets(
     images: int | None = None,
     ks: tuple[int, ...] = (2, 4, 8, 16),
     samples: int = 3,
+    run_dirs: dict[str, Path] | None = None,
 ) -> dict:
     """{"images": n, "nets": {name: {"units", "intact", "single", "random"}}} for each trained model of `nets`
     (common.final_nets) with a unit to delete, on the first `images` test images of `data` (None: all): its test
     error intact, with each deletable unit deleted alone ("single", in the order of "units"), and with k of them
     deleted at random for each k of `ks` below their number ("random": [{"k", "errors"}], `samples` draws each,
-    seeded: a rerun draws the same units)."""
+    seeded: a rerun draws the same units). A net named in `run_dirs` keeps its lesions in that directory's
+    lesion.json, keyed by its last.pt's SHA-256, the images, ks, samples and precision: read back while they match,
+    read again (and rewritten) when any differs."""
     from ..data import make_test_loader
 
     found: dict = {"images": 0, "nets": {}}
@@ -121,11 +144,24 @@ def of_nets(
         batches.append((x[: images - n].contiguous(memory_format=torch.channels_last), y[: images - n]))
         n += len(batches[-1][1])
     found["images"] = n
+    settings = {"images": n, "ks": list(ks), "samples": samples, "precision": precision}
     for i, (name, (model, _)) in enumerate(nets.items(), 1):
-        if deletable(model):  # every CIFAR-style net has one: its first unit
-            print(f"[lesions {i}/{len(nets)}] {name}", flush=True)  # a minute or two each on all test images
-            model = copy.deepcopy(model).to(memory_format=torch.channels_last)
-            found["nets"][name] = lesions(model, batches, precision, ks, samples)
+        if not deletable(model):  # every CIFAR-style net has one: its first unit
+            continue
+        run_dir = (run_dirs or {}).get(name)
+        key = None
+        if run_dir is not None and (run_dir / "last.pt").is_file():
+            weights = hashlib.sha256((run_dir / "last.pt").read_bytes()).hexdigest()
+            key = {"checkpoint_sha256": weights, **settings}
+            if (saved := kept(run_dir, key)) is not None:
+                print(f"[lesions {i}/{len(nets)}] {name}: kept in {run_dir / KEPT}", flush=True)
+                found["nets"][name] = saved
+                continue
+        print(f"[lesions {i}/{len(nets)}] {name}", flush=True)  # a minute or two each on all test images
+        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        found["nets"][name] = lesions(model, batches, precision, ks, samples)
+        if key is not None:
+            keep(run_dir, key, found["nets"][name])
     return found
 
 
@@ -188,4 +224,15 @@ def figure(found: dict, path: Path, chance: float) -> None:
     save(fig, path)
 
 
-__all__ = ["NoBranch", "deletable", "error_on", "figure", "lesions", "of_nets", "table_lines", "without"]
+__all__ = [
+    "NoBranch",
+    "deletable",
+    "error_on",
+    "figure",
+    "keep",
+    "kept",
+    "lesions",
+    "of_nets",
+    "table_lines",
+    "without",
+]

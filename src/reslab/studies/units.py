@@ -117,7 +117,7 @@ def run(
         }
         nets, data_cfg = final_nets(trained), runs[0][1].data
         data = load_dataset(data_cfg) if nets else None
-        lesioned = lesion.of_nets(nets, data, data_cfg, images=2000 if quick else None)
+        lesioned = lesion.of_nets(nets, data, data_cfg, images=2000 if quick else None, run_dirs=trained)
     aggregate = [
         {
             "variant": variant,

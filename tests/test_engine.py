@@ -62,6 +62,19 @@ def test_an_override_of_one_model_option_keeps_the_files_others():
     assert config.from_dict(cfg.to_dict()).model.options == cfg.model.options  # as a checkpoint rebuilds it
 
 
+def test_turning_the_files_compile_off_drops_its_compile_mode():
+    """wrn.yaml compiles as CUDA graphs; `--set train.compile=false` trains it eagerly (it used to fail: a compile
+    mode without compile=true), while a mode named without compile=true still fails."""
+    wrn = CONFIGS[0].parent / "wrn.yaml"
+    assert (config.load(wrn).train.compile, config.load(wrn).train.compile_mode) == (True, "reduce-overhead")
+    eager = config.load(wrn, ["train.compile=false"]).train
+    assert (eager.compile, eager.compile_mode) == (False, "default")
+    with pytest.raises(ReslabError, match="train.compile_mode reduce-overhead needs train.compile=true"):
+        config.load(None, ["train.compile_mode=reduce-overhead"])
+    with pytest.raises(ReslabError, match="needs train.compile=true"):
+        config.load(wrn, ["train.compile=false", "train.compile_mode=max-autotune"])
+
+
 def test_naming_another_model_drops_the_files_options_for_its_own():
     """fast.yaml's width 32, first stride 2 and stem width 16 are ResNet-8's; `--set model.name=resnet56` means the
     paper's ResNet-56 (it used to build a width-32 one silently, and `model.name=resnet18` failed on the width)."""

@@ -232,6 +232,9 @@ def from_dict(values: dict[str, Any], overrides: list[str] | None = None) -> Con
         model = values.get("model")
         if isinstance(model, dict) and model.get("name", cfg.model.name) != cfg.model.name:
             cfg.model.options = {}  # the file's options were written for the file's model, not this one
+        train = values.get("train")
+        if isinstance(train, dict) and train.get("compile") is False:
+            cfg.train.compile_mode = "default"  # the file's mode was for compiling: eager has none
         _merge(cfg, values)
     validate(cfg)
     return cfg

@@ -41,9 +41,10 @@
 # Knobs (environment): ONLY="sprint best" runs just those steps; BEST="train.epochs=..." adds overrides to the best
 # step; DEADLINE (default 565 s); EPOCH_S (default 2.6, the H200's 2.4 s an epoch of best.yaml with margin);
 # DEVICE (default cuda) and SET (overrides added to every training and profiling step): a dry run of the script on
-# a CPU, to catch a broken step before it costs device time:
-#   DEVICE=cpu SET="data.limit=512 train.epochs=1" BEST="train.epochs=3" PROFILE_STEPS=4 WRN_BATCH=8 WRN_EPOCHS=3 \
-#     DEADLINE=400 bash benchmarks/gpu_check.sh
+# a CPU, to catch a broken step before it costs device time (train.compile=false: wrn.yaml compiles, which takes
+# minutes on a CPU; the *-graphs steps compile all the same):
+#   DEVICE=cpu SET="data.limit=512 train.epochs=1 train.compile=false" BEST="train.epochs=3" PROFILE_STEPS=4 \
+#     WRN_BATCH=8 WRN_EPOCHS=3 DEADLINE=400 bash benchmarks/gpu_check.sh
 set -u
 OUT=${OUT:-gpu-check}
 DEADLINE=${DEADLINE:-565}

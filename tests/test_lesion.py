@@ -111,9 +111,8 @@ def test_a_nets_lesions_are_kept_in_its_run_directory_until_their_key_changes(
         )
 
     first = read()
-    assert first == lesion.of_nets(
-        nets, data, cfg.data, images=100, ks=(2,), samples=2
-    )  # what it reads uncached
+    # what it reads without a run directory
+    assert first == lesion.of_nets(nets, data, cfg.data, images=100, ks=(2,), samples=2)
     saved = json.loads((run / "lesion.json").read_text())
     assert saved["lesions"] == first["nets"]["resnet14"] and saved["key"]["images"] == 100
     calls = []

@@ -99,7 +99,7 @@ def lesions(model: nn.Module, batches, precision: str, ks: tuple[int, ...], samp
     }
 
 
-def kept(run_dir: Path, key: dict) -> dict | None:
+def _kept(run_dir: Path, key: dict) -> dict | None:
     """The lesions run_dir/lesion.json holds under `key`, or None (no file, another key, unreadable)."""
     try:
         saved = json.loads((run_dir / KEPT).read_text())
@@ -108,7 +108,7 @@ def kept(run_dir: Path, key: dict) -> dict | None:
         return None
 
 
-def keep(run_dir: Path, key: dict, found: dict) -> None:
+def _keep(run_dir: Path, key: dict, found: dict) -> None:
     """Write run_dir/lesion.json, atomically: a crash leaves the old file or the new one."""
     data = (json.dumps({"key": key, "lesions": found}, indent=1) + "\n").encode()
     atomic_write(run_dir / KEPT, lambda f: f.write(data))
@@ -153,7 +153,7 @@ def of_nets(
         if run_dir is not None and (run_dir / "last.pt").is_file():
             weights = hashlib.sha256((run_dir / "last.pt").read_bytes()).hexdigest()
             key = {"checkpoint_sha256": weights, **settings}
-            if (saved := kept(run_dir, key)) is not None:
+            if (saved := _kept(run_dir, key)) is not None:
                 print(f"[lesions {i}/{len(nets)}] {name}: kept in {run_dir / KEPT}", flush=True)
                 found["nets"][name] = saved
                 continue
@@ -161,7 +161,7 @@ def of_nets(
         model = copy.deepcopy(model).to(memory_format=torch.channels_last)
         found["nets"][name] = lesions(model, batches, precision, ks, samples)
         if key is not None:
-            keep(run_dir, key, found["nets"][name])
+            _keep(run_dir, key, found["nets"][name])
     return found
 
 
@@ -224,15 +224,4 @@ def figure(found: dict, path: Path, chance: float) -> None:
     save(fig, path)
 
 
-__all__ = [
-    "NoBranch",
-    "deletable",
-    "error_on",
-    "figure",
-    "keep",
-    "kept",
-    "lesions",
-    "of_nets",
-    "table_lines",
-    "without",
-]
+__all__ = ["NoBranch", "deletable", "error_on", "figure", "lesions", "of_nets", "table_lines", "without"]

@@ -9,8 +9,8 @@
 # one runs). Their durations on an H200 in session 47 (23 or 8 where marked) are in brackets.
 #   tests          the CUDA-marked tests (`pytest -m cuda`: tests/test_cuda.py and CUDA cases elsewhere) [80 s]
 #   bench          `reslab bench --device cuda`: GEMM peaks, step throughput and MFU, engine overhead, the
-#                  notebook's code against reslab [session 23: 76 s], and since session 41 fast.yaml against the seed recipe
-#                  in the same wall time [~40 s est.]
+#                  notebook's code against reslab [session 23: 76 s], and since session 41 fast.yaml against the
+#                  seed recipe in the same wall time [~40 s est.]
 #   seed           the seed recipe (configs/seed.yaml), 10 epochs: img/s (goal >= 40,000 on an H100) [54 s]
 #   profile        benchmarks/profile_step.py: best.yaml's training loop against bare steps, per operator
 #   profile-sprint the same for sprint.yaml (profile-sprint.json) [25 s]
@@ -33,7 +33,7 @@
 # calls left on it). Session 47 ran the short goals (411 s) and a probe of wrn with and without CUDA graphs.
 #   the short goals:
 #     ONLY="tests seed seed-graphs profile-sprint sprint sprint-s1 sprint-s2 sprint-graphs profile-seed" DEADLINE=420
-#   wrn.yaml in full, in one call (timeout_s 560), then the bench with what is left:
+#   wrn.yaml in full, in one call (timeout_s 560):
 #     ONLY=wrn DEADLINE=540 bash benchmarks/gpu_check.sh
 # `ONLY=best BEST="train.epochs=N" RESERVE=0 DEADLINE=D` runs best.yaml instead, N = (D - 30) / 2.6: 2.4 s an epoch
 # measured on an H200 with test-time flip, plus ~0.2 s estimated for the 1-px shift's views. A call the budget cuts

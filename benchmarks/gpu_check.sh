@@ -16,7 +16,7 @@
 #   profile-sprint the same for sprint.yaml (profile-sprint.json) [25 s]
 #   layout         benchmarks/zeropad_layout.py: ResNet-20's zero-pad shortcut before and after d841b80 (layout.json)
 #   sprint         configs/sprint.yaml: time to 0.94 test accuracy (goal < 10 s of training) [28 s]
-#   sprint-s1, sprint-s2  the same with seeds 1 and 2, for the median of 3 seeds [28 s each]
+#   sprint-s1, sprint-s2  the same with seeds 1 and 2 [28 s each]; results.json's sprint_seeds puts the 3 side by side
 #   best           configs/best.yaml for as many of (100, 80, 60) epochs as fit at EPOCH_S seconds an epoch
 #                  [session 8, 100 epochs: 240 s]; its run directory comes back as best-run.tar
 #   sprint-graphs  sprint.yaml compiled with CUDA graphs (train.compile_mode=reduce-overhead): the host's launches
@@ -196,6 +196,13 @@ result = {
 for key, name in names.items():
     rows = history(name)
     result[key] = {**summary(rows), "history": rows}
+# the sprint's seeds side by side: each one's training seconds to 0.94 (None: not reached) and final accuracy
+sprints = [result[k] for k in ("sprint", "sprint_s1", "sprint_s2") if result[k]["epochs"]]
+result["sprint_seeds"] = {
+    "train_seconds_to_0.94": [s["reached_0.94"] and s["reached_0.94"]["train_seconds"] for s in sprints],
+    "final_test_acc": [s["final_test_acc"] for s in sprints],
+    "median_final_test_acc": statistics.median(s["final_test_acc"] for s in sprints) if sprints else None,
+}
 for name in ("bench", "layout"):
     if (out / f"{name}.json").is_file():
         result[name] = json.loads((out / f"{name}.json").read_text())

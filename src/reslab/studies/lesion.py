@@ -27,9 +27,9 @@ from statistics import fmean
 import torch
 from torch import nn
 
-from ..engine.checkpoint import atomic_write
 from ..engine.precision import autocast, resolve_precision
 from ..models import ResidualUnit
+from .common import write_json
 
 CPU = torch.device("cpu")
 KEPT = "lesion.json"  # in a run directory: its net's lesions, under the key they were read with
@@ -108,12 +108,6 @@ def _kept(run_dir: Path, key: dict) -> dict | None:
         return None
 
 
-def _keep(run_dir: Path, key: dict, found: dict) -> None:
-    """Write run_dir/lesion.json, atomically: a crash leaves the old file or the new one."""
-    data = (json.dumps({"key": key, "lesions": found}, indent=1) + "\n").encode()
-    atomic_write(run_dir / KEPT, lambda f: f.write(data))
-
-
 def of_nets(
     nets: dict[str, tuple[nn.Module, dict]],
     data,
@@ -161,7 +155,7 @@ def of_nets(
         model = copy.deepcopy(model).to(memory_format=torch.channels_last)
         found["nets"][name] = lesions(model, batches, precision, ks, samples)
         if key is not None:
-            _keep(run_dir, key, found["nets"][name])
+            write_json(run_dir / KEPT, {"key": key, "lesions": found["nets"][name]})  # atomically
     return found
 
 

@@ -134,7 +134,7 @@ if [[ -z $ONLY || " $ONLY " == *" wrn "* ]]; then
 		--set "${SET[@]}" train.epochs="${WRN_EPOCHS:-200}" train.batch_size="$WRN_BATCH"
 	[[ -d $WRN_DIR ]] && ln -s "$(realpath "$WRN_DIR")" "$RUNS/wrn" # for results.json
 	if [[ -f $WRN_DIR/summary.json ]]; then
-		# session 48's run outlived a 40 s limit on the evaluation (cause unknown: it was killed unlogged)
+		# session 48's evaluation outlived its 40 s limit: `reslab eval` then ran on the host's CPU, not the GPU
 		timeout 75 "$PY" -m reslab eval "$WRN_DIR/last.pt" --out "$WRN_DIR/eval" >>"$LOG" 2>&1 ||
 			echo "== wrn eval: exit $?" | tee -a "$LOG"
 		timeout 25 "$PY" benchmarks/slim_checkpoint.py "$WRN_DIR/last.pt" "$WRN_DIR/weights.pt" >>"$LOG" 2>&1 ||

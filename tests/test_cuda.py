@@ -56,14 +56,16 @@ def test_bf16_and_fp16_training_on_cuda_learn(tiny_data, tmp_path):
         assert math.isfinite(summary["test_loss"]) and summary["test_acc"] > 0.3, summary
 
 
-def test_checkpoint_trained_on_cuda_evaluates_the_same_on_cpu(tiny_data, tmp_path):
+def test_checkpoint_trained_on_cuda_evaluates_the_same_on_cpu_and_cuda(tiny_data, tmp_path):
     out = tmp_path / "run"
     extra = {"train.epochs": 3, "train.tta_flip": True, "train.tta_shift": 1}
     summary = fit(cuda_cfg(tiny_data, **extra), out, quiet=True)
     state = checkpoint.load(out / "last.pt")
     assert all(t.device.type == "cpu" for t in state["model"].values())
-    result = evaluate_checkpoint(out / "last.pt")
-    assert abs(result["test_acc"] - summary["test_acc"]) <= 2 / result["test_images"]
+    for device in ("cpu", "auto"):  # auto: the GPU
+        result = evaluate_checkpoint(out / "last.pt", device=device)
+        assert result["device"] == {"cpu": "cpu", "auto": "cuda"}[device]
+        assert abs(result["test_acc"] - summary["test_acc"]) <= 2 / result["test_images"]
 
 
 def test_bench_measures_on_cuda():

@@ -45,8 +45,9 @@ def trained(tmp_path_factory):
 
 
 def test_eval_report_is_consistent_with_the_run(trained, tmp_path):
-    result = evaluate_checkpoint(trained, out=tmp_path / "eval")
+    result = evaluate_checkpoint(trained, out=tmp_path / "eval", device="cpu")
     summary = json.loads((trained / "summary.json").read_text())
+    assert result["device"] == "cpu"
     assert result["test_acc"] == pytest.approx(summary["best_test_acc"], abs=1e-9)
     assert result["top2_acc"] >= result["test_acc"]
     confusion = np.array(result["confusion"])
@@ -144,6 +145,13 @@ def test_outputs_that_cannot_be_written_and_counts_below_one_are_one_line(traine
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, (argv, err)
     assert note.read_text() == "keep me" and not (tmp_path / "m.onxx").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")
+def test_eval_on_cuda_without_a_gpu_is_one_line(trained, capsys):
+    assert main(["eval", str(trained), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no CUDA GPU is visible" in err, err
 
 
 def test_huge_image_is_refused(tmp_path):

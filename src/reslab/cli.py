@@ -122,7 +122,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     require_counts(("--limit", args.limit))
     result = evaluate_checkpoint(
-        args.path, out=args.out, data_dir=args.data_dir, limit=args.limit, tta_shift=args.tta_shift
+        args.path,
+        out=args.out,
+        data_dir=args.data_dir,
+        limit=args.limit,
+        tta_shift=args.tta_shift,
+        device=args.device,
     )
     if args.json:
         print(json.dumps(result, indent=2))
@@ -317,6 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="test-time shift in pixels (default: the run's train.tta_shift)",
+    )
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where to evaluate (default: auto, a CUDA GPU when one is visible)",
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_eval)

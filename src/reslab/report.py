@@ -18,7 +18,7 @@ from . import config as config_mod
 from .data import load_dataset, make_test_loader, resize
 from .engine import checkpoint
 from .engine.host import set_up
-from .engine.precision import autocast, resolve_precision
+from .engine.precision import autocast, resolve_device, resolve_precision
 from .engine.run import speed_up
 from .engine.steps import predict_logits
 from .errors import ReslabError, first_line
@@ -54,9 +54,11 @@ def evaluate_checkpoint(
     data_dir: str | None = None,
     limit: int | None = None,
     tta_shift: int | None = None,
+    device: str = "auto",
 ) -> dict:
     """The test-set report of a checkpoint, evaluated as its run evaluated (EMA weights, test-time flip and
-    shift, precision: `auto` is bf16 where the machine computes it natively), except for `tta_shift` when given."""
+    shift, precision: `auto` is bf16 where the device computes it natively), except for `tta_shift` when given.
+    `device`: auto (a CUDA GPU when one is visible, else the CPU), cpu or cuda."""
     model, meta, state = load_model(path)
     cfg = config_mod.from_dict(state["config"])
     if data_dir:
@@ -72,7 +74,7 @@ def evaluate_checkpoint(
         raise ReslabError(
             f"the model predicts {len(meta['classes'])} classes, the data has {len(data.classes)}"
         )
-    device = torch.device("cpu")
+    device = resolve_device(device)
     set_up(device)  # as training does: else each batch faults its activations in afresh
     test = make_test_loader(data, cfg.data, cfg.train.eval_batch_size, device, tta_shift=cfg.train.tta_shift)
     if out is not None:  # before the evaluation, so a wrong --out fails at once
@@ -80,16 +82,24 @@ def evaluate_checkpoint(
     # as the run evaluated: its memory format, its precision as this machine resolves it, its model rewrites
     mem = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     precision = resolve_precision(cfg.precision, device)
-    model = model.to(memory_format=mem)
+    model = model.to(device, memory_format=mem)
     speed_up(model, device, precision)
     with autocast(device, precision):
-        logits = torch.cat(
-            [
-                predict_logits(
-                    model, x.contiguous(memory_format=mem), cfg.train.tta_flip, cfg.train.tta_shift, test.fill
-                )
-                for x, _ in test
-            ]
+        logits = (
+            torch.cat(
+                [
+                    predict_logits(
+                        model,
+                        x.contiguous(memory_format=mem),
+                        cfg.train.tta_flip,
+                        cfg.train.tta_shift,
+                        test.fill,
+                    )
+                    for x, _ in test
+                ]
+            )
+            .float()
+            .cpu()
         )
     labels = data.test_labels
     probs = logits.softmax(1)
@@ -103,6 +113,7 @@ def evaluate_checkpoint(
     }
     result = {
         "checkpoint": str(path),
+        "device": device.type,
         "test_images": len(labels),
         "tta": {"flip": cfg.train.tta_flip, "shift": cfg.train.tta_shift},
         "precision": precision,

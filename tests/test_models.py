@@ -108,6 +108,30 @@ def test_unit_orders_place_layers_as_in_the_2016_paper():
     assert [type(m).__name__ for m in pre] == ["BatchNorm2d", "ReLU"]
 
 
+def test_dropout_sits_between_the_convolutions_and_only_trains():
+    """Wide ResNets' dropout (Zagoruyko & Komodakis 2016): on the input of each convolution of F but the first,
+    in every unit order, without parameters of its own; active in training only."""
+    for order in ORDERS:
+        branch = [type(m).__name__ for m in ResidualUnit(8, 8, order=order, dropout=0.3).residual]
+        assert branch.count("Dropout") == 1 and branch[branch.index("Dropout") + 1] == "Conv2d", order
+    bottleneck = ResidualUnit(8, 2, kind="bottleneck", dropout=0.3).residual
+    assert [type(m).__name__ for m in bottleneck].count("Dropout") == 2
+    plain, dropped = build_model("wrn-16-4", 1, 10), build_model("wrn-16-4", 1, 10, dropout=0.3)
+    assert count_params(plain) == count_params(dropped)
+    assert sum(isinstance(m, nn.Dropout) for m in dropped.modules()) == 6  # one a unit
+    assert not any(isinstance(m, nn.Dropout) for m in plain.modules())
+    x = torch.randn(4, 1, 28, 28)
+    torch.manual_seed(0)
+    assert not torch.equal(dropped.train()(x), dropped(x))  # a new mask each step
+    dropped.eval()
+    assert torch.equal(dropped(x), dropped(x))
+    resnet = build_model("resnet20", 1, 10, dropout=0.5)
+    assert sum(isinstance(m, nn.Dropout) for m in resnet.modules()) == 9
+    for bad in (1.0, -0.1):
+        with pytest.raises(ReslabError, match=f"dropout must be at least 0 and below 1, got {bad}"):
+            build_model("wrn-16-4", 1, 10, dropout=bad)
+
+
 def test_identity_shortcut_keeps_the_input_intact():
     # in-place ReLUs must not overwrite x, which the shortcut still needs
     for order in ORDERS:

@@ -83,21 +83,23 @@ def _convs(kind: str, in_channels: int, channels: int, stride: int, bias: bool) 
     ]
 
 
-def _residual_branch(order: str, convs: list[nn.Conv2d]) -> nn.Sequential:
-    """F as a flat Sequential, its layers placed by the unit order (2016 paper, Fig. 4)."""
+def _residual_branch(order: str, convs: list[nn.Conv2d], dropout: float = 0.0) -> nn.Sequential:
+    """F as a flat Sequential, its layers placed by the unit order (2016 paper, Fig. 4), with dropout (when > 0)
+    on the input of each convolution but the first, as wide ResNets place it "between convolutions"."""
     layers: list[nn.Module] = []
     last = len(convs) - 1
     for i, conv in enumerate(convs):
+        drop = [nn.Dropout(dropout)] if dropout > 0 and i > 0 else []
         if order == "full-preact":
             # the first BN-ReLU is applied by the unit itself (shared with a projection shortcut)
             if i > 0:
                 layers += [nn.BatchNorm2d(conv.in_channels), nn.ReLU(inplace=True)]
-            layers.append(conv)
+            layers += [*drop, conv]
         elif order == "relu-preact":
             # not in place on the unit's input: the identity shortcut still needs x
-            layers += [nn.ReLU(inplace=i > 0), conv, nn.BatchNorm2d(conv.out_channels)]
+            layers += [nn.ReLU(inplace=i > 0), *drop, conv, nn.BatchNorm2d(conv.out_channels)]
         else:  # original, bn-after-add, relu-before-add
-            layers.append(conv)
+            layers += [*drop, conv]
             if i < last or order != "bn-after-add":
                 layers.append(nn.BatchNorm2d(conv.out_channels))
             if i < last or order == "relu-before-add":
@@ -118,6 +120,8 @@ class ResidualUnit(nn.Module):
         bias: convolutions carry a bias (the d2l notebook's convs do; the papers' do not).
         shortcut_scale: constant scaling of h (2016 paper, Table 1, 0.5), 1.0 = none.
         always_project: project even where shapes allow the identity (2015 paper's option C).
+        dropout: probability of dropping each activation between the convolutions of F (Zagoruyko & Komodakis
+            2016 use 0.3 in wide nets); 0 = none.
     """
 
     def __init__(
@@ -131,11 +135,14 @@ class ResidualUnit(nn.Module):
         bias: bool = False,
         shortcut_scale: float = 1.0,
         always_project: bool = False,
+        dropout: float = 0.0,
     ):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("channels", channels), ("stride", stride)):
             if not is_count(value):
                 raise ReslabError(f"ResidualUnit {name} must be an integer > 0, got {value!r}")
+        if not 0 <= dropout < 1:
+            raise ReslabError(f"dropout must be at least 0 and below 1, got {dropout!r}")
         check_choice("block kind", kind, KINDS)
         self.order = check_choice("unit order", order, ORDERS)
         self.expansion = EXPANSION[kind]
@@ -147,7 +154,7 @@ class ResidualUnit(nn.Module):
             if order == "full-preact"
             else None
         )
-        self.residual = _residual_branch(order, _convs(kind, in_channels, channels, stride, bias))
+        self.residual = _residual_branch(order, _convs(kind, in_channels, channels, stride, bias), dropout)
         self.shortcut = make_shortcut(shortcut, in_channels, self.out_channels, stride, bias, always_project)
         if order == "original":
             self.post = nn.ReLU(inplace=True)

@@ -105,12 +105,14 @@ def cifar_resnet(
     first_stride: int = 1,
     stem_stride: int = 1,
     stem_width: int | None = None,
+    dropout: float = 0.0,
 ) -> nn.Sequential:
     """He et al. 2015 section 4.2: 3x3 stem, three stages of widths w, 2w, 4w (16/32/64), 6n+2 layers
     (9n+2 with bottlenecks), global average pooling and a linear head. Not in the paper, for fast CPU recipes:
     first_stride=2 halves the resolution in the first stage already (a quarter of the cost), stem_stride=2 in
     the stem (the same stages, without the stem's full-resolution maps); stem_width (default: w) sets the stem's
-    channels alone, so that a wide net's only full-resolution maps can stay narrow."""
+    channels alone, so that a wide net's only full-resolution maps can stay narrow; dropout between the
+    convolutions of each unit, as wide_resnet's."""
     per_unit = 2 if check_choice("block kind", kind, KINDS) == "basic" else 3
     n, rest = divmod(depth - 2, 3 * per_unit)
     if rest or n < 1:
@@ -129,6 +131,7 @@ def cifar_resnet(
         shortcut=shortcut,
         shortcut_scale=shortcut_scale,
         always_project=always_project,
+        dropout=dropout,
     )
 
 
@@ -180,9 +183,15 @@ def imagenet_resnet(
 
 
 def wide_resnet(
-    depth: int, widen: int, in_channels: int = 1, num_classes: int = 10, zero_init_residual: bool = False
+    depth: int,
+    widen: int,
+    in_channels: int = 1,
+    num_classes: int = 10,
+    zero_init_residual: bool = False,
+    dropout: float = 0.0,
 ) -> nn.Sequential:
-    """Zagoruyko & Komodakis 2016: full pre-activation basic units, widths 16k/32k/64k, (depth-4)/6 per stage."""
+    """Zagoruyko & Komodakis 2016: full pre-activation basic units, widths 16k/32k/64k, (depth-4)/6 per stage;
+    `dropout` between each unit's two convolutions (the paper's WRN-28-10-dropout: 0.3)."""
     n, rest = divmod(depth - 4, 6)
     if rest or n < 1:
         raise ReslabError(f"wide ResNet depth {depth} is not 6n+4; e.g. 16, 28, 40")
@@ -196,6 +205,7 @@ def wide_resnet(
         zero_init_residual,
         order="full-preact",
         shortcut="projection-nobn",
+        dropout=dropout,
     )
 
 

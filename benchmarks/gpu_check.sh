@@ -33,8 +33,9 @@
 # calls left on it). Session 47 ran the short goals (411 s) and a probe of wrn with and without CUDA graphs.
 #   the short goals:
 #     ONLY="tests seed seed-graphs profile-sprint sprint sprint-s1 sprint-s2 sprint-graphs profile-seed" DEADLINE=420
-#   wrn.yaml in full, in one call (timeout_s 560):
+#   wrn.yaml in full, in one call (timeout_s 560; session 48: 0.9600), or a variant of it in its own directory:
 #     ONLY=wrn DEADLINE=540 bash benchmarks/gpu_check.sh
+#     ONLY=wrn SET="model.options.dropout=0.3" WRN_DIR=runs/gpu-wrn-drop DEADLINE=540 bash benchmarks/gpu_check.sh
 # `ONLY=best BEST="train.epochs=N" RESERVE=0 DEADLINE=D` runs best.yaml instead, N = (D - 30) / 2.6: 2.4 s an epoch
 # measured on an H200 with test-time flip, plus ~0.2 s estimated for the 1-px shift's views. A call the budget cuts
 # short returns only what $OUT already holds, and the tar files are written after the run: D must fit.

@@ -118,7 +118,7 @@ def test_dropout_sits_between_the_convolutions_and_only_trains():
     assert [type(m).__name__ for m in bottleneck].count("Dropout") == 2
     plain, dropped = build_model("wrn-16-4", 1, 10), build_model("wrn-16-4", 1, 10, dropout=0.3)
     assert count_params(plain) == count_params(dropped)
-    assert sum(isinstance(m, nn.Dropout) for m in dropped.modules()) == 6  # one a unit
+    assert sum(isinstance(m, nn.Dropout) for m in dropped.modules()) == 6  # one per unit
     assert not any(isinstance(m, nn.Dropout) for m in plain.modules())
     x = torch.randn(4, 1, 28, 28)
     torch.manual_seed(0)

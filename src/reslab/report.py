@@ -79,28 +79,15 @@ def evaluate_checkpoint(
     test = make_test_loader(data, cfg.data, cfg.train.eval_batch_size, device, tta_shift=cfg.train.tta_shift)
     if out is not None:  # before the evaluation, so a wrong --out fails at once
         out = checkpoint.make_dir(Path(out))
-    # as the run evaluated: its memory format, its precision as this machine resolves it, its model rewrites
+    # as the run evaluated: its memory format, its precision as this device resolves it, its model rewrites
     mem = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     precision = resolve_precision(cfg.precision, device)
     model = model.to(device, memory_format=mem)
     speed_up(model, device, precision)
+    views = cfg.train.tta_flip, cfg.train.tta_shift, test.fill
     with autocast(device, precision):
-        logits = (
-            torch.cat(
-                [
-                    predict_logits(
-                        model,
-                        x.contiguous(memory_format=mem),
-                        cfg.train.tta_flip,
-                        cfg.train.tta_shift,
-                        test.fill,
-                    )
-                    for x, _ in test
-                ]
-            )
-            .float()
-            .cpu()
-        )
+        logits = torch.cat([predict_logits(model, x.contiguous(memory_format=mem), *views) for x, _ in test])
+    logits = logits.float().cpu()
     labels = data.test_labels
     probs = logits.softmax(1)
     pred = probs.argmax(1)

@@ -36,6 +36,7 @@
 #   wrn.yaml in full, in one call (timeout_s 560; session 48: 0.9600), or a variant of it in its own directory:
 #     ONLY=wrn DEADLINE=540 bash benchmarks/gpu_check.sh
 #     ONLY=wrn SET="model.options.dropout=0.3" WRN_DIR=runs/gpu-wrn-drop DEADLINE=540 bash benchmarks/gpu_check.sh
+#   then, while the machine is warm (session 48 had ~400 s left after the wrn call): ONLY="tests bench" DEADLINE=280
 # `ONLY=best BEST="train.epochs=N" RESERVE=0 DEADLINE=D` runs best.yaml instead, N = (D - 30) / 2.6: 2.4 s an epoch
 # measured on an H200 with test-time flip, plus ~0.2 s estimated for the 1-px shift's views. A call the budget cuts
 # short returns only what $OUT already holds, and the tar files are written after the run: D must fit.

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_overrides
 
 from reslab.cli import main
@@ -63,15 +64,26 @@ def test_sync_bn_on_cpu_is_a_clear_error(tiny_data, tmp_path):
 
 @pytest.mark.slow
 def test_kill_then_resume_under_torchrun_and_with_another_world_size(tiny_data, tmp_path):
+    # dropout draws from each rank's own generator: the resume must give every rank its own back
+    drop = {"model.options.dropout": 0.2}
+    whole = launch(tmp_path / "whole", tiny_data, 2, drop)
+    assert whole.returncode == 0, whole.stderr[-3000:]
     out = tmp_path / "run"
     # rank 0 dies in epoch 2; rank 1 is stopped by torchrun
-    killed = launch(out, tiny_data, 2, kill_at="step:12")
+    killed = launch(out, tiny_data, 2, drop, kill_at="step:12")
     assert killed.returncode != 0
-    assert checkpoint.load(out / "last.pt")["epoch"] == 1
+    saved = checkpoint.load(out / "last.pt")
+    assert saved["epoch"] == 1
+    ranks = saved["rank_rng"]  # seeded seed + rank: the ranks' streams differ
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["rng"], ranks[1]["rng"])
+    assert torch.equal(ranks[0]["rng"], saved["rng"])
     shutil.copytree(out, tmp_path / "single")
     resumed = launch(out, tiny_data, 2, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [m["world_size"] for m in read_history(out)] == [2, 2, 2]
+    # bit for bit the run that was never killed (gloo's sum of two ranks is exact, one thread each)
+    a, b = (checkpoint.load(d / "last.pt")["model"] for d in (tmp_path / "whole", out))
+    assert all(torch.equal(a[k], b[k]) for k in a)
     # the same run continued by one process: the global batch stays 64
     single = launch(tmp_path / "single", tiny_data, 1, resume=True)
     assert single.returncode == 0, single.stderr

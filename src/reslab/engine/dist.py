@@ -54,6 +54,15 @@ def all_reduce_sum(values: list[float], device: torch.device, ctx: DistContext) 
     return t.tolist()
 
 
+def all_gather_object(obj, ctx: DistContext) -> list | None:
+    """Every rank's `obj`, in rank order, on every rank; None for a single process."""
+    if not ctx.active:
+        return None
+    objs = [None] * ctx.world_size
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.active:
         dist.barrier()

@@ -159,6 +159,8 @@ def prepare(cfg: Config, out: Path, quiet: bool = False, warm: bool = True) -> R
         "image_size": int(data.train_images.shape[-1]),
         "params": count_params(model),
     }
+    if ctx.rank:  # each rank its own stream from here on (dropout's masks), as nanoGPT seeds seed + rank;
+        torch.manual_seed(cfg.seed + ctx.rank)  # the weights above were drawn alike on every rank
     return Run(
         cfg,
         out,
@@ -188,8 +190,7 @@ def state_of(run: Run) -> dict:
         "ema": run.ema.state_dict() if run.ema else None,
         "scaler": run.scaler.state_dict() if run.scaler else None,
         "guard": run.guard.to_dict(),
-        "rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else [],
+        **rng_state(run),
         "history": run.history,
         "epoch": run.epoch,
         "batch": run.batch,
@@ -199,9 +200,31 @@ def state_of(run: Run) -> dict:
     }
 
 
+def rng_state(run: Run) -> dict:
+    """This process's random number generators: torch's CPU one and, on a GPU, CUDA's."""
+    return {
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else [],
+    }
+
+
+def _set_rng_state(run: Run, state: dict) -> None:
+    torch.set_rng_state(state["rng"])
+    if state.get("cuda_rng") and run.device.type == "cuda":
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
 def restore(run: Run, state: dict) -> None:
-    """Continue from a checkpoint: the training state plus the guard and the run's history."""
+    """Continue from a checkpoint: the training state plus the guard and the run's history. Under torchrun each
+    rank takes back its own generators when the checkpoint has as many ranks' ("rank_rng"); on another number
+    of ranks, rank 0 goes on with the saved ones and the others start theirs again from seed + rank."""
     restore_training_state(run, state)
+    if run.ctx.active:
+        ranks = state.get("rank_rng") or []
+        if len(ranks) == run.ctx.world_size:
+            _set_rng_state(run, ranks[run.ctx.rank])
+        elif run.ctx.rank:
+            torch.manual_seed(run.cfg.seed + run.ctx.rank)
     run.guard = guard.GuardState(**state["guard"])
     run.history = list(state["history"])
     run.epoch = state["epoch"]
@@ -221,9 +244,7 @@ def restore_training_state(run: Run, state: dict) -> None:
         run.ema.load_state_dict(state["ema"])
     if run.scaler is not None and state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"])
-    if state.get("cuda_rng") and run.device.type == "cuda":
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    _set_rng_state(run, state)
     run.batch, run.sums = state["batch"], epoch_sums(state["sums"])  # a copy: the epoch adds to it in place
     run.pending = []
 
@@ -234,10 +255,14 @@ def snapshot(run: Run) -> dict:
 
 
 def save(run: Run, name: str, state: dict | None = None) -> None:
+    """Write `name` into the run directory from rank 0. Under torchrun every rank calls it at the same step: it
+    gathers each rank's generators into the checkpoint ("rank_rng") for an exact resume."""
+    ranks = dist.all_gather_object(rng_state(run), run.ctx)
     if not run.ctx.is_main:
         return
+    state = state if state is not None else state_of(run)
     try:
-        checkpoint.save(state if state is not None else state_of(run), run.out / name)
+        checkpoint.save(state if ranks is None else {**state, "rank_rng": ranks}, run.out / name)
     except checkpoint.CheckpointError as e:
         if run.cfg.train.on_checkpoint_error == "stop":
             raise

@@ -33,10 +33,14 @@
 # calls left on it). Session 47 ran the short goals (411 s) and a probe of wrn with and without CUDA graphs.
 #   the short goals:
 #     ONLY="tests seed seed-graphs profile-sprint sprint sprint-s1 sprint-s2 sprint-graphs profile-seed" DEADLINE=420
-#   wrn.yaml in full, in one call (timeout_s 560; session 48: 0.9600), or a variant of it in its own directory:
+#   wrn.yaml in full, in one call (timeout_s 560; session 48: 0.9600), or a variant of it in its own directory
+#   (session 49, dropout 0.3: 0.9594, 430 s):
 #     ONLY=wrn DEADLINE=540 bash benchmarks/gpu_check.sh
 #     ONLY=wrn SET="model.options.dropout=0.3" WRN_DIR=runs/gpu-wrn-drop DEADLINE=540 bash benchmarks/gpu_check.sh
-#   then, while the machine is warm (session 48 had ~400 s left after the wrn call): ONLY="tests bench" DEADLINE=280
+#   the lever not yet tried, the paper's batch 128 (4x the steps; lr and EMA scaled back), likely two calls at once
+#   (its speed under CUDA graphs is not measured; the second resumes the first's checkpoint), with no third:
+#     ONLY=wrn WRN_BATCH=128 SET="optim.lr=0.1 train.ema=0.999" WRN_DIR=runs/gpu-wrn-b128 DEADLINE=540 bash ...
+#   after a one-call run, while the machine is warm (~400 s left in sessions 48, 49): ONLY="tests bench" DEADLINE=280
 # `ONLY=best BEST="train.epochs=N" RESERVE=0 DEADLINE=D` runs best.yaml instead, N = (D - 30) / 2.6: 2.4 s an epoch
 # measured on an H200 with test-time flip, plus ~0.2 s estimated for the 1-px shift's views. A call the budget cuts
 # short returns only what $OUT already holds, and the tar files are written after the run: D must fit.
@@ -123,7 +127,8 @@ step profile-seed 60 "$PY" benchmarks/profile_step.py --config configs/seed.yaml
 # keeps it between two calls: a call that the DEADLINE stops saves a checkpoint (SIGTERM), and the next call, at
 # once, resumes it. Eager, an epoch took 2.7 s on an H200 (3.2 s when tested), too slow for 200 in one call; with
 # the CUDA graphs wrn.yaml now asks for, 1.4 s (2.0 s tested, every 5th) after a first epoch of 36 s that compiles
-# (session 47). Session 48 ran the 200 in one call: 338 s of epochs, 400 s for the whole step.
+# (session 47). Session 48 ran the 200 in one call: 338 s of epochs, 400 s for the whole step; session 49, with
+# dropout, 357 s and 415 s, then 15 s for its evaluation on the GPU, the weights and the packing.
 # Once the run has finished, its final checkpoint is evaluated on the device (eval.json, confusion.png,
 # errors.png) and comes back with the run's files and its weights alone (fp32, ~36 MB) as wrn.tar.00, .01, ...
 # (`cat wrn.tar.* | tar -x`); until then wrn-metrics.jsonl brings its epochs so far.

@@ -136,6 +136,7 @@ def test_outputs_that_cannot_be_written_and_counts_below_one_are_one_line(traine
         (["eval", str(trained), "--limit", "0"], "--limit must be a positive integer, got 0"),
         (["predict", str(trained), "x.png", "--top-k", "0"], "--top-k must be a positive integer, got 0"),
         (["study", "units", "--seeds", "0"], "--seeds must be a positive integer, got 0"),
+        (["study", "degradation", "--draws", "0"], "--draws must be a positive integer, got 0"),
         (["bench", "--seed-limit", "10"], "--seed-limit 10: the seed recipe needs at least one batch (256"),
         (["bench", "--quick", "--out", str(note / "b.json")], "note.txt is a file, not a directory"),
         (["bench", "--quick", "--out", str(tmp_path)], "is a directory; name the file to write"),

@@ -1,5 +1,6 @@
 import json
 import signal
+import statistics
 import subprocess
 import sys
 import warnings
@@ -19,7 +20,9 @@ def test_degradation_study_writes_results_and_skips_finished_runs(tiny_data, tmp
         "train.batch_size=64",
         "device=cpu",
     ]
-    payload = degradation.run(tmp_path / "deg", quick=True, seeds=1, overrides=overrides, depths=(8, 14))
+    payload = degradation.run(
+        tmp_path / "deg", quick=True, seeds=1, overrides=overrides, depths=(8, 14), draws=4
+    )
     saved = json.loads((tmp_path / "deg" / "results.json").read_text())
     assert {(r["model"], r["residual"]) for r in saved["runs"]} == {
         ("plain8", False),
@@ -58,16 +61,21 @@ def test_degradation_study_writes_results_and_skips_finished_runs(tiny_data, tmp
     assert les["images"] == 128 and set(les["nets"]) == set(nets)
     r14 = les["nets"]["resnet14"]
     assert r14["units"] == ["stage1.0", "stage1.1", "stage2.1", "stage3.1"] and len(r14["single"]) == 4
-    assert [d["k"] for d in r14["random"]] == [2] and len(r14["random"][0]["errors"]) == 3
+    assert [d["k"] for d in r14["random"]] == [2] and len(r14["random"][0]["errors"]) == 4  # draws=4
     assert les["nets"]["resnet8"]["random"] == []  # one deletable unit: no k below it
     assert all(0 <= e <= 1 for net in les["nets"].values() for e in [net["intact"], *net["single"]])
     assert (tmp_path / "deg" / "lesion.png").stat().st_size > 1000
     assert "| one deleted: median | worst | 2 deleted |" in table
+    errors = r14["random"][0]["errors"]  # the mean of the draws with its standard error
+    mean, sem = sum(errors) / 4, statistics.stdev(errors) / 2
+    assert f"| {mean:.3f} ± {sem:.3f} |" in table and "the mean over 4 random draws" in table
     # one row each in the responses', the gradients' and the lesions' tables
     assert len([line for line in table.splitlines() if line.startswith("| resnet14 | ")]) == 3
     # a second call trains nothing: every run has its summary.json
     before = {p: p.stat().st_mtime for p in (tmp_path / "deg" / "runs").glob("*/last.pt")}
-    again = degradation.run(tmp_path / "deg", quick=True, seeds=1, overrides=overrides, depths=(8, 14))
+    again = degradation.run(
+        tmp_path / "deg", quick=True, seeds=1, overrides=overrides, depths=(8, 14), draws=4
+    )
     assert again["runs"] == payload["runs"]
     assert again["train_seconds"] == payload["train_seconds"] > 0  # the runs' time is kept, not this call's
     assert before == {p: p.stat().st_mtime for p in (tmp_path / "deg" / "runs").glob("*/last.pt")}

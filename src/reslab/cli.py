@@ -189,7 +189,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    require_counts(("--seeds", args.seeds))
+    require_counts(("--seeds", args.seeds), ("--draws", args.draws))
     out = Path(args.out or f"runs/study-{args.study}{'-quick' if args.quick else ''}")
     if args.study == "degradation":
         from .studies import degradation
@@ -199,11 +199,11 @@ def cmd_study(args: argparse.Namespace) -> int:
         except ValueError:
             raise ReslabError(f"--depths: expected depths like 20,56, got {args.depths!r}") from None
         nets = tuple(args.nets.split(","))
-        payload = degradation.run(out, args.quick, args.seeds, args.set, depths, nets)
+        payload = degradation.run(out, args.quick, args.seeds, args.set, depths, nets, draws=args.draws)
     else:
         from .studies import units
 
-        payload = units.run(out, args.quick, args.seeds, args.set, depth=args.depth)
+        payload = units.run(out, args.quick, args.seeds, args.set, depth=args.depth, draws=args.draws)
     print((out / "table.md").read_text())
     extra = ", responses.png" if payload.get("responses", {}).get("nets") else ""
     extra += ", gradients.png" if payload.get("gradients", {}).get("init") else ""
@@ -377,6 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="degradation: depths of the plain and residual nets (default 20,32,44,56)",
     )
     p.add_argument("--nets", default="plain,resnet", help="degradation: plain, resnet or both (default)")
+    p.add_argument(
+        "--draws",
+        type=int,
+        default=3,
+        help="lesions: random sets of k units deleted, for each k (default 3); more narrow each k's mean",
+    )
     p.add_argument("--out", help="study directory (default runs/study-NAME[-quick]); rerun to resume")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
     p.set_defaults(func=cmd_study)

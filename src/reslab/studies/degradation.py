@@ -90,6 +90,7 @@ def run(
     overrides: list[str] | None = None,
     depths=DEPTHS,
     nets=NETS,
+    draws: int = 3,
 ) -> dict:
     runs = plan(quick, seeds, overrides or [], depths, nets)  # before anything is written: it checks
     out = make_dir(Path(out))
@@ -105,7 +106,9 @@ def run(
         found = responses.of_nets(nets, data, data_cfg)
         backward = gradients.of_nets(nets, data, data_cfg)
         # --quick reads the lesions on 2,000 test images: each error within about 0.7 point
-        lesioned = lesion.of_nets(nets, data, data_cfg, images=2000 if quick else None, run_dirs=seed0)
+        lesioned = lesion.of_nets(
+            nets, data, data_cfg, images=2000 if quick else None, samples=draws, run_dirs=seed0
+        )
     rows = []
     for r in results:
         s, h = r["summary"], r["history"]

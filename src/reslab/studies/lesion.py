@@ -22,7 +22,7 @@ import json
 import random
 import re
 from pathlib import Path
-from statistics import fmean
+from statistics import fmean, stdev
 
 import torch
 from torch import nn
@@ -159,8 +159,16 @@ def of_nets(
     return found
 
 
+def _mean_cell(errors: list[float]) -> str:
+    """A table cell: the mean of the draws' errors, with its standard error where there are several."""
+    if len(errors) < 2:
+        return f"{fmean(errors):.3f}"
+    return f"{fmean(errors):.3f} ± {stdev(errors) / len(errors) ** 0.5:.3f}"
+
+
 def table_lines(found: dict) -> list[str]:
     ks = sorted({r["k"] for net in found["nets"].values() for r in net["random"]})
+    draws = "/".join(sorted({str(len(r["errors"])) for net in found["nets"].values() for r in net["random"]}))
     lines = [
         "| net | deletable units | intact | one deleted: median | worst | "
         + " | ".join(f"{k} deleted" for k in ks)
@@ -169,7 +177,7 @@ def table_lines(found: dict) -> list[str]:
     ]
     for name, net in found["nets"].items():
         single = sorted(net["single"])
-        by_k = {r["k"]: f"{fmean(r['errors']):.3f}" for r in net["random"]}
+        by_k = {r["k"]: _mean_cell(r["errors"]) for r in net["random"]}
         cells = [f"{net['intact']:.3f}", f"{single[len(single) // 2]:.3f}", f"{single[-1]:.3f}"]
         cells += [by_k.get(k, "-") for k in ks]
         lines.append(f"| {name} | {len(net['units'])} | {' | '.join(cells)} |")
@@ -177,8 +185,8 @@ def table_lines(found: dict) -> list[str]:
         "",
         "Lesions (Veit et al. 2016): test error with units deleted at test time (a residual branch set to 0, a",
         "plain unit replaced by the identity; the units that change shape stay), eval mode, on the first",
-        f"{found['images']} test images. k deleted: the mean over random draws of k units. A net named without",
-        "-sN is seed 0's. lesion.png plots each unit's and each k's error.",
+        f"{found['images']} test images. k deleted: the mean over {draws or 'the'} random draws of k units, with",
+        "its standard error. A net named without -sN is seed 0's. lesion.png plots each unit's and each k's error.",
     ]
     return lines
 

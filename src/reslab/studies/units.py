@@ -91,6 +91,7 @@ def run(
     overrides: list[str] | None = None,
     depth: int = 56,
     variants=tuple(VARIANTS),
+    draws: int = 3,
 ) -> dict:
     runs = plan(quick, seeds, overrides or [], depth, variants)  # before anything is written: it checks
     out = make_dir(Path(out))
@@ -117,7 +118,9 @@ def run(
         }
         nets, data_cfg = final_nets(trained), runs[0][1].data
         data = load_dataset(data_cfg) if nets else None
-        lesioned = lesion.of_nets(nets, data, data_cfg, images=2000 if quick else None, run_dirs=trained)
+        lesioned = lesion.of_nets(
+            nets, data, data_cfg, images=2000 if quick else None, samples=draws, run_dirs=trained
+        )
     aggregate = [
         {
             "variant": variant,

@@ -159,11 +159,14 @@ def of_nets(
     return found
 
 
+def _sem(errors: list[float]) -> float:
+    """The standard error of the draws' mean error (0 for a single draw)."""
+    return stdev(errors) / len(errors) ** 0.5 if len(errors) > 1 else 0.0
+
+
 def _mean_cell(errors: list[float]) -> str:
     """A table cell: the mean of the draws' errors, with its standard error where there are several."""
-    if len(errors) < 2:
-        return f"{fmean(errors):.3f}"
-    return f"{fmean(errors):.3f} ± {stdev(errors) / len(errors) ** 0.5:.3f}"
+    return f"{fmean(errors):.3f}" + (f" ± {_sem(errors):.3f}" if len(errors) > 1 else "")
 
 
 def table_lines(found: dict) -> list[str]:
@@ -193,8 +196,9 @@ def table_lines(found: dict) -> list[str]:
 
 def figure(found: dict, path: Path, chance: float) -> None:
     """Left: the test error with each deletable unit deleted alone, input side first, the intact error as a
-    thin line. Right: the mean error against the number of units deleted at random. Plain dashed, residual solid;
-    the nets of one configuration's seeds (names ending -sN) share its colour and legend entry."""
+    thin line. Right: the mean error against the number of units deleted at random, with its standard error over
+    the draws. Plain dashed, residual solid; the nets of one configuration's seeds (names ending -sN) share its
+    colour and legend entry."""
     from ..plots import plt, save  # matplotlib on its Agg backend
     from .responses import label
 
@@ -215,13 +219,14 @@ def figure(found: dict, path: Path, chance: float) -> None:
         axes[0].axhline(100 * r["intact"], color=colour, lw=0.8, ls=":")
         ks = [0, 1] + [d["k"] for d in r["random"]]
         means = [r["intact"], fmean(r["single"])] + [fmean(d["errors"]) for d in r["random"]]
-        axes[1].plot(ks, [100 * m for m in means], **kw)
+        sems = [0.0, 0.0] + [_sem(d["errors"]) for d in r["random"]]  # one deleted: every unit, no draws
+        axes[1].errorbar(ks, [100 * m for m in means], [100 * s for s in sems], capsize=2, **kw)
     for ax in axes:
         ax.axhline(100 * chance, color="grey", lw=0.8, ls="-.", label="chance")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0].set(xlabel="unit deleted (input side first)", ylabel="test error (%)", title="one unit deleted")
-    axes[1].set(xlabel="units deleted at random", title="several deleted (mean of draws)")
+    axes[1].set(xlabel="units deleted at random", title="several deleted (mean of draws, standard error)")
     fig.tight_layout()
     save(fig, path)
 

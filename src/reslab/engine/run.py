@@ -159,8 +159,7 @@ def prepare(cfg: Config, out: Path, quiet: bool = False, warm: bool = True) -> R
         "image_size": int(data.train_images.shape[-1]),
         "params": count_params(model),
     }
-    if ctx.rank:  # each rank its own stream from here on (dropout's masks), as nanoGPT seeds seed + rank;
-        torch.manual_seed(cfg.seed + ctx.rank)  # the weights above were drawn alike on every rank
+    _seed_own_stream(cfg.seed, ctx)  # the weights above were drawn alike on every rank
     return Run(
         cfg,
         out,
@@ -200,6 +199,13 @@ def state_of(run: Run) -> dict:
     }
 
 
+def _seed_own_stream(seed: int, ctx: dist.DistContext) -> None:
+    """Under torchrun, each rank above 0 draws from its own stream from here on (dropout's masks), seeded
+    seed + rank as nanoGPT seeds its ranks; rank 0 keeps the stream `seed` started."""
+    if ctx.rank:
+        torch.manual_seed(seed + ctx.rank)
+
+
 def rng_state(run: Run) -> dict:
     """This process's random number generators: torch's CPU one and, on a GPU, CUDA's."""
     return {
@@ -223,8 +229,8 @@ def restore(run: Run, state: dict) -> None:
         ranks = state.get("rank_rng") or []
         if len(ranks) == run.ctx.world_size:
             _set_rng_state(run, ranks[run.ctx.rank])
-        elif run.ctx.rank:
-            torch.manual_seed(run.cfg.seed + run.ctx.rank)
+        else:
+            _seed_own_stream(run.cfg.seed, run.ctx)
     run.guard = guard.GuardState(**state["guard"])
     run.history = list(state["history"])
     run.epoch = state["epoch"]

@@ -381,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--draws",
         type=int,
         default=3,
-        help="lesions: random sets of k units deleted, for each k (default 3); more narrow each k's mean",
+        help="lesions: random sets of k units deleted, for each k (default 3); more draws narrow each k's mean",
     )
     p.add_argument("--out", help="study directory (default runs/study-NAME[-quick]); rerun to resume")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")

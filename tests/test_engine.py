@@ -836,3 +836,29 @@ def test_compiled_model_trains_and_checkpoints_plain_weights(tiny_data, tmp_path
     build_model("resnet8", 1, 10).load_state_dict(state["model"])
     result = evaluate_checkpoint(tmp_path / "run" / "last.pt")  # on the CPU
     assert result["test_acc"] == pytest.approx(summary["test_acc"], abs=1e-9 if device == "cpu" else 0.02)
+
+
+def test_curves_are_drawn_every_curves_every_seconds_at_the_end_and_after_an_error(
+    tiny_data, tmp_path, monkeypatch
+):
+    """curves.png costs ~0.2 s a picture: a run draws it at most every CURVES_EVERY seconds, always after its last
+    epoch, and, stopped by an error, with every tested epoch it has."""
+    fit_mod, plots = importlib.import_module("reslab.engine.fit"), importlib.import_module("reslab.plots")
+    real, drawn = plots.curves, []
+    monkeypatch.setattr(plots, "curves", lambda history, *a: (drawn.append(len(history)), real(history, *a)))
+    cfg = tiny_cfg(tiny_data, **{"train.epochs": 3})
+    for every, expected in ((1e9, [3]), (0.0, [1, 2, 3])):
+        monkeypatch.setattr(fit_mod, "CURVES_EVERY", every)
+        drawn.clear()
+        fit(cfg, tmp_path / f"every-{every}", quiet=True)
+        assert drawn == expected
+    monkeypatch.setattr(fit_mod, "CURVES_EVERY", 1e9)
+    drawn.clear()
+
+    def fail(r):
+        if r.epoch == 2:
+            raise RuntimeError("a fault in epoch 3")
+
+    with pytest.raises(RuntimeError, match="a fault in epoch 3"):
+        fit(cfg, tmp_path / "failed", quiet=True, on_step=fail)
+    assert drawn == [2] and (tmp_path / "failed" / "curves.png").stat().st_size > 0

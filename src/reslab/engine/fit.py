@@ -29,6 +29,7 @@ from .schedule import lr_at
 from .steps import check_steps, evaluate, loss_fn, train_step
 
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "summary.json", "curves.png")  # what a run writes
+CURVES_EVERY = 30.0  # seconds between drawings of curves.png (0.2-0.3 s each); a run's end always draws
 
 
 class Interrupted(ReslabError):
@@ -256,6 +257,7 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
     faults.reached("start")
     best = max((h["test_acc"] for h in tested(run.history)), default=-1.0)
     warned_crowded = False
+    drawn_at, undrawn = time.perf_counter(), False  # curves.png: when last drawn; tested epochs since
     try:
         while run.epoch < cfg.train.epochs:
             epoch = run.epoch
@@ -276,7 +278,12 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
             if metrics.get("test_acc", -1.0) > best:
                 best = metrics["test_acc"]
                 save(run, "best.pt", {k: v for k, v in saved.items() if k != "optimizer"})
-            _write_outputs(run, draw="test_acc" in metrics)
+            undrawn |= "test_acc" in metrics
+            last = run.epoch == cfg.train.epochs or run.interrupted
+            draw = undrawn and (last or time.perf_counter() - drawn_at >= CURVES_EVERY)
+            _write_outputs(run, draw)
+            if draw:
+                drawn_at, undrawn = time.perf_counter(), False
             _log(run, _epoch_line(metrics, cfg.train.epochs))
             if not warned_crowded and metrics.get("cpu_wait", 0.0) >= CROWDED:
                 warned_crowded = True
@@ -287,6 +294,9 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if undrawn:  # stopped by an error: the picture still shows every tested epoch
+            with contextlib.suppress(Exception):
+                _write_outputs(run, draw=True)
 
 
 def _due(done: int, every: int, epochs: int) -> bool:
@@ -341,11 +351,11 @@ def _train_and_evaluate(run: Run, epoch: int, step_hook) -> dict:
 
 
 def _write_outputs(run: Run, draw: bool) -> None:
-    """metrics.jsonl, and with `draw` (a tested epoch: the picture's test lines change) curves.png."""
+    """metrics.jsonl, and with `draw` curves.png (~0.2 s a picture: drawn every CURVES_EVERY seconds)."""
     if not run.ctx.is_main:
         return
     checkpoint.write_text(run.out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in run.history))
-    if not draw:  # ~0.2 s a picture
+    if not draw:
         return
     from ..plots import curves
 

@@ -124,10 +124,16 @@ def test_units_study_covers_every_variant(tiny_data, tmp_path):
 
 
 def test_units_study_lesions_every_seeds_net(tiny_data, tmp_path, capsys):
+    """Through the command line: --units picks the variants, --draws the lesions' draws per k."""
+    from reslab.cli import main
+
     overrides = [f"data.root={tiny_data}", "train.epochs=1", "data.limit=64", "train.batch_size=64"]
-    variants = ("original", "full-preact")
-    payload = units.run(tmp_path / "u", quick=True, seeds=2, overrides=overrides, depth=8, variants=variants)
+    argv = ["study", "units", "--quick", "--seeds", "2", "--depth", "14", "--units", "original,full-preact"]
+    assert main([*argv, "--draws", "2", "--out", str(tmp_path / "u"), "--set", *overrides]) == 0
+    payload = json.loads((tmp_path / "u" / "results.json").read_text())
+    assert [r["variant"] for r in payload["runs"]] == ["original", "original", "full-preact", "full-preact"]
     nets = payload["lesion"]["nets"]
+    assert all([len(r["errors"]) for r in net["random"]] == [2] for net in nets.values())  # k = 2 of 4 units
     assert list(nets) == ["original", "original-s1", "full-preact", "full-preact-s1"]
     # the long part after training says where it is
     assert "[lesions 4/4] full-preact-s1" in capsys.readouterr().out
@@ -135,7 +141,7 @@ def test_units_study_lesions_every_seeds_net(tiny_data, tmp_path, capsys):
     assert nets["original"]["intact"] == payload["runs"][0]["final_test_error"]
     assert nets["original-s1"]["intact"] == payload["runs"][1]["final_test_error"]
     table = (tmp_path / "u" / "table.md").read_text()
-    assert "| original-s1 | 1 |" in table and "-sN is seed 0's" in table
+    assert "| original-s1 | 4 |" in table and "-sN is seed 0's" in table
 
 
 def test_units_study_keeps_the_users_model_options_under_each_variant():
@@ -167,6 +173,14 @@ def test_study_cli_rejects_bad_depths_before_training(tmp_path, capsys):
         assert main(["study", "units", "--depth", depth, "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
         assert f"--depth {depth}: no CIFAR-style ResNet" in err and len(err.splitlines()) == 1
+        assert not out.exists()
+    for units_flag, message in [
+        ("original,highway", "unknown unit 'highway'; choose from original,"),
+        ("original,original", "twice"),
+    ]:
+        assert main(["study", "units", "--units", units_flag, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
         assert not out.exists()
 
 

@@ -203,7 +203,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     else:
         from .studies import units
 
-        payload = units.run(out, args.quick, args.seeds, args.set, depth=args.depth, draws=args.draws)
+        variants = tuple(args.units.split(",")) if args.units else tuple(units.VARIANTS)
+        payload = units.run(out, args.quick, args.seeds, args.set, args.depth, variants, args.draws)
     print((out / "table.md").read_text())
     extra = ", responses.png" if payload.get("responses", {}).get("nets") else ""
     extra += ", gradients.png" if payload.get("gradients", {}).get("init") else ""
@@ -377,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="degradation: depths of the plain and residual nets (default 20,32,44,56)",
     )
     p.add_argument("--nets", default="plain,resnet", help="degradation: plain, resnet or both (default)")
+    p.add_argument("--units", help="units: the unit variants, e.g. original,full-preact (default: all seven)")
     p.add_argument(
         "--draws",
         type=int,

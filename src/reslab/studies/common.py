@@ -102,6 +102,15 @@ def refuse_chosen(overrides: list[str], chosen: dict[str, str]) -> None:
                 raise ReslabError(f"--set {k}: the study chooses {key} ({how}); leave it out of --set")
 
 
+def check_choices(flag: str, values, valid, what: str) -> None:
+    """Each of a flag's `values` one of `valid` (None: checked elsewhere), none twice: a repeat would train
+    nothing new but count its runs twice, as if they were more seeds. Raises ReslabError naming the first fault."""
+    if valid is not None and (bad := [v for v in values if v not in valid]):
+        raise ReslabError(f"{flag}: unknown {what} {bad[0]!r}; choose from {', '.join(map(str, valid))}")
+    if len(set(values)) < len(values):
+        raise ReslabError(f"{flag}: {', '.join(map(str, values))} names a {what} twice")
+
+
 def with_changes(cfg: Config, **changes) -> Config:
     """A copy of cfg with dotted changes: with_changes(cfg, **{"model.name": "plain20"})."""
     values = cfg.to_dict()

@@ -21,6 +21,7 @@ from . import gradients, lesion, responses
 from .common import (
     EVERY_EPOCH,
     Timer,
+    check_choices,
     error_curve,
     error_stats,
     final_nets,
@@ -68,12 +69,8 @@ def plan(quick: bool, seeds: int, overrides: list[str], depths=DEPTHS, nets=NETS
 
 def check(depths, nets) -> None:
     """Only the CIFAR-style 6n+2 nets that exist both plain and residual, each once; raises ReslabError."""
-    if bad := [n for n in nets if n not in NETS]:
-        raise ReslabError(f"--nets: unknown net {bad[0]!r}; choose from plain, resnet")
-    # a repeat would train nothing new but count its run twice, as if it were another seed
-    for flag, values in (("--nets", nets), ("--depths", depths)):
-        if len(set(values)) < len(values):
-            raise ReslabError(f"{flag}: {', '.join(map(str, values))} names a value twice")
+    check_choices("--nets", nets, NETS, "net")
+    check_choices("--depths", depths, None, "depth")  # which depths exist: below
     names = list_models()
     valid = [int(n[5:]) for n in names if n[:5] == "plain" and f"resnet{n[5:]}" in names]
     valid = [d for d in valid if (d - 2) % 6 == 0]

@@ -17,6 +17,7 @@ from . import lesion
 from .common import (
     EVERY_EPOCH,
     Timer,
+    check_choices,
     error_curve,
     error_stats,
     final_nets,
@@ -60,10 +61,7 @@ def plan(
         overrides,
         {"model.name": "--depth", "seed": "--seeds", "name": "one per run", **EVERY_EPOCH, **varied},
     )
-    if bad := [v for v in variants if v not in VARIANTS]:
-        raise ReslabError(f"--units: unknown unit {bad[0]!r}; choose from {', '.join(VARIANTS)}")
-    if len(set(variants)) < len(variants):  # a repeat would count its runs twice, as if they were more seeds
-        raise ReslabError(f"--units: {','.join(variants)} names a unit twice")
+    check_choices("--units", variants, tuple(VARIANTS), "unit")
     if depth not in (valid := depths()):
         raise ReslabError(
             f"--depth {depth}: no CIFAR-style ResNet of that depth (one taking every variant's options); "

@@ -71,6 +71,49 @@ def test_a_deleted_unit_keeps_its_shortcut_and_what_follows_the_addition(options
     assert seen["out"].abs().sum() > 0
 
 
+@pytest.mark.parametrize(
+    "name, options, deleted",
+    [
+        ("resnet14", {"order": "full-preact"}, None),  # F(x) itself
+        ("resnet14", {}, lambda x: x),
+        ("resnet14", {"shortcut_scale": 0.5}, lambda x: torch.relu(0.5 * x)),
+        ("plain14", {}, lambda x: x),
+    ],
+    ids=["full-preact", "original", "scaled", "plain"],
+)
+def test_a_units_change_to_the_stream_is_measured_against_the_unit_deleted(name, options, deleted):
+    """|F(x)| / |x| in full pre-activation, |u(x) - d(x)| / |d(x)| with d the unit deleted in the others (x in
+    the original order and in a plain net): over all the batches' values, with the model left as it was."""
+    torch.manual_seed(0)
+    model = build_model(name, 1, 10, **options).eval()
+    batches = [(torch.randn(3, 1, 28, 28), None), (torch.randn(2, 1, 28, 28), None)]
+    intact = model(batches[0][0])
+    units = lesion.deletable(model)
+    seen = {u: [] for u in units}
+    handles = [
+        model.get_submodule(u).register_forward_hook(lambda m, i, o, u=u: seen[u].append((i[0], o)))
+        for u in units
+    ]
+    with torch.no_grad():
+        for x, _ in batches:
+            model(x)
+    for h in handles:
+        h.remove()
+
+    def expected(u: str) -> float:
+        unit = model.get_submodule(u)
+        if deleted is None:
+            change, kept = [unit.residual(unit.pre(x)) for x, _ in seen[u]], [x for x, _ in seen[u]]
+        else:
+            change, kept = [o - deleted(x) for x, o in seen[u]], [deleted(x) for x, _ in seen[u]]
+        return (sum(c.square().sum() for c in change) / sum(k.square().sum() for k in kept)).sqrt().item()
+
+    changes = lesion.stream_changes(model, batches, "fp32")
+    assert changes == pytest.approx([expected(u) for u in units], rel=1e-5)
+    assert min(changes) > 0 and torch.equal(model(batches[0][0]), intact)
+    assert not any(m._forward_hooks for m in model.modules())
+
+
 def test_the_error_counts_the_wrong_answers():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2, bias=False))
     with torch.no_grad():
@@ -130,3 +173,10 @@ def test_a_nets_lesions_are_kept_in_its_run_directory_until_their_key_changes(
     (run / "lesion.json").write_text("{")  # broken: read again and written whole
     assert read(images=50)["nets"]["resnet14"] == json.loads((run / "lesion.json").read_text())["lesions"]
     assert len(calls) == 3
+    # a file from before the changes were measured: its errors are kept, the changes added
+    saved = json.loads((run / "lesion.json").read_text())
+    full = saved["lesions"]
+    saved["lesions"] = {k: v for k, v in full.items() if k != "change"}
+    (run / "lesion.json").write_text(json.dumps(saved))
+    assert read(images=50)["nets"]["resnet14"] == full and len(calls) == 3
+    assert json.loads((run / "lesion.json").read_text())["lesions"] == full

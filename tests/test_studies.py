@@ -69,6 +69,11 @@ def test_degradation_study_writes_results_and_skips_finished_runs(tiny_data, tmp
     errors = r14["random"][0]["errors"]  # the mean of the draws with its standard error
     mean, sem = sum(errors) / 4, statistics.stdev(errors) / 2
     assert f"| {mean:.3f} ± {sem:.3f} |" in table and "the mean over 4 random draws" in table
+    # each unit's change to the stream, and the largest named in the table
+    change = r14["change"]
+    assert len(change) == 4 and all(c > 0 for c in change)
+    top = max(range(4), key=change.__getitem__)
+    assert f"| {change[top]:.3f} ({r14['units'][top]}) |" in table
     # one row each in the responses', the gradients' and the lesions' tables
     assert len([line for line in table.splitlines() if line.startswith("| resnet14 | ")]) == 3
     # a second call trains nothing: every run has its summary.json

@@ -9,6 +9,9 @@ barely notices one unit gone and degrades smoothly as more go, as an ensemble of
 would, while a plain net fails (a VGG falls to chance). Units that change the shape (a stride or more channels)
 stay.
 
+Beside the errors, each unit's change to the stream (stream_changes): how far its output lies from what deleting
+it leaves, relative to that. A unit that changes the stream little should cost little to delete.
+
 Evaluated in eval mode (BatchNorm's running statistics, as trained: no re-estimation), in the precision training
 resolves to on this machine, on the first `images` test images. Each net's lesions are kept in its run directory
 (lesion.json), keyed by its checkpoint's SHA-256 and the settings, so a study run again reads them back.
@@ -79,8 +82,38 @@ def error_on(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
     return wrong / total
 
 
+@torch.no_grad()
+def stream_changes(model: nn.Module, batches, precision: str) -> list[float]:
+    """How much each deletable unit changes the stream it is on, against what deleting it leaves there:
+    rms(u(x) - d(x)) / rms(d(x)) over the batches' values, where u is the unit and d the unit deleted (`without`).
+    With an identity shortcut and no f after the addition (full pre-activation) that is |F(x)| / |x|; in the
+    original order, x' = relu(x + F(x)), it is the change the ReLU lets through. In eval mode, in `precision`."""
+    units = deletable(model)
+    deleted = without(model, units).eval()
+    sums = torch.zeros(len(units), 2, dtype=torch.float64)  # per unit: sum of squares of u(x) - d(x), of d(x)
+
+    def hook(i: int):
+        def read(module, inputs, output):  # at once: the next unit may work on its input in place
+            kept = deleted.get_submodule(units[i])(inputs[0]).double()
+            sums[i, 0] += (output.double() - kept).square().sum()
+            sums[i, 1] += kept.square().sum()
+
+        return read
+
+    handles = [model.get_submodule(u).register_forward_hook(hook(i)) for i, u in enumerate(units)]
+    try:
+        model.eval()
+        with autocast(CPU, precision):
+            for x, _ in batches:
+                model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return (sums[:, 0] / sums[:, 1]).sqrt().tolist()
+
+
 def lesions(model: nn.Module, batches, precision: str, ks: tuple[int, ...], samples: int) -> dict:
-    """One net's {"units", "intact", "single", "random"} (of_nets)."""
+    """One net's {"units", "intact", "single", "random", "change"} (of_nets)."""
     units = deletable(model)
     draw = random.Random(0)
 
@@ -96,6 +129,7 @@ def lesions(model: nn.Module, batches, precision: str, ks: tuple[int, ...], samp
             for k in ks
             if k < len(units)
         ],
+        "change": stream_changes(model, batches, precision),
     }
 
 
@@ -117,13 +151,14 @@ def of_nets(
     samples: int = 3,
     run_dirs: dict[str, Path] | None = None,
 ) -> dict:
-    """{"images": n, "nets": {name: {"units", "intact", "single", "random"}}} for each trained model of `nets`
-    (common.final_nets) with a unit to delete, on the first `images` test images of `data` (None: all): its test
-    error intact, with each deletable unit deleted alone ("single", in the order of "units"), and with k of them
-    deleted at random for each k of `ks` below their number ("random": [{"k", "errors"}], `samples` draws each,
-    seeded: a rerun draws the same units). A net named in `run_dirs` keeps its lesions in that directory's
-    lesion.json, keyed by its last.pt's SHA-256, the images, ks, samples and precision: read back while they match,
-    read again (and rewritten) when any differs."""
+    """{"images": n, "nets": {name: {"units", "intact", "single", "random", "change"}}} for each trained model of
+    `nets` (common.final_nets) with a unit to delete, on the first `images` test images of `data` (None: all): its
+    test error intact, with each deletable unit deleted alone ("single", in the order of "units"), and with k of
+    them deleted at random for each k of `ks` below their number ("random": [{"k", "errors"}], `samples` draws each,
+    seeded: a rerun draws the same units); and how much each unit changes the stream ("change", stream_changes).
+    A net named in `run_dirs` keeps its lesions in that directory's lesion.json, keyed by its last.pt's SHA-256,
+    the images, ks, samples and precision: read back while they match, read again (and rewritten) when any
+    differs; a file written before "change" was measured gets it added."""
     from ..data import make_test_loader
 
     found: dict = {"images": 0, "nets": {}}
@@ -143,17 +178,20 @@ def of_nets(
         if not deletable(model):  # every CIFAR-style net has one: its first unit
             continue
         run_dir = (run_dirs or {}).get(name)
-        key = None
+        key = saved = None
         if run_dir is not None and (run_dir / "last.pt").is_file():
             weights = hashlib.sha256((run_dir / "last.pt").read_bytes()).hexdigest()
             key = {"checkpoint_sha256": weights, **settings}
-            if (saved := _kept(run_dir, key)) is not None:
+            if (saved := _kept(run_dir, key)) is not None and "change" in saved:
                 print(f"[lesions {i}/{len(nets)}] {name}: kept in {run_dir / KEPT}", flush=True)
                 found["nets"][name] = saved
                 continue
         print(f"[lesions {i}/{len(nets)}] {name}", flush=True)  # a minute or two each on all test images
         model = copy.deepcopy(model).to(memory_format=torch.channels_last)
-        found["nets"][name] = lesions(model, batches, precision, ks, samples)
+        if saved is None:
+            found["nets"][name] = lesions(model, batches, precision, ks, samples)
+        else:  # kept before the changes were measured: the errors stand
+            found["nets"][name] = {**saved, "change": stream_changes(model, batches, precision)}
         if key is not None:
             write_json(run_dir / KEPT, {"key": key, "lesions": found["nets"][name]})  # atomically
     return found
@@ -175,34 +213,46 @@ def table_lines(found: dict) -> list[str]:
     lines = [
         "| net | deletable units | intact | one deleted: median | worst | "
         + " | ".join(f"{k} deleted" for k in ks)
-        + " |",
-        "|---|---:|---:|---:|---:|" + "---:|" * len(ks),
+        + " | change: median | largest change |",
+        "|---|---:|---:|---:|---:|" + "---:|" * len(ks) + "---:|---:|",
     ]
     for name, net in found["nets"].items():
         single = sorted(net["single"])
         by_k = {r["k"]: _mean_cell(r["errors"]) for r in net["random"]}
         cells = [f"{net['intact']:.3f}", f"{single[len(single) // 2]:.3f}", f"{single[-1]:.3f}"]
         cells += [by_k.get(k, "-") for k in ks]
+        change = net.get("change")  # results before session 51 have none
+        if change:
+            largest = max(range(len(change)), key=change.__getitem__)
+            cells += [
+                f"{sorted(change)[len(change) // 2]:.3f}",
+                f"{change[largest]:.3f} ({net['units'][largest]})",
+            ]
+        else:
+            cells += ["-", "-"]
         lines.append(f"| {name} | {len(net['units'])} | {' | '.join(cells)} |")
     lines += [
         "",
         "Lesions (Veit et al. 2016): test error with units deleted at test time (a residual branch set to 0, a",
         "plain unit replaced by the identity; the units that change shape stay), eval mode, on the first",
         f"{found['images']} test images. k deleted: the mean over {draws or 'the'} random draws of k units, with",
-        "its standard error. A net named without -sN is seed 0's. lesion.png plots each unit's and each k's error.",
+        "its standard error. Change: how much a unit changes the stream, rms(unit(x) - deleted(x)) / rms(deleted(x));",
+        "|F(x)| / |x| in full pre-activation. A net named without -sN is seed 0's. lesion.png plots each unit's",
+        "error against its place and against its change, and each k's error.",
     ]
     return lines
 
 
 def figure(found: dict, path: Path, chance: float) -> None:
     """Left: the test error with each deletable unit deleted alone, input side first, the intact error as a
-    thin line. Right: the mean error against the number of units deleted at random, with its standard error over
+    thin line. Middle: the same errors against how much each unit changes the stream (stream_changes, log
+    scale). Right: the mean error against the number of units deleted at random, with its standard error over
     the draws. Plain dashed, residual solid; the nets of one configuration's seeds (names ending -sN) share its
     colour and legend entry."""
     from ..plots import plt, save  # matplotlib on its Agg backend
     from .responses import label
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4), sharey=True)
     colours: dict[str, str] = {}
     for name, r in found["nets"].items():
         family = re.sub(r"-s\d+$", "", name)
@@ -217,18 +267,34 @@ def figure(found: dict, path: Path, chance: float) -> None:
         }
         axes[0].plot(range(1, len(r["single"]) + 1), [100 * e for e in r["single"]], **kw)
         axes[0].axhline(100 * r["intact"], color=colour, lw=0.8, ls=":")
+        if r.get("change"):
+            axes[1].scatter(
+                r["change"], [100 * e for e in r["single"]], s=12, color=colour, label=kw["label"]
+            )
         ks = [0, 1] + [d["k"] for d in r["random"]]
         means = [r["intact"], fmean(r["single"])] + [fmean(d["errors"]) for d in r["random"]]
         sems = [0.0, 0.0] + [_sem(d["errors"]) for d in r["random"]]  # one deleted: every unit, no draws
-        axes[1].errorbar(ks, [100 * m for m in means], [100 * s for s in sems], capsize=2, **kw)
+        axes[2].errorbar(ks, [100 * m for m in means], [100 * s for s in sems], capsize=2, **kw)
     for ax in axes:
         ax.axhline(100 * chance, color="grey", lw=0.8, ls="-.", label="chance")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0].set(xlabel="unit deleted (input side first)", ylabel="test error (%)", title="one unit deleted")
-    axes[1].set(xlabel="units deleted at random", title="several deleted (mean of draws, standard error)")
+    axes[1].set(xscale="log", xlabel="the unit's change to the stream, rms(unit - deleted) / rms(deleted)")
+    axes[1].set_title("one unit deleted, by its change")
+    axes[2].set(xlabel="units deleted at random", title="several deleted (mean of draws, standard error)")
     fig.tight_layout()
     save(fig, path)
 
 
-__all__ = ["NoBranch", "deletable", "error_on", "figure", "lesions", "of_nets", "table_lines", "without"]
+__all__ = [
+    "NoBranch",
+    "deletable",
+    "error_on",
+    "figure",
+    "lesions",
+    "of_nets",
+    "stream_changes",
+    "table_lines",
+    "without",
+]

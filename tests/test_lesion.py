@@ -108,8 +108,11 @@ def test_a_units_change_to_the_stream_is_measured_against_the_unit_deleted(name,
             change, kept = [o - deleted(x) for x, o in seen[u]], [deleted(x) for x, _ in seen[u]]
         return (sum(c.square().sum() for c in change) / sum(k.square().sum() for k in kept)).sqrt().item()
 
-    changes = lesion.stream_changes(model, batches, "fp32")
+    measured = lesion.stream_measures(model, batches, "fp32")
+    changes = measured["change"]
     assert changes == pytest.approx([expected(u) for u in units], rel=1e-5)
+    kept = [torch.cat([(x if deleted is None else deleted(x)).flatten() for x, _ in seen[u]]) for u in units]
+    assert measured["stream"] == pytest.approx([k.square().mean().sqrt().item() for k in kept], rel=1e-5)
     assert min(changes) > 0 and torch.equal(model(batches[0][0]), intact)
     assert not any(m._forward_hooks for m in model.modules())
 
@@ -176,7 +179,7 @@ def test_a_nets_lesions_are_kept_in_its_run_directory_until_their_key_changes(
     # a file from before the changes were measured: its errors are kept, the changes added
     saved = json.loads((run / "lesion.json").read_text())
     full = saved["lesions"]
-    saved["lesions"] = {k: v for k, v in full.items() if k != "change"}
+    saved["lesions"] = {k: v for k, v in full.items() if k not in ("change", "stream")}
     (run / "lesion.json").write_text(json.dumps(saved))
     assert read(images=50)["nets"]["resnet14"] == full and len(calls) == 3
     assert json.loads((run / "lesion.json").read_text())["lesions"] == full

@@ -9,7 +9,7 @@ barely notices one unit gone and degrades smoothly as more go, as an ensemble of
 would, while a plain net fails (a VGG falls to chance). Units that change the shape (a stride or more channels)
 stay.
 
-Beside the errors, each unit's change to the stream (stream_changes): how far its output lies from what deleting
+Beside the errors, each unit's change to the stream (stream_measures): how far its output lies from what deleting
 it leaves, relative to that. A unit that changes the stream little should cost little to delete.
 
 Evaluated in eval mode (BatchNorm's running statistics, as trained: no re-estimation), in the precision training
@@ -36,6 +36,7 @@ from .common import write_json
 
 CPU = torch.device("cpu")
 KEPT = "lesion.json"  # in a run directory: its net's lesions, under the key they were read with
+STREAM = {"change", "stream"}  # what stream_measures adds to a net's lesions
 
 
 def deletable(model: nn.Module) -> list[str]:
@@ -83,20 +84,24 @@ def error_on(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
 
 
 @torch.no_grad()
-def stream_changes(model: nn.Module, batches, precision: str) -> list[float]:
-    """How much each deletable unit changes the stream it is on, against what deleting it leaves there:
-    rms(u(x) - d(x)) / rms(d(x)) over the batches' values, where u is the unit and d the unit deleted (`without`).
-    With an identity shortcut and no f after the addition (full pre-activation) that is |F(x)| / |x|; in the
-    original order, x' = relu(x + F(x)), it is the change the ReLU lets through. In eval mode, in `precision`."""
+def stream_measures(model: nn.Module, batches, precision: str) -> dict[str, list[float]]:
+    """For each deletable unit, over the batches' values: "stream", the size rms(d(x)) of what deleting it leaves
+    on the stream (d is the unit deleted, `without`; x itself for an identity shortcut in every order but BN after
+    the addition), and "change", how much the unit changes that: rms(u(x) - d(x)) / rms(d(x)), u the unit. With
+    an identity shortcut and no f after the addition (full pre-activation) the change is |F(x)| / |x|; in the
+    original order, x' = relu(x + F(x)), it is what the ReLU lets through. In eval mode, in `precision`."""
     units = deletable(model)
     deleted = without(model, units).eval()
-    sums = torch.zeros(len(units), 2, dtype=torch.float64)  # per unit: sum of squares of u(x) - d(x), of d(x)
+    sums = torch.zeros(
+        len(units), 3, dtype=torch.float64
+    )  # per unit: sums of squares of u(x) - d(x), d(x); count
 
     def hook(i: int):
         def read(module, inputs, output):  # at once: the next unit may work on its input in place
             kept = deleted.get_submodule(units[i])(inputs[0]).double()
             sums[i, 0] += (output.double() - kept).square().sum()
             sums[i, 1] += kept.square().sum()
+            sums[i, 2] += kept.numel()
 
         return read
 
@@ -109,11 +114,14 @@ def stream_changes(model: nn.Module, batches, precision: str) -> list[float]:
     finally:
         for h in handles:
             h.remove()
-    return (sums[:, 0] / sums[:, 1]).sqrt().tolist()
+    return {
+        "change": (sums[:, 0] / sums[:, 1]).sqrt().tolist(),
+        "stream": (sums[:, 1] / sums[:, 2]).sqrt().tolist(),
+    }
 
 
 def lesions(model: nn.Module, batches, precision: str, ks: tuple[int, ...], samples: int) -> dict:
-    """One net's {"units", "intact", "single", "random", "change"} (of_nets)."""
+    """One net's {"units", "intact", "single", "random", "change", "stream"} (of_nets)."""
     units = deletable(model)
     draw = random.Random(0)
 
@@ -129,7 +137,7 @@ def lesions(model: nn.Module, batches, precision: str, ks: tuple[int, ...], samp
             for k in ks
             if k < len(units)
         ],
-        "change": stream_changes(model, batches, precision),
+        **stream_measures(model, batches, precision),
     }
 
 
@@ -151,14 +159,14 @@ def of_nets(
     samples: int = 3,
     run_dirs: dict[str, Path] | None = None,
 ) -> dict:
-    """{"images": n, "nets": {name: {"units", "intact", "single", "random", "change"}}} for each trained model of
+    """{"images": n, "nets": {name: {"units", "intact", "single", "random", "change", "stream"}}} for each model of
     `nets` (common.final_nets) with a unit to delete, on the first `images` test images of `data` (None: all): its
     test error intact, with each deletable unit deleted alone ("single", in the order of "units"), and with k of
     them deleted at random for each k of `ks` below their number ("random": [{"k", "errors"}], `samples` draws each,
-    seeded: a rerun draws the same units); and how much each unit changes the stream ("change", stream_changes).
+    seeded: a rerun draws the same units); and each unit's "change" to the "stream" and its size (stream_measures).
     A net named in `run_dirs` keeps its lesions in that directory's lesion.json, keyed by its last.pt's SHA-256,
     the images, ks, samples and precision: read back while they match, read again (and rewritten) when any
-    differs; a file written before "change" was measured gets it added."""
+    differs; a file written before the stream was measured gets those two added."""
     from ..data import make_test_loader
 
     found: dict = {"images": 0, "nets": {}}
@@ -182,7 +190,7 @@ def of_nets(
         if run_dir is not None and (run_dir / "last.pt").is_file():
             weights = hashlib.sha256((run_dir / "last.pt").read_bytes()).hexdigest()
             key = {"checkpoint_sha256": weights, **settings}
-            if (saved := _kept(run_dir, key)) is not None and "change" in saved:
+            if (saved := _kept(run_dir, key)) is not None and STREAM <= set(saved):
                 print(f"[lesions {i}/{len(nets)}] {name}: kept in {run_dir / KEPT}", flush=True)
                 found["nets"][name] = saved
                 continue
@@ -191,7 +199,7 @@ def of_nets(
         if saved is None:
             found["nets"][name] = lesions(model, batches, precision, ks, samples)
         else:  # kept before the changes were measured: the errors stand
-            found["nets"][name] = {**saved, "change": stream_changes(model, batches, precision)}
+            found["nets"][name] = {**saved, **stream_measures(model, batches, precision)}
         if key is not None:
             write_json(run_dir / KEPT, {"key": key, "lesions": found["nets"][name]})  # atomically
     return found
@@ -245,7 +253,7 @@ def table_lines(found: dict) -> list[str]:
 
 def figure(found: dict, path: Path, chance: float) -> None:
     """Left: the test error with each deletable unit deleted alone, input side first, the intact error as a
-    thin line. Middle: the same errors against how much each unit changes the stream (stream_changes, log
+    thin line. Middle: the same errors against how much each unit changes the stream (stream_measures, log
     scale). Right: the mean error against the number of units deleted at random, with its standard error over
     the draws. Plain dashed, residual solid; the nets of one configuration's seeds (names ending -sN) share its
     colour and legend entry."""
@@ -294,7 +302,7 @@ __all__ = [
     "figure",
     "lesions",
     "of_nets",
-    "stream_changes",
+    "stream_measures",
     "table_lines",
     "without",
 ]

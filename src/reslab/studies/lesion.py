@@ -257,6 +257,8 @@ def figure(found: dict, path: Path, chance: float) -> None:
     scale). Right: the mean error against the number of units deleted at random, with its standard error over
     the draws. Plain dashed, residual solid; the nets of one configuration's seeds (names ending -sN) share its
     colour and legend entry."""
+    from matplotlib.ticker import FormatStrFormatter
+
     from ..plots import plt, save  # matplotlib on its Agg backend
     from .responses import label
 
@@ -289,6 +291,8 @@ def figure(found: dict, path: Path, chance: float) -> None:
         ax.legend(fontsize=8)
     axes[0].set(xlabel="unit deleted (input side first)", ylabel="test error (%)", title="one unit deleted")
     axes[1].set(xscale="log", xlabel="the unit's change to the stream, rms(unit - deleted) / rms(deleted)")
+    for axis in (axes[1].xaxis.set_major_formatter, axes[1].xaxis.set_minor_formatter):
+        axis(FormatStrFormatter("%g"))  # 0.3, not 3 x 10^-1
     axes[1].set_title("one unit deleted, by its change")
     axes[2].set(xlabel="units deleted at random", title="several deleted (mean of draws, standard error)")
     fig.tight_layout()

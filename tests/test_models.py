@@ -108,6 +108,26 @@ def test_unit_orders_place_layers_as_in_the_2016_paper():
     assert [type(m).__name__ for m in pre] == ["BatchNorm2d", "ReLU"]
 
 
+def test_a_full_preact_downsampling_shortcut_sees_bn_relu_of_x_unless_told_to_see_x():
+    """The 2016 paper's code feeds a shortcut that is not the identity BN-ReLU(x); preact_shortcut=False feeds it
+    the stream x. An identity shortcut sees x either way; the option means nothing in the other orders."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 6)
+    for flag in (True, False):
+        for out, stride, shortcut in ((16, 2, "zeropad"), (16, 2, "projection"), (8, 1, "identity")):
+            unit = ResidualUnit(
+                8, out, stride, order="full-preact", shortcut=shortcut, preact_shortcut=flag
+            ).eval()
+            with torch.no_grad():
+                pre = unit.pre(x)
+                seen = pre if flag and shortcut != "identity" else x
+                assert torch.allclose(unit(x), unit.residual(pre) + unit.shortcut(seen)), (flag, shortcut)
+    net = build_model("resnet20", 1, 10, order="full-preact", preact_shortcut=False)
+    assert [u.preact_shortcut for u in net.modules() if isinstance(u, ResidualUnit)] == [False] * 9
+    with pytest.raises(ReslabError, match="preact_shortcut=False needs order full-preact; in original"):
+        build_model("resnet20", 1, 10, preact_shortcut=False)
+
+
 def test_dropout_sits_between_the_convolutions_and_only_trains():
     """Wide ResNets' dropout (Zagoruyko & Komodakis 2016): on the input of each convolution of F but the first,
     in every unit order, without parameters of its own; active in training only."""

@@ -122,6 +122,8 @@ class ResidualUnit(nn.Module):
         always_project: project even where shapes allow the identity (2015 paper's option C).
         dropout: probability of dropping each activation between the convolutions of F (Zagoruyko & Komodakis
             2016 use 0.3 in wide nets); 0 = none.
+        preact_shortcut: full pre-activation only: a shortcut that is not the identity (a downsampling unit's)
+            sees BN-ReLU(x), as in the paper's code; False: the stream x itself, as an identity does.
     """
 
     def __init__(
@@ -136,6 +138,7 @@ class ResidualUnit(nn.Module):
         shortcut_scale: float = 1.0,
         always_project: bool = False,
         dropout: float = 0.0,
+        preact_shortcut: bool = True,
     ):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("channels", channels), ("stride", stride)):
@@ -145,6 +148,11 @@ class ResidualUnit(nn.Module):
             raise ReslabError(f"dropout must be at least 0 and below 1, got {dropout!r}")
         check_choice("block kind", kind, KINDS)
         self.order = check_choice("unit order", order, ORDERS)
+        if not preact_shortcut and order != "full-preact":
+            raise ReslabError(
+                f"preact_shortcut=False needs order full-preact; in {order} the shortcut sees x"
+            )
+        self.preact_shortcut = preact_shortcut
         self.expansion = EXPANSION[kind]
         self.out_channels = channels * self.expansion
         self.shortcut_scale = shortcut_scale
@@ -168,7 +176,8 @@ class ResidualUnit(nn.Module):
         out = self.residual(pre)
         if self.shortcut is not None:
             # a projection sees the pre-activated input; an identity keeps the clean x (2016 paper)
-            identity = self.shortcut(x if isinstance(self.shortcut, nn.Identity) else pre)
+            clean = isinstance(self.shortcut, nn.Identity) or not self.preact_shortcut
+            identity = self.shortcut(x if clean else pre)
             if self.shortcut_scale != 1.0:
                 identity = identity * self.shortcut_scale
             out = out + identity

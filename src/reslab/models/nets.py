@@ -106,13 +106,15 @@ def cifar_resnet(
     stem_stride: int = 1,
     stem_width: int | None = None,
     dropout: float = 0.0,
+    preact_shortcut: bool = True,
 ) -> nn.Sequential:
     """He et al. 2015 section 4.2: 3x3 stem, three stages of widths w, 2w, 4w (16/32/64), 6n+2 layers
     (9n+2 with bottlenecks), global average pooling and a linear head. Not in the paper, for fast CPU recipes:
     first_stride=2 halves the resolution in the first stage already (a quarter of the cost), stem_stride=2 in
     the stem (the same stages, without the stem's full-resolution maps); stem_width (default: w) sets the stem's
     channels alone, so that a wide net's only full-resolution maps can stay narrow; dropout between the
-    convolutions of each unit, as wide_resnet's."""
+    convolutions of each unit, as wide_resnet's; preact_shortcut=False (full-preact only) has the downsampling
+    units' shortcuts carry the stream x instead of BN-ReLU(x) (ResidualUnit)."""
     per_unit = 2 if check_choice("block kind", kind, KINDS) == "basic" else 3
     n, rest = divmod(depth - 2, 3 * per_unit)
     if rest or n < 1:
@@ -132,6 +134,7 @@ def cifar_resnet(
         shortcut_scale=shortcut_scale,
         always_project=always_project,
         dropout=dropout,
+        preact_shortcut=preact_shortcut,
     )
 
 

@@ -10,7 +10,8 @@ would, while a plain net fails (a VGG falls to chance). Units that change the sh
 stay.
 
 Beside the errors, each unit's change to the stream (stream_measures): how far its output lies from what deleting
-it leaves, relative to that. A unit that changes the stream little should cost little to delete.
+it leaves, relative to that, and the stream's size. Does a unit that changes the stream little cost little to
+delete? Mostly, not always (docs/studies/units.md).
 
 Evaluated in eval mode (BatchNorm's running statistics, as trained: no re-estimation), in the precision training
 resolves to on this machine, on the first `images` test images. Each net's lesions are kept in its run directory

@@ -93,9 +93,8 @@ def stream_measures(model: nn.Module, batches, precision: str) -> dict[str, list
     original order, x' = relu(x + F(x)), it is what the ReLU lets through. In eval mode, in `precision`."""
     units = deletable(model)
     deleted = without(model, units).eval()
-    sums = torch.zeros(
-        len(units), 3, dtype=torch.float64
-    )  # per unit: sums of squares of u(x) - d(x), d(x); count
+    # per unit: the sum of squares of u(x) - d(x), that of d(x), and the number of values
+    sums = torch.zeros(len(units), 3, dtype=torch.float64)
 
     def hook(i: int):
         def read(module, inputs, output):  # at once: the next unit may work on its input in place
@@ -230,15 +229,12 @@ def table_lines(found: dict) -> list[str]:
         by_k = {r["k"]: _mean_cell(r["errors"]) for r in net["random"]}
         cells = [f"{net['intact']:.3f}", f"{single[len(single) // 2]:.3f}", f"{single[-1]:.3f}"]
         cells += [by_k.get(k, "-") for k in ks]
-        change = net.get("change")  # results before session 51 have none
-        if change:
-            largest = max(range(len(change)), key=change.__getitem__)
-            cells += [
-                f"{sorted(change)[len(change) // 2]:.3f}",
-                f"{change[largest]:.3f} ({net['units'][largest]})",
-            ]
-        else:
-            cells += ["-", "-"]
+        change = net["change"]
+        largest = max(range(len(change)), key=change.__getitem__)
+        cells += [
+            f"{sorted(change)[len(change) // 2]:.3f}",
+            f"{change[largest]:.3f} ({net['units'][largest]})",
+        ]
         lines.append(f"| {name} | {len(net['units'])} | {' | '.join(cells)} |")
     lines += [
         "",
@@ -278,10 +274,7 @@ def figure(found: dict, path: Path, chance: float) -> None:
         }
         axes[0].plot(range(1, len(r["single"]) + 1), [100 * e for e in r["single"]], **kw)
         axes[0].axhline(100 * r["intact"], color=colour, lw=0.8, ls=":")
-        if r.get("change"):
-            axes[1].scatter(
-                r["change"], [100 * e for e in r["single"]], s=12, color=colour, label=kw["label"]
-            )
+        axes[1].scatter(r["change"], [100 * e for e in r["single"]], s=12, color=colour, label=kw["label"])
         ks = [0, 1] + [d["k"] for d in r["random"]]
         means = [r["intact"], fmean(r["single"])] + [fmean(d["errors"]) for d in r["random"]]
         sems = [0.0, 0.0] + [_sem(d["errors"]) for d in r["random"]]  # one deleted: every unit, no draws

@@ -215,6 +215,11 @@ def _mean_cell(errors: list[float]) -> str:
     return f"{fmean(errors):.3f}" + (f" ± {_sem(errors):.3f}" if len(errors) > 1 else "")
 
 
+def _middle(values: list[float]) -> float:
+    """The table's median: the middle value, the upper of the two middle ones for an even count."""
+    return sorted(values)[len(values) // 2]
+
+
 def table_lines(found: dict) -> list[str]:
     ks = sorted({r["k"] for net in found["nets"].values() for r in net["random"]})
     draws = "/".join(sorted({str(len(r["errors"])) for net in found["nets"].values() for r in net["random"]}))
@@ -225,16 +230,12 @@ def table_lines(found: dict) -> list[str]:
         "|---|---:|---:|---:|---:|" + "---:|" * len(ks) + "---:|---:|",
     ]
     for name, net in found["nets"].items():
-        single = sorted(net["single"])
         by_k = {r["k"]: _mean_cell(r["errors"]) for r in net["random"]}
-        cells = [f"{net['intact']:.3f}", f"{single[len(single) // 2]:.3f}", f"{single[-1]:.3f}"]
+        cells = [f"{net['intact']:.3f}", f"{_middle(net['single']):.3f}", f"{max(net['single']):.3f}"]
         cells += [by_k.get(k, "-") for k in ks]
         change = net["change"]
         largest = max(range(len(change)), key=change.__getitem__)
-        cells += [
-            f"{sorted(change)[len(change) // 2]:.3f}",
-            f"{change[largest]:.3f} ({net['units'][largest]})",
-        ]
+        cells += [f"{_middle(change):.3f}", f"{change[largest]:.3f} ({net['units'][largest]})"]
         lines.append(f"| {name} | {len(net['units'])} | {' | '.join(cells)} |")
     lines += [
         "",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -183,3 +184,62 @@ def test_a_nets_lesions_are_kept_in_its_run_directory_until_their_key_changes(
     (run / "lesion.json").write_text(json.dumps(saved))
     assert read(images=50)["nets"]["resnet14"] == full and len(calls) == 3
     assert json.loads((run / "lesion.json").read_text())["lesions"] == full
+
+
+def test_recalibrated_statistics_are_those_of_the_batches_and_nothing_else_changes():
+    """On one batch, the re-estimated net in eval mode computes what it computes in training mode on that batch
+    (every BatchNorm's statistics are the batch's, each on what the layers before it now give); over several,
+    each statistic is their average. The weights and the layers' momenta stay."""
+    torch.manual_seed(0)
+    model = build_model("resnet14", 1, 10)
+    weights = {
+        k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "tracked" not in k
+    }
+    x = torch.randn(512, 1, 28, 28)
+    lesion.recalibrate_norms(model, [(x, None)], "fp32")
+    assert not model.training and all(
+        m.momentum == 0.1 for m in model.modules() if isinstance(m, nn.BatchNorm2d)
+    )
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+    with torch.no_grad():
+        evaluated = model(x)
+        # training mode divides by the batch's biased variance, the running one is unbiased: within 1e-3 here
+        assert torch.allclose(evaluated, model.train()(x), atol=1e-2, rtol=1e-3)
+    norm = nn.BatchNorm2d(2)
+    a, b = torch.randn(4, 2, 3, 3) + 5, torch.randn(4, 2, 3, 3) - 1
+    lesion.recalibrate_norms(norm, [(a, None), (b, None)], "fp32")
+    both = torch.cat([a, b]).transpose(0, 1).reshape(2, -1)
+    assert torch.allclose(norm.running_mean, both.mean(1), atol=1e-6)  # an average, not a moving one
+    assert norm.num_batches_tracked == 2
+
+
+def test_recalibrated_lesions_are_kept_apart_from_the_lesions_as_trained(tiny_data, tmp_path):
+    cfg = config.load(None, tiny_overrides(tiny_data))
+    data = load_dataset(cfg.data)
+    torch.manual_seed(0)
+    model = build_model("resnet14", 1, 10)  # untrained: its statistics (0 and 1) are not the data's
+    nets = {"resnet14": (model, {})}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"weights")
+
+    def read(recalibrate):
+        return lesion.of_nets(
+            nets, data, cfg.data, 100, ks=(2,), samples=1, run_dirs={"resnet14": run}, recalibrate=recalibrate
+        )
+
+    trained, recalibrated = read(0), read(250)
+    assert trained["recalibrate"] == 0 and recalibrated["recalibrate"] == 250
+    as_trained, again = trained["nets"]["resnet14"], recalibrated["nets"]["resnet14"]
+    kept = json.loads((run / "lesion-recalibrated.json").read_text())
+    precision = kept["key"]["precision"]  # what training resolves to on this machine
+    calibration = lesion._batches(data, cfg.data, 250, train=True)  # the first training images, as tested
+    fresh = lesion.recalibrate_norms(
+        copy.deepcopy(model).to(memory_format=torch.channels_last), calibration, precision
+    )
+    assert again["intact"] == lesion.error_on(fresh, lesion._batches(data, cfg.data, 100), precision)
+    assert again["intact"] != as_trained["intact"] and again["change"] == as_trained["change"]
+    assert json.loads((run / "lesion.json").read_text())["lesions"] == as_trained
+    assert kept["key"]["recalibrate"] == 250 and kept["lesions"] == again
+    assert "recalibrate" not in json.loads((run / "lesion.json").read_text())["key"]
+    assert "re-estimated on 250 training images" in "\n".join(lesion.table_lines(recalibrated))

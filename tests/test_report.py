@@ -137,6 +137,7 @@ def test_outputs_that_cannot_be_written_and_counts_below_one_are_one_line(traine
         (["predict", str(trained), "x.png", "--top-k", "0"], "--top-k must be a positive integer, got 0"),
         (["study", "units", "--seeds", "0"], "--seeds must be a positive integer, got 0"),
         (["study", "degradation", "--draws", "0"], "--draws must be a positive integer, got 0"),
+        (["study", "units", "--recalibrate", "-1"], "--recalibrate must be a positive integer, got -1"),
         (["bench", "--seed-limit", "10"], "--seed-limit 10: the seed recipe needs at least one batch (256"),
         (["bench", "--quick", "--out", str(note / "b.json")], "note.txt is a file, not a directory"),
         (["bench", "--quick", "--out", str(tmp_path)], "is a directory; name the file to write"),

@@ -147,6 +147,16 @@ def test_units_study_lesions_every_seeds_net(tiny_data, tmp_path, capsys):
     assert nets["original-s1"]["intact"] == payload["runs"][1]["final_test_error"]
     table = (tmp_path / "u" / "table.md").read_text()
     assert "| original-s1 | 4 |" in table and "-sN is seed 0's" in table
+    # --recalibrate, run again: the nets stay trained, the lesions are read with their statistics re-estimated
+    assert (
+        main(
+            [*argv, "--draws", "2", "--recalibrate", "32", "--out", str(tmp_path / "u"), "--set", *overrides]
+        )
+        == 0
+    )
+    again = json.loads((tmp_path / "u" / "results.json").read_text())
+    assert again["runs"] == payload["runs"] and again["lesion"]["recalibrate"] == 32
+    assert "statistics re-estimated on 32 training images" in (tmp_path / "u" / "table.md").read_text()
 
 
 def test_units_study_keeps_the_users_model_options_under_each_variant():

@@ -189,7 +189,8 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    require_counts(("--seeds", args.seeds), ("--draws", args.draws))
+    require_counts(("--seeds", args.seeds), ("--draws", args.draws), ("--recalibrate", args.recalibrate))
+    recalibrate = args.recalibrate or 0
     out = Path(args.out or f"runs/study-{args.study}{'-quick' if args.quick else ''}")
     if args.study == "degradation":
         from .studies import degradation
@@ -199,12 +200,16 @@ def cmd_study(args: argparse.Namespace) -> int:
         except ValueError:
             raise ReslabError(f"--depths: expected depths like 20,56, got {args.depths!r}") from None
         nets = tuple(args.nets.split(","))
-        payload = degradation.run(out, args.quick, args.seeds, args.set, depths, nets, draws=args.draws)
+        payload = degradation.run(
+            out, args.quick, args.seeds, args.set, depths, nets, draws=args.draws, recalibrate=recalibrate
+        )
     else:
         from .studies import units
 
         variants = tuple(args.units.split(",")) if args.units else tuple(units.VARIANTS)
-        payload = units.run(out, args.quick, args.seeds, args.set, args.depth, variants, args.draws)
+        payload = units.run(
+            out, args.quick, args.seeds, args.set, args.depth, variants, args.draws, recalibrate
+        )
     print((out / "table.md").read_text())
     extra = ", responses.png" if payload.get("responses", {}).get("nets") else ""
     extra += ", gradients.png" if payload.get("gradients", {}).get("init") else ""
@@ -384,6 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=3,
         help="lesions: random sets of k units deleted, for each k (default 3); more draws narrow each k's mean",
+    )
+    p.add_argument(
+        "--recalibrate",
+        type=int,
+        metavar="N",
+        help="lesions: re-estimate BatchNorm statistics on N training images after each deletion "
+        "(default: as trained, as Veit et al.)",
     )
     p.add_argument("--out", help="study directory (default runs/study-NAME[-quick]); rerun to resume")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")

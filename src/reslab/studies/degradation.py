@@ -88,6 +88,7 @@ def run(
     depths=DEPTHS,
     nets=NETS,
     draws: int = 3,
+    recalibrate: int = 0,
 ) -> dict:
     runs = plan(quick, seeds, overrides or [], depths, nets)  # before anything is written: it checks
     out = make_dir(Path(out))
@@ -104,7 +105,13 @@ def run(
         backward = gradients.of_nets(nets, data, data_cfg)
         # --quick reads the lesions on 2,000 test images: each error within about 0.7 point
         lesioned = lesion.of_nets(
-            nets, data, data_cfg, images=2000 if quick else None, samples=draws, run_dirs=seed0
+            nets,
+            data,
+            data_cfg,
+            images=2000 if quick else None,
+            samples=draws,
+            run_dirs=seed0,
+            recalibrate=recalibrate,
         )
     rows = []
     for r in results:

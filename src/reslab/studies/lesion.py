@@ -13,9 +13,12 @@ Beside the errors, each unit's change to the stream (stream_measures): how far i
 it leaves, relative to that, and the stream's size. Does a unit that changes the stream little cost little to
 delete? Mostly, not always (docs/studies/units.md).
 
-Evaluated in eval mode (BatchNorm's running statistics, as trained: no re-estimation), in the precision training
-resolves to on this machine, on the first `images` test images. Each net's lesions are kept in its run directory
-(lesion.json), keyed by its checkpoint's SHA-256 and the settings, so a study run again reads them back.
+Evaluated in eval mode, in the precision training resolves to on this machine, on the first `images` test images,
+with BatchNorm's running statistics as trained (as Veit et al.) or re-estimated after each deletion on training
+images (recalibrate_norms). The difference is what a deletion costs only because the layers after it keep the
+statistics of a stream that had the unit in it. Each net's lesions are kept in its run directory (lesion.json, or
+lesion-recalibrated.json), keyed by its checkpoint's SHA-256 and the settings, so a study run again reads them
+back.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import hashlib
 import json
 import random
 import re
+from dataclasses import replace
 from pathlib import Path
 from statistics import fmean, stdev
 
@@ -37,6 +41,7 @@ from .common import write_json
 
 CPU = torch.device("cpu")
 KEPT = "lesion.json"  # in a run directory: its net's lesions, under the key they were read with
+KEPT_RECALIBRATED = "lesion-recalibrated.json"  # the same with the statistics re-estimated
 STREAM = {"change", "stream"}  # what stream_measures adds to a net's lesions
 
 
@@ -85,6 +90,28 @@ def error_on(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
 
 
 @torch.no_grad()
+def recalibrate_norms(model: nn.Module, batches, precision: str) -> nn.Module:
+    """Re-estimate every BatchNorm's running statistics, in place, as the plain average of its batch statistics
+    over the batches (a moving average would weigh the last batches most); the model is returned in eval mode,
+    its layers' momenta as they were. Nothing else changes: no gradient, no weight."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average
+    model.train()
+    try:
+        with autocast(CPU, precision):
+            for x, _ in batches:
+                model(x)
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.eval()
+    return model
+
+
+@torch.no_grad()
 def stream_measures(model: nn.Module, batches, precision: str) -> dict[str, list[float]]:
     """For each deletable unit, over the batches' values: "stream", the size rms(d(x)) of what deleting it leaves
     on the stream (d is the unit deleted, `without`; x itself for an identity shortcut in every order but BN after
@@ -120,13 +147,19 @@ def stream_measures(model: nn.Module, batches, precision: str) -> dict[str, list
     }
 
 
-def lesions(model: nn.Module, batches, precision: str, ks: tuple[int, ...], samples: int) -> dict:
-    """One net's {"units", "intact", "single", "random", "change", "stream"} (of_nets)."""
+def lesions(
+    model: nn.Module, batches, precision: str, ks: tuple[int, ...], samples: int, calibration=None
+) -> dict:
+    """One net's {"units", "intact", "single", "random", "change", "stream"} (of_nets); each net, the intact one
+    too, with its statistics re-estimated on the `calibration` batches first where there are any."""
     units = deletable(model)
     draw = random.Random(0)
 
     def error(names: list[str]) -> float:
-        return error_on(without(model, names), batches, precision)
+        lesioned = without(model, names)
+        if calibration:
+            recalibrate_norms(lesioned, calibration, precision)
+        return error_on(lesioned, batches, precision)
 
     return {
         "units": units,
@@ -141,13 +174,29 @@ def lesions(model: nn.Module, batches, precision: str, ks: tuple[int, ...], samp
     }
 
 
-def _kept(run_dir: Path, key: dict) -> dict | None:
-    """The lesions run_dir/lesion.json holds under `key`, or None (no file, another key, unreadable)."""
+def _kept(path: Path, key: dict) -> dict | None:
+    """The lesions the file holds under `key`, or None (no file, another key, unreadable)."""
     try:
-        saved = json.loads((run_dir / KEPT).read_text())
+        saved = json.loads(path.read_text())
         return saved["lesions"] if saved["key"] == key else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _batches(data, data_cfg, images: int, train: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first `images` test images (training images with `train`, as the test images are: no augmentation),
+    normalized, channels_last, in batches of 500."""
+    from ..data import make_test_loader
+
+    if train:
+        data = replace(data, test_images=data.train_images, test_labels=data.train_labels)
+    batches, n = [], 0
+    for x, y in make_test_loader(data, data_cfg, 500, CPU):
+        if n >= images:
+            break
+        batches.append((x[: images - n].contiguous(memory_format=torch.channels_last), y[: images - n]))
+        n += len(batches[-1][1])
+    return batches
 
 
 def of_nets(
@@ -158,30 +207,31 @@ def of_nets(
     ks: tuple[int, ...] = (2, 4, 8, 16),
     samples: int = 3,
     run_dirs: dict[str, Path] | None = None,
+    recalibrate: int = 0,
 ) -> dict:
-    """{"images": n, "nets": {name: {"units", "intact", "single", "random", "change", "stream"}}} for each model of
-    `nets` (common.final_nets) with a unit to delete, on the first `images` test images of `data` (None: all): its
-    test error intact, with each deletable unit deleted alone ("single", in the order of "units"), and with k of
-    them deleted at random for each k of `ks` below their number ("random": [{"k", "errors"}], `samples` draws each,
-    seeded: a rerun draws the same units); and each unit's "change" to the "stream" and its size (stream_measures).
-    A net named in `run_dirs` keeps its lesions in that directory's lesion.json, keyed by its last.pt's SHA-256,
-    the images, ks, samples and precision: read back while they match, read again (and rewritten) when any
-    differs; a file written before the stream was measured gets those two added."""
-    from ..data import make_test_loader
-
-    found: dict = {"images": 0, "nets": {}}
+    """{"images": n, "recalibrate": r, "nets": {name: {"units", "intact", "single", "random", "change", "stream"}}}
+    for each model of `nets` (common.final_nets) with a unit to delete, on the first `images` test images of `data`
+    (None: all): its test error intact, with each deletable unit deleted alone ("single", in the order of "units"),
+    and with k of them deleted at random for each k of `ks` below their number ("random": [{"k", "errors"}],
+    `samples` draws each, seeded: a rerun draws the same units); and each unit's "change" to the "stream" and its
+    size (stream_measures). With `recalibrate`, every error is read after re-estimating the BatchNorm statistics
+    on the first that many training images (r, at most all of them).
+    A net named in `run_dirs` keeps its lesions in that directory's lesion.json (lesion-recalibrated.json), keyed
+    by its last.pt's SHA-256, the images, ks, samples, precision (and recalibration images): read back while they
+    match, read again (and rewritten) when any differs; a file written before the stream was measured gets those
+    two added."""
+    found: dict = {"images": 0, "recalibrate": 0, "nets": {}}
     if not nets:
         return found
     precision = resolve_precision("auto", CPU)
-    batches, n = [], 0
-    images = images or len(data.test_labels)
-    for x, y in make_test_loader(data, data_cfg, 500, CPU):
-        if n >= images:
-            break
-        batches.append((x[: images - n].contiguous(memory_format=torch.channels_last), y[: images - n]))
-        n += len(batches[-1][1])
-    found["images"] = n
+    batches = _batches(data, data_cfg, images or len(data.test_labels))
+    calibration = _batches(data, data_cfg, recalibrate, train=True) if recalibrate else []
+    found["images"] = n = sum(len(y) for _, y in batches)
+    found["recalibrate"] = sum(len(y) for _, y in calibration)
     settings = {"images": n, "ks": list(ks), "samples": samples, "precision": precision}
+    if calibration:  # a key without it is that of the errors as trained, kept apart
+        settings["recalibrate"] = found["recalibrate"]
+    kept = KEPT_RECALIBRATED if calibration else KEPT
     for i, (name, (model, _)) in enumerate(nets.items(), 1):
         if not deletable(model):  # every CIFAR-style net has one: its first unit
             continue
@@ -190,18 +240,18 @@ def of_nets(
         if run_dir is not None and (run_dir / "last.pt").is_file():
             weights = hashlib.sha256((run_dir / "last.pt").read_bytes()).hexdigest()
             key = {"checkpoint_sha256": weights, **settings}
-            if (saved := _kept(run_dir, key)) is not None and STREAM <= set(saved):
-                print(f"[lesions {i}/{len(nets)}] {name}: kept in {run_dir / KEPT}", flush=True)
+            if (saved := _kept(run_dir / kept, key)) is not None and STREAM <= set(saved):
+                print(f"[lesions {i}/{len(nets)}] {name}: kept in {run_dir / kept}", flush=True)
                 found["nets"][name] = saved
                 continue
         print(f"[lesions {i}/{len(nets)}] {name}", flush=True)  # a minute or two each on all test images
         model = copy.deepcopy(model).to(memory_format=torch.channels_last)
         if saved is None:
-            found["nets"][name] = lesions(model, batches, precision, ks, samples)
+            found["nets"][name] = lesions(model, batches, precision, ks, samples, calibration)
         else:  # kept before the changes were measured: the errors stand
             found["nets"][name] = {**saved, **stream_measures(model, batches, precision)}
         if key is not None:
-            write_json(run_dir / KEPT, {"key": key, "lesions": found["nets"][name]})  # atomically
+            write_json(run_dir / kept, {"key": key, "lesions": found["nets"][name]})  # atomically
     return found
 
 
@@ -218,6 +268,15 @@ def _mean_cell(errors: list[float]) -> str:
 def _middle(values: list[float]) -> float:
     """The table's median: the middle value, the upper of the two middle ones for an even count."""
     return sorted(values)[len(values) // 2]
+
+
+def _statistics(found: dict) -> str:
+    """How the lesioned nets' BatchNorm statistics were had, for the table and the figure."""
+    if found.get("recalibrate"):  # results before session 52 have none
+        return (
+            f"BatchNorm statistics re-estimated on {found['recalibrate']} training images after each deletion"
+        )
+    return "BatchNorm statistics as trained"
 
 
 def table_lines(found: dict) -> list[str]:
@@ -241,10 +300,11 @@ def table_lines(found: dict) -> list[str]:
         "",
         "Lesions (Veit et al. 2016): test error with units deleted at test time (a residual branch set to 0, a",
         "plain unit replaced by the identity; the units that change shape stay), eval mode, on the first",
-        f"{found['images']} test images. k deleted: the mean over {draws or 'the'} random draws of k units, with",
-        "its standard error. Change: how much a unit changes the stream, rms(unit(x) - deleted(x)) / rms(deleted(x));",
-        "|F(x)| / |x| in full pre-activation. A net named without -sN is seed 0's. lesion.png plots each unit's",
-        "error against its place and against its change, and each k's error.",
+        f"{found['images']} test images, {_statistics(found)}. k deleted: the mean over {draws or 'the'} random",
+        "draws of k units, with its standard error. Change: how much a unit changes the stream,",
+        "rms(unit(x) - deleted(x)) / rms(deleted(x)); |F(x)| / |x| in full pre-activation. A net named without",
+        "-sN is seed 0's. lesion.png plots each unit's error against its place and against its change, and each",
+        "k's error.",
     ]
     return lines
 
@@ -290,6 +350,7 @@ def figure(found: dict, path: Path, chance: float) -> None:
         axis(FormatStrFormatter("%g"))  # 0.3, not 3 x 10^-1
     axes[1].set_title("one unit deleted, by its change")
     axes[2].set(xlabel="units deleted at random", title="several deleted (mean of draws, standard error)")
+    fig.suptitle(_statistics(found), fontsize=10)
     fig.tight_layout()
     save(fig, path)
 
@@ -301,6 +362,7 @@ __all__ = [
     "figure",
     "lesions",
     "of_nets",
+    "recalibrate_norms",
     "stream_measures",
     "table_lines",
     "without",

@@ -94,6 +94,7 @@ def run(
     depth: int = 56,
     variants=tuple(VARIANTS),
     draws: int = 3,
+    recalibrate: int = 0,
 ) -> dict:
     runs = plan(quick, seeds, overrides or [], depth, variants)  # before anything is written: it checks
     out = make_dir(Path(out))
@@ -121,7 +122,13 @@ def run(
         nets, data_cfg = final_nets(trained), runs[0][1].data
         data = load_dataset(data_cfg) if nets else None
         lesioned = lesion.of_nets(
-            nets, data, data_cfg, images=2000 if quick else None, samples=draws, run_dirs=trained
+            nets,
+            data,
+            data_cfg,
+            images=2000 if quick else None,
+            samples=draws,
+            run_dirs=trained,
+            recalibrate=recalibrate,
         )
     aggregate = [
         {

@@ -93,13 +93,15 @@ def error_on(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
 def recalibrate_norms(model: nn.Module, batches, precision: str) -> nn.Module:
     """Re-estimate every BatchNorm's running statistics, in place, as the plain average of its batch statistics
     over the batches (a moving average would weigh the last batches most); the model is returned in eval mode,
-    its layers' momenta as they were. Nothing else changes: no gradient, no weight."""
+    its layers' momenta as they were. Nothing else changes: no gradient, no weight; every other layer reads in
+    eval mode (no dropout)."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
+    model.eval()
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # a cumulative average
-    model.train()
+        m.train()
     try:
         with autocast(CPU, precision):
             for x, _ in batches:

@@ -235,11 +235,11 @@ def test_recalibrated_lesions_are_kept_apart_from_the_lesions_as_trained(tiny_da
     as_trained, again = trained["nets"]["resnet14"], recalibrated["nets"]["resnet14"]
     kept = json.loads((run / "lesion-recalibrated.json").read_text())
     precision = kept["key"]["precision"]  # what training resolves to on this machine
-    calibration = lesion._batches(data, cfg.data, 250, train=True)  # the first training images, as tested
+    calibration = lesion.first_images(data, cfg.data, 250, train=True)  # the first training images, as tested
     fresh = lesion.recalibrate_norms(
         copy.deepcopy(model).to(memory_format=torch.channels_last), calibration, precision
     )
-    assert again["intact"] == lesion.error_on(fresh, lesion._batches(data, cfg.data, 100), precision)
+    assert again["intact"] == lesion.error_on(fresh, lesion.first_images(data, cfg.data, 100), precision)
     assert again["intact"] != as_trained["intact"] and again["change"] == as_trained["change"]
     assert json.loads((run / "lesion.json").read_text())["lesions"] == as_trained
     assert kept["key"]["recalibrate"] == 250 and kept["lesions"] == again

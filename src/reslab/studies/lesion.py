@@ -185,7 +185,7 @@ def _kept(path: Path, key: dict) -> dict | None:
         return None
 
 
-def _batches(data, data_cfg, images: int, train: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def first_images(data, data_cfg, images: int, train: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first `images` test images (training images with `train`, as the test images are: no augmentation),
     normalized, channels_last, in batches of 500."""
     from ..data import make_test_loader
@@ -226,8 +226,8 @@ def of_nets(
     if not nets:
         return found
     precision = resolve_precision("auto", CPU)
-    batches = _batches(data, data_cfg, images or len(data.test_labels))
-    calibration = _batches(data, data_cfg, recalibrate, train=True) if recalibrate else []
+    batches = first_images(data, data_cfg, images or len(data.test_labels))
+    calibration = first_images(data, data_cfg, recalibrate, train=True) if recalibrate else []
     found["images"] = n = sum(len(y) for _, y in batches)
     found["recalibrate"] = sum(len(y) for _, y in calibration)
     settings = {"images": n, "ks": list(ks), "samples": samples, "precision": precision}
@@ -302,11 +302,11 @@ def table_lines(found: dict) -> list[str]:
         "",
         "Lesions (Veit et al. 2016): test error with units deleted at test time (a residual branch set to 0, a",
         "plain unit replaced by the identity; the units that change shape stay), eval mode, on the first",
-        f"{found['images']} test images, {_statistics(found)}. k deleted: the mean over {draws or 'the'} random",
-        "draws of k units, with its standard error. Change: how much a unit changes the stream,",
-        "rms(unit(x) - deleted(x)) / rms(deleted(x)); |F(x)| / |x| in full pre-activation. A net named without",
-        "-sN is seed 0's. lesion.png plots each unit's error against its place and against its change, and each",
-        "k's error.",
+        f"{found['images']} test images; {_statistics(found)}.",
+        f"k deleted: the mean over {draws or 'the'} random draws of k units, with its standard error. Change: how",
+        "much a unit changes the stream, rms(unit(x) - deleted(x)) / rms(deleted(x)); |F(x)| / |x| in full",
+        "pre-activation. A net named without -sN is seed 0's. lesion.png plots each unit's error against its place",
+        "and against its change, and each k's error.",
     ]
     return lines
 
@@ -362,6 +362,7 @@ __all__ = [
     "deletable",
     "error_on",
     "figure",
+    "first_images",
     "lesions",
     "of_nets",
     "recalibrate_norms",

@@ -273,7 +273,7 @@ def _middle(values: list[float]) -> float:
 
 
 def _statistics(found: dict) -> str:
-    """How the lesioned nets' BatchNorm statistics were had, for the table and the figure."""
+    """Which BatchNorm statistics the lesioned nets were read with, for the table and the figure's title."""
     if found.get("recalibrate"):  # results before session 52 have none
         return (
             f"BatchNorm statistics re-estimated on {found['recalibrate']} training images after each deletion"

@@ -61,6 +61,7 @@ SELECT = [
     "tests/test_report.py::test_a_folder_of_images_with_a_constant_channel_trains",
     "tests/test_studies.py::test_a_study_stopped_by_sigterm_says_to_run_it_again_and_then_finishes",
     "tests/test_studies.py::test_a_study_refuses_to_be_told_what_it_sets_itself",
+    "tests/test_studies.py::test_a_study_run_again_with_other_settings_refuses_its_finished_runs",
     "tests/test_report.py::test_image_modes_are_converted",
     "tests/test_report.py::test_animated_gif_uses_the_first_frame",
     "tests/test_dist.py::test_kill_then_resume_under_torchrun_and_with_another_world_size",

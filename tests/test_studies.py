@@ -107,6 +107,30 @@ def test_degradation_study_of_the_residual_nets_only(tiny_data, tmp_path):
     assert (tmp_path / "d" / "figure.png").stat().st_size > 1000
 
 
+def test_a_study_run_again_with_other_settings_refuses_its_finished_runs(tiny_data, tmp_path, capsys):
+    """A finished run was skipped whatever the new --set said: a study asked for 2 epochs reported the 1-epoch
+    nets under a config of 2. Now it refuses before training anything; where files are may change."""
+    from reslab.cli import main
+
+    out = tmp_path / "d"
+    argv = ["study", "degradation", "--depths", "8", "--nets", "resnet", "--out", str(out), "--set"]
+    argv += [f"data.root={tiny_data}", "data.limit=64", "train.batch_size=64"]
+    assert main([*argv, "train.epochs=1"]) == 0
+    kept = {p.name: p.read_bytes() for p in [*out.glob("*.*"), *(out / "runs" / "resnet8-s0").glob("*")]}
+    capsys.readouterr()
+    assert main([*argv, "train.epochs=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"reslab: error: {out / 'runs' / 'resnet8-s0'} was trained with other settings (train.epochs 1, now 2); "
+        "run the study with that run's settings, or choose another --out"
+    )
+    assert kept == {
+        p.name: p.read_bytes() for p in [*out.glob("*.*"), *(out / "runs" / "resnet8-s0").glob("*")]
+    }
+    assert main([*argv, "train.epochs=1", "train.save_every=2"]) == 0  # how a run is kept: no new run
+    assert "[1/1]" not in capsys.readouterr().out
+
+
 def test_units_study_covers_every_variant(tiny_data, tmp_path):
     overrides = [
         f"data.root={tiny_data}",

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from .. import config as config_mod
 from ..config import Config
@@ -61,6 +62,8 @@ def run_grid(runs: list[tuple[str, Config]], out: Path, quiet: bool = True) -> l
     from ..engine import Interrupted, checkpoint, fit
     from ..runs import read_history
 
+    for name, cfg in runs:  # before anything trains: a study's rows must all follow its own settings
+        _check_same_settings(out / "runs" / name, cfg)
     results = []
     for i, (name, cfg) in enumerate(runs, 1):
         run_dir = out / "runs" / name
@@ -79,6 +82,37 @@ def run_grid(runs: list[tuple[str, Config]], out: Path, quiet: bool = True) -> l
         summary = json.loads((run_dir / "summary.json").read_text())
         results.append({"name": name, "summary": summary, "history": read_history(run_dir)})
     return results
+
+
+# settings that decide where files are and how a run is kept, not what it learns: a study run again may change them
+HOW_IT_RUNS = {
+    "data.root",
+    "data.download",
+    "train.eval_batch_size",
+    "train.save_every",
+    "train.checkpoint_every",
+    "train.on_checkpoint_error",
+    "train.max_retries",
+    "train.guard_every",
+}
+
+
+def _check_same_settings(run_dir: Path, cfg: Config) -> None:
+    """A run directory already there (finished, or stopped midway) was trained with the settings it saved in
+    config.yaml; reusing it under other ones would put its numbers in a table that names the new ones."""
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return  # no run there yet, or one fit() will refuse or restart by its own rules
+    if not isinstance(saved, dict):
+        return
+    changed = {k: v for k, v in config_mod.changes(saved, cfg.to_dict()).items() if k not in HOW_IT_RUNS}
+    if changed:
+        said = ", ".join(f"{k} {a!r}, now {b!r}" for k, (a, b) in changed.items())
+        raise ReslabError(
+            f"{run_dir} was trained with other settings ({said}); run the study with that run's settings, "
+            "or choose another --out"
+        )
 
 
 EVERY_EPOCH = {"train.eval_every": "every epoch: its curves"}  # what each study's refuse_chosen adds

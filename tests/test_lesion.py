@@ -245,3 +245,26 @@ def test_recalibrated_lesions_are_kept_apart_from_the_lesions_as_trained(tiny_da
     assert kept["key"]["recalibrate"] == 250 and kept["lesions"] == again
     assert "recalibrate" not in json.loads((run / "lesion.json").read_text())["key"]
     assert "re-estimated on 250 training images" in "\n".join(lesion.table_lines(recalibrated))
+
+
+def test_a_units_mean_lesion_gives_every_image_its_branchs_average():
+    """benchmarks/lesion_mean.py: on a batch of one image repeated, a branch's average is its output for that
+    image, so the mean lesion changes nothing; on other images it does, and the average is smaller than F."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "lesion_mean.py"
+    spec = importlib.util.spec_from_file_location("lesion_mean", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    torch.manual_seed(0)
+    model = build_model("resnet20", 1, 10).eval()
+    for order in ("same", "different"):
+        x = torch.randn(1, 1, 28, 28).expand(4, -1, -1, -1) if order == "same" else torch.randn(4, 1, 28, 28)
+        mean, rms, mean_rms = script.branch_moments(model, ["stage2.1"], [(x, None)], "fp32")["stage2.1"]
+        lesioned = lesion.without(model, [])
+        lesioned.get_submodule("stage2.1").residual = script.MeanBranch(mean)
+        with torch.no_grad():
+            close = torch.allclose(lesioned(x), model(x), atol=1e-5)
+        assert mean.shape == (32, 14, 14) and close == (order == "same")
+        assert (mean_rms == pytest.approx(rms, rel=1e-5)) if order == "same" else mean_rms < 0.99 * rms

@@ -28,7 +28,7 @@ from torch import nn
 
 from reslab import config
 from reslab.data import load_dataset
-from reslab.engine.precision import autocast, resolve_precision
+from reslab.engine.precision import resolve_precision
 from reslab.studies import lesion
 from reslab.studies.common import final_nets, machine
 
@@ -62,11 +62,8 @@ def branch_moments(model: nn.Module, units: list[str], batches, precision: str) 
         return read
 
     handles = [model.get_submodule(u).residual.register_forward_hook(hook(u)) for u in units]
-    model.eval()
     try:
-        with autocast(CPU, precision):
-            for x, _ in batches:
-                model(x)
+        lesion.feed(model.eval(), batches, precision)
     finally:
         for h in handles:
             h.remove()

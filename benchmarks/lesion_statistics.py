@@ -42,10 +42,8 @@ def shift(model: nn.Module, norm: str, batches) -> tuple[torch.Tensor, torch.Ten
     """Per channel of the BatchNorm's input: (mean - running mean) / running sd, and variance / running var."""
     bn, seen = model.get_submodule(norm), []
     handle = bn.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].float()))
-    model.eval()
     try:
-        for x, _ in batches:
-            model(x)
+        lesion.feed(model.eval(), batches, "fp32")
     finally:
         handle.remove()
     x = torch.cat(seen).transpose(0, 1).reshape(bn.num_features, -1)

@@ -90,6 +90,15 @@ def error_on(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
 
 
 @torch.no_grad()
+def feed(model: nn.Module, batches, precision: str) -> None:
+    """Each batch through the model in `precision`, the outputs dropped: for what its hooks, or its BatchNorms in
+    train mode, read on the way."""
+    with autocast(CPU, precision):
+        for x, _ in batches:
+            model(x)
+
+
+@torch.no_grad()
 def recalibrate_norms(model: nn.Module, batches, precision: str) -> nn.Module:
     """Re-estimate every BatchNorm's running statistics, in place, as the plain average of its batch statistics
     over the batches (a moving average would weigh the last batches most); the model is returned in eval mode,
@@ -103,9 +112,7 @@ def recalibrate_norms(model: nn.Module, batches, precision: str) -> nn.Module:
         m.momentum = None  # a cumulative average
         m.train()
     try:
-        with autocast(CPU, precision):
-            for x, _ in batches:
-                model(x)
+        feed(model, batches, precision)
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
@@ -136,10 +143,7 @@ def stream_measures(model: nn.Module, batches, precision: str) -> dict[str, list
 
     handles = [model.get_submodule(u).register_forward_hook(hook(i)) for i, u in enumerate(units)]
     try:
-        model.eval()
-        with autocast(CPU, precision):
-            for x, _ in batches:
-                model(x)
+        feed(model.eval(), batches, precision)
     finally:
         for h in handles:
             h.remove()
@@ -361,6 +365,7 @@ __all__ = [
     "NoBranch",
     "deletable",
     "error_on",
+    "feed",
     "figure",
     "first_images",
     "lesions",

@@ -3,8 +3,8 @@
 
 A lesion sets a unit's residual F(x) to zero (lesion.without). A unit whose F has a large average, the same for
 every image, moves the whole stream when it goes; nothing between the stream and the classifier re-centres it
-where the net has no BatchNorm on the stream (every order but full pre-activation and BN after the addition),
-even with the statistics re-estimated. Here each deletable unit goes twice, each time with the BatchNorm
+where the net has no BatchNorm on the stream (every unit but full pre-activation, BN after the addition and
+the 1x1-conv shortcut, whose projection has one), even with the statistics re-estimated. Here each deletable unit goes twice, each time with the BatchNorm
 statistics re-estimated on the first --recalibrate training images (lesion.recalibrate_norms):
 - zero: F(x) = 0, the study's lesion;
 - mean: F(x) = its mean over those training images at every channel and position, the same for every image.
@@ -31,8 +31,6 @@ from reslab.data import load_dataset
 from reslab.engine.precision import resolve_precision
 from reslab.studies import lesion
 from reslab.studies.common import final_nets, machine
-
-CPU = torch.device("cpu")
 
 
 class MeanBranch(nn.Module):
@@ -81,7 +79,7 @@ def measure(run: Path, units: list[str] | None, images: int, recalibrate: int) -
     data = load_dataset(data_cfg)
     batches = lesion.first_images(data, data_cfg, images)
     calibration = lesion.first_images(data, data_cfg, recalibrate, train=True)
-    precision = resolve_precision("auto", CPU)
+    precision = resolve_precision("auto", lesion.CPU)
     units = units or lesion.deletable(model)
     moments = branch_moments(model, units, calibration, precision)
 

@@ -129,6 +129,11 @@ def test_a_study_run_again_with_other_settings_refuses_its_finished_runs(tiny_da
     }
     assert main([*argv, "train.epochs=1", "train.save_every=2"]) == 0  # how a run is kept: no new run
     assert "[1/1]" not in capsys.readouterr().out
+    for f in ("summary.json", "last.pt"):  # as if stopped before its first checkpoint: nothing to reuse
+        (out / "runs" / "resnet8-s0" / f).unlink()
+    assert main([*argv, "train.epochs=2"]) == 0
+    assert "[1/1]" in capsys.readouterr().out
+    assert "epochs: 2" in (out / "runs" / "resnet8-s0" / "config.yaml").read_text()
 
 
 def test_units_study_covers_every_variant(tiny_data, tmp_path):

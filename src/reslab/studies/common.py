@@ -99,11 +99,14 @@ HOW_IT_RUNS = {
 
 def _check_same_settings(run_dir: Path, cfg: Config) -> None:
     """A run directory already there (finished, or stopped midway) was trained with the settings it saved in
-    config.yaml; reusing it under other ones would put its numbers in a table that names the new ones."""
+    config.yaml; reusing it under other ones would put its numbers in a table that names the new ones. One
+    stopped before its first checkpoint keeps nothing to reuse: fit() starts it again under the new settings."""
+    if not any((run_dir / f).is_file() for f in ("summary.json", "last.pt")):
+        return
     try:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
-        return  # no run there yet, or one fit() will refuse or restart by its own rules
+        return  # fit() will refuse or restart it by its own rules
     if not isinstance(saved, dict):
         return
     changed = {k: v for k, v in config_mod.changes(saved, cfg.to_dict()).items() if k not in HOW_IT_RUNS}

@@ -4,8 +4,9 @@
 A lesion sets a unit's residual F(x) to zero (lesion.without). A unit whose F has a large average, the same for
 every image, moves the whole stream when it goes; nothing between the stream and the classifier re-centres it
 where the net has no BatchNorm on the stream (every unit but full pre-activation, BN after the addition and
-the 1x1-conv shortcut, whose projection has one), even with the statistics re-estimated. Here each deletable unit goes twice, each time with the BatchNorm
-statistics re-estimated on the first --recalibrate training images (lesion.recalibrate_norms):
+the 1x1-conv shortcut, whose projection has one), even with the statistics re-estimated. Here each deletable
+unit goes twice, each time with the BatchNorm statistics re-estimated on the first --recalibrate training images
+(lesion.recalibrate_norms):
 - zero: F(x) = 0, the study's lesion;
 - mean: F(x) = its mean over those training images at every channel and position, the same for every image.
 If the cost is the lost average, the mean lesion costs little; if it is what F does for each image, both cost

@@ -100,7 +100,8 @@ HOW_IT_RUNS = {
 def _check_same_settings(run_dir: Path, cfg: Config) -> None:
     """A run directory already there (finished, or stopped midway) was trained with the settings it saved in
     config.yaml; reusing it under other ones would put its numbers in a table that names the new ones. One
-    stopped before its first checkpoint keeps nothing to reuse: fit() starts it again under the new settings."""
+    stopped before its first checkpoint keeps nothing to reuse: fit() starts it again under the new
+    settings."""
     if not any((run_dir / f).is_file() for f in ("summary.json", "last.pt")):
         return
     try:

@@ -1,0 +1,43 @@
+"""Every relative link in README.md, BENCHMARKS.md and docs/ leads to a file that exists, and every #anchor to a
+heading of that file, as GitHub names it: a reader who follows one never lands on nothing."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+PAGES = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def links(page: Path) -> list[str]:
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # code blocks hold no links
+    return [t for t in re.findall(r"\]\(([^)\s]+)\)", text) if not re.match(r"[a-z]+:", t)]
+
+
+def test_anchors_are_named_as_github_names_them():
+    assert (
+        anchor("A budget that shows both: 2,800 steps (all images)")
+        == "a-budget-that-shows-both-2800-steps-all-images"
+    )
+    assert anchor("Why the shortcuts help: the paper's Fig. 7") == "why-the-shortcuts-help-the-papers-fig-7"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
+def test_a_pages_links_lead_somewhere(page):
+    broken = []
+    for target in links(page):
+        path, _, name = target.partition("#")
+        file = page.parent / path if path else page
+        if not file.exists():
+            broken.append(f"{target}: no such file")
+        elif name and file.suffix == ".md":
+            headings = re.findall(r"^#+ (.*)$", file.read_text(), re.M)
+            if name not in {anchor(h) for h in headings}:
+                broken.append(f"{target}: no such heading")
+    assert not broken, broken

@@ -15,9 +15,13 @@ def anchor(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
+def prose(page: Path) -> str:
+    """The page without its code blocks, which hold neither links nor headings (a shell comment is not one)."""
+    return re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+
+
 def links(page: Path) -> list[str]:
-    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # code blocks hold no links
-    return [t for t in re.findall(r"\]\(([^)\s]+)\)", text) if not re.match(r"[a-z]+:", t)]
+    return [t for t in re.findall(r"\]\(([^)\s]+)\)", prose(page)) if not re.match(r"[a-z]+:", t)]
 
 
 def test_anchors_are_named_as_github_names_them():
@@ -37,7 +41,7 @@ def test_a_pages_links_lead_somewhere(page):
         if not file.exists():
             broken.append(f"{target}: no such file")
         elif name and file.suffix == ".md":
-            headings = re.findall(r"^#+ (.*)$", file.read_text(), re.M)
+            headings = re.findall(r"^#+ (.*)$", prose(file), re.M)
             if name not in {anchor(h) for h in headings}:
                 broken.append(f"{target}: no such heading")
     assert not broken, broken

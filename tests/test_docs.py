@@ -1,6 +1,7 @@
 """Every relative link in README.md, BENCHMARKS.md and docs/ leads to a file that exists, and every #anchor to a
 heading of that file, as GitHub names it: a reader who follows one never lands on nothing."""
 
+import functools
 import re
 from pathlib import Path
 
@@ -18,6 +19,12 @@ def anchor(heading: str) -> str:
 def prose(page: Path) -> str:
     """The page without its code blocks, which hold neither links nor headings (a shell comment is not one)."""
     return re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+
+
+@functools.cache
+def anchors(page: Path) -> set[str]:
+    """The anchors of a page's headings, read once however many links point into it."""
+    return {anchor(h) for h in re.findall(r"^#+ (.*)$", prose(page), re.M)}
 
 
 def links(page: Path) -> list[str]:
@@ -40,8 +47,6 @@ def test_a_pages_links_lead_somewhere(page):
         file = page.parent / path if path else page
         if not file.exists():
             broken.append(f"{target}: no such file")
-        elif name and file.suffix == ".md":
-            headings = re.findall(r"^#+ (.*)$", prose(file), re.M)
-            if name not in {anchor(h) for h in headings}:
-                broken.append(f"{target}: no such heading")
+        elif name and file.suffix == ".md" and name not in anchors(file.resolve()):
+            broken.append(f"{target}: no such heading")
     assert not broken, broken

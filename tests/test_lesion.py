@@ -268,3 +268,48 @@ def test_a_units_mean_lesion_gives_every_image_its_branchs_average():
             close = torch.allclose(lesioned(x), model(x), atol=1e-5)
         assert mean.shape == (32, 14, 14) and close == (order == "same")
         assert (mean_rms == pytest.approx(rms, rel=1e-5)) if order == "same" else mean_rms < 0.99 * rms
+
+
+@pytest.mark.parametrize(
+    "options, same", [({}, True), ({"shortcut_scale": 0.5}, False), ({"order": "bn-after-add"}, False)]
+)
+def test_a_whole_deletion_leaves_the_identity_which_the_original_order_already_was(options, same):
+    """lesion.without(whole=True): x' = x. In the original order that is the branch deletion, relu(x) = x (x comes
+    out of a ReLU); where the deletion leaves relu(x/2) or relu(BN(x)) it is not."""
+    torch.manual_seed(0)
+    model = build_model("resnet20", 1, 10, **options).eval()
+    whole = lesion.without(model, ["stage1.1", "stage2.2"], whole=True)
+    assert isinstance(whole.get_submodule("stage1.1"), nn.Identity)
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(whole(x), lesion.without(model, ["stage1.1", "stage2.2"])(x)) == same
+
+
+def test_whole_deletions_are_read_beside_the_studys_own_in_its_draws(tiny_data, tmp_path, capsys):
+    """benchmarks/lesion_whole.py after a units study: the branch deletions are the study's kept ones (read back,
+    or measured again to the same numbers), the random sets the study's draws."""
+    import importlib.util
+    from pathlib import Path
+
+    from reslab.cli import main
+
+    path = Path(__file__).parents[1] / "benchmarks" / "lesion_whole.py"
+    spec = importlib.util.spec_from_file_location("lesion_whole", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    overrides = [f"data.root={tiny_data}", "train.epochs=1", "data.limit=256", "train.batch_size=64"]
+    argv = ["study", "units", "--quick", "--depth", "14", "--units", "constant-scaling-0.5", "--draws", "2"]
+    assert main([*argv, "--recalibrate", "64", "--out", str(tmp_path / "u"), "--set", *overrides]) == 0
+    study = json.loads((tmp_path / "u" / "results.json").read_text())["lesion"]["nets"][
+        "constant-scaling-0.5"
+    ]
+    run = tmp_path / "u" / "runs" / "resnet14-constant-scaling-0.5-s0"
+    capsys.readouterr()
+    found = script.measure(run, [2], 2, 10000, 64)
+    assert "branch deletions kept in" in capsys.readouterr().out
+    assert found["branch"] == {"single": study["single"], "random": study["random"]}
+    assert found["intact"] == study["intact"] and len(found["whole"]["random"][0]["errors"]) == 2
+    assert found["whole"]["single"] != found["branch"]["single"]  # relu(x/2) against x
+    (run / lesion.KEPT_RECALIBRATED).unlink()
+    assert script.measure(run, [2], 2, 10000, 64) == found
+    assert "kept in" not in capsys.readouterr().out

@@ -43,6 +43,7 @@ CPU = torch.device("cpu")
 KEPT = "lesion.json"  # in a run directory: its net's lesions, under the key they were read with
 KEPT_RECALIBRATED = "lesion-recalibrated.json"  # the same with the statistics re-estimated
 STREAM = {"change", "stream"}  # what stream_measures adds to a net's lesions
+KS = (2, 4, 8, 16)  # how many units the studies delete at random at a time
 
 
 def deletable(model: nn.Module) -> list[str]:
@@ -63,13 +64,14 @@ class NoBranch(nn.Module):
         return torch.zeros_like(x)
 
 
-def without(model: nn.Module, names: list[str]) -> nn.Module:
+def without(model: nn.Module, names: list[str], whole: bool = False) -> nn.Module:
     """A copy of `model` with the named units deleted: a unit with a shortcut loses its residual branch, one
-    without (plain) is replaced by the identity."""
+    without (plain) is replaced by the identity. With `whole`, every named unit is replaced by the identity:
+    x' = x, where losing only the branch leaves f(s h(x)) (the same in the units whose f(s h(x)) is x)."""
     lesioned = copy.deepcopy(model)
     for name in names:
         unit = lesioned.get_submodule(name)
-        if unit.shortcut is not None:
+        if unit.shortcut is not None and not whole:
             unit.residual = NoBranch()
         else:
             parent, _, child = name.rpartition(".")
@@ -159,7 +161,6 @@ def lesions(
     """One net's {"units", "intact", "single", "random", "change", "stream"} (of_nets); each net, the intact one
     too, with its statistics re-estimated on the `calibration` batches first where there are any."""
     units = deletable(model)
-    draw = random.Random(0)
 
     def error(names: list[str]) -> float:
         lesioned = without(model, names)
@@ -172,15 +173,25 @@ def lesions(
         "intact": error([]),
         "single": [error([u]) for u in units],
         "random": [
-            {"k": k, "errors": [error(draw.sample(units, k)) for _ in range(samples)]}
-            for k in ks
-            if k < len(units)
+            {"k": k, "errors": [error(names) for names in drawn]} for k, drawn in draws(units, ks, samples)
         ],
         **stream_measures(model, batches, precision),
     }
 
 
-def _kept(path: Path, key: dict) -> dict | None:
+def draws(units: list[str], ks: tuple[int, ...], samples: int) -> list[tuple[int, list[list[str]]]]:
+    """For each k of `ks` below the number of units, `samples` sets of k units drawn at random: seeded, so every
+    call (a study run again, a script beside it) draws the same sets."""
+    draw = random.Random(0)
+    return [(k, [draw.sample(units, k) for _ in range(samples)]) for k in ks if k < len(units)]
+
+
+def key_of(run_dir: Path, settings: dict) -> dict:
+    """The key a run's lesions are kept under: its last.pt's SHA-256 and the settings they were read with."""
+    return {"checkpoint_sha256": hashlib.sha256((run_dir / "last.pt").read_bytes()).hexdigest(), **settings}
+
+
+def read_kept(path: Path, key: dict) -> dict | None:
     """The lesions the file holds under `key`, or None (no file, another key, unreadable)."""
     try:
         saved = json.loads(path.read_text())
@@ -210,7 +221,7 @@ def of_nets(
     data,
     data_cfg,
     images: int | None = None,
-    ks: tuple[int, ...] = (2, 4, 8, 16),
+    ks: tuple[int, ...] = KS,
     samples: int = 3,
     run_dirs: dict[str, Path] | None = None,
     recalibrate: int = 0,
@@ -244,9 +255,8 @@ def of_nets(
         run_dir = (run_dirs or {}).get(name)
         key = saved = None
         if run_dir is not None and (run_dir / "last.pt").is_file():
-            weights = hashlib.sha256((run_dir / "last.pt").read_bytes()).hexdigest()
-            key = {"checkpoint_sha256": weights, **settings}
-            if (saved := _kept(run_dir / kept, key)) is not None and STREAM <= set(saved):
+            key = key_of(run_dir, settings)
+            if (saved := read_kept(run_dir / kept, key)) is not None and STREAM <= set(saved):
                 print(f"[lesions {i}/{len(nets)}] {name}: kept in {run_dir / kept}", flush=True)
                 found["nets"][name] = saved
                 continue

@@ -1,5 +1,5 @@
 """Does a deleted unit cost what its branch did, or also what its deletion leaves on the stream?
-(docs/studies/units.md, "Whole units").
+(docs/studies/units.md, "Deleting whole units").
 
 The study deletes a unit's residual branch, F(x) = 0, and leaves x' = f(s h(x)) (lesion.without): x itself for an
 unscaled identity shortcut in the original and pre-activation orders, but relu(BN(x)) with BN after the addition

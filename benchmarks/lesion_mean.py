@@ -27,11 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from reslab import config
-from reslab.data import load_dataset
-from reslab.engine.precision import resolve_precision
 from reslab.studies import lesion
-from reslab.studies.common import final_nets, machine
+from reslab.studies.common import machine
 
 
 class MeanBranch(nn.Module):
@@ -74,13 +71,7 @@ def branch_moments(model: nn.Module, units: list[str], batches, precision: str) 
 
 
 def measure(run: Path, units: list[str] | None, images: int, recalibrate: int) -> dict:
-    ((model, _),) = final_nets({run.name: run}).values()
-    model = model.to(memory_format=torch.channels_last)
-    data_cfg = config.load(run / "config.yaml").data
-    data = load_dataset(data_cfg)
-    batches = lesion.first_images(data, data_cfg, images)
-    calibration = lesion.first_images(data, data_cfg, recalibrate, train=True)
-    precision = resolve_precision("auto", lesion.CPU)
+    model, batches, calibration, precision = lesion.of_run(run, images, recalibrate)
     units = units or lesion.deletable(model)
     moments = branch_moments(model, units, calibration, precision)
 

@@ -24,23 +24,12 @@ import argparse
 from pathlib import Path
 from statistics import fmean
 
-import torch
-
-from reslab import config
-from reslab.data import load_dataset
-from reslab.engine.precision import resolve_precision
 from reslab.studies import lesion
-from reslab.studies.common import final_nets, machine, write_json
+from reslab.studies.common import machine, write_json
 
 
 def measure(run: Path, ks: list[int], samples: int, images: int, recalibrate: int) -> dict:
-    ((model, _),) = final_nets({run.name: run}).values()
-    model = model.to(memory_format=torch.channels_last)
-    data_cfg = config.load(run / "config.yaml").data
-    data = load_dataset(data_cfg)
-    batches = lesion.first_images(data, data_cfg, images)
-    calibration = lesion.first_images(data, data_cfg, recalibrate, train=True)
-    precision = resolve_precision("auto", lesion.CPU)
+    model, batches, calibration, precision = lesion.of_run(run, images, recalibrate)
     units = lesion.deletable(model)
     drawn = {k: sets for k, sets in lesion.draws(units, lesion.KS, samples) if k in ks}
     settings = {

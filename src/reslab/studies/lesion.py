@@ -37,7 +37,7 @@ from torch import nn
 
 from ..engine.precision import autocast, resolve_precision
 from ..models import ResidualUnit
-from .common import write_json
+from .common import final_nets, write_json
 
 CPU = torch.device("cpu")
 KEPT = "lesion.json"  # in a run directory: its net's lesions, under the key they were read with
@@ -214,6 +214,24 @@ def first_images(data, data_cfg, images: int, train: bool = False) -> list[tuple
         batches.append((x[: images - n].contiguous(memory_format=torch.channels_last), y[: images - n]))
         n += len(batches[-1][1])
     return batches
+
+
+def of_run(run_dir: Path, images: int, recalibrate: int) -> tuple[nn.Module, list, list, str]:
+    """What a script lesions a run directory's net with: the net as it ended (channels_last), its first `images`
+    test images and first `recalibrate` training images (first_images), and the precision training resolves to
+    on this CPU."""
+    from .. import config
+    from ..data import load_dataset
+
+    ((model, _),) = final_nets({run_dir.name: run_dir}).values()
+    data_cfg = config.load(run_dir / "config.yaml").data
+    data = load_dataset(data_cfg)
+    return (
+        model.to(memory_format=torch.channels_last),
+        first_images(data, data_cfg, images),
+        first_images(data, data_cfg, recalibrate, train=True),
+        resolve_precision("auto", CPU),
+    )
 
 
 def of_nets(

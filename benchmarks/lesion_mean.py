@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from reslab.errors import ReslabError
 from reslab.studies import lesion
 from reslab.studies.common import machine
 
@@ -109,7 +110,10 @@ def main() -> None:
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     units = args.units.split(",") if args.units else None
-    nets = [measure(run, units, args.images, args.recalibrate) for run in args.runs]
+    try:
+        nets = [measure(run, units, args.images, args.recalibrate) for run in args.runs]
+    except ReslabError as e:
+        p.error(str(e))
     if args.out:
         args.out.write_text(
             json.dumps(

@@ -24,6 +24,7 @@ import argparse
 from pathlib import Path
 from statistics import fmean
 
+from reslab.errors import ReslabError
 from reslab.studies import lesion
 from reslab.studies.common import machine, write_json
 
@@ -79,10 +80,16 @@ def main() -> None:
     p.add_argument("--recalibrate", type=int, default=10000)
     p.add_argument("--out", type=Path)
     args = p.parse_args()
+    study_ks = [str(k) for k in lesion.KS]  # only the study's draws are shared with its kept lesions
+    if not set(args.ks.split(",")) <= set(study_ks):
+        p.error(f"--ks {args.ks}: choose among the study's {','.join(study_ks)}")
     ks = [int(k) for k in args.ks.split(",")]
     nets = []
     for run in args.runs:
-        nets.append(measure(run, ks, args.samples, args.images, args.recalibrate))
+        try:
+            nets.append(measure(run, ks, args.samples, args.images, args.recalibrate))
+        except ReslabError as e:  # what was measured before is written already
+            p.error(str(e))
         if args.out:  # after each net: a long run keeps what it measured
             write_json(args.out, {"nets": nets, "machine": machine()})
 

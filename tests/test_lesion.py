@@ -313,3 +313,10 @@ def test_whole_deletions_are_read_beside_the_studys_own_in_its_draws(tiny_data, 
     (run / lesion.KEPT_RECALIBRATED).unlink()
     assert script.measure(run, [2], 2, 10000, 64) == found
     assert "kept in" not in capsys.readouterr().out
+
+
+def test_a_run_directory_without_weights_is_refused_in_one_line(tmp_path):
+    from reslab.errors import ReslabError
+
+    with pytest.raises(ReslabError, match=f"{tmp_path}: no readable last.pt"):
+        lesion.of_run(tmp_path, 100, 100)

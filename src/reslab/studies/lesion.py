@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..engine.precision import autocast, resolve_precision
+from ..errors import ReslabError
 from ..models import ResidualUnit
 from .common import final_nets, write_json
 
@@ -223,7 +224,11 @@ def of_run(run_dir: Path, images: int, recalibrate: int) -> tuple[nn.Module, lis
     from .. import config
     from ..data import load_dataset
 
-    ((model, _),) = final_nets({run_dir.name: run_dir}).values()
+    if not (nets := final_nets({run_dir.name: run_dir})):
+        raise ReslabError(
+            f"{run_dir}: no readable last.pt; give a run directory whose training has saved one"
+        )
+    ((model, _),) = nets.values()
     data_cfg = config.load(run_dir / "config.yaml").data
     data = load_dataset(data_cfg)
     return (

@@ -7,7 +7,8 @@ the addition (in the original order relu(x) = x, since x comes out of a ReLU). I
 shortcut, the unit is replaced by the identity: two layers leave the only path. Veit et al. found that a ResNet
 barely notices one unit gone and degrades smoothly as more go, as an ensemble of many paths of different lengths
 would, while a plain net fails (a VGG falls to chance). Units that change the shape (a stride or more channels)
-stay.
+stay. A unit can also go whole (without(whole=True)): x' = x, where the branch deletion leaves relu(BN(x)) with BN
+after the addition, or x/2 with the shortcut scaled by 0.5 (benchmarks/lesion_whole.py sets the two side by side).
 
 Beside the errors, each unit's change to the stream (stream_measures): how far its output lies from what deleting
 it leaves, relative to that, and the stream's size. Does a unit that changes the stream little cost little to

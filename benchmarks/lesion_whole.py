@@ -33,17 +33,10 @@ def measure(run: Path, ks: list[int], samples: int, images: int, recalibrate: in
     model, batches, calibration, precision = lesion.of_run(run, images, recalibrate)
     units = lesion.deletable(model)
     drawn = {k: sets for k, sets in lesion.draws(units, lesion.KS, samples) if k in ks}
-    settings = {
-        "images": sum(len(y) for _, y in batches),
-        "ks": list(lesion.KS),
-        "samples": samples,
-        "precision": precision,
-        "recalibrate": sum(len(y) for _, y in calibration),
-    }
+    settings = lesion.settings_of(batches, calibration, lesion.KS, samples, precision)
 
     def error(names: list[str], whole: bool) -> float:
-        net = lesion.recalibrate_norms(lesion.without(model, names, whole), calibration, precision)
-        return lesion.error_on(net, batches, precision)
+        return lesion.error_without(model, names, batches, precision, calibration, whole)
 
     def deletions(whole: bool) -> dict:
         return {

@@ -165,10 +165,7 @@ def lesions(
     units = deletable(model)
 
     def error(names: list[str]) -> float:
-        lesioned = without(model, names)
-        if calibration:
-            recalibrate_norms(lesioned, calibration, precision)
-        return error_on(lesioned, batches, precision)
+        return error_without(model, names, batches, precision, calibration)
 
     return {
         "units": units,
@@ -179,6 +176,32 @@ def lesions(
         ],
         **stream_measures(model, batches, precision),
     }
+
+
+def error_without(
+    model: nn.Module, names: list[str], batches, precision: str, calibration=None, whole: bool = False
+) -> float:
+    """The test error on the batches of `model` with the named units deleted (`without`), its statistics
+    re-estimated on the `calibration` batches first where there are any."""
+    lesioned = without(model, names, whole)
+    if calibration:
+        recalibrate_norms(lesioned, calibration, precision)
+    return error_on(lesioned, batches, precision)
+
+
+def settings_of(batches, calibration, ks: tuple[int, ...], samples: int, precision: str) -> dict:
+    """What a net's lesions were read with, beside its weights in the key they are kept under (key_of): the
+    images, the ks and draws, the precision, and the calibration images where there are any (a key without them
+    is that of the errors as trained, kept apart)."""
+    settings = {
+        "images": sum(len(y) for _, y in batches),
+        "ks": list(ks),
+        "samples": samples,
+        "precision": precision,
+    }
+    if calibration:
+        settings["recalibrate"] = sum(len(y) for _, y in calibration)
+    return settings
 
 
 def draws(units: list[str], ks: tuple[int, ...], samples: int) -> list[tuple[int, list[list[str]]]]:
@@ -267,11 +290,8 @@ def of_nets(
     precision = resolve_precision("auto", CPU)
     batches = first_images(data, data_cfg, images or len(data.test_labels))
     calibration = first_images(data, data_cfg, recalibrate, train=True) if recalibrate else []
-    found["images"] = n = sum(len(y) for _, y in batches)
-    found["recalibrate"] = sum(len(y) for _, y in calibration)
-    settings = {"images": n, "ks": list(ks), "samples": samples, "precision": precision}
-    if calibration:  # a key without it is that of the errors as trained, kept apart
-        settings["recalibrate"] = found["recalibrate"]
+    settings = settings_of(batches, calibration, ks, samples, precision)
+    found["images"], found["recalibrate"] = settings["images"], settings.get("recalibrate", 0)
     kept = KEPT_RECALIBRATED if calibration else KEPT
     for i, (name, (model, _)) in enumerate(nets.items(), 1):
         if not deletable(model):  # every CIFAR-style net has one: its first unit

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import types
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import torch
 from reslab.data.idx import idx_bytes, write_idx  # noqa: F401 (the tests import them from here)
 
 REAL_DATA = Path("/usr/share/datasets/fashion-mnist")
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 # marks of a test or parameter that needs a CUDA GPU: skipped without one, selected by `pytest -m cuda`
 NEEDS_CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -35,6 +38,14 @@ def make_dataset(directory: Path, n_train: int = 512, n_test: int = 256, compres
         write_idx(directory / f"{split}-images-idx3-ubyte{suffix}", images, compress)
         write_idx(directory / f"{split}-labels-idx1-ubyte{suffix}", labels, compress)
     return directory
+
+
+def load_script(name: str) -> types.ModuleType:
+    """benchmarks/<name>.py as a module, for testing its functions (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import load_script, tiny_overrides
 
 from reslab import baseline, bench
 from reslab.cli import main
@@ -266,12 +266,9 @@ def test_time_to_accuracy_script_evaluates_what_each_recipe_reached(tiny_data, t
 def test_every_case_the_reliability_report_runs_exists():
     """docs/reliability.md lists what benchmarks/reliability_report.py runs: a renamed test would drop from it."""
     import ast
-    import importlib.util
 
     root = Path(__file__).parents[1]
-    spec = importlib.util.spec_from_file_location("report", root / "benchmarks" / "reliability_report.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    report = load_script("reliability_report")
     for case in report.SELECT:
         path, _, name = case.partition("::")
         tree = ast.parse((root / path).read_text())

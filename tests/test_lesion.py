@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import load_script, tiny_overrides
 from torch import nn
 
 from reslab import config
@@ -250,13 +250,7 @@ def test_recalibrated_lesions_are_kept_apart_from_the_lesions_as_trained(tiny_da
 def test_a_units_mean_lesion_gives_every_image_its_branchs_average():
     """benchmarks/lesion_mean.py: on a batch of one image repeated, a branch's average is its output for that
     image, so the mean lesion changes nothing; on other images it does, and the average is smaller than F."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parents[1] / "benchmarks" / "lesion_mean.py"
-    spec = importlib.util.spec_from_file_location("lesion_mean", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("lesion_mean")
     torch.manual_seed(0)
     model = build_model("resnet20", 1, 10).eval()
     for order in ("same", "different"):
@@ -288,15 +282,9 @@ def test_a_whole_deletion_leaves_the_identity_which_the_original_order_already_w
 def test_whole_deletions_are_read_beside_the_studys_own_in_its_draws(tiny_data, tmp_path, capsys):
     """benchmarks/lesion_whole.py after a units study: the branch deletions are the study's kept ones (read back,
     or measured again to the same numbers), the random sets the study's draws."""
-    import importlib.util
-    from pathlib import Path
-
     from reslab.cli import main
 
-    path = Path(__file__).parents[1] / "benchmarks" / "lesion_whole.py"
-    spec = importlib.util.spec_from_file_location("lesion_whole", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("lesion_whole")
     overrides = [f"data.root={tiny_data}", "train.epochs=1", "data.limit=256", "train.batch_size=64"]
     argv = ["study", "units", "--quick", "--depth", "14", "--units", "constant-scaling-0.5", "--draws", "2"]
     assert main([*argv, "--recalibrate", "64", "--out", str(tmp_path / "u"), "--set", *overrides]) == 0

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_script, tiny_overrides
+from conftest import load_script, make_dataset, tiny_overrides
 from torch import nn
 
 from reslab import config
@@ -279,28 +281,63 @@ def test_a_whole_deletion_leaves_the_identity_which_the_original_order_already_w
         assert torch.equal(whole(x), lesion.without(model, ["stage1.1", "stage2.2"])(x)) == same
 
 
-def test_whole_deletions_are_read_beside_the_studys_own_in_its_draws(tiny_data, tmp_path, capsys):
-    """benchmarks/lesion_whole.py after a units study: the branch deletions are the study's kept ones (read back,
-    or measured again to the same numbers), the random sets the study's draws."""
+@pytest.fixture(scope="module")
+def units_study(tmp_path_factory) -> tuple[dict, Path]:
+    """A tiny units study of the scaled shortcut, lesioned with the statistics re-estimated, 2 draws a k: its
+    results' lesions and its run directory (which the tests below copy before changing)."""
     from reslab.cli import main
 
-    script = load_script("lesion_whole")
-    overrides = [f"data.root={tiny_data}", "train.epochs=1", "data.limit=256", "train.batch_size=64"]
+    root = tmp_path_factory.mktemp("units")
+    data = make_dataset(root / "data")
+    overrides = [f"data.root={data}", "train.epochs=1", "data.limit=256", "train.batch_size=64"]
     argv = ["study", "units", "--quick", "--depth", "14", "--units", "constant-scaling-0.5", "--draws", "2"]
-    assert main([*argv, "--recalibrate", "64", "--out", str(tmp_path / "u"), "--set", *overrides]) == 0
-    study = json.loads((tmp_path / "u" / "results.json").read_text())["lesion"]["nets"][
-        "constant-scaling-0.5"
-    ]
-    run = tmp_path / "u" / "runs" / "resnet14-constant-scaling-0.5-s0"
-    capsys.readouterr()
+    assert main([*argv, "--recalibrate", "64", "--out", str(root / "u"), "--set", *overrides]) == 0
+    study = json.loads((root / "u" / "results.json").read_text())["lesion"]["nets"]["constant-scaling-0.5"]
+    return study, root / "u" / "runs" / "resnet14-constant-scaling-0.5-s0"
+
+
+def test_whole_deletions_are_read_beside_the_studys_own_in_its_draws(units_study, tmp_path, capsys):
+    """benchmarks/lesion_whole.py after a units study: the branch deletions are the study's kept ones (read back,
+    or measured again to the same numbers), the random sets the study's draws."""
+    script = load_script("lesion_whole")
+    study, run = units_study
     found = script.measure(run, [2], 2, 10000, 64)
     assert "branch deletions kept in" in capsys.readouterr().out
     assert found["branch"] == {"single": study["single"], "random": study["random"]}
     assert found["intact"] == study["intact"] and len(found["whole"]["random"][0]["errors"]) == 2
     assert found["whole"]["single"] != found["branch"]["single"]  # relu(x/2) against x
+    run = shutil.copytree(run, tmp_path / run.name)
     (run / lesion.KEPT_RECALIBRATED).unlink()
-    assert script.measure(run, [2], 2, 10000, 64) == found
+    assert script.measure(run, [2], 2, 10000, 64) == found | {"run": str(run)}
     assert "kept in" not in capsys.readouterr().out
+
+
+def test_the_kept_draws_split_by_whether_they_delete_a_unit(units_study, tmp_path):
+    """benchmarks/lesion_split.py: each k's kept errors, split by one unit, add up to the study's; over every unit
+    each draw is counted k times, once for each unit it deletes. Kept lesions of another net are refused."""
+    from reslab.errors import ReslabError
+
+    script = load_script("lesion_split")
+    study, run = units_study
+    splits = [script.split(run, unit) for unit in study["units"]]
+    for i, kept in enumerate(study["random"]):
+        k, errors = kept["k"], kept["errors"]
+        for found in splits:
+            parts = found["ks"][i]
+            assert parts["k"] == k and parts["all"]["n"] == len(errors)
+            assert parts["with"]["n"] + parts["without"]["n"] == len(errors)
+            assert sorted(parts["with"]["errors"] + parts["without"]["errors"]) == sorted(errors)
+        assert sum(f["ks"][i]["with"]["n"] for f in splits) == k * len(errors)
+        assert sum(sum(f["ks"][i]["with"]["errors"]) for f in splits) == pytest.approx(k * sum(errors))
+    assert [f["unit_alone"] for f in splits] == study["single"]
+    with pytest.raises(ReslabError, match="not a deletable unit"):
+        script.split(run, "stage9.9")
+    with pytest.raises(ReslabError, match="no kept lesions"):
+        script.split(run, study["units"][0], lesion.KEPT)  # not lesioned as trained
+    other = shutil.copytree(run, tmp_path / run.name)
+    torch.save({"model": {}}, other / "last.pt")
+    with pytest.raises(ReslabError, match="kept for another last.pt"):
+        script.split(other, study["units"][0])
 
 
 def test_a_run_directory_without_weights_is_refused_in_one_line(tmp_path):

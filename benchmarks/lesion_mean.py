@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from reslab.engine.checkpoint import make_file_dir
 from reslab.errors import ReslabError
 from reslab.studies import lesion
 from reslab.studies.common import machine
@@ -111,11 +112,12 @@ def main() -> None:
     args = p.parse_args()
     units = args.units.split(",") if args.units else None
     try:
+        out = args.out and make_file_dir(args.out, "results.json")
         nets = [measure(run, units, args.images, args.recalibrate) for run in args.runs]
     except ReslabError as e:
         p.error(str(e))
-    if args.out:
-        args.out.write_text(
+    if out:
+        out.write_text(
             json.dumps(
                 {"images": args.images, "recalibrate": args.recalibrate, "nets": nets, "machine": machine()},
                 indent=1,

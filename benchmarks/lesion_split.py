@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from statistics import fmean, stdev
 
+from reslab.engine.checkpoint import make_file_dir
 from reslab.errors import ReslabError
 from reslab.studies import lesion
 from reslab.studies.common import write_json
@@ -100,13 +101,14 @@ def main() -> None:
     args = p.parse_args()
     kept_name = lesion.KEPT if args.as_trained else lesion.KEPT_RECALIBRATED
     try:
+        out = args.out and make_file_dir(args.out, "results.json")
         nets = [split(run, args.unit, kept_name) for run in args.runs]
     except ReslabError as e:
         p.error(str(e))
     for found in nets:
         print(lines(found))
-    if args.out:
-        write_json(args.out, {"nets": nets})
+    if out:
+        write_json(out, {"nets": nets})
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import argparse
 from pathlib import Path
 from statistics import fmean
 
+from reslab.engine.checkpoint import make_file_dir
 from reslab.errors import ReslabError
 from reslab.studies import lesion
 from reslab.studies.common import machine, write_json
@@ -77,14 +78,18 @@ def main() -> None:
     if not set(args.ks.split(",")) <= set(study_ks):
         p.error(f"--ks {args.ks}: choose among the study's {','.join(study_ks)}")
     ks = [int(k) for k in args.ks.split(",")]
+    try:  # before the first net's measuring, not after it
+        out = args.out and make_file_dir(args.out, "results.json")
+    except ReslabError as e:
+        p.error(str(e))
     nets = []
     for run in args.runs:
         try:
             nets.append(measure(run, ks, args.samples, args.images, args.recalibrate))
         except ReslabError as e:  # what was measured before is written already
             p.error(str(e))
-        if args.out:  # after each net: a long run keeps what it measured
-            write_json(args.out, {"nets": nets, "machine": machine()})
+        if out:  # after each net: a long run keeps what it measured
+            write_json(out, {"nets": nets, "machine": machine()})
 
 
 if __name__ == "__main__":

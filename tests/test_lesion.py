@@ -345,3 +345,19 @@ def test_a_run_directory_without_weights_is_refused_in_one_line(tmp_path):
 
     with pytest.raises(ReslabError, match=f"{tmp_path}: no readable last.pt"):
         lesion.of_run(tmp_path, 100, 100)
+
+
+@pytest.mark.parametrize("name", ["lesion_mean", "lesion_whole", "lesion_split"])
+def test_a_lesion_scripts_out_is_checked_before_it_measures(name, tmp_path, monkeypatch, capsys):
+    """An --out naming a directory ends in one usage line before any run is read; a new folder is created."""
+    script = load_script(name)
+    monkeypatch.setattr("sys.argv", [name, str(tmp_path / "no-run"), "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as stop:
+        script.main()
+    assert stop.value.code == 2 and f"--out {tmp_path} is a directory" in capsys.readouterr().err
+    monkeypatch.setattr(
+        "sys.argv", [name, str(tmp_path / "no-run"), "--out", str(tmp_path / "new" / "r.json")]
+    )
+    with pytest.raises(SystemExit):
+        script.main()  # the run is missing: refused after the folder is made
+    assert (tmp_path / "new").is_dir() and "no-run" in capsys.readouterr().err

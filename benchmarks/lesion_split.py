@@ -13,7 +13,6 @@ Usage: .venv/bin/python benchmarks/lesion_split.py RUN_DIR... [--unit stage1.0] 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from statistics import fmean, stdev
 
@@ -38,14 +37,13 @@ def split(run: Path, unit: str, kept_name: str = lesion.KEPT_RECALIBRATED) -> di
     """The run's kept k-deleted errors, all and split by whether the draw deletes `unit`."""
     path = run / kept_name
     try:
-        saved = json.loads(path.read_text())
-        key, kept = saved["key"], saved["lesions"]
+        key, kept = lesion.kept_in(path)
         sha = lesion.key_of(run, {})["checkpoint_sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, TypeError):  # no last.pt; no kept file (None)
         raise ReslabError(
             f"{run}: no kept lesions with a last.pt beside them ({kept_name}); run a study on it first"
         ) from None
-    if key["checkpoint_sha256"] != sha:
+    if key.get("checkpoint_sha256") != sha:
         raise ReslabError(f"{path}: kept for another last.pt than the one beside it")
     if unit not in kept["units"]:
         raise ReslabError(

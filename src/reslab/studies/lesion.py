@@ -216,13 +216,19 @@ def key_of(run_dir: Path, settings: dict) -> dict:
     return {"checkpoint_sha256": hashlib.sha256((run_dir / "last.pt").read_bytes()).hexdigest(), **settings}
 
 
-def read_kept(path: Path, key: dict) -> dict | None:
-    """The lesions the file holds under `key`, or None (no file, another key, unreadable)."""
+def kept_in(path: Path) -> tuple[dict, dict] | None:
+    """The key and the lesions a kept file holds, or None (no file, unreadable)."""
     try:
         saved = json.loads(path.read_text())
-        return saved["lesions"] if saved["key"] == key else None
+        return saved["key"], saved["lesions"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def read_kept(path: Path, key: dict) -> dict | None:
+    """The lesions the file holds under `key`, or None (no file, another key, unreadable)."""
+    found = kept_in(path)
+    return found[1] if found is not None and found[0] == key else None
 
 
 def first_images(data, data_cfg, images: int, train: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:

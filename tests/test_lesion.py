@@ -340,6 +340,34 @@ def test_the_kept_draws_split_by_whether_they_delete_a_unit(units_study, tmp_pat
         script.split(other, study["units"][0])
 
 
+def test_each_draw_is_paired_with_the_same_others_and_the_unit_deleted_or_not(units_study, tmp_path, capsys):
+    """benchmarks/lesion_paired.py: a draw's kept error is one side of its pair; the other side deletes the same
+    other units and the unit too, or not. Among one other unit (k = 2) the unit's absence is that unit's single
+    deletion. Without kept lesions each draw is measured, to the same numbers."""
+    script = load_script("lesion_paired")
+    study, run = units_study
+    units, (kept,) = study["units"], [r for r in study["random"] if r["k"] == 2]
+    sides = set()
+    for unit in units:
+        (found,) = script.measure(run, unit, [2], 2, 10000, 64)["ks"]
+        assert found["all"]["n"] == len(kept["errors"]) == 2
+        assert found["among_k_minus_1"]["n"] + found["among_k"]["n"] == 2
+        for pair, error in zip(found["pairs"], kept["errors"]):
+            (other,) = pair["others"] if len(pair["others"]) == 1 else [None]
+            sides.add(other is not None)
+            if other is not None:  # the draw deleted the unit and one other
+                assert pair["with"] == error and pair["without"] == study["single"][units.index(other)]
+            else:  # the draw left the unit: with it, three are deleted
+                assert len(pair["others"]) == 2 and pair["without"] == error
+    assert sides == {True, False}
+    found = script.measure(run, units[0], [2], 2, 10000, 64)
+    assert "no kept lesions" not in capsys.readouterr().out
+    run = shutil.copytree(run, tmp_path / run.name)
+    (run / lesion.KEPT_RECALIBRATED).unlink()
+    assert script.measure(run, units[0], [2], 2, 10000, 64) == found | {"run": str(run)}
+    assert "no kept lesions" in capsys.readouterr().out
+
+
 def test_a_run_directory_without_weights_is_refused_in_one_line(tmp_path):
     from reslab.errors import ReslabError
 
@@ -347,7 +375,7 @@ def test_a_run_directory_without_weights_is_refused_in_one_line(tmp_path):
         lesion.of_run(tmp_path, 100, 100)
 
 
-@pytest.mark.parametrize("name", ["lesion_mean", "lesion_whole", "lesion_split"])
+@pytest.mark.parametrize("name", ["lesion_mean", "lesion_whole", "lesion_split", "lesion_paired"])
 def test_a_lesion_scripts_out_is_checked_before_it_measures(name, tmp_path, monkeypatch, capsys):
     """An --out naming a directory ends in one usage line before any run is read; a new folder is created."""
     script = load_script(name)

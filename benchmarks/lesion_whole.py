@@ -24,10 +24,7 @@ import argparse
 from pathlib import Path
 from statistics import fmean
 
-from reslab.engine.checkpoint import make_file_dir
-from reslab.errors import ReslabError
 from reslab.studies import lesion
-from reslab.studies.common import machine, write_json
 
 
 def measure(run: Path, ks: list[int], samples: int, images: int, recalibrate: int) -> dict:
@@ -67,29 +64,7 @@ def measure(run: Path, ks: list[int], samples: int, images: int, recalibrate: in
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("runs", nargs="+", type=Path, help="run directories with a last.pt")
-    p.add_argument("--ks", default="8,16", help="comma-separated: how many units to delete at a time")
-    p.add_argument("--samples", type=int, default=20, help="draws for each k (the study's --draws)")
-    p.add_argument("--images", type=int, default=10000)
-    p.add_argument("--recalibrate", type=int, default=10000)
-    p.add_argument("--out", type=Path)
-    args = p.parse_args()
-    study_ks = [str(k) for k in lesion.KS]  # only the study's draws are shared with its kept lesions
-    if not set(args.ks.split(",")) <= set(study_ks):
-        p.error(f"--ks {args.ks}: choose among the study's {','.join(study_ks)}")
-    ks = [int(k) for k in args.ks.split(",")]
-    try:  # before the first net's measuring, not after it
-        out = args.out and make_file_dir(args.out, "results.json")
-    except ReslabError as e:
-        p.error(str(e))
-    nets = []
-    for run in args.runs:
-        try:
-            nets.append(measure(run, ks, args.samples, args.images, args.recalibrate))
-        except ReslabError as e:  # what was measured before is written already
-            p.error(str(e))
-        if out:  # after each net: a long run keeps what it measured
-            write_json(out, {"nets": nets, "machine": machine()})
+    lesion.measure_runs(p, lambda a, run, ks: measure(run, ks, a.samples, a.images, a.recalibrate))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ back.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import json
@@ -36,10 +37,11 @@ from statistics import fmean, stdev
 import torch
 from torch import nn
 
+from ..engine.checkpoint import make_file_dir
 from ..engine.precision import autocast, resolve_precision
 from ..errors import ReslabError
 from ..models import ResidualUnit
-from .common import final_nets, write_json
+from .common import final_nets, machine, write_json
 
 CPU = torch.device("cpu")
 KEPT = "lesion.json"  # in a run directory: its net's lesions, under the key they were read with
@@ -267,6 +269,32 @@ def of_run(run_dir: Path, images: int, recalibrate: int) -> tuple[nn.Module, lis
         first_images(data, data_cfg, recalibrate, train=True),
         resolve_precision("auto", CPU),
     )
+
+
+def measure_runs(p: argparse.ArgumentParser, measure) -> None:
+    """The main of a script that lesions run directories in the study's draws (lesion_whole.py, lesion_paired.py):
+    its shared arguments, --ks checked against the study's and --out before any net is measured, then
+    `measure(args, run, ks)` for each run, all written to --out after each (a long run keeps what it measured)."""
+    p.add_argument("runs", nargs="+", type=Path, help="run directories with a last.pt")
+    p.add_argument("--ks", default="8,16", help="comma-separated: the study's draws of how many units")
+    p.add_argument("--samples", type=int, default=20, help="draws for each k (the study's --draws)")
+    p.add_argument("--images", type=int, default=10000)
+    p.add_argument("--recalibrate", type=int, default=10000)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    study_ks = [str(k) for k in KS]  # only the study's draws are shared with its kept lesions
+    if not set(args.ks.split(",")) <= set(study_ks):
+        p.error(f"--ks {args.ks}: choose among the study's {','.join(study_ks)}")
+    ks = [int(k) for k in args.ks.split(",")]
+    nets = []
+    try:
+        out = args.out and make_file_dir(args.out, "results.json")
+        for run in args.runs:
+            nets.append(measure(args, run, ks))
+            if out:
+                write_json(out, {"nets": nets, "machine": machine()})
+    except ReslabError as e:  # what was measured before is written already
+        p.error(str(e))
 
 
 def of_nets(

@@ -18,20 +18,9 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from statistics import fmean, stdev
 
 from reslab.errors import ReslabError
 from reslab.studies import lesion
-
-
-def summary(costs: list[float]) -> dict:
-    """The number of pairs, their mean cost and its standard error (None below two pairs)."""
-    n = len(costs)
-    return {
-        "n": n,
-        "mean": fmean(costs) if costs else None,
-        "stderr": stdev(costs) / n**0.5 if n > 1 else None,
-    }
 
 
 def measure(run: Path, unit: str, ks: list[int], samples: int, images: int, recalibrate: int) -> dict:
@@ -62,18 +51,12 @@ def measure(run: Path, unit: str, ks: list[int], samples: int, images: int, reca
             other = error(others + [unit] if unit not in names else others)
             with_unit, without_unit = (drawn, other) if unit in names else (other, drawn)
             pairs.append({"others": others, "with": with_unit, "without": without_unit})
-        costs = {
-            side: [p["with"] - p["without"] for p in pairs if len(p["others"]) == n]
+        costs = [p["with"] - p["without"] for p in pairs]
+        sides = {
+            side: lesion.summary([c for c, p in zip(costs, pairs) if len(p["others"]) == n])
             for side, n in (("among_k_minus_1", k - 1), ("among_k", k))
         }
-        found.append(
-            {
-                "k": k,
-                "pairs": pairs,
-                "all": summary([p["with"] - p["without"] for p in pairs]),
-                **{side: summary(c) for side, c in costs.items()},
-            }
-        )
+        found.append({"k": k, "pairs": pairs, "all": lesion.summary(costs), **sides})
         print(lines(run.name, unit, alone - intact, found[-1]), flush=True)
     return {
         "run": str(run),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from statistics import fmean, stdev
 
 from reslab.engine.checkpoint import make_file_dir
 from reslab.errors import ReslabError
@@ -24,13 +23,7 @@ from reslab.studies.common import write_json
 
 def stats(errors: list[float]) -> dict:
     """Some draws' errors, their number, mean and standard error (None below two draws)."""
-    n = len(errors)
-    return {
-        "errors": errors,
-        "n": n,
-        "mean": fmean(errors) if errors else None,
-        "stderr": stdev(errors) / n**0.5 if n > 1 else None,
-    }
+    return {"errors": errors, **lesion.summary(errors)}
 
 
 def split(run: Path, unit: str, kept_name: str = lesion.KEPT_RECALIBRATED) -> dict:

@@ -349,6 +349,17 @@ def of_nets(
     return found
 
 
+def summary(values: list[float]) -> dict:
+    """Some draws' figures as the lesion scripts keep them: their number, mean and standard error (None where
+    there are too few)."""
+    n = len(values)
+    return {
+        "n": n,
+        "mean": fmean(values) if values else None,
+        "stderr": stdev(values) / n**0.5 if n > 1 else None,
+    }
+
+
 def _sem(errors: list[float]) -> float:
     """The standard error of the draws' mean error (0 for a single draw)."""
     return stdev(errors) / len(errors) ** 0.5 if len(errors) > 1 else 0.0

@@ -30,7 +30,7 @@ from reslab.studies import lesion
 def measure(run: Path, ks: list[int], samples: int, images: int, recalibrate: int) -> dict:
     model, batches, calibration, precision = lesion.of_run(run, images, recalibrate)
     units = lesion.deletable(model)
-    drawn = {k: sets for k, sets in lesion.draws(units, lesion.KS, samples) if k in ks}
+    drawn = lesion.draws_of(run, units, ks, samples)
     settings = lesion.settings_of(batches, calibration, lesion.KS, samples, precision)
 
     def error(names: list[str], whole: bool) -> float:

@@ -213,6 +213,17 @@ def draws(units: list[str], ks: tuple[int, ...], samples: int) -> list[tuple[int
     return [(k, [draw.sample(units, k) for _ in range(samples)]) for k in ks if k < len(units)]
 
 
+def draws_of(run_dir: Path, units: list[str], ks: list[int], samples: int) -> dict[int, list[list[str]]]:
+    """The study's draws (draws, over KS) of each k in `ks`, for a script beside it; a k the study does not draw,
+    as it draws only k below the number of units, is refused in one line rather than left out."""
+    drawn = {k: sets for k, sets in draws(units, KS, samples) if k in ks}
+    if missing := [str(k) for k in ks if k not in drawn]:
+        raise ReslabError(
+            f"--ks {','.join(missing)}: {run_dir} has {len(units)} deletable units and the study draws only fewer"
+        )
+    return drawn
+
+
 def key_of(run_dir: Path, settings: dict) -> dict:
     """The key a run's lesions are kept under: its last.pt's SHA-256 and the settings they were read with."""
     return {"checkpoint_sha256": hashlib.sha256((run_dir / "last.pt").read_bytes()).hexdigest(), **settings}

@@ -371,13 +371,13 @@ def test_each_draw_is_paired_with_the_same_others_and_the_unit_deleted_or_not(un
 @pytest.mark.parametrize("name", ["lesion_whole", "lesion_paired"])
 def test_a_k_the_study_does_not_draw_is_refused_in_one_line(name, units_study, monkeypatch, capsys):
     """The tiny study's net has 4 deletable units, so the study draws k = 2 and not 4: asking for 4 ends in one
-    usage line naming it, not in no draws and no word."""
+    usage line naming it, before anything is measured."""
     _, run = units_study
     monkeypatch.setattr("sys.argv", [name, str(run), "--ks", "2,4", "--samples", "2", "--recalibrate", "64"])
     with pytest.raises(SystemExit) as stop:
         load_script(name).main()
     assert stop.value.code == 2
-    assert f"--ks 4: {run} has 4 deletable units and the study draws only fewer" in capsys.readouterr().err
+    assert f"--ks 4: {run} has 4 deletable units; the study draws fewer at a time" in capsys.readouterr().err
 
 
 def test_a_run_directory_without_weights_is_refused_in_one_line(tmp_path):

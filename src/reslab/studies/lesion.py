@@ -219,7 +219,7 @@ def draws_of(run_dir: Path, units: list[str], ks: list[int], samples: int) -> di
     drawn = {k: sets for k, sets in draws(units, KS, samples) if k in ks}
     if missing := [str(k) for k in ks if k not in drawn]:
         raise ReslabError(
-            f"--ks {','.join(missing)}: {run_dir} has {len(units)} deletable units and the study draws only fewer"
+            f"--ks {','.join(missing)}: {run_dir} has {len(units)} deletable units; the study draws fewer at a time"
         )
     return drawn
 

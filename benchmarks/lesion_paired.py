@@ -28,7 +28,7 @@ def measure(run: Path, unit: str, ks: list[int], samples: int, images: int, reca
     units = lesion.deletable(model)
     if unit not in units:
         raise ReslabError(f"--unit {unit}: not a deletable unit of {run}; choose from {', '.join(units)}")
-    drawn = lesion.draws_of(run, units, ks, samples)
+    study_draws = lesion.draws_of(run, units, ks, samples)
     settings = lesion.settings_of(batches, calibration, lesion.KS, samples, precision)
 
     def error(names: list[str]) -> float:
@@ -42,7 +42,7 @@ def measure(run: Path, unit: str, ks: list[int], samples: int, images: int, reca
     intact = kept["intact"]
     alone = kept["single"][units.index(unit)] if kept["single"] else error([unit])
     found = []
-    for k, sets in drawn.items():
+    for k, sets in study_draws.items():
         pairs = []
         for i, names in enumerate(sets):
             others = [name for name in names if name != unit]

@@ -367,7 +367,7 @@ def summary(values: list[float]) -> dict:
     return {
         "n": n,
         "mean": fmean(values) if values else None,
-        "stderr": stdev(values) / n**0.5 if n > 1 else None,
+        "stderr": _sem(values) if n > 1 else None,
     }
 
 

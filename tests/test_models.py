@@ -162,14 +162,33 @@ def test_identity_shortcut_keeps_the_input_intact():
         assert torch.equal(x, x_copy), order
 
 
-def test_zero_init_residual_makes_units_start_as_identity():
+def test_a_unit_whose_residual_branch_is_zero_is_the_identity():
     unit = ResidualUnit(8, 8, order="relu-before-add", shortcut="identity").eval()
     unit.residual[-2].weight.data.zero_()  # BN before the final ReLU: zero output of F
     x = torch.randn(1, 8, 5, 5)
     assert torch.allclose(unit(x), x)
-    model = build_model("resnet20", 1, 10, zero_init_residual=True)
-    units = [m for m in model.modules() if isinstance(m, ResidualUnit)]
-    assert all(float(u.residual[-1].weight.detach().abs().sum()) == 0 for u in units)
+
+
+def residual_outputs(model: nn.Module) -> list[torch.Tensor]:
+    """What each unit's F gives for one random batch."""
+    outputs = []
+    for unit in (m for m in model.modules() if isinstance(m, ResidualUnit)):
+        unit.residual.register_forward_hook(lambda module, args, out: outputs.append(out))
+    model.eval()(torch.randn(2, 1, 32, 32))
+    return outputs
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [("resnet20", {"order": order}) for order in ORDERS]
+    + [("wrn-16-4", {}), ("resnet50", {"order": "full-preact"})],
+)
+def test_zero_init_residual_starts_every_residual_branch_at_zero(name, options):
+    # whichever layer ends F: BN, a ReLU after BN, or a convolution (the pre-activation orders and BN after the
+    # addition); three of the five orders once kept their random start silently
+    zeroed = residual_outputs(build_model(name, 1, 10, zero_init_residual=True, **options))
+    assert zeroed and all(not out.any() for out in zeroed)
+    assert all(out.any() for out in residual_outputs(build_model(name, 1, 10, **options)))
 
 
 @pytest.mark.parametrize("size", [8, 7])

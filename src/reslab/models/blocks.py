@@ -185,8 +185,14 @@ class ResidualUnit(nn.Module):
             out = self.post(out)
         return out
 
-    def zero_init_last_bn(self) -> None:
-        """Start the unit as (almost) the identity: the last BN of F gets gamma = 0 (Goyal et al. 2017)."""
-        last = self.residual[-1]
-        if isinstance(last, nn.BatchNorm2d):
-            nn.init.zeros_(last.weight)
+    def zero_init_last(self) -> None:
+        """Start F at zero, so that the unit starts as f(h(x)) (Goyal et al. 2017): the BN after F's last
+        convolution gets gamma = 0; in the orders where no BN follows it (full pre-activation, BN after the
+        addition) the convolution itself starts at zero, as timm does for pre-activation units."""
+        layers = list(self.residual)
+        last_conv = max(i for i, m in enumerate(layers) if isinstance(m, nn.Conv2d))
+        norms = [m for m in layers[last_conv + 1 :] if isinstance(m, nn.BatchNorm2d)]
+        zeroed = norms[0] if norms else layers[last_conv]
+        nn.init.zeros_(zeroed.weight)
+        if zeroed.bias is not None:
+            nn.init.zeros_(zeroed.bias)

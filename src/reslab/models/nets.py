@@ -43,7 +43,7 @@ def init_weights(model: nn.Module, zero_init_residual: bool = False) -> nn.Modul
         # each unit starts as the identity: helps very deep nets train from step one (Goyal et al. 2017)
         for m in model.modules():
             if isinstance(m, ResidualUnit):
-                m.zero_init_last_bn()
+                m.zero_init_last()
     return model
 
 

@@ -10,9 +10,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from reslab.config import DataConfig
-from reslab.data import Augment, TensorLoader, flip, load_dataset, random_crop, random_erasing, resize
+from reslab.data import Augment, TensorLoader, flip, load_dataset, pad, random_crop, random_erasing, resize
 from reslab.data import fashion_mnist as fm
 from reslab.data.idx import IdxError, check_pair, parse_idx, read_idx
+from reslab.engine.steps import predict_logits
 from reslab.errors import ReslabError
 
 
@@ -170,7 +171,7 @@ def test_normalised_once():
     loader = _loader()
     x = loader.images
     assert x.dtype == torch.float32 and x.shape == (100, 1, 28, 28)
-    assert abs(loader.fill - (-0.3 / 0.4)) < 1e-6
+    assert loader.fill == pytest.approx((-0.3 / 0.4,))
 
 
 def test_same_seed_same_batches_and_new_order_each_epoch():
@@ -226,6 +227,34 @@ def test_alternating_flip_mirrors_each_image_in_every_other_epoch():
     assert flipped(2) == first and flipped(3) == second
     resumed = flipped(1, start=3)  # a resume mid-epoch: the same flips for the batches left
     assert len(resumed) == n - 3 * 24 and all(resumed[i] == second[i] for i in resumed)
+
+
+def test_pad_fills_each_channel_with_its_own_value():
+    x = torch.randn(2, 3, 5, 6)
+    out = pad(x, 2, (-1.0, -2.0, -3.0))
+    assert out.shape == (2, 3, 9, 10) and torch.equal(out[..., 2:7, 2:8], x)
+    border = torch.ones(9, 10, dtype=torch.bool)
+    border[2:7, 2:8] = False
+    for c, value in enumerate((-1.0, -2.0, -3.0)):
+        assert (out[:, c, border] == value).all()
+    assert torch.equal(pad(x, 2, (-1.0,) * 3), torch.nn.functional.pad(x, (2, 2, 2, 2), value=-1.0))
+
+
+def test_crops_and_shifts_of_a_black_colour_image_stay_black_in_every_channel():
+    # per-channel normalisation puts black at a different value in each channel; crops once padded every channel
+    # with the first's, so a black RGB image gained a coloured border
+    mean, std = (0.5, 0.1, 0.2), (0.25, 0.1, 0.4)
+    black = torch.zeros(8, 3, 10, 10, dtype=torch.uint8)
+    loader = TensorLoader(
+        black, torch.zeros(8), 8, train=True, mean=mean, std=std, augment=Augment(crop_padding=3)
+    )
+    assert loader.fill == pytest.approx((-2.0, -1.0, -0.5))
+    ((x, _),) = list(loader)
+    assert torch.equal(x, loader.images)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.Flatten())
+    with torch.no_grad():
+        shifted = predict_logits(model, loader.images, tta_shift=2, fill=loader.fill)
+        assert torch.allclose(shifted, model(loader.images), atol=1e-6)
 
 
 def test_crop_keeps_shape_and_content_is_a_shifted_window():

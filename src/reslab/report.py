@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import config as config_mod
-from .data import load_dataset, make_test_loader, resize
+from .data import black, load_dataset, make_test_loader, resize
 from .engine import checkpoint
 from .engine.host import set_up
 from .engine.precision import autocast, resolve_device, resolve_precision
@@ -189,7 +189,7 @@ def predict(path: str | Path, images: list[str], top_k: int = 1, invert: bool = 
     std = torch.tensor(meta["std"]).view(1, -1, 1, 1)
     x = resize((x - mean) / std, meta["resize"])
     train = config_mod.from_dict(state["config"]).train
-    fill = float(-mean.flatten()[0] / std.flatten()[0])  # black, as the loader pads
+    fill = black(meta["mean"], meta["std"])  # as the loader pads
     probs = predict_logits(model, x, train.tta_flip, train.tta_shift, fill).softmax(1)
     k = min(top_k, probs.shape[1])
     top = probs.topk(k, 1)

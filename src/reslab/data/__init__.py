@@ -10,7 +10,7 @@ import torch
 from ..config import DataConfig
 from ..errors import ReslabError
 from . import fashion_mnist
-from .loader import Augment, TensorLoader, flip, random_crop, random_erasing, resize
+from .loader import Augment, TensorLoader, black, flip, pad, random_crop, random_erasing, resize
 
 
 @dataclass
@@ -137,10 +137,12 @@ __all__ = [
     "Augment",
     "Dataset",
     "TensorLoader",
+    "black",
     "flip",
     "load_dataset",
     "make_loaders",
     "make_test_loader",
+    "pad",
     "random_crop",
     "random_erasing",
     "resize",

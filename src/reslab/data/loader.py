@@ -33,14 +33,27 @@ def flip(
     return torch.where(mask.view(-1, 1, 1, 1), images.flip(-1), images)
 
 
+def pad(images: torch.Tensor, padding: int, fill: float | tuple[float, ...] = 0.0) -> torch.Tensor:
+    """Pad each side of a batch by `padding` pixels of `fill`: one value, or one for each channel (black is a
+    value a channel under per-channel normalisation, as an RGB folder's)."""
+    fills = (fill,) if isinstance(fill, int | float) else tuple(fill)
+    if len(set(fills)) == 1:
+        return F.pad(images, (padding,) * 4, value=float(fills[0]))
+    h, w = images.shape[-2:]
+    inside = torch.zeros(h + 2 * padding, w + 2 * padding, dtype=torch.bool, device=images.device)
+    inside[padding : padding + h, padding : padding + w] = True
+    value = torch.tensor(fills, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    return torch.where(inside, F.pad(images, (padding,) * 4), value)
+
+
 def random_crop(
-    images: torch.Tensor, generator: torch.Generator, padding: int, fill: float = 0.0
+    images: torch.Tensor, generator: torch.Generator, padding: int, fill: float | tuple[float, ...] = 0.0
 ) -> torch.Tensor:
-    """Pad by `padding` pixels (value `fill`) and cut a random window of the original size from each image."""
+    """Pad by `padding` pixels of `fill` (`pad`) and cut a random window of the original size from each image."""
     if padding <= 0:
         return images
     b, c, h, w = images.shape
-    padded = F.pad(images, (padding,) * 4, value=fill)
+    padded = pad(images, padding, fill)
     dy = _to(torch.randint(0, 2 * padding + 1, (b,), generator=generator), images.device)
     dx = _to(torch.randint(0, 2 * padding + 1, (b,), generator=generator), images.device)
     rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]  # (B, 1, H, 1)
@@ -81,6 +94,12 @@ def random_erasing(
     return images.masked_fill(mask, value)
 
 
+def black(mean: float | tuple[float, ...], std: float | tuple[float, ...]) -> tuple[float, ...]:
+    """The value of a black pixel in each channel after normalisation, (0 - mean) / std."""
+    mean_t, std_t = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+    return tuple(((0 - mean_t) / std_t).flatten().tolist())
+
+
 def resize(images: torch.Tensor, size: int | None) -> torch.Tensor:
     """Bilinear resize of a batch, as torchvision's Resize on PIL images (antialiased when shrinking)."""
     if not size or images.shape[-1] == size and images.shape[-2] == size:
@@ -95,7 +114,7 @@ class Augment:
     crop_padding: int = 0  # pixels of padding for random crops; 0 = off
     flip: bool = False
     erasing: float = 0.0  # probability of random erasing per image; 0 = off
-    fill: float = 0.0  # value of padded pixels: black after normalisation
+    fill: float | tuple[float, ...] = 0.0  # value of padded pixels (one, or one a channel): black
     alternate: bool = False  # flip: each image mirrored in every other epoch, from a random first epoch
 
     def __call__(
@@ -149,7 +168,7 @@ class TensorLoader:
         self.device = torch.device(device)
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
-        self.fill = float(((0 - mean_t) / std_t).flatten()[0])
+        self.fill = black(mean, std)  # what random crops and test-time shifts pad with
         if augment is not None:
             augment.fill = self.fill
         # alternating flips: a seeded coin per image for the first epoch (salt -1: no epoch's), the opposite next

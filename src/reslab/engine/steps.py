@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .. import faults
-from ..data import TensorLoader
+from ..data import TensorLoader, pad
 from . import dist, guard
 from .optim import SGD
 from .precision import autocast
@@ -83,11 +83,15 @@ def check_steps(
 
 
 def predict_logits(
-    model: nn.Module, x: torch.Tensor, tta_flip: bool = False, tta_shift: int = 0, fill: float = 0.0
+    model: nn.Module,
+    x: torch.Tensor,
+    tta_flip: bool = False,
+    tta_shift: int = 0,
+    fill: float | tuple[float, ...] = 0.0,
 ) -> torch.Tensor:
     """fp32 logits of a batch. With `tta_flip`, the mean of the logits of each image and its mirror. With
     `tta_shift` s, half of that plus a quarter each for the images moved s pixels up-left and down-right, the
-    uncovered border set to `fill` (the value random crops pad with)."""
+    uncovered border set to `fill` (the value random crops pad with: one, or one a channel)."""
 
     def views(x: torch.Tensor) -> torch.Tensor:
         logits = model(x).float()
@@ -96,7 +100,7 @@ def predict_logits(
     if not tta_shift:
         return views(x)
     s, (h, w) = tta_shift, x.shape[-2:]
-    padded = nn.functional.pad(x, (s, s, s, s), value=fill)
+    padded = pad(x, s, fill)
     moved = views(padded[..., 2 * s :, 2 * s :]) + views(padded[..., :h, :w])
     return views(x) / 2 + moved / 4
 

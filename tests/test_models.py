@@ -285,6 +285,14 @@ def test_bad_names_and_options_list_the_choices():
     assert "order" in model_options("resnet56") and "stem" in model_options("resnet18")
     with pytest.raises(ReslabError, match="ResidualUnit stride must be an integer > 0, got 0"):
         ResidualUnit(4, 4, stride=0)  # a unit built by hand: refused here, not at its first forward
+    # options that would have no effect on the unit asked for are refused, not silently dropped
+    with pytest.raises(ReslabError, match="shortcut_scale=0.5 needs a shortcut to scale; this unit has none"):
+        build_model("plain20", shortcut_scale=0.5)
+    with pytest.raises(
+        ReslabError, match="always_project needs shortcut projection or projection-nobn, not zero"
+    ):
+        build_model("resnet20", always_project=True)
+    assert build_model("resnet20", always_project=True, shortcut="projection-nobn")
 
 
 def test_stem_small_keeps_resolution():

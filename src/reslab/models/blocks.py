@@ -152,6 +152,13 @@ class ResidualUnit(nn.Module):
             raise ReslabError(
                 f"preact_shortcut=False needs order full-preact; in {order} the shortcut sees x"
             )
+        check_choice("shortcut", shortcut, SHORTCUTS)
+        if shortcut == "none" and shortcut_scale != 1.0:
+            raise ReslabError(
+                f"shortcut_scale={shortcut_scale} needs a shortcut to scale; this unit has none"
+            )
+        if always_project and not shortcut.startswith("projection"):
+            raise ReslabError(f"always_project needs shortcut projection or projection-nobn, not {shortcut}")
         self.preact_shortcut = preact_shortcut
         self.expansion = EXPANSION[kind]
         self.out_channels = channels * self.expansion

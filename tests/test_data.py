@@ -244,9 +244,9 @@ def test_crops_and_shifts_of_a_black_colour_image_stay_black_in_every_channel():
     # per-channel normalisation puts black at a different value in each channel; crops once padded every channel
     # with the first's, so a black RGB image gained a coloured border
     mean, std = (0.5, 0.1, 0.2), (0.25, 0.1, 0.4)
-    black = torch.zeros(8, 3, 10, 10, dtype=torch.uint8)
+    images = torch.zeros(8, 3, 10, 10, dtype=torch.uint8)
     loader = TensorLoader(
-        black, torch.zeros(8), 8, train=True, mean=mean, std=std, augment=Augment(crop_padding=3)
+        images, torch.zeros(8), 8, train=True, mean=mean, std=std, augment=Augment(crop_padding=3)
     )
     assert loader.fill == pytest.approx((-2.0, -1.0, -0.5))
     ((x, _),) = list(loader)

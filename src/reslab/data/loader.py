@@ -34,8 +34,8 @@ def flip(
 
 
 def pad(images: torch.Tensor, padding: int, fill: float | tuple[float, ...] = 0.0) -> torch.Tensor:
-    """Pad each side of a batch by `padding` pixels of `fill`: one value, or one for each channel (black is a
-    value a channel under per-channel normalisation, as an RGB folder's)."""
+    """Pad each side of a batch by `padding` pixels of `fill`: one value, or one for each channel (under
+    per-channel normalisation, as an RGB folder's, black is a different value in each channel)."""
     fills = (fill,) if isinstance(fill, int | float) else tuple(fill)
     if len(set(fills)) == 1:
         return F.pad(images, (padding,) * 4, value=float(fills[0]))

@@ -50,10 +50,12 @@ def make_shortcut(
     """The shortcut h. Identity where shapes allow it (the papers' option A and B), unless always_project
     (option C, and the notebook's `Residual(..., use_1x1conv=True)` at equal shapes)."""
     check_choice("shortcut", kind, SHORTCUTS)
+    if always_project and not kind.startswith("projection"):
+        raise ReslabError(f"always_project needs shortcut projection or projection-nobn, not {kind}")
     if kind == "none":
         return None
     same_shape = stride == 1 and in_channels == out_channels
-    if kind == "identity" or (same_shape and not (always_project and kind.startswith("projection"))):
+    if kind == "identity" or (same_shape and not always_project):
         if not same_shape:
             raise ReslabError(
                 f"identity shortcut cannot map {in_channels} to {out_channels} channels at stride {stride}; "
@@ -152,13 +154,10 @@ class ResidualUnit(nn.Module):
             raise ReslabError(
                 f"preact_shortcut=False needs order full-preact; in {order} the shortcut sees x"
             )
-        check_choice("shortcut", shortcut, SHORTCUTS)
         if shortcut == "none" and shortcut_scale != 1.0:
             raise ReslabError(
                 f"shortcut_scale={shortcut_scale} needs a shortcut to scale; this unit has none"
             )
-        if always_project and not shortcut.startswith("projection"):
-            raise ReslabError(f"always_project needs shortcut projection or projection-nobn, not {shortcut}")
         self.preact_shortcut = preact_shortcut
         self.expansion = EXPANSION[kind]
         self.out_channels = channels * self.expansion

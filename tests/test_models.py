@@ -301,6 +301,21 @@ def test_stem_small_keeps_resolution():
     assert rows[0].output_shape == (1, 64, 28, 28)
 
 
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize(
+    "name, options, pooled",
+    [("resnet20", {}, False), ("resnet18", {}, True), ("resnet50", {"stem": "small"}, False)],
+)
+def test_the_stem_leaves_to_pre_activation_units_what_they_normalise_themselves(name, options, pooled, order):
+    # the ImageNet nets' standard stem once kept BN-ReLU in every order: a full pre-activation net normalised the
+    # stem's output twice, BN-ReLU, max-pool, then the first unit's own BN-ReLU
+    stem = build_model(name, 1, 10, order=order, **options).stem
+    kinds = [type(m) for m in stem if not isinstance(m, nn.MaxPool2d)]
+    expected = {"full-preact": [nn.Conv2d], "relu-preact": [nn.Conv2d, nn.BatchNorm2d]}
+    assert kinds == expected.get(order, [nn.Conv2d, nn.BatchNorm2d, nn.ReLU])
+    assert isinstance(stem[-1], nn.MaxPool2d) == pooled
+
+
 def test_cifar_resolution_options_halve_the_maps_where_they_say():
     # first_stride=2 halves the maps in the first stage's first unit, stem_stride=2 already in the stem: the
     # stages then work at the same 14, 7 and 4 px, and only the stem's full-resolution maps are skipped

@@ -64,13 +64,19 @@ def _assemble(
     return nn.Sequential(layers)
 
 
-def _stem_3x3(in_channels: int, width: int, order: str, stride: int = 1) -> nn.Sequential:
-    conv = nn.Conv2d(in_channels, width, 3, stride=stride, padding=1, bias=False)
+def _stem(conv: nn.Conv2d, order: str, *pool: nn.Module) -> nn.Sequential:
+    """conv, then what the unit order leaves to the stem, then `pool`. Pre-activation units normalise their own
+    input: a full pre-activation stem is the bare convolution (as timm's ResNetV2), a ReLU-only one ends at BN."""
+    width = conv.out_channels
     if order == "full-preact":
-        return nn.Sequential(conv)
+        return nn.Sequential(conv, *pool)
     if order == "relu-preact":
-        return nn.Sequential(conv, nn.BatchNorm2d(width))
-    return nn.Sequential(conv, nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        return nn.Sequential(conv, nn.BatchNorm2d(width), *pool)
+    return nn.Sequential(conv, nn.BatchNorm2d(width), nn.ReLU(inplace=True), *pool)
+
+
+def _stem_3x3(in_channels: int, width: int, order: str, stride: int = 1) -> nn.Sequential:
+    return _stem(nn.Conv2d(in_channels, width, 3, stride=stride, padding=1, bias=False), order)
 
 
 def _staged(
@@ -157,15 +163,12 @@ def imagenet_resnet(
     zero_init_residual: bool = False,
     shortcut_scale: float = 1.0,
 ) -> nn.Sequential:
-    """He et al. 2015 Table 1 (torchvision layout). stem="small": 3x3 stride 1, no max-pool, for 28-32 px."""
+    """He et al. 2015 Table 1 (torchvision layout). stem="small": 3x3 stride 1, no max-pool, for 28-32 px. In the
+    pre-activation orders the stem leaves to the first unit what it normalises itself, as the CIFAR nets' does."""
     kind, blocks = IMAGENET_LAYOUTS[depth]
     if stem == "standard":
-        stem_module = nn.Sequential(
-            nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False),
-            nn.BatchNorm2d(64),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(3, stride=2, padding=1),
-        )
+        conv = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        stem_module = _stem(conv, order, nn.MaxPool2d(3, stride=2, padding=1))
     elif stem == "small":
         stem_module = _stem_3x3(in_channels, 64, order)
     else:

@@ -244,6 +244,15 @@ def test_summary_defaults_to_the_size_each_model_is_built_for(capsys):
     assert input_size("wrn-40-4") == 28 and input_size("plain110") == 28 and input_size("plain34") == 224
 
 
+def test_an_unknown_option_gets_the_commands_own_usage(capsys):
+    # it used to get reslab's "usage: reslab [-h] COMMAND ...", which names none of the command's options
+    with pytest.raises(SystemExit) as stop:
+        main(["summary", "resnet8", "--size", "64"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("usage: reslab summary [-h]") and "--input INPUT" in err
+    assert err.endswith("reslab summary: error: unrecognized arguments: --size 64\n")
+
+
 def test_summary_of_a_recipe_builds_its_model_with_its_options(capsys):
     """`reslab summary --config fast`: the recipe's ResNet-8 at width 32 with its first stage at 14 px and a 16-channel
     stem (54 M training FLOPs an image: 3x the forward's 18.1 M), and `--set` changes it as it would change the run."""

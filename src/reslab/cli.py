@@ -442,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_bench)
 
+    for command in sub.choices.values():  # what it does not know, a command reports with its own usage
+        command.set_defaults(command_parser=command)
     return parser
 
 
@@ -477,7 +479,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         import_modules(getattr(args, "imports", []))
         return args.func(args)

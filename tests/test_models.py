@@ -264,6 +264,9 @@ def test_summary_of_a_recipe_builds_its_model_with_its_options(capsys):
     assert capsys.readouterr().out.startswith("d2l-resnet18, input 1,1,96,96\n")
     assert main(["summary", "--config", "fast", "--set", "model.options.width=64"]) == 0
     assert "1,156,538" in capsys.readouterr().out
+    # another model in the recipe trains at the recipe's 28 px, not at the 224 it is built for (64x the FLOPs)
+    assert main(["summary", "--config", "fast", "--set", "model.name=resnet18"]) == 0
+    assert capsys.readouterr().out.startswith("resnet18, input 1,1,28,28\n")
     for argv, message in (
         (["summary"], "name a MODEL or a recipe with --config"),
         (["summary", "resnet8", "--config", "fast"], "name a MODEL or a recipe with --config"),

@@ -166,9 +166,11 @@ def cmd_summary(args: argparse.Namespace) -> int:
     if args.set and args.config is None:
         raise ReslabError("summary: --set changes a recipe; use it with --config")
     name, options, classes, side = args.model, {}, args.num_classes, None
-    if args.config is not None:  # the recipe's model, options and resize, for Fashion-MNIST's 1 channel
+    if args.config is not None:  # the recipe's model, options and image size, for Fashion-MNIST's 1 channel
         cfg = config.load(args.config, args.set)
-        name, options, side = cfg.model.name, cfg.model.options, cfg.data.resize
+        name, options = cfg.model.name, cfg.model.options
+        # the size the run trains at: its resize, else Fashion-MNIST's own 28 px (other data: the model's)
+        side = cfg.data.resize or (28 if cfg.data.name == "fashion-mnist" else None)
         classes = len(cfg.data.classes) if cfg.data.classes else classes
     side = side or input_size(name)
     given = args.input or f"1,1,{side},{side}"
@@ -356,14 +358,16 @@ def build_parser() -> argparse.ArgumentParser:
         "summary", parents=[imports], help="layer table of a model: output shapes, parameters, FLOPs"
     )
     p.add_argument("model", nargs="?", help="a registered model (see `reslab models`)")
-    p.add_argument("--config", help="or a recipe's model with its options and resize: a YAML file or a name")
+    p.add_argument(
+        "--config", help="or a recipe's model with its options at its image size: a YAML file or a name"
+    )
     p.add_argument(
         "--set", nargs="*", default=[], metavar="KEY=VALUE", help="with --config: dotted overrides"
     )
     p.add_argument(
         "--input",
         help="input shape N,C,H,W (default: one gray image of the size the model is built for: 28 px, 96 for "
-        "d2l-resnet18, 224 for the ImageNet-style ResNets)",
+        "d2l-resnet18, 224 for the ImageNet-style ResNets; with --config, the size the recipe trains at)",
     )
     p.add_argument("--num-classes", type=int, default=10)
     p.set_defaults(func=cmd_summary)

@@ -267,10 +267,26 @@ def test_summary_of_a_recipe_builds_its_model_with_its_options(capsys):
     # another model in the recipe trains at the recipe's 28 px, not at the 224 it is built for (64x the FLOPs)
     assert main(["summary", "--config", "fast", "--set", "model.name=resnet18"]) == 0
     assert capsys.readouterr().out.startswith("resnet18, input 1,1,28,28\n")
+    # a bare model takes its builder's options, at the size it is built for: the lesion study's ResNet-56s
+    assert main(["summary", "resnet56", "--set", "model.options.order=full-preact"]) == 0
+    out = capsys.readouterr().out  # the stem stops at its convolution (144 weights): the units normalise
+    assert out.startswith("resnet56, order=full-preact, input 1,1,28,28\n") and "  144  " in out
+    argv = [
+        "summary",
+        "resnet56",
+        "--set",
+        "model.options.order=full-preact",
+        "model.options.shortcut=projection",
+    ]
+    assert main(argv) == 0 and "855,482" in capsys.readouterr().out  # 2 projections for the zero-padding
     for argv, message in (
         (["summary"], "name a MODEL or a recipe with --config"),
         (["summary", "resnet8", "--config", "fast"], "name a MODEL or a recipe with --config"),
-        (["summary", "resnet8", "--set", "train.epochs=2"], "--set changes a recipe; use it with --config"),
+        (["summary", "resnet8", "--set", "train.epochs=2"], "--set takes model options"),
+        (["summary", "resnet8", "--set", "model.name=resnet20"], "other keys need --config"),
+        (["summary", "resnet8", "--set", "model=resnet20"], "other keys need --config"),
+        (["summary", "resnet8", "--set", "model.options=3"], "other keys need --config"),
+        (["summary", "resnet20", "--set", "model.options.colour=1"], "resnet20 has no such option"),
         (["summary", "--config", "fast", "--set", "model.options.colour=1"], "resnet8 has no such option"),
     ):
         assert main(argv) == 2

@@ -163,9 +163,17 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
     if (args.model is None) == (args.config is None):
         raise ReslabError("summary: name a MODEL or a recipe with --config, one of the two")
-    if args.set and args.config is None:
-        raise ReslabError("summary: --set changes a recipe; use it with --config")
     name, options, classes, side = args.model, {}, args.num_classes, None
+    if args.set and args.config is None:  # a bare model takes its builder's options, nothing else
+        given = config.parse_overrides(args.set)
+        options = given.get("model") if list(given) == ["model"] else None
+        options = (
+            options.get("options") if isinstance(options, dict) and list(options) == ["options"] else None
+        )
+        if not isinstance(options, dict):
+            raise ReslabError(
+                "summary MODEL: --set takes model options (model.options.KEY=VALUE); other keys need --config"
+            )
     if args.config is not None:  # the recipe's model, options and image size, for Fashion-MNIST's 1 channel
         cfg = config.load(args.config, args.set)
         name, options = cfg.model.name, cfg.model.options
@@ -362,7 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", help="or a recipe's model with its options at its image size: a YAML file or a name"
     )
     p.add_argument(
-        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="with --config: dotted overrides"
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --config: dotted overrides; with a MODEL: its options, model.options.order=full-preact",
     )
     p.add_argument(
         "--input",

@@ -368,6 +368,42 @@ def test_each_draw_is_paired_with_the_same_others_and_the_unit_deleted_or_not(un
     assert "no kept lesions" in capsys.readouterr().out
 
 
+def test_a_partner_takes_each_draws_other_units_with_neither_either_or_both(units_study, capsys):
+    """benchmarks/lesion_paired.py --partner: each draw's units other than the two, four times over. A side that
+    deletes what the draw deleted is its kept error, one that deletes a single unit is that unit's single deletion;
+    a draw without the partner gives the plain pairing's two sides; swapping the two swaps the sides."""
+    from reslab.errors import ReslabError
+
+    script = load_script("lesion_paired")
+    study, run = units_study
+    units, (kept,) = study["units"], [r for r in study["random"] if r["k"] == 2]
+    unit, partner = units[0], units[1]
+    (found,) = script.measure(run, unit, [2], 2, 10000, 64, partner)["ks"]
+    (plain,) = script.measure(run, unit, [2], 2, 10000, 64)["ks"]
+    (swapped,) = script.measure(run, partner, [2], 2, 10000, 64, unit)["ks"]
+    deletes = {"none": [], "unit": [unit], "partner": [partner], "both": [unit, partner]}
+    draws = lesion.draws_of(run, units, [2], 2)[2]
+    for pair, drawn, error, other in zip(found["pairs"], draws, kept["errors"], plain["pairs"]):
+        assert not {unit, partner} & set(pair["others"]) and set(pair["others"]) <= set(drawn)
+        for side, extra in deletes.items():
+            deleted = set(pair["others"] + extra)
+            if deleted == set(drawn):
+                assert pair[side] == error
+            elif len(deleted) == 1:
+                assert pair[side] == study["single"][units.index(deleted.pop())]
+        if partner not in drawn:  # the plain pairing's others are this pair's
+            assert (pair["unit"], pair["none"]) == (other["with"], other["without"])
+    assert [{**p, "unit": p["partner"], "partner": p["unit"]} for p in swapped["pairs"]] == found["pairs"]
+    both = [p["both"] - p["unit"] - p["partner"] + p["none"] for p in found["pairs"]]
+    assert found["interaction"]["mean"] == pytest.approx(sum(both) / len(both))
+    assert found["unit_partner_kept"] == swapped["partner_unit_kept"]
+    assert f"{unit} with {partner} kept" in capsys.readouterr().out
+    with pytest.raises(ReslabError, match="--partner stage9.9: not a deletable unit"):
+        script.measure(run, unit, [2], 2, 10000, 64, "stage9.9")
+    with pytest.raises(ReslabError, match="the same unit as --unit"):
+        script.measure(run, unit, [2], 2, 10000, 64, unit)
+
+
 @pytest.mark.parametrize("name", ["lesion_whole", "lesion_paired"])
 def test_a_k_the_study_does_not_draw_is_refused_in_one_line(name, units_study, monkeypatch, capsys):
     """The tiny study's net has 4 deletable units, so the study draws k = 2 and not 4: asking for 4 ends in one

@@ -66,10 +66,8 @@ def measure(
         for i, names in enumerate(sets):
             others = [name for name in names if name not in (unit, partner)]
             pair = {"others": others}
-            for (
-                side,
-                extra,
-            ) in sides.items():  # the draw itself is one of the sides: its kept error is read back
+            # the draw itself is one of the sides: its kept error is read back
+            for side, extra in sides.items():
                 drawn = k in kept_errors and set(others + extra) == set(names)
                 pair[side] = kept_errors[k][i] if drawn else error(others + extra)
             pairs.append(pair)

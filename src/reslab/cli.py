@@ -166,14 +166,16 @@ def cmd_summary(args: argparse.Namespace) -> int:
     name, options, classes, side = args.model, {}, args.num_classes, None
     if args.set and args.config is None:  # a bare model takes its builder's options, nothing else
         given = config.parse_overrides(args.set)
-        options = given.get("model") if list(given) == ["model"] else None
-        options = (
-            options.get("options") if isinstance(options, dict) and list(options) == ["options"] else None
-        )
-        if not isinstance(options, dict):
+        model = given.get("model") if list(given) == ["model"] else None
+        if (
+            not isinstance(model, dict)
+            or list(model) != ["options"]
+            or not isinstance(model["options"], dict)
+        ):
             raise ReslabError(
                 "summary MODEL: --set takes model options (model.options.KEY=VALUE); other keys need --config"
             )
+        options = model["options"]
     if args.config is not None:  # the recipe's model, options and image size, for Fashion-MNIST's 1 channel
         cfg = config.load(args.config, args.set)
         name, options = cfg.model.name, cfg.model.options

@@ -234,7 +234,7 @@ def engine_overhead(
     cfg = load(config_path, [f"precision={precision}", f"device={device.type}", "train.epochs=1"])
     cfg.data.limit = cfg.train.batch_size * batches
     run = prepare(cfg, Path("/nonexistent"), quiet=True)
-    size = cfg.data.resize or 28
+    size = cfg.data.resize or run.meta["image_size"]
     step = make_step(
         cfg.model.name,
         size,

@@ -19,6 +19,7 @@ from torch.profiler import profile
 
 from reslab import bench, config
 from reslab.cli import import_modules
+from reslab.data import input_side
 from reslab.engine.host import set_up
 from reslab.engine.precision import bf16_native, resolve_precision
 from reslab.engine.rewrites import REWRITES
@@ -53,7 +54,7 @@ def compare(rewrite: str, recipe: str, overrides: list[str], rounds: int) -> dic
     precision = resolve_precision(cfg.precision, CPU)
     if precision == "bf16" and not bf16_native(CPU):
         return None  # emulated bf16: minutes a step, and not what training runs here
-    size = cfg.data.resize or 28
+    size = input_side(cfg.data)
     args = (cfg.model.name, size, cfg.train.batch_size, precision, cfg.train.channels_last)
     fns = {
         "without": bench.make_step(*args, skip=(rewrite,), optim=cfg.optim, **cfg.model.options),

@@ -10,7 +10,17 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from reslab.config import DataConfig
-from reslab.data import Augment, TensorLoader, flip, load_dataset, pad, random_crop, random_erasing, resize
+from reslab.data import (
+    Augment,
+    TensorLoader,
+    flip,
+    input_side,
+    load_dataset,
+    pad,
+    random_crop,
+    random_erasing,
+    resize,
+)
 from reslab.data import fashion_mnist as fm
 from reslab.data.idx import IdxError, check_pair, parse_idx, read_idx
 from reslab.engine.steps import predict_logits
@@ -99,6 +109,16 @@ def test_user_directory_is_validated_by_structure(tmp_path):
     limited = load_dataset(DataConfig(root=str(root), limit=32))
     assert len(limited.train_labels) == 32 and len(limited.test_labels) == 32
     assert limited.classes == fm.CLASSES
+
+
+def test_input_side_is_known_before_the_data_loads(tmp_path):
+    """What the model sees: the resize, else Fashion-MNIST's 28 px (its files say the same); other data's files decide."""
+    assert input_side(DataConfig()) == fm.SIDE == 28 and input_side(DataConfig(resize=96)) == 96
+    assert (
+        input_side(DataConfig(name="folder")) is None and input_side(DataConfig(name="idx", resize=32)) == 32
+    )
+    data = load_dataset(DataConfig(root=str(make_dataset(tmp_path / "d", 8, 8)), limit=8))
+    assert data.train_images.shape[-2:] == (input_side(DataConfig()),) * 2
 
 
 def test_missing_file_and_nothing_found(tmp_path, monkeypatch):

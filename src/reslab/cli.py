@@ -159,6 +159,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_summary(args: argparse.Namespace) -> int:
     from . import config
+    from .data import input_side
     from .models import build_model, input_size, summary
 
     if (args.model is None) == (args.config is None):
@@ -179,8 +180,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     if args.config is not None:  # the recipe's model, options and image size, for Fashion-MNIST's 1 channel
         cfg = config.load(args.config, args.set)
         name, options = cfg.model.name, cfg.model.options
-        # the size the run trains at: its resize, else Fashion-MNIST's own 28 px (other data: the model's)
-        side = cfg.data.resize or (28 if cfg.data.name == "fashion-mnist" else None)
+        side = input_side(cfg.data)  # the size the run trains at (other data: the model's own, below)
         classes = len(cfg.data.classes) if cfg.data.classes else classes
     side = side or input_size(name)
     given = args.input or f"1,1,{side},{side}"

@@ -39,6 +39,12 @@ def _stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(x.mean(1).tolist()), tuple(torch.where(std > 0, std, 1.0).tolist())
 
 
+def input_side(cfg: DataConfig) -> int | None:
+    """The side in pixels of the square images a recipe's model sees, known without loading the data: its resize,
+    else Fashion-MNIST's own; None for other data, whose side the files decide."""
+    return cfg.resize or (fashion_mnist.SIDE if cfg.name == "fashion-mnist" else None)
+
+
 def load_dataset(cfg: DataConfig) -> Dataset:
     """Read the configured dataset into memory (uint8), first `limit` images of each split if set."""
     if cfg.name == "folder":
@@ -139,6 +145,7 @@ __all__ = [
     "TensorLoader",
     "black",
     "flip",
+    "input_side",
     "load_dataset",
     "make_loaders",
     "make_test_loader",

@@ -200,6 +200,17 @@ def test_zeropad_shortcut_downsamples_and_pads_with_zeros(size):
     assert torch.equal(h[:, :16], x[:, :, ::2, ::2]) and h[:, 16:].abs().sum() == 0
 
 
+def test_zeropad_shortcut_cannot_narrow_and_says_so_when_built(capsys):
+    """Option A pads channels and has none to drop: a stem wider than the first stage needs a projection. The
+    builder says so, rather than the first forward failing on a shape mismatch."""
+    with pytest.raises(ReslabError, match="zeropad shortcut cannot narrow 64 to 32 channels"):
+        build_model("resnet8", 1, 10, width=32, first_stride=2, stem_width=64)
+    net = build_model("resnet8", 1, 10, width=32, first_stride=2, stem_width=64, shortcut="projection")
+    assert net(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert main(["summary", "--config", "fast", "--set", "model.options.stem_width=64"]) == 2
+    assert capsys.readouterr().err.strip().endswith("use shortcut projection or projection-nobn")
+
+
 def test_zeropad_shortcut_passes_back_a_gradient_in_the_input_memory_format():
     # the slice x[:, :, ::2, ::2] passed back an NCHW gradient; summed with the residual branch's channels_last
     # one, it turned the ReLU's backward before the unit into a strided copy: 14 ms of fast.yaml's 120 ms step

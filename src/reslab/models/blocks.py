@@ -63,6 +63,11 @@ def make_shortcut(
             )
         return nn.Identity()
     if kind == "zeropad":
+        if out_channels < in_channels:  # option A pads channels; it has none to drop
+            raise ReslabError(
+                f"zeropad shortcut cannot narrow {in_channels} to {out_channels} channels; "
+                "use shortcut projection or projection-nobn"
+            )
         return ZeroPadShortcut(in_channels, out_channels, stride)
     if kind == "projection-nobn":
         return nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=bias)

@@ -263,6 +263,55 @@ def test_time_to_accuracy_script_evaluates_what_each_recipe_reached(tiny_data, t
     assert line.endswith(f"in the same time: 1 epoch and 0 batches of 64, {seed['test_acc_at_budget']:.4f}")
 
 
+def test_step_ab_script_times_the_two_variants_it_names(capsys, monkeypatch):
+    """benchmarks/step_ab.py: each variant is the recipe with its own overrides, both with the shared ones."""
+    script = load_script("step_ab")
+    sets = ["model.options.width=8", "train.batch_size=4", "precision=fp32"]
+    argv = [
+        "step_ab",
+        "--config",
+        "fast",
+        "--a",
+        "model.options.stem_width=4",
+        "--b",
+        "model.options.stem_width=8",
+    ]
+    monkeypatch.setattr(sys, "argv", [*argv, "--set", *sets, "--rounds", "2", "--steps", "1"])
+    script.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert (
+        lines[0].startswith("A model.options.stem_width=4: ") and lines[0].split("rounds ")[1].count(",") == 1
+    )
+    assert lines[1].startswith("B model.options.stem_width=8: ") and lines[2].endswith("median of 2 rounds")
+    assert float(lines[2].split()[3].rstrip(",")) > 0  # B's time over A's
+    stems = [
+        script.variant("fast", [*sets, f"model.options.stem_width={w}"], 1).model.stem[0] for w in (4, 8)
+    ]
+    assert [conv.out_channels for conv in stems] == [4, 8]
+
+
+def test_epoch_steps_script_times_every_step_and_counts_subnormals(tiny_data, tmp_path):
+    """benchmarks/epoch_steps.py: a line per epoch with all its steps but the first timed, and the census of the
+    finished net; its subnormal count is float32's (non-zero, below the smallest normal)."""
+    script = load_script("epoch_steps")
+    assert script.subnormals([torch.tensor([1e-40, 0.0, 1.0, -1e-39]), torch.tensor([2e-38])]) == "2 of 5"
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "epoch_steps.py"), "--out", str(out)]
+        + ["--set", *tiny_overrides(tiny_data), "--flush"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    epochs = [line for line in lines if line.startswith("epoch ") and " steps, median " in line]
+    assert [e.split(":")[0] for e in epochs] == ["epoch 1", "epoch 2"]
+    # 512 images in batches of 64: 8 steps an epoch, 7 intervals between them
+    assert all(e.split(": ")[1].startswith("7 steps, median ") for e in epochs), epochs
+    assert lines[-2].startswith("final test accuracy ") and (out / "last.pt").exists()
+    assert lines[-1].startswith("subnormal numbers: weights 0 of ")
+
+
 def test_every_case_the_reliability_report_runs_exists():
     """docs/reliability.md lists what benchmarks/reliability_report.py runs: a renamed test would drop from it."""
     import ast

@@ -32,8 +32,8 @@ CLASSES = (
     "Bag",
     "Ankle boot",
 )
-# Pixel statistics of the 60,000 training images on the [0, 1] scale (computed by tests/test_data.py).
 SIDE = 28  # pixels, square
+# Pixel statistics of the 60,000 training images on the [0, 1] scale (computed by tests/test_data.py).
 MEAN = 0.2860
 STD = 0.3530
 

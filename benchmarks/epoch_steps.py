@@ -20,7 +20,7 @@ from torch import nn
 from reslab import config
 from reslab.engine import checkpoint
 from reslab.engine.fit import fit
-from reslab.engine.run import prepare
+from reslab.engine.run import prepare, restore
 
 TINY = torch.finfo(torch.float32).tiny
 
@@ -35,9 +35,7 @@ def subnormals(tensors) -> str:
 def census(cfg, out: Path) -> None:
     """Subnormals in the finished run's net: its weights and momentum, one batch's gradients and activations."""
     run = prepare(cfg, Path("/nonexistent"), quiet=True)
-    state = checkpoint.load(out / "last.pt")
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
+    restore(run, checkpoint.load(out / "last.pt"))
     acts = []
     leaves = [m for m in run.model.modules() if not list(m.children())]
     hooks = [m.register_forward_hook(lambda m, i, o: acts.append(o.detach())) for m in leaves]

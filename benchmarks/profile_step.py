@@ -68,17 +68,7 @@ def main() -> None:
     run.finish_epoch()
     engine = profiled(lambda: train_one_epoch(run, 1), run.device, args.steps)
 
-    size = cfg.data.resize or run.meta["image_size"]
-    step = bench.make_step(
-        cfg.model.name,
-        size,
-        cfg.train.batch_size,
-        run.precision,
-        cfg.train.channels_last,
-        run.device,
-        optim=cfg.optim,
-        **cfg.model.options,
-    )
+    step = bench.recipe_step(cfg, run.precision, run.device, size=cfg.data.resize or run.meta["image_size"])
     for _ in range(3):
         step()
     plain = profiled(lambda: [step() for _ in range(args.steps)], run.device, args.steps)

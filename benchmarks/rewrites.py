@@ -54,11 +54,10 @@ def compare(rewrite: str, recipe: str, overrides: list[str], rounds: int) -> dic
     precision = resolve_precision(cfg.precision, CPU)
     if precision == "bf16" and not bf16_native(CPU):
         return None  # emulated bf16: minutes a step, and not what training runs here
-    size = input_side(cfg.data)
-    args = (cfg.model.name, size, cfg.train.batch_size, precision, cfg.train.channels_last)
+    size = input_side(cfg.data)  # for the row
     fns = {
-        "without": bench.make_step(*args, skip=(rewrite,), optim=cfg.optim, **cfg.model.options),
-        "with": bench.make_step(*args, optim=cfg.optim, **cfg.model.options),
+        "without": bench.recipe_step(cfg, precision, skip=(rewrite,)),
+        "with": bench.recipe_step(cfg, precision),
     }
     times = bench.paired(fns, rounds)
     ratios = [t["without"] / t["with"] for t in times]

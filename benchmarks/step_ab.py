@@ -1,5 +1,5 @@
 """Bare training steps of two variants of one recipe, side by side in one run: each variant is the recipe with its
-own overrides (model options, batch size, precision), its step made as training's (bench.make_step). Each round
+own overrides (model options, batch size, precision), its step made as training's (bench.recipe_step). Each round
 times `--steps` steps of each, back to back in alternating order; prints each round's milliseconds a step, the
 medians, and the median of the rounds' ratios (B's time over A's).
 Usage: .venv/bin/python benchmarks/step_ab.py --config configs/fast.yaml --a model.options.stem_width=16 \
@@ -14,22 +14,12 @@ import statistics
 import torch
 
 from reslab import bench, config
-from reslab.data import input_side
 from reslab.engine.precision import resolve_precision
 
 
 def variant(recipe: str, overrides: list[str], steps: int):
     cfg = config.load(recipe, overrides)
-    precision = resolve_precision(cfg.precision, torch.device("cpu"))
-    step = bench.make_step(
-        cfg.model.name,
-        input_side(cfg.data),
-        cfg.train.batch_size,
-        precision,
-        cfg.train.channels_last,
-        optim=cfg.optim,
-        **cfg.model.options,
-    )
+    step = bench.recipe_step(cfg, resolve_precision(cfg.precision, torch.device("cpu")))
 
     def run():
         for _ in range(steps):

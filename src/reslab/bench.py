@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from .baseline import seed_vs_reslab, time_to_accuracy
-from .config import OptimConfig, load
+from .config import Config, OptimConfig, load
+from .data import input_side
 from .engine.checkpoint import make_file_dir, write_text
 from .engine.host import CROWDED, cpu_wait_seconds, crowding_cause, set_up, wait_share
 from .engine.optim import make_optimizer
@@ -151,6 +152,22 @@ def make_step(
     return step
 
 
+def recipe_step(cfg: Config, precision: str, device: torch.device = CPU, size: int | None = None, **extra):
+    """make_step for a recipe: its model and options, batch size, layout and update, at `size` (default: the
+    side its data gives the model, data.input_side); `extra` (skip, gemm_convs, compiled) goes to make_step."""
+    return make_step(
+        cfg.model.name,
+        size or input_side(cfg.data),
+        cfg.train.batch_size,
+        precision,
+        cfg.train.channels_last,
+        device,
+        optim=cfg.optim,
+        **extra,
+        **cfg.model.options,
+    )
+
+
 def step_throughput(
     name: str,
     size: int,
@@ -234,17 +251,7 @@ def engine_overhead(
     cfg = load(config_path, [f"precision={precision}", f"device={device.type}", "train.epochs=1"])
     cfg.data.limit = cfg.train.batch_size * batches
     run = prepare(cfg, Path("/nonexistent"), quiet=True)
-    size = cfg.data.resize or run.meta["image_size"]
-    step = make_step(
-        cfg.model.name,
-        size,
-        cfg.train.batch_size,
-        precision,
-        cfg.train.channels_last,
-        device,
-        optim=cfg.optim,
-        **cfg.model.options,
-    )
+    step = recipe_step(cfg, precision, device, size=cfg.data.resize or run.meta["image_size"])
 
     def bare_epoch():
         for _ in range(batches):

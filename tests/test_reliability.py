@@ -23,6 +23,7 @@ KILL_POINTS = [
     "checkpoint-write:1",  # the first last.pt written to a temp file, not yet renamed
     "checkpoint-write:3",  # a later one, while the previous last.pt is in place
     "after-checkpoint:2",  # last.pt saved, metrics.jsonl not yet rewritten
+    "after-checkpoint:3",  # the last epoch's last.pt saved; best.pt, metrics.jsonl and summary.json not yet
     "epoch-end:1",  # between epochs
 ]
 
@@ -38,8 +39,9 @@ def train_process(out, data, extra=(), env_extra=None, resume=False):
 
 
 def outcome(out):
-    state = checkpoint.load(out / "last.pt")
-    return state["model"], state["ema"], without_timings(read_history(out))
+    """What a finished run leaves: last.pt's weights and EMA, metrics.jsonl, best.pt's weights and epoch."""
+    state, best = checkpoint.load(out / "last.pt"), checkpoint.load(out / "best.pt")
+    return state["model"], state["ema"], without_timings(read_history(out)), (best["model"], best["epoch"])
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +58,7 @@ def reference(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("point", KILL_POINTS)
 def test_sigkill_anywhere_then_resume_is_bit_identical(reference, tmp_path, point):
-    data, (ref_model, ref_ema, ref_rows) = reference
+    data, (ref_model, ref_ema, ref_rows, (ref_best, ref_best_epoch)) = reference
     out = tmp_path / "run"
     killed = train_process(out, data, env_extra={"RESLAB_KILL_AT": point})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -65,10 +67,13 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(reference, tmp_path, poin
         checkpoint.load(out / "last.pt")  # never a half-written checkpoint in place
     resumed = train_process(out, data, resume=True)  # killed before the first checkpoint: it starts again
     assert resumed.returncode == 0, resumed.stderr
-    model, ema, rows = outcome(out)
+    if point == "after-checkpoint:3":  # nothing left to train: it writes what the kill left unwritten
+        assert f"{out} trained its 3 epochs but stopped before its summary: writing it" in resumed.stdout
+    model, ema, rows, (best, best_epoch) = outcome(out)
     assert rows == ref_rows
     assert all(torch.equal(model[k], ref_model[k]) for k in ref_model)
     assert all(torch.equal(ema[k], ref_ema[k]) for k in ref_ema)
+    assert best_epoch == ref_best_epoch and all(torch.equal(best[k], ref_best[k]) for k in ref_best)
 
 
 @pytest.mark.slow
@@ -76,7 +81,7 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(reference, tmp_path, poin
 def test_sigint_or_sigterm_saves_a_resumable_checkpoint(reference, tmp_path, signum):
     """Ctrl-C, or the SIGTERM a scheduler sends before it kills a job: the run stops after its step with a
     checkpoint, exits 128 + the signal, and resumes bit-identical."""
-    data, (ref_model, _, ref_rows) = reference
+    data, (ref_model, _, ref_rows, _) = reference
     out = tmp_path / "run"
     overrides = tiny_overrides(
         data, **{"train.epochs": 3, "data.flip": True, "data.crop_padding": 2, "train.ema": 0.9}
@@ -99,7 +104,7 @@ def test_sigint_or_sigterm_saves_a_resumable_checkpoint(reference, tmp_path, sig
     assert f"interrupted by {signum.name}; saved {out / 'last.pt'}; continue with: reslab train --out" in err
     resumed = train_process(out, data, resume=True)
     assert resumed.returncode == 0, resumed.stderr
-    model, _, rows = outcome(out)
+    model, _, rows, _ = outcome(out)
     assert rows == ref_rows and all(torch.equal(model[k], ref_model[k]) for k in ref_model)
 
 
@@ -192,14 +197,14 @@ def test_resuming_a_finished_run_changes_nothing(tiny_data, tmp_path, capsys):
 
 def test_resume_without_config_yaml_reads_the_checkpoints_config(reference, tmp_path):
     """A run whose config.yaml was lost resumes from its last.pt alone, which carries the config too."""
-    data, (ref_model, _, ref_rows) = reference
+    data, (ref_model, _, ref_rows, _) = reference
     out = tmp_path / "run"
     killed = train_process(out, data, env_extra={"RESLAB_KILL_AT": "step:13"})
     assert killed.returncode == -signal.SIGKILL
     (out / "config.yaml").unlink()
     resumed = train_process(out, data, resume=True)
     assert resumed.returncode == 0, resumed.stderr
-    model, _, rows = outcome(out)
+    model, _, rows, _ = outcome(out)
     assert rows == ref_rows and all(torch.equal(model[k], ref_model[k]) for k in ref_model)
     (out / "config.yaml").unlink()
     (out / "last.pt").unlink()

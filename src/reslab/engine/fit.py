@@ -184,10 +184,11 @@ def fit(
     if state is not None:
         restore(run, state)
         if run.epoch >= cfg.train.epochs:
-            _log(run, f"{out} already finished {n_epochs(run.epoch)}; raise train.epochs to train on")
             if (out / "summary.json").exists():  # a finished run stays as it was: its config, its summary
+                _log(run, f"{out} already finished {n_epochs(run.epoch)}; raise train.epochs to train on")
                 dist.cleanup(run.ctx)
                 return json.loads((out / "summary.json").read_text())
+            _log(run, f"{out} trained its {n_epochs(run.epoch)} but stopped before its summary: writing it")
         _check_changes(run, config_mod.changes(state["config"], cfg.to_dict()), out)
     if run.ctx.is_main:
         checkpoint.make_dir(out)
@@ -224,6 +225,10 @@ def _check_changes(run: Run, changed: dict, out: Path) -> None:
 def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
     """Train the epochs left of `run`, checkpointing each into `out`."""
     cfg = run.cfg
+    if resumed:  # a crash may have come between last.pt and the files after it: rewrite them from its history
+        _write_outputs(run, draw=run.epoch >= cfg.train.epochs)
+        if run.epoch >= cfg.train.epochs:
+            return
     _log(
         run,
         f"reslab: {cfg.model.name} ({run.meta['params'] / 1e6:.2f}M params) on {run.device.type}"
@@ -272,12 +277,14 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
             run.history.append(metrics)
             run.finish_epoch()
             saved = state_of(run)
-            if _due(run.epoch, cfg.train.save_every, cfg.train.epochs) or run.interrupted:
-                save(run, "last.pt", saved)
-                faults.reached("after-checkpoint")
+            # best.pt before last.pt: a crash between them replays this epoch, which writes best.pt again; the
+            # other way round the resumed run would count this epoch's accuracy as best and never write it
             if metrics.get("test_acc", -1.0) > best:
                 best = metrics["test_acc"]
                 save(run, "best.pt", {k: v for k, v in saved.items() if k != "optimizer"})
+            if _due(run.epoch, cfg.train.save_every, cfg.train.epochs) or run.interrupted:
+                save(run, "last.pt", saved)
+                faults.reached("after-checkpoint")
             undrawn |= "test_acc" in metrics
             last = run.epoch == cfg.train.epochs or run.interrupted
             draw = undrawn and (last or time.perf_counter() - drawn_at >= CURVES_EVERY)

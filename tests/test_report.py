@@ -122,8 +122,9 @@ def test_bad_image_files_give_one_clear_error(trained, tmp_path, capsys, make, e
 
 
 def test_outputs_that_cannot_be_written_and_counts_below_one_are_one_line(trained, tmp_path, capsys):
-    note = tmp_path / "note.txt"
+    note, empty = tmp_path / "note.txt", tmp_path / "empty"
     note.write_text("keep me")
+    empty.mkdir()
     cases = [
         (["eval", str(trained), "--limit", "8", "--out", str(note)], "note.txt is a file, not a directory"),
         (["export", str(trained), "--out", str(note / "m.onnx")], "note.txt is a file, not a directory"),
@@ -134,6 +135,12 @@ def test_outputs_that_cannot_be_written_and_counts_below_one_are_one_line(traine
         ),
         (["study", "units", "--out", str(note / "u")], "cannot create directory"),
         (["eval", str(trained), "--limit", "0"], "--limit must be a positive integer, got 0"),
+        (
+            ["eval", str(empty)],
+            f"{empty} holds no best.pt or last.pt: not a run directory, or none saved yet",
+        ),
+        (["predict", str(empty), "x.png"], f"{empty} holds no best.pt or last.pt"),
+        (["export", str(empty), "--out", str(tmp_path / "e.onnx")], f"{empty} holds no best.pt or last.pt"),
         (["predict", str(trained), "x.png", "--top-k", "0"], "--top-k must be a positive integer, got 0"),
         (["study", "units", "--seeds", "0"], "--seeds must be a positive integer, got 0"),
         (["study", "degradation", "--draws", "0"], "--draws must be a positive integer, got 0"),

@@ -111,12 +111,15 @@ def test_a_run_starts_from_init_and_a_resume_does_not_read_it_again(tiny_data, t
     [
         (None, "model.init: checkpoint {path} not found"),
         (b"not a checkpoint", "model.init: {path}: not a readable checkpoint (truncated or corrupt?)"),
+        ("dir", "model.init: {path} holds no best.pt or last.pt: not a run directory, or none saved yet"),
     ],
-    ids=["missing", "garbage"],
+    ids=["missing", "garbage", "empty-directory"],
 )
 def test_a_bad_source_is_one_line_and_nothing_written(tiny_data, tmp_path, capsys, content, message):
     path, out = tmp_path / "source.pt", tmp_path / "run"
-    if content is not None:
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
         path.write_bytes(content)
     assert (
         main(["train", "--out", str(out), "--set", *tiny_overrides(tiny_data, **{"model.init": path})]) == 2

@@ -155,7 +155,12 @@ def find(path: str | Path) -> Path:
     """A checkpoint file as given, or a run directory's best.pt (its last.pt before a best.pt exists)."""
     path = Path(path)
     if path.is_dir():
-        path = path / "best.pt" if (path / "best.pt").is_file() else path / "last.pt"
+        found = [path / name for name in ("best.pt", "last.pt") if (path / name).is_file()]
+        if not found:
+            raise CheckpointError(
+                f"{path} holds no best.pt or last.pt: not a run directory, or none saved yet"
+            )
+        path = found[0]
     return path
 
 

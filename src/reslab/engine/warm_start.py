@@ -42,8 +42,8 @@ def _names(model: nn.Module, kind: type) -> list[str]:
 def warm_start(model: nn.Module, source: str | Path) -> str:
     """Load the weights of `source` (a run directory or a checkpoint) into `model`, in place, as the module's
     docstring says. Returns one line on what came from where."""
-    path = checkpoint.find(source)
     try:
+        path = checkpoint.find(source)
         state = checkpoint.load(path)
     except checkpoint.CheckpointError as e:
         raise ReslabError(f"model.init: {e}") from None

@@ -323,3 +323,25 @@ def test_every_case_the_reliability_report_runs_exists():
         tree = ast.parse((root / path).read_text())
         tests = {n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")}
         assert (name in tests) if name else tests, case
+
+
+@pytest.mark.slow
+def test_resume_fuzz_script_kills_resumes_and_compares_the_runs(tiny_data, tmp_path, capsys, monkeypatch):
+    """benchmarks/resume_fuzz.py: a drawn recipe trained whole, then killed and resumed, ends the same bits; a run
+    that differs is named by what differs."""
+    script = load_script("resume_fuzz")
+    fixed = [f"data.root={tiny_data}", "model.name=resnet8", "train.epochs=2", "train.ema=0.9"]
+    argv = ["resume_fuzz", "--out", str(tmp_path / "fuzz"), "--cases", "1", "--seed", "3", "--set", *fixed]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as done:
+        script.main()
+    out = capsys.readouterr().out.splitlines()
+    assert done.value.code == 0 and out[-1] == "1 of 1 cases the same bits after the kill and resume", out
+    (row,) = json.loads((tmp_path / "fuzz" / "results.json").read_text())
+    assert row["result"] == "same" and row["killed"] and row["overrides"][-4:] == fixed
+    case = tmp_path / "fuzz" / "case0"
+    a, b = script.outcome(case / "whole"), script.outcome(case / "killed")
+    assert script.same(a, b) and a["best.pt"][2] is not None  # the EMA's weights are compared too
+    first = next(iter(b["last.pt"][1]))
+    b["last.pt"][1][first] = b["last.pt"][1][first] + 1
+    assert not script.same(a["last.pt"], b["last.pt"]) and script.same(a["metrics"], b["metrics"])

@@ -117,7 +117,8 @@ def main() -> None:
         kill_at = f"{point}:{rng.randint(1, 12 if point == 'step' else 2)}"
         rows.append(case(args.out / f"case{i}", overrides, kill_at))
         r = rows[-1]
-        print(f"case {i}: killed at {kill_at}{'' if r.get('killed') else ' (finished first)'}: {r['result']}")
+        kill = f"killed at {kill_at}" if r.get("killed") else f"finished before {kill_at}"
+        print(f"case {i}: {kill}: {r['result']}")
         (args.out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
     bad = [r for r in rows if r["result"] != "same"]
     print(f"{len(rows) - len(bad)} of {len(rows)} cases the same bits after the kill and resume")

@@ -21,9 +21,8 @@ from pathlib import Path
 import torch
 
 from reslab.engine import checkpoint
-from reslab.runs import read_history
+from reslab.runs import read_history, without_timings
 
-TIMINGS = ("images_per_sec", "epoch_seconds", "cpu_wait")
 POINTS = ("step", "eval", "checkpoint-write", "after-checkpoint", "epoch-end")
 BASE = ["data.limit=512", "train.batch_size=64", "train.eval_batch_size=256", "precision=fp32", "device=cpu"]
 
@@ -61,9 +60,14 @@ def train(out: Path, args: list[str], kill_at: str | None = None) -> subprocess.
     return subprocess.run(cmd, env=env, capture_output=True, text=True)
 
 
+def last_line(proc: subprocess.CompletedProcess) -> str:
+    lines = proc.stderr.strip().splitlines()
+    return lines[-1] if lines else f"exit code {proc.returncode}, nothing on stderr"
+
+
 def outcome(run: Path) -> dict:
     """What a finished run leaves that a resume must reproduce ("missing" for a file it lacks)."""
-    result = {"metrics": [{k: v for k, v in r.items() if k not in TIMINGS} for r in read_history(run)]}
+    result = {"metrics": without_timings(read_history(run))}
     for name in ("last.pt", "best.pt"):
         state = checkpoint.load(run / name) if (run / name).is_file() else None
         result[name] = (state["epoch"], state["model"], state.get("ema")) if state else "missing"
@@ -89,15 +93,15 @@ def case(out: Path, overrides: list[str], kill_at: str) -> dict:
     row = {"overrides": overrides, "kill_at": kill_at}
     whole = train(out / "whole", ["--overwrite", "--config", "fast", "--set", *overrides])
     if whole.returncode:
-        return row | {"result": f"error: {whole.stderr.strip().splitlines()[-1]}"}
+        return row | {"result": f"error: {last_line(whole)}"}
     killed = train(out / "killed", ["--overwrite", "--config", "fast", "--set", *overrides], kill_at)
     row["killed"] = killed.returncode == -signal.SIGKILL
     if killed.returncode not in (0, -signal.SIGKILL):
-        return row | {"result": f"error: {killed.stderr.strip().splitlines()[-1]}"}
+        return row | {"result": f"error: {last_line(killed)}"}
     if row["killed"]:
         resumed = train(out / "killed", ["--resume"])
         if resumed.returncode:
-            return row | {"result": f"resume failed: {resumed.stderr.strip().splitlines()[-1]}"}
+            return row | {"result": f"resume failed: {last_line(resumed)}"}
     a, b = outcome(out / "whole"), outcome(out / "killed")
     differ = [k for k in a if not same(a[k], b[k])]
     return row | {"result": "same" if not differ else "differs: " + ", ".join(differ)}
@@ -111,14 +115,15 @@ def main() -> None:
     p.add_argument("--set", nargs="*", default=[], help="overrides of every case, after the drawn ones")
     args = p.parse_args()
     rng, rows = random.Random(args.seed), []
+    args.out.mkdir(parents=True, exist_ok=True)
     for i in range(args.cases):
         overrides = [*BASE, *draw(rng), *args.set]
         point = rng.choice(POINTS)
         kill_at = f"{point}:{rng.randint(1, 12 if point == 'step' else 2)}"
         rows.append(case(args.out / f"case{i}", overrides, kill_at))
         r = rows[-1]
-        kill = f"killed at {kill_at}" if r.get("killed") else f"finished before {kill_at}"
-        print(f"case {i}: {kill}: {r['result']}")
+        how = "killed at" if r.get("killed") else "finished before" if "killed" in r else "failed before"
+        print(f"case {i}: {how} {kill_at}: {r['result']}")
         (args.out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
     bad = [r for r in rows if r["result"] != "same"]
     print(f"{len(rows) - len(bad)} of {len(rows)} cases the same bits after the kill and resume")

@@ -62,15 +62,6 @@ def tiny_data(tmp_path: Path) -> Path:
     return make_dataset(tmp_path / "data")
 
 
-# what an epoch's metrics measure of the machine rather than of the training: two runs of the same training differ
-TIMINGS = ("images_per_sec", "epoch_seconds", "cpu_wait")
-
-
-def without_timings(rows: list[dict]) -> list[dict]:
-    """An epoch's metrics rows without TIMINGS, for comparing the training of two runs."""
-    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows]
-
-
 def tiny_overrides(data_dir: Path, **extra) -> list[str]:
     """Overrides for a fast run on the tiny dataset."""
     values = {

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import NEEDS_CUDA, crash_then_resume, tiny_overrides, without_timings
+from conftest import NEEDS_CUDA, crash_then_resume, tiny_overrides
 
 from reslab import config
 from reslab.cli import main
@@ -20,7 +20,7 @@ from reslab.engine.steps import predict_logits
 from reslab.errors import ReslabError
 from reslab.models import build_model
 from reslab.report import evaluate_checkpoint
-from reslab.runs import read_history
+from reslab.runs import read_history, without_timings
 
 
 def tiny_cfg(data_dir, **extra):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import crash_then_resume, tiny_overrides, without_timings
+from conftest import crash_then_resume, tiny_overrides
 from torch import nn
 
 from reslab import config
@@ -24,7 +24,7 @@ from reslab.models import (
     registered_by,
     registry,
 )
-from reslab.runs import read_history
+from reslab.runs import read_history, without_timings
 
 MODULE = """
 from torch import nn

@@ -9,11 +9,11 @@ import zipfile
 
 import pytest
 import torch
-from conftest import tiny_overrides, without_timings
+from conftest import tiny_overrides
 
 from reslab.engine import checkpoint
 from reslab.engine.checkpoint import CheckpointError
-from reslab.runs import read_history
+from reslab.runs import read_history, without_timings
 
 KILL_POINTS = [
     "start:1",  # before the first checkpoint

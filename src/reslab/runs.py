@@ -28,6 +28,15 @@ def find_runs(paths: list[str]) -> list[Path]:
     return found
 
 
+# what an epoch's metrics measure of the machine rather than of the training: two runs of the same training differ
+TIMINGS = ("images_per_sec", "epoch_seconds", "cpu_wait")
+
+
+def without_timings(rows: list[dict]) -> list[dict]:
+    """An epoch's metrics rows without TIMINGS, for comparing the training of two runs."""
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows]
+
+
 def read_history(run: Path) -> list[dict]:
     """The run's metrics.jsonl, one dict per finished epoch ([] before the first)."""
     path = run / "metrics.jsonl"

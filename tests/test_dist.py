@@ -12,7 +12,7 @@ from conftest import tiny_overrides
 
 from reslab.cli import main
 from reslab.engine import checkpoint
-from reslab.runs import read_history
+from reslab.runs import read_history, without_timings
 
 TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
 
@@ -88,6 +88,28 @@ def test_kill_then_resume_under_torchrun_and_with_another_world_size(tiny_data, 
     single = launch(tmp_path / "single", tiny_data, 1, resume=True)
     assert single.returncode == 0, single.stderr
     assert [m["world_size"] for m in read_history(tmp_path / "single")] == [2, 1, 1]
+
+
+@pytest.mark.slow
+def test_a_mid_epoch_checkpoint_under_torchrun_keeps_every_ranks_share_of_the_epochs_metrics(
+    tiny_data, tmp_path
+):
+    """last.pt written mid-epoch (train.checkpoint_every) holds every rank's loss and accuracy sums so far, so the
+    resumed epoch's training loss and accuracy are the uninterrupted run's (a process that resumes it alone adds
+    to all of them: restore() leaves them to rank 0)."""
+    mid = {"train.checkpoint_every": 3}
+    whole = launch(tmp_path / "whole", tiny_data, 2, mid, epochs=2)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    out = tmp_path / "run"
+    killed = launch(
+        out, tiny_data, 2, mid, kill_at="step:13", epochs=2
+    )  # epoch 2, after its batch-3 checkpoint
+    saved = checkpoint.load(out / "last.pt")
+    assert killed.returncode != 0 and saved["batch"] == 3
+    assert saved["sums"][2] == 3 * 64  # the images of 3 global batches of 64, both ranks' halves
+    resumed = launch(out, tiny_data, 2, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert without_timings(read_history(out)) == without_timings(read_history(tmp_path / "whole"))
 
 
 def test_a_torchrun_worker_leaves_through_os_exit_with_its_code(monkeypatch, tmp_path):

@@ -24,7 +24,7 @@ from ..config import Config
 from ..errors import ReslabError
 from . import checkpoint, dist, guard
 from .host import CROWDED, cpu_threads, cpu_wait_seconds, crowded_warning, wait_share
-from .run import Run, prepare, restore, restore_training_state, save, snapshot, state_of
+from .run import SHARED, Run, prepare, restore, restore_training_state, save, snapshot, state_of
 from .schedule import lr_at
 from .steps import check_steps, evaluate, loss_fn, train_step
 
@@ -117,7 +117,7 @@ def train_one_epoch(run: Run, epoch: int, on_step=None) -> dict:
     if waited is not None and (now := cpu_wait_seconds()) is not None:
         run.sums[8] += max(now - waited, 0.0)  # a thread that ended took its waits with it
     bar.close()
-    loss_sum, correct, count = dist.all_reduce_sum(run.sums[:3], run.device, run.ctx)
+    loss_sum, correct, count = dist.all_reduce_sum(run.sums[:SHARED], run.device, run.ctx)
     # the gradient norm is the same on every rank; the waits are this rank's
     seconds, norm_sum, norms, norm_max, clipped, wait = run.sums[3:]
     metrics = {

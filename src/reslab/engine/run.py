@@ -21,6 +21,8 @@ from .optim import EMA, SGD, load_optimizer_state, make_optimizer
 from .precision import resolve_device, resolve_precision
 from .warm_start import warm_start
 
+SHARED = 3  # the epoch sums that every rank adds to (loss x images, correct, images), all-reduced at its end
+
 
 def epoch_sums(saved: list[float] = ()) -> list[float]:
     """The running sums of an epoch: loss x images, correct, images, seconds, then the steps' gradient norms
@@ -231,6 +233,8 @@ def restore(run: Run, state: dict) -> None:
             _set_rng_state(run, ranks[run.ctx.rank])
         else:
             _seed_own_stream(run.cfg.seed, run.ctx)
+    if run.ctx.rank:  # rank 0 took back every rank's SHARED sums so far: the epoch's all-reduce adds them up
+        run.sums[:SHARED] = [0.0] * SHARED
     run.guard = guard.GuardState(**state["guard"])
     run.history = list(state["history"])
     run.epoch = state["epoch"]
@@ -262,13 +266,17 @@ def snapshot(run: Run) -> dict:
 
 def save(run: Run, name: str, state: dict | None = None) -> None:
     """Write `name` into the run directory from rank 0. Under torchrun every rank calls it at the same step: it
-    gathers each rank's generators into the checkpoint ("rank_rng") for an exact resume."""
-    ranks = dist.all_gather_object(rng_state(run), run.ctx)
+    gathers each rank's generators into the checkpoint ("rank_rng") for an exact resume, and the SHARED sums of
+    the epoch so far added over the ranks (a checkpoint mid-epoch: rank 0 resumes with all of them)."""
+    ranks = dist.all_gather_object((rng_state(run), run.sums[:SHARED]), run.ctx)
     if not run.ctx.is_main:
         return
     state = state if state is not None else state_of(run)
+    if ranks is not None:
+        shared = [sum(part) for part in zip(*(sums for _, sums in ranks))]
+        state = {**state, "rank_rng": [rng for rng, _ in ranks], "sums": [*shared, *state["sums"][SHARED:]]}
     try:
-        checkpoint.save(state if ranks is None else {**state, "rank_rng": ranks}, run.out / name)
+        checkpoint.save(state, run.out / name)
     except checkpoint.CheckpointError as e:
         if run.cfg.train.on_checkpoint_error == "stop":
             raise

@@ -5,6 +5,7 @@ augmentations, how often the run tests and saves, gradient clipping, warm-up, la
 the kill point is one of the reliability tests' (RESLAB_KILL_AT, reslab/faults.py). Prints a line per case,
 writes results.json, and exits 1 if any case differs.
 Usage: .venv/bin/python benchmarks/resume_fuzz.py --out runs/resume-fuzz [--cases 20] [--seed 0] [--set ...]
+           [--nproc 2]   # under torchrun, gloo ranks on the CPU
 """
 
 from __future__ import annotations
@@ -54,10 +55,25 @@ def draw(rng: random.Random) -> list[str]:
     ]
 
 
-def train(out: Path, args: list[str], kill_at: str | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, RESLAB_KILL_AT=kill_at) if kill_at else None
-    cmd = [sys.executable, "-m", "reslab", "train", "--quiet", "--out", str(out), *args]
+def train(out: Path, args: list[str], nproc: int, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    """`reslab train` as a process, or under torchrun with `nproc` ranks (one thread each)."""
+    env = dict(os.environ, **({"RESLAB_KILL_AT": kill_at} if kill_at else {}))
+    launch = [sys.executable, "-m"]
+    if nproc > 1:
+        env |= {"OMP_NUM_THREADS": "1", "RESLAB_DIST_TIMEOUT": "120"}
+        launch = [
+            str(Path(sys.executable).parent / "torchrun"),
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+        ]
+    cmd = [*launch, "reslab", "train", "--quiet", "--out", str(out), *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True)
+
+
+def was_killed(proc: subprocess.CompletedProcess) -> bool:
+    """SIGKILLed: the process itself, or under torchrun a rank (torchrun then stops the others and exits 1)."""
+    return proc.returncode == -signal.SIGKILL or (proc.returncode != 0 and "(exitcode: -9)" in proc.stderr)
 
 
 def last_line(proc: subprocess.CompletedProcess) -> str:
@@ -88,18 +104,18 @@ def same(a, b) -> bool:
     return a == b
 
 
-def case(out: Path, overrides: list[str], kill_at: str) -> dict:
+def case(out: Path, overrides: list[str], kill_at: str, nproc: int = 1) -> dict:
     """Train `overrides` whole into out/whole, then killed at `kill_at` and resumed into out/killed."""
-    row = {"overrides": overrides, "kill_at": kill_at}
-    whole = train(out / "whole", ["--overwrite", "--config", "fast", "--set", *overrides])
+    row = {"overrides": overrides, "kill_at": kill_at, "nproc": nproc}
+    whole = train(out / "whole", ["--overwrite", "--config", "fast", "--set", *overrides], nproc)
     if whole.returncode:
         return row | {"result": f"error: {last_line(whole)}"}
-    killed = train(out / "killed", ["--overwrite", "--config", "fast", "--set", *overrides], kill_at)
-    row["killed"] = killed.returncode == -signal.SIGKILL
-    if killed.returncode not in (0, -signal.SIGKILL):
+    killed = train(out / "killed", ["--overwrite", "--config", "fast", "--set", *overrides], nproc, kill_at)
+    row["killed"] = was_killed(killed)
+    if killed.returncode and not row["killed"]:
         return row | {"result": f"error: {last_line(killed)}"}
     if row["killed"]:
-        resumed = train(out / "killed", ["--resume"])
+        resumed = train(out / "killed", ["--resume"], nproc)
         if resumed.returncode:
             return row | {"result": f"resume failed: {last_line(resumed)}"}
     a, b = outcome(out / "whole"), outcome(out / "killed")
@@ -113,6 +129,7 @@ def main() -> None:
     p.add_argument("--cases", type=int, default=20)
     p.add_argument("--seed", type=int, default=0, help="seeds the draws of recipes and kill points")
     p.add_argument("--set", nargs="*", default=[], help="overrides of every case, after the drawn ones")
+    p.add_argument("--nproc", type=int, default=1, help="ranks under torchrun (gloo, one thread each)")
     args = p.parse_args()
     rng, rows = random.Random(args.seed), []
     args.out.mkdir(parents=True, exist_ok=True)
@@ -120,7 +137,7 @@ def main() -> None:
         overrides = [*BASE, *draw(rng), *args.set]
         point = rng.choice(POINTS)
         kill_at = f"{point}:{rng.randint(1, 12 if point == 'step' else 2)}"
-        rows.append(case(args.out / f"case{i}", overrides, kill_at))
+        rows.append(case(args.out / f"case{i}", overrides, kill_at, args.nproc))
         r = rows[-1]
         how = "killed at" if r.get("killed") else "finished before" if "killed" in r else "failed before"
         print(f"case {i}: {how} {kill_at}: {r['result']}")

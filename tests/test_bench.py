@@ -345,3 +345,18 @@ def test_resume_fuzz_script_kills_resumes_and_compares_the_runs(tiny_data, tmp_p
     first = next(iter(b["last.pt"][1]))
     b["last.pt"][1][first] = b["last.pt"][1][first] + 1
     assert not script.same(a["last.pt"], b["last.pt"]) and script.same(a["metrics"], b["metrics"])
+
+
+def test_resume_fuzz_tells_a_kill_under_torchrun_from_an_error():
+    """torchrun exits 1 when a rank is SIGKILLed, as for any failure: its report names the signal's exit code."""
+    script = load_script("resume_fuzz")
+
+    def done(code: int, err: str = "") -> subprocess.CompletedProcess:
+        return subprocess.CompletedProcess([], code, "", err)
+
+    assert script.was_killed(done(-9)) and not script.was_killed(done(0)) and not script.was_killed(done(2))
+    assert script.was_killed(
+        done(1, "E1206 api.py:1002] failed (exitcode: -9) local_rank: 0 (pid: 1) of binary")
+    )
+    assert not script.was_killed(done(1, "reslab: error: unknown model 'nope'"))
+    assert script.last_line(done(1)) == "exit code 1, nothing on stderr"

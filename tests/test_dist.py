@@ -101,9 +101,8 @@ def test_a_mid_epoch_checkpoint_under_torchrun_keeps_every_ranks_share_of_the_ep
     whole = launch(tmp_path / "whole", tiny_data, 2, mid, epochs=2)
     assert whole.returncode == 0, whole.stderr[-3000:]
     out = tmp_path / "run"
-    killed = launch(
-        out, tiny_data, 2, mid, kill_at="step:13", epochs=2
-    )  # epoch 2, after its batch-3 checkpoint
+    # killed in epoch 2, after its batch-3 checkpoint
+    killed = launch(out, tiny_data, 2, mid, kill_at="step:13", epochs=2)
     saved = checkpoint.load(out / "last.pt")
     assert killed.returncode != 0 and saved["batch"] == 3
     assert saved["sums"][2] == 3 * 64  # the images of 3 global batches of 64, both ranks' halves

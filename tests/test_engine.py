@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import NEEDS_CUDA, crash_then_resume, tiny_overrides
+from conftest import NEEDS_CUDA, Crash, crash_then_resume, tiny_overrides
 
 from reslab import config
 from reslab.cli import main
@@ -244,6 +244,39 @@ def test_hopeless_run_stops_cleanly(tiny_data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "diverged" in err and "after 3 retries" in err and "Traceback" not in err
     assert not (out / "metrics.jsonl").exists()  # no NaN metric was ever written
+
+
+def test_a_run_resumed_mid_epoch_rolls_back_to_the_epochs_start_as_the_uninterrupted_one(tiny_data, tmp_path):
+    """A mid-epoch last.pt holds the state the epoch started from: a divergence later in that epoch of the resumed
+    run goes back there, as the run never interrupted does, not to the resume point (whose weights the steps
+    before it may have spoilt), and both end the same bits."""
+    cfg = tiny_cfg(tiny_data, **{"train.epochs": 3, "train.checkpoint_every": 3})
+
+    def poison_at(epoch: int, batch: int):
+        injected = []
+
+        def poison(run):
+            if run.epoch == epoch and run.batch == batch and not injected:
+                injected.append(1)
+                with torch.no_grad():
+                    next(run.model.parameters()).fill_(float("nan"))
+
+        return poison
+
+    def crash(run):
+        if run.epoch == 1 and run.batch == 4:  # in epoch 2, after its batch-3 checkpoint
+            raise Crash
+
+    whole = fit(cfg, tmp_path / "whole", quiet=True, on_step=poison_at(1, 5))
+    with pytest.raises(Crash):
+        fit(cfg, tmp_path / "run", quiet=True, on_step=crash)
+    assert checkpoint.load(tmp_path / "run" / "last.pt")["batch"] == 3
+    resumed = fit(cfg, tmp_path / "run", resume=True, quiet=True, on_step=poison_at(1, 5))
+    assert len(whole["guard_events"]) == 1 and resumed["guard_events"] == whole["guard_events"]
+    rows = [without_timings(read_history(tmp_path / d)) for d in ("whole", "run")]
+    assert rows[0] == rows[1]
+    a, b = (checkpoint.load(tmp_path / d / "last.pt")["model"] for d in ("whole", "run"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_seed_recipe_with_absurd_lr_never_writes_nan(tiny_data, tmp_path):

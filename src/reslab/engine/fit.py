@@ -266,7 +266,9 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
     try:
         while run.epoch < cfg.train.epochs:
             epoch = run.epoch
-            snap = snapshot(run)
+            # the guard's rollback point: the epoch's start, also for a run resumed within it (its checkpoint's)
+            snap = run.epoch_start if run.batch and run.epoch_start is not None else snapshot(run)
+            run.epoch_start = snap
             try:
                 metrics = _train_and_evaluate(run, epoch, step_hook)
             except guard.Divergence as e:

@@ -56,6 +56,7 @@ class Run:
     epoch: int = 0  # completed epochs
     batch: int = 0  # completed batches of the current epoch (mid-epoch checkpoints)
     sums: list[float] = field(default_factory=epoch_sums)  # the epoch so far: see epoch_sums
+    epoch_start: dict | None = None  # the snapshot the current epoch started from: the guard's rollback point
     guard_every: int = 1  # steps between host checks (train.guard_every resolved for the device)
     pending: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (step, images, stats) unread
     interrupted: int = 0  # the signal (SIGINT, SIGTERM) that asked the run to stop; 0: none
@@ -235,6 +236,15 @@ def restore(run: Run, state: dict) -> None:
             _seed_own_stream(run.cfg.seed, run.ctx)
     if run.ctx.rank:  # rank 0 took back every rank's SHARED sums so far: the epoch's all-reduce adds them up
         run.sums[:SHARED] = [0.0] * SHARED
+    run.epoch_start = state.get("epoch_start")  # None at an epoch's end, and in checkpoints from before it
+    starts = state.get("epoch_start_rng") or []
+    if (
+        run.epoch_start is not None and run.ctx.active
+    ):  # this rank's generators as its epoch started, if known
+        run.epoch_start = {
+            **run.epoch_start,
+            **(starts[run.ctx.rank] if len(starts) == run.ctx.world_size else {}),
+        }
     run.guard = guard.GuardState(**state["guard"])
     run.history = list(state["history"])
     run.epoch = state["epoch"]
@@ -267,14 +277,27 @@ def snapshot(run: Run) -> dict:
 def save(run: Run, name: str, state: dict | None = None) -> None:
     """Write `name` into the run directory from rank 0. Under torchrun every rank calls it at the same step: it
     gathers each rank's generators into the checkpoint ("rank_rng") for an exact resume, and the SHARED sums of
-    the epoch so far added over the ranks (a checkpoint mid-epoch: rank 0 resumes with all of them)."""
-    ranks = dist.all_gather_object((rng_state(run), run.sums[:SHARED]), run.ctx)
+    the epoch so far added over the ranks (a checkpoint mid-epoch: rank 0 resumes with all of them). A checkpoint
+    mid-epoch also holds the snapshot the epoch started from ("epoch_start", with each rank's generators then)."""
+    start = (
+        run.epoch_start if run.batch else None
+    )  # mid-epoch: a resume must be able to roll back as this run
+    start_rng = {k: start[k] for k in ("rng", "cuda_rng")} if start else None
+    ranks = dist.all_gather_object((rng_state(run), run.sums[:SHARED], start_rng), run.ctx)
     if not run.ctx.is_main:
         return
     state = state if state is not None else state_of(run)
+    if start:
+        state = {**state, "epoch_start": start}
     if ranks is not None:
-        shared = [sum(part) for part in zip(*(sums for _, sums in ranks))]
-        state = {**state, "rank_rng": [rng for rng, _ in ranks], "sums": [*shared, *state["sums"][SHARED:]]}
+        shared = [sum(part) for part in zip(*(sums for _, sums, _ in ranks))]
+        state = {
+            **state,
+            "rank_rng": [rng for rng, _, _ in ranks],
+            "sums": [*shared, *state["sums"][SHARED:]],
+        }
+        if start:
+            state["epoch_start_rng"] = [rng for _, _, rng in ranks]
     try:
         checkpoint.save(state, run.out / name)
     except checkpoint.CheckpointError as e:

@@ -238,13 +238,9 @@ def restore(run: Run, state: dict) -> None:
         run.sums[:SHARED] = [0.0] * SHARED
     run.epoch_start = state.get("epoch_start")  # None at an epoch's end, and in checkpoints from before it
     starts = state.get("epoch_start_rng") or []
-    if (
-        run.epoch_start is not None and run.ctx.active
-    ):  # this rank's generators as its epoch started, if known
-        run.epoch_start = {
-            **run.epoch_start,
-            **(starts[run.ctx.rank] if len(starts) == run.ctx.world_size else {}),
-        }
+    # under torchrun, this rank's generators as its epoch started, when the checkpoint has as many ranks'
+    if run.epoch_start is not None and run.ctx.active and len(starts) == run.ctx.world_size:
+        run.epoch_start = {**run.epoch_start, **starts[run.ctx.rank]}
     run.guard = guard.GuardState(**state["guard"])
     run.history = list(state["history"])
     run.epoch = state["epoch"]
@@ -279,9 +275,8 @@ def save(run: Run, name: str, state: dict | None = None) -> None:
     gathers each rank's generators into the checkpoint ("rank_rng") for an exact resume, and the SHARED sums of
     the epoch so far added over the ranks (a checkpoint mid-epoch: rank 0 resumes with all of them). A checkpoint
     mid-epoch also holds the snapshot the epoch started from ("epoch_start", with each rank's generators then)."""
-    start = (
-        run.epoch_start if run.batch else None
-    )  # mid-epoch: a resume must be able to roll back as this run
+    # mid-epoch, a resume must be able to roll back to where this run would
+    start = run.epoch_start if run.batch else None
     start_rng = {k: start[k] for k in ("rng", "cuda_rng")} if start else None
     ranks = dist.all_gather_object((rng_state(run), run.sums[:SHARED], start_rng), run.ctx)
     if not run.ctx.is_main:

@@ -119,7 +119,7 @@ def train_one_epoch(run: Run, epoch: int, on_step=None) -> dict:
     bar.close()
     loss_sum, correct, count = dist.all_reduce_sum(run.sums[:SHARED], run.device, run.ctx)
     # the gradient norm is the same on every rank; the waits are this rank's
-    seconds, norm_sum, norms, norm_max, clipped, wait = run.sums[3:]
+    seconds, norm_sum, norms, norm_max, clipped, wait = run.sums[SHARED:]
     metrics = {
         "train_loss": loss_sum / count,
         "train_acc": correct / count,

@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from reslab import bench, config
 from reslab.engine.fit import train_one_epoch
-from reslab.engine.run import prepare
+from reslab.engine.run import model_side, prepare
 from reslab.errors import ReslabError
 
 
@@ -68,7 +68,7 @@ def main() -> None:
     run.finish_epoch()
     engine = profiled(lambda: train_one_epoch(run, 1), run.device, args.steps)
 
-    step = bench.recipe_step(cfg, run.precision, run.device, size=cfg.data.resize or run.meta["image_size"])
+    step = bench.recipe_step(cfg, run.precision, run.device, size=model_side(run.meta))
     for _ in range(3):
         step()
     plain = profiled(lambda: [step() for _ in range(args.steps)], run.device, args.steps)

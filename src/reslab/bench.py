@@ -20,7 +20,7 @@ from .engine.checkpoint import make_file_dir, write_text
 from .engine.host import CROWDED, cpu_wait_seconds, crowding_cause, set_up, wait_share
 from .engine.optim import make_optimizer
 from .engine.precision import autocast, bf16_native, resolve_device, resolve_precision
-from .engine.run import speed_up
+from .engine.run import model_side, speed_up
 from .errors import ReslabError
 from .models import build_model, summary
 from .studies.common import machine
@@ -251,7 +251,7 @@ def engine_overhead(
     cfg = load(config_path, [f"precision={precision}", f"device={device.type}", "train.epochs=1"])
     cfg.data.limit = cfg.train.batch_size * batches
     run = prepare(cfg, Path("/nonexistent"), quiet=True)
-    step = recipe_step(cfg, precision, device, size=cfg.data.resize or run.meta["image_size"])
+    step = recipe_step(cfg, precision, device, size=model_side(run.meta))
 
     def bare_epoch():
         for _ in range(batches):

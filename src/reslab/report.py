@@ -19,7 +19,7 @@ from .data import black, load_dataset, make_test_loader, resize
 from .engine import checkpoint
 from .engine.host import set_up
 from .engine.precision import autocast, resolve_device, resolve_precision
-from .engine.run import speed_up
+from .engine.run import model_side, speed_up
 from .engine.steps import predict_logits
 from .errors import ReslabError, first_line
 from .models import build_model
@@ -270,7 +270,7 @@ def export(path: str | Path, fmt: str | None, out: str | Path) -> Path:
         raise ReslabError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     checkpoint.make_file_dir(out, f"model.{fmt or 'onnx'}")
     model, meta, _ = load_model(path)
-    side = meta["resize"] or meta["image_size"]
+    side = model_side(meta)
     example = torch.randn(2, meta["in_channels"], side, side)
     batch = ({0: torch.export.Dim("batch", min=1, max=4096)},)
     if fmt == "onnx":

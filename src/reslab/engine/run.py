@@ -184,6 +184,11 @@ def prepare(cfg: Config, out: Path, quiet: bool = False, warm: bool = True) -> R
     )
 
 
+def model_side(meta: dict) -> int:
+    """The side in pixels of the images a run's model sees, from its meta: the resize, else the files' own."""
+    return meta["resize"] or meta["image_size"]
+
+
 def state_of(run: Run) -> dict:
     """What last.pt holds: everything a resume needs to continue bit for bit, and what eval/predict need."""
     return {
@@ -303,6 +308,7 @@ def save(run: Run, name: str, state: dict | None = None) -> None:
 
 __all__ = [
     "Run",
+    "model_side",
     "prepare",
     "restore",
     "restore_training_state",

@@ -1,6 +1,7 @@
 import importlib
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -419,6 +420,40 @@ def test_a_resume_names_its_changes_and_refuses_new_batches_mid_epoch(tiny_data,
     fit(tiny_cfg(tiny_data, **{**extra, "optim.lr": 0.02, "train.epochs": 3}), tmp_path / "b", resume=True)
     lines = capsys.readouterr().out.splitlines()
     assert "resuming with changes: optim.lr 0.05 -> 0.02, train.epochs 2 -> 3" in lines
+
+
+def test_a_resume_trains_with_changed_optimiser_settings_and_refuses_another_optimiser_or_model(
+    tiny_data, tmp_path
+):
+    """The saved optimiser groups hold the run's old weight decay and momentum: a resume that says it changes
+    them must train with the new ones, not load the old ones back. Another optimiser or architecture cannot take
+    the checkpoint's state: one line naming the change, and nothing written."""
+    fit(tiny_cfg(tiny_data, **{"train.epochs": 1}), tmp_path / "a", quiet=True)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    fit(tiny_cfg(tiny_data, **{"train.epochs": 2}), tmp_path / "a", resume=True, quiet=True)
+    changed = {"train.epochs": 2, "optim.weight_decay": 0.05, "optim.momentum": 0.5}
+    fit(tiny_cfg(tiny_data, **changed), tmp_path / "b", resume=True, quiet=True)
+    a, b = (checkpoint.load(tmp_path / d / "last.pt") for d in "ab")
+    groups = b["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], g["momentum"]) for g in groups] == [(0.05, 0.5), (0.0, 0.5)]
+    assert not torch.equal(a["model"]["stem.0.weight"], b["model"]["stem.0.weight"])
+    before = (tmp_path / "b" / "last.pt").read_bytes()
+    refused = [
+        (
+            {"optim.name": "adamw"},
+            "last.pt holds the state of optim.name 'sgd', not 'adamw': resume with the run's",
+        ),
+        (
+            {"model.name": "resnet14"},
+            r"does not fit the model of these settings \(model.name 'resnet8', now 'resnet14'.*: 36 tensors are not "
+            r"in the checkpoint \(first: stage1.1.residual.0.weight\); resume with the run's own, or start a new run "
+            r"from its weights with --set model.init=",
+        ),
+    ]
+    for change, message in refused:
+        with pytest.raises(ReslabError, match=message):
+            fit(tiny_cfg(tiny_data, **{"train.epochs": 3, **change}), tmp_path / "b", resume=True, quiet=True)
+    assert (tmp_path / "b" / "last.pt").read_bytes() == before
 
 
 def test_config_changes_name_dotted_keys_and_ignore_keys_of_other_versions():

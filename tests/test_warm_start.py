@@ -69,7 +69,7 @@ def test_the_ema_weights_are_the_ones_taken(tmp_path):
         (
             "d2l-resnet18",
             {},
-            r"\(d2l-resnet18\) is another architecture: \d+ tensors are not in it \(first: stem.0.weight\)",
+            r"\(d2l-resnet18\) is another architecture: \d+ tensors are not in the checkpoint \(first: stem.0.weight\)",
         ),
     ],
 )

@@ -37,12 +37,9 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict, dict]:
         meta["model_name"], meta["in_channels"], len(meta["classes"]), **meta["model_options"]
     )
     weights = checkpoint.evaluated_weights(state)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise checkpoint.CheckpointError(
-            f"{path}: weights do not fit {meta['model_name']}: {str(e).splitlines()[0]}"
-        ) from None
+    if why := checkpoint.misfit(model.state_dict(), weights):
+        raise checkpoint.CheckpointError(f"{path}: weights do not fit {meta['model_name']}: {why}")
+    model.load_state_dict(weights)
     return model.eval(), meta, state
 
 

@@ -169,6 +169,21 @@ def evaluated_weights(state: dict[str, Any]) -> Any:
     return state["ema"] if state.get("ema") else state["model"]
 
 
+def misfit(own: dict[str, Any], saved: Any, shapes: bool = True) -> str | None:
+    """How the tensors `saved` of a checkpoint differ from a model's `own` (its state_dict), in a phrase for an
+    error line; None where they fit. With `shapes` False only the names count."""
+    if not isinstance(saved, dict) or not all(isinstance(v, torch.Tensor) for v in saved.values()):
+        return "its weights are not a mapping of names to tensors"
+    for a, b, where in ((own, saved, "the checkpoint"), (saved, own, "this model")):
+        absent = [k for k in a if k not in b]
+        if absent:
+            return f"{len(absent)} tensors are not in {where} (first: {absent[0]})"
+    for key, mine in own.items() if shapes else ():
+        if saved[key].shape != mine.shape:
+            return f"{key} is {tuple(saved[key].shape)} in the checkpoint, {tuple(mine.shape)} here"
+    return None
+
+
 def load(path: str | Path) -> dict[str, Any]:
     """Load a reslab checkpoint safely (weights only) onto the CPU."""
     path = Path(path)

@@ -182,6 +182,8 @@ def fit(
     if resume and state is None:  # stopped before its first checkpoint
         _log(run, f"no checkpoint in {out} yet: starting at epoch 1")
     if state is not None:
+        changed = config_mod.changes(state["config"], cfg.to_dict())
+        _refuse_changes(run, changed, state, out)
         restore(run, state)
         if run.epoch >= cfg.train.epochs:
             if (out / "summary.json").exists():  # a finished run stays as it was: its config, its summary
@@ -189,7 +191,7 @@ def fit(
                 dist.cleanup(run.ctx)
                 return json.loads((out / "summary.json").read_text())
             _log(run, f"{out} trained its {n_epochs(run.epoch)} but stopped before its summary: writing it")
-        _check_changes(run, config_mod.changes(state["config"], cfg.to_dict()), out)
+        _say_changes(run, changed)
     if run.ctx.is_main:
         checkpoint.make_dir(out)
     with checkpoint.lock_dir(out) if run.ctx.is_main else contextlib.nullcontext():
@@ -206,20 +208,34 @@ def fit(
     return summary
 
 
-def _check_changes(run: Run, changed: dict, out: Path) -> None:
-    """Say which settings a resume changes; refuse those that decide the batches of an epoch stopped midway."""
+def _refuse_changes(run: Run, changed: dict, state: dict, out: Path) -> None:
+    """Refuse, before anything is restored, the changes a resume of checkpoint `state` cannot make: another
+    optimiser or model than the one it holds, or, stopped midway through an epoch, what decides its batches."""
+    last = out / "last.pt"
+    again = f"resume with the run's own, or start a new run from its weights with --set model.init={out}"
+    if "optim.name" in changed:
+        old, new = changed["optim.name"]
+        raise ReslabError(f"{last} holds the state of optim.name {old!r}, not {new!r}: {again}")
+    model = {k: v for k, v in changed.items() if k.startswith("model.") and k != "model.init"}
+    if model and (why := checkpoint.misfit(run.model.state_dict(), state["model"])):
+        said = ", ".join(f"{k} {a!r}, now {b!r}" for k, (a, b) in model.items())
+        raise ReslabError(f"{last} does not fit the model of these settings ({said}): {why}; {again}")
+    order = [k for k in ("seed", "data.limit", "train.batch_size") if k in changed]
+    if state["batch"] and order:
+        raise ReslabError(
+            f"{last} stopped at batch {state['batch']} of epoch {state['epoch'] + 1}, whose batches follow "
+            f"{', '.join(order)}; resume with the run's own value to finish that epoch, then change it"
+        )
+
+
+def _say_changes(run: Run, changed: dict) -> None:
+    """Say which settings a resume changes."""
     if changed:
         _log(
             run, "resuming with changes: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
         )
     if "model.init" in changed:
         _log(run, "model.init starts a new run only: the resume goes on from its own checkpoint's weights")
-    order = [k for k in ("seed", "data.limit", "train.batch_size") if k in changed]
-    if run.batch and order:
-        raise ReslabError(
-            f"{out / 'last.pt'} stopped at batch {run.batch} of epoch {run.epoch + 1}, whose batches follow "
-            f"{', '.join(order)}; resume with the run's own value to finish that epoch, then change it"
-        )
 
 
 def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:

@@ -112,12 +112,14 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer 
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer | SGD, state: dict) -> None:
-    """Load a saved state but keep this optimiser's implementation (fused, foreach): a checkpoint written on
-    a GPU carries `fused` in its groups and resumes on a CPU too."""
-    kept = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+    """Load a saved state (momentum buffers; AdamW's moments and step counts) but keep this optimiser's
+    settings: the saved groups would replace them with the checkpoint's, so a resume with another
+    optim.weight_decay, momentum or betas would say so and go on with the old ones. Its implementation (fused,
+    foreach) stays too: a checkpoint written on a GPU carries `fused` in its groups and resumes on a CPU."""
+    kept = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     optimizer.load_state_dict(state)
-    for group, flags in zip(optimizer.param_groups, kept):
-        group.update(flags)
+    for group, settings in zip(optimizer.param_groups, kept):
+        group.update(settings)
 
 
 class EMA:

@@ -254,12 +254,9 @@ def restore(run: Run, state: dict) -> None:
 def restore_training_state(run: Run, state: dict) -> None:
     """Weights, optimiser, EMA, scaler, RNGs and the position in the epoch; not the guard, whose halved lr must
     survive a rollback."""
-    try:
-        run.model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise checkpoint.CheckpointError(
-            f"checkpoint does not fit model {run.cfg.model.name}: {str(e).splitlines()[0]}"
-        ) from None
+    if why := checkpoint.misfit(run.model.state_dict(), state["model"]):
+        raise checkpoint.CheckpointError(f"checkpoint does not fit model {run.cfg.model.name}: {why}")
+    run.model.load_state_dict(state["model"])
     load_optimizer_state(run.optimizer, state["optimizer"])
     if run.ema is not None and state.get("ema") is not None:
         run.ema.load_state_dict(state["ema"])

@@ -53,13 +53,8 @@ def warm_start(model: nn.Module, source: str | Path) -> str:
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise ReslabError(f"model.init: {path}: its weights are not a mapping of names to tensors")
     own = model.state_dict()
-    for a, b, where in ((own, weights, "it"), (weights, own, "this model")):
-        absent = [k for k in a if k not in b]
-        if absent:
-            raise ReslabError(
-                f"model.init: {what} is another architecture: {len(absent)} tensors are not in {where} "
-                f"(first: {absent[0]})"
-            )
+    if why := checkpoint.misfit(own, weights, shapes=False):  # shapes may differ at the head and the stem
+        raise ReslabError(f"model.init: {what} is another architecture: {why}")
     linears, convs = _names(model, nn.Linear), _names(model, nn.Conv2d)
     head = {f"{linears[-1]}.weight", f"{linears[-1]}.bias"} if linears else set()
     stem = f"{convs[0]}.weight" if convs else None

@@ -1,5 +1,6 @@
 """Two gloo processes on the CPU under torchrun: the same training as one process with the same global batch."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -17,10 +18,12 @@ from reslab.runs import read_history, without_timings
 TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
 
 
-def launch(out, data, nproc, extra=None, resume=False, kill_at=None, epochs=3):
+def launch(out, data, nproc, extra=None, resume=False, kill_at=None, epochs=3, nan_at=None):
     env = dict(os.environ, RESLAB_DIST_TIMEOUT="120", OMP_NUM_THREADS="1")
     if kill_at:
         env["RESLAB_KILL_AT"] = kill_at
+    if nan_at:
+        env["RESLAB_NAN_AT"] = nan_at
     overrides = tiny_overrides(data, **{"train.epochs": epochs, **(extra or {})})
     args = ["train", "--out", str(out), "--quiet"] + (["--resume"] if resume else ["--set", *overrides])
     if nproc == 1:
@@ -109,6 +112,31 @@ def test_a_mid_epoch_checkpoint_under_torchrun_keeps_every_ranks_share_of_the_ep
     resumed = launch(out, tiny_data, 2, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert without_timings(read_history(out)) == without_timings(read_history(tmp_path / "whole"))
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_rank_rolls_back_every_rank_and_so_does_a_run_resumed_mid_epoch(tiny_data, tmp_path):
+    """NaN inputs on rank 1 alone: the ranks' summed loss and gradient norm make both roll the epoch back together
+    (none waits alone in an all-reduce). A run killed mid-epoch and resumed meets the same NaN after its resume
+    point: it rolls back to the epoch's start held in its last.pt, each rank with its own generators as they were
+    then (dropout draws from them), and ends the same bits as the run never killed."""
+    mid = {"train.checkpoint_every": 3, "model.options.dropout": 0.2}
+    # 8 steps an epoch: global step 12 is epoch 2's fifth, after its batch-3 checkpoint
+    whole = launch(tmp_path / "whole", tiny_data, 2, mid, epochs=2, nan_at="12:1")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    # one warning: only rank 0 prints
+    assert whole.stderr.count("warning: non-finite loss (nan) at step 12 in epoch 2; restored") == 1
+    events = json.loads((tmp_path / "whole" / "summary.json").read_text())["guard_events"]
+    assert [(e["epoch"], e["lr_scale"]) for e in events] == [(2, 0.5)]
+    out = tmp_path / "run"
+    killed = launch(out, tiny_data, 2, mid, epochs=2, kill_at="step:12")  # after step 11
+    assert killed.returncode != 0 and checkpoint.load(out / "last.pt")["batch"] == 3
+    resumed = launch(out, tiny_data, 2, resume=True, nan_at="12:1")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["guard_events"] == events
+    assert without_timings(read_history(out)) == without_timings(read_history(tmp_path / "whole"))
+    a, b = (checkpoint.load(d / "last.pt")["model"] for d in (tmp_path / "whole", out))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_torchrun_worker_leaves_through_os_exit_with_its_code(monkeypatch, tmp_path):

@@ -1,6 +1,11 @@
-"""Fault injection for the reliability tests: `RESLAB_KILL_AT=point:n` sends SIGKILL to this process the n-th
-time execution passes `point` (start, step, eval, checkpoint-write, after-checkpoint, epoch-end). Unset, as
-always outside the tests, `reached()` costs one dictionary lookup."""
+"""Fault injection for the reliability tests, read from the environment once. Unset, as always outside the
+tests, each hook costs one check of a string.
+
+- `RESLAB_KILL_AT=point:n` sends SIGKILL to this process the n-th time execution passes `point` (start, step,
+  eval, checkpoint-write, after-checkpoint, epoch-end).
+- `RESLAB_NAN_AT=s[:rank]` turns the training inputs of global step s NaN, once in this process, on every rank
+  or on the one named: a divergence that reaches a process under torchrun, where a test cannot reach in.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import signal
 
 _counts: dict[str, int] = {}
 _target = os.environ.get("RESLAB_KILL_AT", "")
+_nan_at = os.environ.get("RESLAB_NAN_AT", "")
 
 
 def reached(point: str) -> None:
@@ -20,3 +26,15 @@ def reached(point: str) -> None:
     _counts[point] = _counts.get(point, 0) + 1
     if _counts[point] == int(n or 1):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def poison(step: int, x):
+    """The batch `x` of global step `step`, made NaN where RESLAB_NAN_AT names that step (and this rank)."""
+    global _nan_at
+    if not _nan_at:
+        return x
+    at, _, rank = _nan_at.partition(":")
+    if step != int(at) or (rank and int(rank) != int(os.environ.get("RANK", "0"))):
+        return x
+    _nan_at = ""  # once: the epoch's retry trains on
+    return x * float("nan")

@@ -427,7 +427,8 @@ def test_a_resume_trains_with_changed_optimiser_settings_and_refuses_another_opt
 ):
     """The saved optimiser groups hold the run's old weight decay and momentum: a resume that says it changes
     them must train with the new ones, not load the old ones back. Another optimiser or architecture cannot take
-    the checkpoint's state: one line naming the change, and nothing written."""
+    the checkpoint's state, and fewer epochs than it has trained would leave config.yaml saying fewer than the
+    run holds: one line naming the change, and nothing written."""
     fit(tiny_cfg(tiny_data, **{"train.epochs": 1}), tmp_path / "a", quiet=True)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     fit(tiny_cfg(tiny_data, **{"train.epochs": 2}), tmp_path / "a", resume=True, quiet=True)
@@ -450,6 +451,9 @@ def test_a_resume_trains_with_changed_optimiser_settings_and_refuses_another_opt
             r"from its weights with --set model.init=",
         ),
     ]
+    refused.append(
+        ({"train.epochs": 1}, "last.pt has trained 2 epochs already: train.epochs 1 would end the run")
+    )
     for change, message in refused:
         with pytest.raises(ReslabError, match=message):
             fit(tiny_cfg(tiny_data, **{"train.epochs": 3, **change}), tmp_path / "b", resume=True, quiet=True)

@@ -210,7 +210,8 @@ def fit(
 
 def _refuse_changes(run: Run, changed: dict, state: dict, out: Path) -> None:
     """Refuse, before anything is restored, the changes a resume of checkpoint `state` cannot make: another
-    optimiser or model than the one it holds, or, stopped midway through an epoch, what decides its batches."""
+    optimiser or model than the one it holds, fewer epochs than it has trained, or, stopped midway through an
+    epoch, what decides its batches."""
     last = out / "last.pt"
     again = f"resume with the run's own, or start a new run from its weights with --set model.init={out}"
     if "optim.name" in changed:
@@ -220,6 +221,11 @@ def _refuse_changes(run: Run, changed: dict, state: dict, out: Path) -> None:
     if model and (why := checkpoint.misfit(run.model.state_dict(), state["model"])):
         said = ", ".join(f"{k} {a!r}, now {b!r}" for k, (a, b) in model.items())
         raise ReslabError(f"{last} does not fit the model of these settings ({said}): {why}; {again}")
+    if run.cfg.train.epochs < state["epoch"]:
+        raise ReslabError(
+            f"{last} has trained {n_epochs(state['epoch'])} already: train.epochs {run.cfg.train.epochs} would end "
+            f"the run before them; resume with {state['epoch']} or more"
+        )
     order = [k for k in ("seed", "data.limit", "train.batch_size") if k in changed]
     if state["batch"] and order:
         raise ReslabError(

@@ -109,9 +109,17 @@ def test_a_mid_epoch_checkpoint_under_torchrun_keeps_every_ranks_share_of_the_ep
     saved = checkpoint.load(out / "last.pt")
     assert killed.returncode != 0 and saved["batch"] == 3
     assert saved["sums"][2] == 3 * 64  # the images of 3 global batches of 64, both ranks' halves
+    shutil.copytree(out, tmp_path / "single")
     resumed = launch(out, tiny_data, 2, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert without_timings(read_history(out)) == without_timings(read_history(tmp_path / "whole"))
+    # finished by one process: its epoch 2 counts all 512 images, the 192 before the resume among them
+    single = launch(tmp_path / "single", tiny_data, 1, resume=True)
+    assert single.returncode == 0, single.stderr
+    rows = read_history(tmp_path / "single")
+    assert [m["world_size"] for m in rows] == [2, 1]
+    correct = rows[1]["train_acc"] * 512
+    assert abs(correct - round(correct)) < 1e-9 and 0 < correct <= 512
 
 
 @pytest.mark.slow

@@ -2,10 +2,13 @@
 interrupted: metrics.jsonl (less its timings), last.pt's and best.pt's epoch, weights and EMA, and summary.json's
 test accuracies must be the same bits. Each case draws the optimiser, schedule, EMA, test-time views, the
 augmentations, how often the run tests and saves, gradient clipping, warm-up, label smoothing, model and seed;
-the kill point is one of the reliability tests' (RESLAB_KILL_AT, reslab/faults.py). Prints a line per case,
-writes results.json, and exits 1 if any case differs.
+the kill point is one of the reliability tests' (RESLAB_KILL_AT, reslab/faults.py). With --nan each case also
+draws a training step whose inputs turn NaN (RESLAB_NAN_AT; under torchrun on one rank), in the run whole and
+in the one killed and resumed alike, so the divergence guard's rollbacks meet the kills. Prints a line per
+case, writes results.json, and exits 1 if any case differs.
 Usage: .venv/bin/python benchmarks/resume_fuzz.py --out runs/resume-fuzz [--cases 20] [--seed 0] [--set ...]
            [--nproc 2]   # under torchrun, gloo ranks on the CPU
+           [--nan]       # and a NaN step in each case
 """
 
 from __future__ import annotations
@@ -55,9 +58,12 @@ def draw(rng: random.Random) -> list[str]:
     ]
 
 
-def train(out: Path, args: list[str], nproc: int, kill_at: str | None = None) -> subprocess.CompletedProcess:
+def train(
+    out: Path, args: list[str], nproc: int, kill_at: str | None = None, nan_at: str | None = None
+) -> subprocess.CompletedProcess:
     """`reslab train` as a process, or under torchrun with `nproc` ranks (one thread each)."""
     env = dict(os.environ, **({"RESLAB_KILL_AT": kill_at} if kill_at else {}))
+    env |= {"RESLAB_NAN_AT": nan_at} if nan_at else {}
     launch = [sys.executable, "-m"]
     if nproc > 1:
         env |= {"OMP_NUM_THREADS": "1", "RESLAB_DIST_TIMEOUT": "120"}
@@ -104,18 +110,24 @@ def same(a, b) -> bool:
     return a == b
 
 
-def case(out: Path, overrides: list[str], kill_at: str, nproc: int = 1) -> dict:
-    """Train `overrides` whole into out/whole, then killed at `kill_at` and resumed into out/killed."""
-    row = {"overrides": overrides, "kill_at": kill_at, "nproc": nproc}
-    whole = train(out / "whole", ["--overwrite", "--config", "fast", "--set", *overrides], nproc)
+def case(out: Path, overrides: list[str], kill_at: str, nproc: int = 1, nan_at: str | None = None) -> dict:
+    """Train `overrides` whole into out/whole, then killed at `kill_at` and resumed into out/killed; with `nan_at`
+    both meet a NaN step (RESLAB_NAN_AT)."""
+    row = {"overrides": overrides, "kill_at": kill_at, "nproc": nproc, "nan_at": nan_at}
+    whole = train(
+        out / "whole", ["--overwrite", "--config", "fast", "--set", *overrides], nproc, nan_at=nan_at
+    )
     if whole.returncode:
         return row | {"result": f"error: {last_line(whole)}"}
-    killed = train(out / "killed", ["--overwrite", "--config", "fast", "--set", *overrides], nproc, kill_at)
+    row["rollbacks"] = len(json.loads((out / "whole" / "summary.json").read_text())["guard_events"])
+    killed = train(
+        out / "killed", ["--overwrite", "--config", "fast", "--set", *overrides], nproc, kill_at, nan_at
+    )
     row["killed"] = was_killed(killed)
     if killed.returncode and not row["killed"]:
         return row | {"result": f"error: {last_line(killed)}"}
     if row["killed"]:
-        resumed = train(out / "killed", ["--resume"], nproc)
+        resumed = train(out / "killed", ["--resume"], nproc, nan_at=nan_at)
         if resumed.returncode:
             return row | {"result": f"resume failed: {last_line(resumed)}"}
     a, b = outcome(out / "whole"), outcome(out / "killed")
@@ -130,6 +142,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="seeds the draws of recipes and kill points")
     p.add_argument("--set", nargs="*", default=[], help="overrides of every case, after the drawn ones")
     p.add_argument("--nproc", type=int, default=1, help="ranks under torchrun (gloo, one thread each)")
+    p.add_argument("--nan", action="store_true", help="also draw a step whose inputs turn NaN, in every case")
     args = p.parse_args()
     rng, rows = random.Random(args.seed), []
     args.out.mkdir(parents=True, exist_ok=True)
@@ -137,10 +150,17 @@ def main() -> None:
         overrides = [*BASE, *draw(rng), *args.set]
         point = rng.choice(POINTS)
         kill_at = f"{point}:{rng.randint(1, 12 if point == 'step' else 2)}"
-        rows.append(case(args.out / f"case{i}", overrides, kill_at, args.nproc))
+        nan_at = None
+        if args.nan:  # BASE: 8 steps an epoch
+            epochs = int([o for o in overrides if o.startswith("train.epochs=")][-1].partition("=")[2])
+            nan_at = f"{rng.randrange(8 * epochs)}" + (
+                f":{rng.randrange(args.nproc)}" if args.nproc > 1 else ""
+            )
+        rows.append(case(args.out / f"case{i}", overrides, kill_at, args.nproc, nan_at))
         r = rows[-1]
         how = "killed at" if r.get("killed") else "finished before" if "killed" in r else "failed before"
-        print(f"case {i}: {how} {kill_at}: {r['result']}")
+        nan = f", NaN at step {nan_at} ({r.get('rollbacks', '?')} rollbacks)" if nan_at else ""
+        print(f"case {i}: {how} {kill_at}{nan}: {r['result']}")
         (args.out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
     bad = [r for r in rows if r["result"] != "same"]
     print(f"{len(rows) - len(bad)} of {len(rows)} cases the same bits after the kill and resume")

@@ -347,6 +347,21 @@ def test_resume_fuzz_script_kills_resumes_and_compares_the_runs(tiny_data, tmp_p
     assert not script.same(a["last.pt"], b["last.pt"]) and script.same(a["metrics"], b["metrics"])
 
 
+def test_resume_fuzz_with_nan_rolls_back_both_runs_alike(tiny_data, tmp_path, capsys, monkeypatch):
+    """--nan: the run whole and the one killed and resumed meet the same NaN step, roll back, and end the same."""
+    script = load_script("resume_fuzz")
+    fixed = [f"data.root={tiny_data}", "model.name=resnet8", "train.epochs=2"]
+    argv = ["resume_fuzz", "--out", str(tmp_path / "fuzz"), "--cases", "1", "--nan", "--set", *fixed]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as done:
+        script.main()
+    out = capsys.readouterr().out.splitlines()
+    assert done.value.code == 0 and out[-1] == "1 of 1 cases the same bits after the kill and resume", out
+    (row,) = json.loads((tmp_path / "fuzz" / "results.json").read_text())
+    assert row["result"] == "same" and row["rollbacks"] == 1 and 0 <= int(row["nan_at"]) < 16
+    assert f"NaN at step {row['nan_at']} (1 rollbacks)" in out[0]
+
+
 def test_resume_fuzz_tells_a_kill_under_torchrun_from_an_error():
     """torchrun exits 1 when a rank is SIGKILLed, as for any failure: its report names the signal's exit code."""
     script = load_script("resume_fuzz")

@@ -3,8 +3,9 @@ tests, each hook costs one check of a string.
 
 - `RESLAB_KILL_AT=point:n` sends SIGKILL to this process the n-th time execution passes `point` (start, step,
   eval, checkpoint-write, after-checkpoint, epoch-end).
-- `RESLAB_NAN_AT=s[:rank]` turns the training inputs of global step s NaN, once in this process, on every rank
-  or on the one named: a divergence that reaches a process under torchrun, where a test cannot reach in.
+- `RESLAB_NAN_AT=s[:rank]` turns the training inputs of global step s NaN, on every rank or on the one named,
+  while the run has recovered from no divergence (a state a checkpoint holds: a resumed run meets it as the run
+  never stopped would): a divergence that reaches a process under torchrun, where a test cannot reach in.
 """
 
 from __future__ import annotations
@@ -28,13 +29,12 @@ def reached(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def poison(step: int, x):
-    """The batch `x` of global step `step`, made NaN where RESLAB_NAN_AT names that step (and this rank)."""
-    global _nan_at
-    if not _nan_at:
+def poison(step: int, x, recovered: int):
+    """The batch `x` of global step `step`, made NaN where RESLAB_NAN_AT names that step (and this rank) and the
+    run has not yet recovered from a divergence (`recovered`: the guard's events so far)."""
+    if not _nan_at or recovered:
         return x
     at, _, rank = _nan_at.partition(":")
     if step != int(at) or (rank and int(rank) != int(os.environ.get("RANK", "0"))):
         return x
-    _nan_at = ""  # once: the epoch's retry trains on
     return x * float("nan")

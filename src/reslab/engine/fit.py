@@ -85,7 +85,7 @@ def train_one_epoch(run: Run, epoch: int, on_step=None) -> dict:
         lr = lr_at(step, total, run.steps_per_epoch, cfg.optim) * run.guard.lr_scale
         for group in run.optimizer.param_groups:
             group["lr"] = lr
-        x = faults.poison(step, x.contiguous(memory_format=mem))
+        x = faults.poison(step, x.contiguous(memory_format=mem), len(run.guard.events))
         if cfg.train.compile:  # a new iteration: CUDA graphs may reuse the last step's memory
             torch.compiler.cudagraph_mark_step_begin()
         stats = train_step(

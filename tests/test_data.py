@@ -218,6 +218,19 @@ def test_ranks_split_each_global_batch():
     assert sorted(torch.cat(test).tolist()) == sorted((torch.arange(100) % 10).tolist())
 
 
+def test_evaluation_deals_every_image_once_over_any_number_of_ranks():
+    """Only training's global batch must divide by the ranks: evaluation deals each batch's images out one at a
+    time, so 100 images in batches of 32 over 3 ranks (the last batch of 4) are each seen once."""
+    images, labels = torch.zeros(100, 28, 28, dtype=torch.uint8), torch.arange(100)
+    seen = [
+        torch.cat([y for _, y in TensorLoader(images, labels, 32, train=False, rank=r, world_size=3)])
+        for r in range(3)
+    ]
+    assert sorted(torch.cat(seen).tolist()) == list(range(100))
+    with pytest.raises(ValueError, match="batch size 32 is not divisible by world size 3"):
+        TensorLoader(images, labels, 32, train=True, world_size=3)
+
+
 def test_flip_is_an_involution_and_flips_about_half():
     x = torch.randn(400, 1, 5, 5)
     once = flip(x, torch.Generator().manual_seed(3))

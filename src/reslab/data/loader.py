@@ -175,7 +175,7 @@ class TensorLoader:
         self.first_flips = None
         if train and augment is not None and augment.flip and augment.alternate:
             self.first_flips = (torch.rand(len(labels), generator=self._generator(-1)) < 0.5).to(self.device)
-        if batch_size % world_size:
+        if train and batch_size % world_size:  # evaluation deals each batch's images out one at a time
             raise ValueError(f"batch size {batch_size} is not divisible by world size {world_size}")
 
     def __len__(self) -> int:

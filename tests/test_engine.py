@@ -1,3 +1,4 @@
+import copy
 import importlib
 import json
 import math
@@ -661,6 +662,8 @@ def test_d2l_train_3ch_prints_the_notebook_lines(tiny_data, capsys):
     X, y = next(iter(train_iter))
     assert X.shape == (64, 1, 32, 32) and 0 <= X.min() and X.max() <= 1
     net = build_model("resnet8", 1, 10)
+    start = copy.deepcopy(net.state_dict())
+    train_iter, test_iter = load_fashion_mnist_dataset(64, resize=32, root=str(tiny_data))  # at epoch 0 again
     history = train_3ch(
         net,
         nn.CrossEntropyLoss(),
@@ -673,6 +676,21 @@ def test_d2l_train_3ch_prints_the_notebook_lines(tiny_data, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("epoch 0, training loss ") and "testing accuracy" in lines[1]
     assert len(history) == 2 and all(math.isfinite(h["train_loss"]) for h in history)
+    # the d2l book's loss keeps one value an example: the steps take their mean, as the default loss does
+    again = build_model("resnet8", 1, 10)
+    again.load_state_dict(start)
+    train_iter, test_iter = load_fashion_mnist_dataset(64, resize=32, root=str(tiny_data))
+    per_image = train_3ch(
+        again,
+        nn.CrossEntropyLoss(reduction="none"),
+        2,
+        train_iter,
+        torch.optim.SGD(again.parameters(), lr=0.05, momentum=0.9),
+        test_iter,
+        "cpu",
+    )
+    for a, b in zip(history, per_image):
+        assert all(b[k] == pytest.approx(a[k], rel=1e-4) for k in a)
 
 
 def test_grad_scaler_path_skips_overflow_but_stops_on_nan_loss():

@@ -98,8 +98,11 @@ load_data_fashion_mnist = load_fashion_mnist_dataset  # the name in the d2l book
 
 def train_3ch(net, loss, num_epochs, train_iter, optimizer, test_iter, device) -> list[dict]:
     """The notebook's training function on reslab's engine: train mode every epoch (the notebook's NaN bug is
-    fixed), guarded steps, true mean losses. Prints the notebook's line for each epoch; returns the metrics."""
+    fixed), guarded steps, true mean losses. Prints the notebook's line for each epoch; returns the metrics.
+    `loss` may keep one loss an example (the d2l book's `nn.CrossEntropyLoss(reduction="none")`): steps take
+    their mean."""
     device = torch.device(device)
+    criterion = (lambda y_hat, y: loss(y_hat, y).mean()) if getattr(loss, "reduction", "") == "none" else loss
     set_up(device)  # as reslab's own runs do
     net.to(device)
     history = []
@@ -109,7 +112,7 @@ def train_3ch(net, loss, num_epochs, train_iter, optimizer, test_iter, device) -
         for b, (X, y) in enumerate(train_iter):
             X, y = X.to(device), y.to(device)
             batch_loss, _, batch_correct = train_step(
-                net, X, y, optimizer, loss, epoch * len(train_iter) + b, device
+                net, X, y, optimizer, criterion, epoch * len(train_iter) + b, device
             ).tolist()
             loss_sum += batch_loss * y.numel()
             correct += batch_correct

@@ -147,6 +147,28 @@ def test_a_nan_on_one_rank_rolls_back_every_rank_and_so_does_a_run_resumed_mid_e
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
+def test_a_study_trains_its_runs_under_torchrun_and_rank_0_reports(tiny_data, tmp_path):
+    """A study's runs share one process group (torchrun's store cannot seat a second after the first is
+    destroyed: the second run's ranks timed out connecting); every rank trains each run, rank 0 alone measures
+    the nets and writes the study's files, and the study run again skips what it has."""
+    env = dict(os.environ, RESLAB_DIST_TIMEOUT="120", OMP_NUM_THREADS="1")
+    out = tmp_path / "study"
+    overrides = tiny_overrides(tiny_data, **{"train.epochs": 1})
+    overrides = [o for o in overrides if not o.startswith("model.name=")]  # the study names the models
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "reslab", "study", "degradation"]
+    cmd += ["--depths", "8", "--out", str(out), "--set", *overrides]
+    for _ in range(2):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count("wrote ") == 1 and "| plain8 |" in done.stdout
+    assert done.stdout.count("[1/2]") == 0  # the second time: both runs were done
+    payload = json.loads((out / "results.json").read_text())
+    assert [r["model"] for r in payload["runs"]] == ["plain8", "resnet8"]
+    for name in ("plain8-s0", "resnet8-s0"):
+        assert [m["world_size"] for m in read_history(out / "runs" / name)] == [2]
+
+
 def test_a_torchrun_worker_leaves_through_os_exit_with_its_code(monkeypatch, tmp_path):
     # gloo worker threads outlive the run (torch.distributed.nn, imported by DDP, holds the process group), and
     # one that drops a finished all-reduce while Python finalizes aborts the process: a worker must end without

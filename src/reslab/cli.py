@@ -222,6 +222,8 @@ def cmd_study(args: argparse.Namespace) -> int:
         payload = units.run(
             out, args.quick, args.seeds, args.set, args.depth, variants, args.draws, recalibrate
         )
+    if payload is None:  # under torchrun, a rank above 0: it trained, rank 0 reports
+        return 0
     print((out / "table.md").read_text())
     extra = ", responses.png" if payload.get("responses", {}).get("nets") else ""
     extra += ", gradients.png" if payload.get("gradients", {}).get("init") else ""

@@ -15,6 +15,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owner: bool = False  # this setup() joined the process group, so its cleanup() leaves it
 
     @property
     def is_main(self) -> bool:
@@ -31,12 +32,15 @@ def is_main_process() -> bool:
 
 
 def setup(device_type: str) -> DistContext:
-    """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK)."""
+    """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK), unless
+    this process is in it already: a caller that trains several runs (a study) joins once around them all, as
+    torchrun's store cannot seat a second group after the first is destroyed."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistContext()
-    ctx = DistContext(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    ctx = DistContext(rank, world, local_rank, owner=not dist.is_initialized())
+    if ctx.owner:
         timeout = datetime.timedelta(seconds=int(os.environ.get("RESLAB_DIST_TIMEOUT", "600")))
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
@@ -69,5 +73,6 @@ def barrier(ctx: DistContext) -> None:
 
 
 def cleanup(ctx: DistContext) -> None:
-    if ctx.active and dist.is_initialized():
+    """Leave the process group, if `ctx`'s setup() joined it."""
+    if ctx.active and ctx.owner and dist.is_initialized():
         dist.destroy_process_group()

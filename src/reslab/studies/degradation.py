@@ -89,11 +89,13 @@ def run(
     nets=NETS,
     draws: int = 3,
     recalibrate: int = 0,
-) -> dict:
+) -> dict | None:
     runs = plan(quick, seeds, overrides or [], depths, nets)  # before anything is written: it checks
     out = make_dir(Path(out))
     with Timer() as timer:
         results = run_grid(runs, out)
+        if results is None:  # under torchrun, a rank above 0: rank 0 measures and writes
+            return None
         # the seed-0 nets' final weights, read on the test images every run shares
         seed0 = {
             r["summary"]["model"]: out / "runs" / r["name"] for r in results if r["name"].endswith("-s0")

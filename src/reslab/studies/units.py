@@ -95,11 +95,13 @@ def run(
     variants=tuple(VARIANTS),
     draws: int = 3,
     recalibrate: int = 0,
-) -> dict:
+) -> dict | None:
     runs = plan(quick, seeds, overrides or [], depth, variants)  # before anything is written: it checks
     out = make_dir(Path(out))
     with Timer() as timer:
         results = run_grid(runs, out)
+        if results is None:  # under torchrun, a rank above 0: rank 0 measures and writes
+            return None
         rows = []
         for (name, _), r in zip(runs, results):
             variant = name[len(f"resnet{depth}-") : name.rindex("-s")]

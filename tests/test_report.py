@@ -60,6 +60,18 @@ def test_eval_report_is_consistent_with_the_run(trained, tmp_path):
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["test_acc"] == result["test_acc"]
 
 
+def test_a_class_without_test_images_has_no_accuracy(trained, capsys):
+    """Three test images leave at least seven classes without any: their accuracy is None (JSON null, "no test
+    images" on the terminal), not 0, which would say the model got every one wrong."""
+    result = evaluate_checkpoint(trained, limit=3, device="cpu")
+    rows = np.array(result["confusion"]).sum(1)
+    assert rows.sum() == 3 and (rows == 0).sum() >= 7
+    for name, count in zip(result["classes"], rows):
+        assert (result["per_class_acc"][name] is None) == (count == 0)
+    assert main(["eval", str(trained), "--limit", "3", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.count("no test images") == (rows == 0).sum()
+
+
 @pytest.mark.skipif(not bf16_native(torch.device("cpu")), reason="needs a CPU with native bf16")
 def test_eval_of_a_bf16_run_finds_the_runs_own_figures(tiny_data, tmp_path):
     """A run that evaluated in bf16 (precision auto on such a CPU) is evaluated again in bf16, with its model

@@ -136,7 +136,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"test loss {result['test_loss']:.4f}  test acc {result['test_acc']:.4f}  top-2 {result['top2_acc']:.4f}"
         )
         for name, acc in result["per_class_acc"].items():
-            print(f"  {name:<12} {acc:.4f}")
+            print(f"  {name:<12} {'no test images' if acc is None else f'{acc:.4f}'}")
         if result.get("outputs"):
             print("wrote " + ", ".join(result["outputs"]))
     return 0

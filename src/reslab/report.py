@@ -91,8 +91,9 @@ def evaluate_checkpoint(
     k = len(meta["classes"])
     confusion = torch.zeros(k, k, dtype=torch.long)
     confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
+    # a class without test images (a --limit, a small folder) has no accuracy, not one of 0
     per_class = {
-        name: float(confusion[i, i] / confusion[i].sum().clamp(min=1))
+        name: float(confusion[i, i] / confusion[i].sum()) if confusion[i].sum() else None
         for i, name in enumerate(meta["classes"])
     }
     result = {

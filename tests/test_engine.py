@@ -452,13 +452,18 @@ def test_a_resume_trains_with_changed_optimiser_settings_and_refuses_another_opt
             r"from its weights with --set model.init=",
         ),
     ]
-    refused.append(
-        ({"train.epochs": 1}, "last.pt has trained 2 epochs already: train.epochs 1 would end the run")
-    )
     for change, message in refused:
         with pytest.raises(ReslabError, match=message):
             fit(tiny_cfg(tiny_data, **{"train.epochs": 3, **change}), tmp_path / "b", resume=True, quiet=True)
     assert (tmp_path / "b" / "last.pt").read_bytes() == before
+    # stopped after its last last.pt, before its summary: fewer epochs than it holds is refused too (a finished
+    # run resumed with fewer only says it is finished)
+    (tmp_path / "b" / "summary.json").unlink()
+    with pytest.raises(
+        ReslabError, match="last.pt has trained 2 epochs already: train.epochs 1 would end the"
+    ):
+        fit(tiny_cfg(tiny_data, **{"train.epochs": 1}), tmp_path / "b", resume=True, quiet=True)
+    assert not (tmp_path / "b" / "summary.json").exists()
 
 
 def test_config_changes_name_dotted_keys_and_ignore_keys_of_other_versions():

@@ -24,7 +24,17 @@ from ..config import Config
 from ..errors import ReslabError
 from . import checkpoint, dist, guard
 from .host import CROWDED, cpu_threads, cpu_wait_seconds, crowded_warning, wait_share
-from .run import SHARED, Run, prepare, restore, restore_training_state, save, snapshot, state_of
+from .run import (
+    SHARED,
+    Run,
+    prepare,
+    prime_buckets,
+    restore,
+    restore_training_state,
+    save,
+    snapshot,
+    state_of,
+)
 from .schedule import lr_at
 from .steps import check_steps, evaluate, loss_fn, train_step
 
@@ -190,6 +200,11 @@ def fit(
                 _log(run, f"{out} already finished {n_epochs(run.epoch)}; raise train.epochs to train on")
                 dist.cleanup(run.ctx)
                 return json.loads((out / "summary.json").read_text())
+            if run.epoch > cfg.train.epochs:  # its summary and config.yaml would say fewer than it holds
+                raise ReslabError(
+                    f"{out / 'last.pt'} has trained {n_epochs(run.epoch)} already: train.epochs {cfg.train.epochs} "
+                    f"would end the run before them; resume with {run.epoch} or more"
+                )
             _log(run, f"{out} trained its {n_epochs(run.epoch)} but stopped before its summary: writing it")
         _say_changes(run, changed)
     if run.ctx.is_main:
@@ -210,8 +225,7 @@ def fit(
 
 def _refuse_changes(run: Run, changed: dict, state: dict, out: Path) -> None:
     """Refuse, before anything is restored, the changes a resume of checkpoint `state` cannot make: another
-    optimiser or model than the one it holds, fewer epochs than it has trained, or, stopped midway through an
-    epoch, what decides its batches."""
+    optimiser or model than the one it holds, or, stopped midway through an epoch, what decides its batches."""
     last = out / "last.pt"
     again = f"resume with the run's own, or start a new run from its weights with --set model.init={out}"
     if "optim.name" in changed:
@@ -221,11 +235,6 @@ def _refuse_changes(run: Run, changed: dict, state: dict, out: Path) -> None:
     if model and (why := checkpoint.misfit(run.model.state_dict(), state["model"])):
         said = ", ".join(f"{k} {a!r}, now {b!r}" for k, (a, b) in model.items())
         raise ReslabError(f"{last} does not fit the model of these settings ({said}): {why}; {again}")
-    if run.cfg.train.epochs < state["epoch"]:
-        raise ReslabError(
-            f"{last} has trained {n_epochs(state['epoch'])} already: train.epochs {run.cfg.train.epochs} would end "
-            f"the run before them; resume with {state['epoch']} or more"
-        )
     order = [k for k in ("seed", "data.limit", "train.batch_size") if k in changed]
     if state["batch"] and order:
         raise ReslabError(
@@ -251,6 +260,8 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
         _write_outputs(run, draw=run.epoch >= cfg.train.epochs)
         if run.epoch >= cfg.train.epochs:
             return
+        if run.ctx.active:
+            prime_buckets(run)
     _log(
         run,
         f"reslab: {cfg.model.name} ({run.meta['params'] / 1e6:.2f}M params) on {run.device.type}"

@@ -18,7 +18,7 @@ from ..models import build_model, check_forward, count_params, unused_parameters
 from . import checkpoint, dist, gemm_conv, guard, rewrites
 from .host import set_up
 from .optim import EMA, SGD, load_optimizer_state, make_optimizer
-from .precision import resolve_device, resolve_precision
+from .precision import autocast, resolve_device, resolve_precision
 from .warm_start import warm_start
 
 SHARED = 3  # the epoch sums that every rank adds to (loss x images, correct, images), all-reduced at its end
@@ -272,6 +272,24 @@ def snapshot(run: Run) -> dict:
     return copy.deepcopy({k: v for k, v in state_of(run).items() if k not in ("history", "config", "meta")})
 
 
+def prime_buckets(run: Run) -> None:
+    """One forward and backward through DDP, then every state put back: nothing of the run changes.
+
+    DDP lays its gradient buckets out again after its first step, in the order the gradients became ready. A
+    run resumed under torchrun would take its first step in the first layout, which with 3 or more ranks adds
+    the ranks' gradients in another order than the run never stopped (2 ranks add alike either way): its last
+    bits would differ from there on. Primed, its first step all-reduces as the uninterrupted run's did."""
+    snap = snapshot(run)  # BatchNorm's statistics and the generators (dropout) change below
+    x, _ = next(run.train_loader.batches())
+    mem = torch.channels_last if run.cfg.train.channels_last else torch.contiguous_format
+    run.net.train()
+    with autocast(run.device, run.precision):
+        out = run.net(x.contiguous(memory_format=mem))
+    out.float().sum().backward()
+    run.optimizer.zero_grad(set_to_none=True)
+    restore_training_state(run, snap)
+
+
 def save(run: Run, name: str, state: dict | None = None) -> None:
     """Write `name` into the run directory from rank 0. Under torchrun every rank calls it at the same step: it
     gathers each rank's generators into the checkpoint ("rank_rng") for an exact resume, and the SHARED sums of
@@ -307,6 +325,7 @@ __all__ = [
     "Run",
     "model_side",
     "prepare",
+    "prime_buckets",
     "restore",
     "restore_training_state",
     "save",

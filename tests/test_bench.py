@@ -326,18 +326,24 @@ def test_every_case_the_reliability_report_runs_exists():
 
 
 @pytest.mark.slow
+def one_fuzz_case(out, capsys, monkeypatch, *args):
+    """benchmarks/resume_fuzz.py run for one case into `out`, which must end the same bits: (the script as a
+    module, its printed lines, the case's row of results.json)."""
+    script = load_script("resume_fuzz")
+    monkeypatch.setattr(sys, "argv", ["resume_fuzz", "--out", str(out), "--cases", "1", *args])
+    with pytest.raises(SystemExit) as done:
+        script.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert done.value.code == 0 and lines[-1] == "1 of 1 cases the same bits after the kill and resume", lines
+    (row,) = json.loads((out / "results.json").read_text())
+    return script, lines, row
+
+
 def test_resume_fuzz_script_kills_resumes_and_compares_the_runs(tiny_data, tmp_path, capsys, monkeypatch):
     """benchmarks/resume_fuzz.py: a drawn recipe trained whole, then killed and resumed, ends the same bits; a run
     that differs is named by what differs."""
-    script = load_script("resume_fuzz")
     fixed = [f"data.root={tiny_data}", "model.name=resnet8", "train.epochs=2", "train.ema=0.9"]
-    argv = ["resume_fuzz", "--out", str(tmp_path / "fuzz"), "--cases", "1", "--seed", "3", "--set", *fixed]
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as done:
-        script.main()
-    out = capsys.readouterr().out.splitlines()
-    assert done.value.code == 0 and out[-1] == "1 of 1 cases the same bits after the kill and resume", out
-    (row,) = json.loads((tmp_path / "fuzz" / "results.json").read_text())
+    script, out, row = one_fuzz_case(tmp_path / "fuzz", capsys, monkeypatch, "--seed", "3", "--set", *fixed)
     assert row["result"] == "same" and row["killed"] and row["overrides"][-4:] == fixed
     case = tmp_path / "fuzz" / "case0"
     a, b = script.outcome(case / "whole"), script.outcome(case / "killed")
@@ -349,15 +355,8 @@ def test_resume_fuzz_script_kills_resumes_and_compares_the_runs(tiny_data, tmp_p
 
 def test_resume_fuzz_with_nan_rolls_back_both_runs_alike(tiny_data, tmp_path, capsys, monkeypatch):
     """--nan: the run whole and the one killed and resumed meet the same NaN step, roll back, and end the same."""
-    script = load_script("resume_fuzz")
     fixed = [f"data.root={tiny_data}", "model.name=resnet8", "train.epochs=2"]
-    argv = ["resume_fuzz", "--out", str(tmp_path / "fuzz"), "--cases", "1", "--nan", "--set", *fixed]
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as done:
-        script.main()
-    out = capsys.readouterr().out.splitlines()
-    assert done.value.code == 0 and out[-1] == "1 of 1 cases the same bits after the kill and resume", out
-    (row,) = json.loads((tmp_path / "fuzz" / "results.json").read_text())
+    _, out, row = one_fuzz_case(tmp_path / "fuzz", capsys, monkeypatch, "--nan", "--set", *fixed)
     assert row["result"] == "same" and row["rollbacks"] == 1 and 0 <= int(row["nan_at"]) < 16
     assert f"NaN at step {row['nan_at']} (1 rollbacks)" in out[0]
 

@@ -1,4 +1,5 @@
-"""Two gloo processes on the CPU under torchrun: the same training as one process with the same global batch."""
+"""gloo processes on the CPU under torchrun: the same training as one process with the same global batch, exact
+resumes on 2 and 3 ranks, the guard across ranks, a study."""
 
 import json
 import os

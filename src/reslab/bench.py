@@ -19,7 +19,7 @@ from .data import input_side
 from .engine.checkpoint import make_file_dir, write_text
 from .engine.host import CROWDED, cpu_wait_seconds, crowding_cause, set_up, wait_share
 from .engine.optim import make_optimizer
-from .engine.precision import autocast, bf16_native, resolve_device, resolve_precision
+from .engine.precision import autocast, bf16_native, memory_format, resolve_device, resolve_precision
 from .engine.run import model_side, speed_up
 from .errors import ReslabError
 from .models import build_model, summary
@@ -132,7 +132,7 @@ def make_step(
     training loop runs, less the loop."""
     set_up(device)  # as training does
     torch.manual_seed(0)
-    mem = torch.channels_last if channels_last else torch.contiguous_format
+    mem = memory_format(channels_last)
     model = build_model(name, 1, 10, **options).to(device=device, memory_format=mem).train()
     speed_up(model, device, precision, skip, gemm_convs)
     net = torch.compile(model) if compiled else model

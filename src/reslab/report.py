@@ -18,7 +18,7 @@ from . import config as config_mod
 from .data import black, load_dataset, make_test_loader, resize
 from .engine import checkpoint
 from .engine.host import set_up
-from .engine.precision import autocast, resolve_device, resolve_precision
+from .engine.precision import autocast, memory_format, resolve_device, resolve_precision
 from .engine.run import model_side, speed_up
 from .engine.steps import predict_logits
 from .errors import ReslabError, first_line
@@ -77,7 +77,7 @@ def evaluate_checkpoint(
     if out is not None:  # before the evaluation, so a wrong --out fails at once
         out = checkpoint.make_dir(Path(out))
     # as the run evaluated: its memory format, its precision as this device resolves it, its model rewrites
-    mem = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    mem = memory_format(cfg.train.channels_last)
     precision = resolve_precision(cfg.precision, device)
     model = model.to(device, memory_format=mem)
     speed_up(model, device, precision)

@@ -24,6 +24,7 @@ from ..config import Config
 from ..errors import ReslabError
 from . import checkpoint, dist, guard
 from .host import CROWDED, cpu_threads, cpu_wait_seconds, crowded_warning, wait_share
+from .precision import memory_format
 from .run import (
     SHARED,
     Run,
@@ -86,7 +87,7 @@ def train_one_epoch(run: Run, epoch: int, on_step=None) -> dict:
     criterion = loss_fn(cfg.optim.label_smoothing)
     total = cfg.train.epochs * run.steps_per_epoch
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-    mem = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    mem = memory_format(cfg.train.channels_last)
     show = not run.quiet and run.ctx.is_main and sys.stderr.isatty()
     bar = tqdm(total=len(loader), initial=run.batch, desc=f"epoch {epoch + 1}", leave=False, disable=not show)
     start, waited = time.perf_counter(), cpu_wait_seconds() if run.device.type == "cpu" else None

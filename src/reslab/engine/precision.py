@@ -1,4 +1,4 @@
-"""Device and numeric precision: what `auto` means, and the autocast context for a step."""
+"""Device, numeric precision and memory layout: what `auto` means, the autocast context for a step."""
 
 from __future__ import annotations
 
@@ -47,3 +47,8 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """The layout of a run's model and batches: channels_last (NHWC) or PyTorch's default (NCHW)."""
+    return torch.channels_last if channels_last else torch.contiguous_format

@@ -18,7 +18,7 @@ from ..models import build_model, check_forward, count_params, unused_parameters
 from . import checkpoint, dist, gemm_conv, guard, rewrites
 from .host import set_up
 from .optim import EMA, SGD, load_optimizer_state, make_optimizer
-from .precision import autocast, resolve_device, resolve_precision
+from .precision import autocast, memory_format, resolve_device, resolve_precision
 from .warm_start import warm_start
 
 SHARED = 3  # the epoch sums that every rank adds to (loss x images, correct, images), all-reduced at its end
@@ -122,7 +122,7 @@ def prepare(cfg: Config, out: Path, quiet: bool = False, warm: bool = True) -> R
                 "train.sync_bn needs CUDA devices (PyTorch's SyncBatchNorm); set it false on the CPU"
             )
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    mem = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    mem = memory_format(cfg.train.channels_last)
     model = model.to(device=device, memory_format=mem)
     speed_up(model, device, precision)
     train_loader, test_loader = make_loaders(
@@ -281,7 +281,7 @@ def prime_buckets(run: Run) -> None:
     bits would differ from there on. Primed, its first step all-reduces as the uninterrupted run's did."""
     snap = snapshot(run)  # BatchNorm's statistics and the generators (dropout) change below
     x, _ = next(run.train_loader.batches())
-    mem = torch.channels_last if run.cfg.train.channels_last else torch.contiguous_format
+    mem = memory_format(run.cfg.train.channels_last)
     run.net.train()
     with autocast(run.device, run.precision):
         out = run.net(x.contiguous(memory_format=mem))

@@ -12,7 +12,7 @@ from .. import faults
 from ..data import TensorLoader, pad
 from . import dist, guard
 from .optim import SGD
-from .precision import autocast
+from .precision import autocast, memory_format
 
 
 def loss_fn(label_smoothing: float) -> nn.Module:
@@ -119,7 +119,7 @@ def evaluate(
     """Mean cross-entropy and accuracy over the full test set (eval mode, no gradients). The sums stay on the
     device (in float64, as the host would add them) and are read once: on a GPU a read per batch would stall."""
     model.eval()
-    mem = torch.channels_last if channels_last else torch.contiguous_format
+    mem = memory_format(channels_last)
     sums, count = torch.zeros(2, dtype=torch.float64, device=device), 0
     fill = loader.fill if tta_shift else 0.0  # a learner's own loader (reslab.d2l) need not know it
     for x, y in loader:

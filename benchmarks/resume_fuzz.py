@@ -1,11 +1,11 @@
 """Random recipes, each killed (SIGKILL) at a random point, resumed, and compared with the same recipe never
 interrupted: metrics.jsonl (less its timings), last.pt's and best.pt's epoch, weights and EMA, and summary.json's
-test accuracies must be the same bits. Each case draws the optimiser, schedule, EMA, test-time views, the
-augmentations, how often the run tests and saves, gradient clipping, warm-up, label smoothing, model and seed;
-the kill point is one of the reliability tests' (RESLAB_KILL_AT, reslab/faults.py). With --nan each case also
-draws a training step whose inputs turn NaN (RESLAB_NAN_AT; under torchrun on one rank), in the run whole and
-in the one killed and resumed alike, so the divergence guard's rollbacks meet the kills. Prints a line per
-case, writes results.json, and exits 1 if any case differs.
+accuracies must be the same bits. Each case draws the optimiser, schedule, EMA, test-time views, the augmentations,
+how often the run tests and saves, gradient clipping, warm-up, label smoothing, a validation split (data.val),
+model and seed; the kill point is one of the reliability tests' (RESLAB_KILL_AT, reslab/faults.py). With --nan
+each case also draws a training step whose inputs turn NaN (RESLAB_NAN_AT; under torchrun on one rank), in the
+run whole and in the one killed and resumed alike, so the divergence guard's rollbacks meet the kills. Prints a
+line per case, writes results.json, and exits 1 if any case differs.
 Usage: .venv/bin/python benchmarks/resume_fuzz.py --out runs/resume-fuzz [--cases 20] [--seed 0] [--set ...]
            [--nproc 2]   # under torchrun, gloo ranks on the CPU
            [--nan]       # and a NaN step in each case
@@ -55,6 +55,7 @@ def draw(rng: random.Random) -> list[str]:
         f"train.save_every={rng.choice([1, 2])}",
         f"train.eval_every={rng.choice([1, 2])}",
         f"train.checkpoint_every={rng.choice([0, 3])}",
+        f"data.val={rng.choice([0, 64])}",
     ]
 
 
@@ -95,7 +96,9 @@ def outcome(run: Path) -> dict:
         result[name] = (state["epoch"], state["model"], state.get("ema")) if state else "missing"
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else None
     result["summary"] = (
-        {k: summary[k] for k in ("test_acc", "best_test_acc", "epochs")} if summary else "missing"
+        {k: summary.get(k) for k in ("test_acc", "best_test_acc", "epochs", "best_val_acc", "best_epoch")}
+        if summary
+        else "missing"
     )
     return result
 

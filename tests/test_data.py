@@ -14,6 +14,7 @@ from reslab.data import (
     Augment,
     TensorLoader,
     flip,
+    hold_out,
     input_side,
     load_dataset,
     pad,
@@ -325,3 +326,26 @@ def test_resize_matches_pil_bilinear():
         assert ours.shape == pil.shape
         assert np.abs(ours - pil).mean() < 0.01, size
         assert np.abs(ours - pil).max() < 0.06, size
+
+
+def test_data_val_holds_out_the_same_training_images_whatever_the_seed(tiny_data):
+    """data.val draws its images from a generator of its own: every run of the same data, any seed, holds out the
+    same ones; the two parts are the training set, each image once and in the files' order."""
+    whole = load_dataset(DataConfig(root=str(tiny_data)))
+    held = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        held.append(load_dataset(DataConfig(root=str(tiny_data), val=100)))
+    a, b = held
+    assert (len(a.train_images), len(a.val_images), len(a.test_images)) == (412, 100, 256)
+    assert torch.equal(a.val_images, b.val_images) and torch.equal(a.train_labels, b.train_labels)
+    assert torch.equal(a.test_images, whole.test_images)
+    images = torch.arange(10).view(10, 1, 1, 1)
+    train, train_y, val, val_y = hold_out(images, torch.arange(10), 3)
+    assert torch.equal(train.flatten(), train_y) and torch.equal(val.flatten(), val_y)
+    assert sorted(train.flatten().tolist() + val.flatten().tolist()) == list(range(10))
+    assert train.flatten().tolist() == sorted(train.flatten().tolist()) and len(val) == 3
+    parts = torch.cat([a.train_images, a.val_images]).flatten(1)
+    assert sorted(map(bytes, parts.numpy())) == sorted(map(bytes, whole.train_images.flatten(1).numpy()))
+    with pytest.raises(ReslabError, match="data.val: holding out 512 of 512 training images leaves none"):
+        load_dataset(DataConfig(root=str(tiny_data), val=512))

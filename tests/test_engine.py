@@ -957,3 +957,27 @@ def test_curves_are_drawn_every_curves_every_seconds_at_the_end_and_after_an_err
     with pytest.raises(RuntimeError, match="a fault in epoch 3"):
         fit(cfg, tmp_path / "failed", quiet=True, on_step=fail)
     assert drawn == [2] and (tmp_path / "failed" / "curves.png").stat().st_size > 0
+
+
+def test_a_validation_split_chooses_best_pt_and_the_test_set_only_reports(tiny_data, tmp_path, monkeypatch):
+    """With data.val, best.pt is the epoch best on the held-out training images, however the test set scores; the
+    summary names that epoch and its test accuracy, and `reslab eval` of best.pt finds the same."""
+    fit_mod, val_scores = importlib.import_module("reslab.engine.fit"), [0.9, 0.5, 0.4]
+    real = fit_mod.evaluate
+
+    def shaped(model, loader, *args):  # the validation set best after epoch 1; the test set scores as it does
+        m = real(model, loader, *args)
+        return m | {"test_acc": val_scores.pop(0)} if loader.num_examples == 100 else m
+
+    monkeypatch.setattr(fit_mod, "evaluate", shaped)
+    summary = fit(tiny_cfg(tiny_data, **{"data.val": 100, "train.epochs": 3}), tmp_path / "run", quiet=True)
+    rows = read_history(tmp_path / "run")
+    assert [r["val_acc"] for r in rows] == [0.9, 0.5, 0.4] and all("val_loss" in r for r in rows)
+    assert (summary["best_val_acc"], summary["best_epoch"]) == (0.9, 1) and summary["val_acc"] == 0.4
+    assert (
+        summary["test_acc_at_best_val"] == rows[0]["test_acc"] < summary["best_test_acc"]
+    )  # not the test's pick
+    best = checkpoint.load(tmp_path / "run" / "best.pt")
+    assert best["epoch"] == 1
+    assert evaluate_checkpoint(tmp_path / "run" / "best.pt")["test_acc"] == rows[0]["test_acc"]
+    assert load_dataset(config.load(tmp_path / "run" / "config.yaml").data).val_images.shape[0] == 100

@@ -110,8 +110,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = args.out or f"runs/{cfg.name}"
     summary = fit(cfg, out, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
     if summary["test_acc"] is not None and dist.is_main_process():  # under torchrun: rank 0 says it
+        best = f"best {summary['best_test_acc']:.4f}"
+        if summary.get("best_val_acc") is not None:  # best.pt: chosen on the held-out images
+            best = f"best val {summary['best_val_acc']:.4f} at epoch {summary['best_epoch']}"
         print(
-            f"done: test acc {summary['test_acc']:.4f} (best {summary['best_test_acc']:.4f}) after "
+            f"done: test acc {summary['test_acc']:.4f} ({best}) after "
             f"{n_epochs(summary['epochs'])}, {summary['wall_seconds']:.0f} s -> {out}"
         )
     return 0

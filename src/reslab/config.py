@@ -42,6 +42,9 @@ class DataConfig:
     erasing: float = 0.0  # random erasing probability (Zhong et al. 2017); 0 = off
     classes: list[str] | None = None  # class names for idx/folder data
     split: float = 0.0  # folder data without train/ and test/: fraction held out for testing
+    # hold out this many training images for validation (one fixed draw, the same for every seed): each tested epoch
+    # also scores them, best.pt is the epoch best on them, and the test set only reports; 0 = off
+    val: int = 0
 
 
 @dataclass
@@ -272,6 +275,7 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         positive(key, getattr(getattr(cfg, section), name), allow_zero=True)
     positive("data.crop_padding", cfg.data.crop_padding, allow_zero=True)
+    positive("data.val", cfg.data.val, allow_zero=True)
     positive("train.max_retries", cfg.train.max_retries, allow_zero=True)
     positive("train.save_every", cfg.train.save_every)
     positive("train.checkpoint_every", cfg.train.checkpoint_every, allow_zero=True)

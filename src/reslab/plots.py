@@ -21,8 +21,8 @@ def save(fig, path: str | Path) -> None:
 
 
 def curves(history: list[dict], path: str | Path, title: str = "", train_note: str = "") -> None:
-    """Loss and accuracy per epoch, training and test, side by side, then the training steps' gradient norm
-    where the history has it. train_note says how the training loss differs from the test loss (e.g. label
+    """Loss and accuracy per epoch, training, test and (data.val) validation, side by side, then the training
+    steps' gradient norm where the history has it. train_note says how the training loss differs from the test loss (e.g. label
     smoothing)."""
     epochs = [h["epoch"] for h in history]
     shown = tested(history)  # every epoch unless train.eval_every > 1
@@ -40,6 +40,11 @@ def curves(history: list[dict], path: str | Path, title: str = "", train_note: s
     ax_loss.set(xlabel="epoch", ylabel="loss (mean cross-entropy)", title="loss")
     ax_acc.plot(epochs, [h["train_acc"] for h in history], "o-", label="train")
     ax_acc.plot(tested_epochs, [h["test_acc"] for h in shown], "s-", label="test")
+    held_out = [h for h in shown if "val_acc" in h]  # data.val: the training images held out
+    if held_out:
+        val_epochs = [h["epoch"] for h in held_out]
+        ax_loss.plot(val_epochs, [h["val_loss"] for h in held_out], "d--", label="validation")
+        ax_acc.plot(val_epochs, [h["val_acc"] for h in held_out], "d--", label="validation")
     if shown:
         best = max(shown, key=lambda h: h["test_acc"])
         ax_acc.annotate(

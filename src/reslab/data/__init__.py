@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -15,7 +15,8 @@ from .loader import Augment, TensorLoader, black, flip, pad, random_crop, random
 
 @dataclass
 class Dataset:
-    """A split dataset in memory: uint8 images (N, C, H, W), int64 labels, class names, pixel statistics."""
+    """A split dataset in memory: uint8 images (N, C, H, W), int64 labels, class names, pixel statistics; with
+    data.val, the training images held out for validation."""
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
@@ -25,10 +26,16 @@ class Dataset:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     source: str
+    val_images: torch.Tensor | None = None
+    val_labels: torch.Tensor | None = None
 
     @property
     def in_channels(self) -> int:
         return self.train_images.shape[1]
+
+    def validation(self) -> Dataset:
+        """The held-out images in the test split's place: what make_test_loader reads for a validation loader."""
+        return replace(self, test_images=self.val_images, test_labels=self.val_labels)
 
 
 def _stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -61,6 +68,9 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         return t.unsqueeze(1) if t.ndim == 3 else t
 
     train_x, test_x = tensor(arrays.train_images), tensor(arrays.test_images)
+    train_y, val_x, val_y = tensor(arrays.train_labels).long(), None, None
+    if cfg.val:
+        train_x, train_y, val_x, val_y = hold_out(train_x, train_y, cfg.val)
     if cfg.name == "fashion-mnist":
         mean, std = (fashion_mnist.MEAN,), (fashion_mnist.STD,)
     else:
@@ -69,14 +79,30 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         mean, std = (0.0,) * len(mean), (1.0,) * len(std)
     return Dataset(
         train_x,
-        tensor(arrays.train_labels).long(),
+        train_y,
         test_x,
         tensor(arrays.test_labels).long(),
         arrays.classes,
         mean,
         std,
         arrays.source,
+        val_x,
+        val_y,
     )
+
+
+def hold_out(
+    images: torch.Tensor, labels: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(train images, labels, validation images, labels): `n` training images drawn for validation by a generator
+    of its own (seed 0), so every run of the same data holds out the same ones; each part keeps the files' order."""
+    if n >= len(images):
+        raise ReslabError(
+            f"data.val: holding out {n} of {len(images)} training images leaves none to train on"
+        )
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    val, train = order[:n].sort().values, order[n:].sort().values
+    return images[train], labels[train], images[val], labels[val]
 
 
 def make_loaders(
@@ -145,6 +171,7 @@ __all__ = [
     "TensorLoader",
     "black",
     "flip",
+    "hold_out",
     "input_side",
     "load_dataset",
     "make_loaders",

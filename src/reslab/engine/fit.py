@@ -155,6 +155,8 @@ def _epoch_line(m: dict, epochs: int) -> str:
     test = (
         f"test loss {m['test_loss']:.4f} acc {m['test_acc']:.4f}" if "test_acc" in m else f"{'not tested':27}"
     )
+    if "val_acc" in m:
+        test = f"val acc {m['val_acc']:.4f}  {test}"
     return (
         f"epoch {m['epoch']:>3}/{epochs}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f}  "
         f"{test}  lr {m['lr']:.4g}  "
@@ -263,13 +265,14 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
             return
         if run.ctx.active:
             prime_buckets(run)
+    loaders = [(run.train_loader, "train"), (run.val_loader, "validation"), (run.test_loader, "test")]
+    images = " / ".join(f"{loader.num_examples} {name}" for loader, name in loaders if loader is not None)
     _log(
         run,
         f"reslab: {cfg.model.name} ({run.meta['params'] / 1e6:.2f}M params) on {run.device.type}"
         f"{f' x{run.ctx.world_size}' if run.ctx.active else ''}"
         f"{f' ({cpu_threads()})' if run.device.type == 'cpu' else ''}, {run.precision}, "
-        f"{run.train_loader.num_examples} train / {run.test_loader.num_examples} test images, "
-        f"{n_epochs(cfg.train.epochs)} -> {out}"
+        f"{images} images, {n_epochs(cfg.train.epochs)} -> {out}"
         + (f" (resumed at epoch {run.epoch + 1})" if resumed else ""),
     )
     if run.init:
@@ -294,7 +297,8 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
     stops = () if run.ctx.active else (signal.SIGINT, signal.SIGTERM)
     previous = {s: signal.signal(s, on_signal) for s in stops}
     faults.reached("start")
-    best = max((h["test_acc"] for h in tested(run.history)), default=-1.0)
+    chosen_by = selection(run)
+    best = max((h[chosen_by] for h in run.history if chosen_by in h), default=-1.0)
     warned_crowded = False
     drawn_at, undrawn = time.perf_counter(), False  # curves.png: when last drawn; tested epochs since
     try:
@@ -315,8 +319,8 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
             saved = state_of(run)
             # best.pt before last.pt: a crash between them replays this epoch, which writes best.pt again; the
             # other way round the resumed run would count this epoch's accuracy as best and never write it
-            if metrics.get("test_acc", -1.0) > best:
-                best = metrics["test_acc"]
+            if metrics.get(chosen_by, -1.0) > best:
+                best = metrics[chosen_by]
                 save(run, "best.pt", {k: v for k, v in saved.items() if k != "optimizer"})
             if _due(run.epoch, cfg.train.save_every, cfg.train.epochs) or run.interrupted:
                 save(run, "last.pt", saved)
@@ -348,6 +352,11 @@ def _due(done: int, every: int, epochs: int) -> bool:
     return done % every == 0 or done == epochs
 
 
+def selection(run: Run) -> str:
+    """The metric best.pt is chosen on: the held-out training images' accuracy with data.val, else the test's."""
+    return "val_acc" if run.val_loader is not None else "test_acc"
+
+
 def tested(history: list[dict]) -> list[dict]:
     """The epochs that were evaluated: with train.eval_every > 1 the others have no test_loss and test_acc."""
     return [h for h in history if "test_acc" in h]
@@ -362,17 +371,14 @@ def _train_and_evaluate(run: Run, epoch: int, step_hook) -> dict:
     start, waited = time.perf_counter(), cpu_wait_seconds() if "cpu_wait_seconds" in train_m else None
     test_m = {}
     if _due(epoch + 1, cfg.train.eval_every, cfg.train.epochs):
-        test_m = evaluate(
-            eval_model,
-            run.test_loader,
-            run.device,
-            run.precision,
-            cfg.train.tta_flip,
-            cfg.train.channels_last,
-            run.ctx,
-            cfg.train.tta_shift,
-        )
-        guard.check(test_m["test_loss"], "test loss", (epoch + 1) * run.steps_per_epoch)
+        views = cfg.train.tta_flip, cfg.train.channels_last, run.ctx, cfg.train.tta_shift
+        test_m = evaluate(eval_model, run.test_loader, run.device, run.precision, *views)
+        if run.val_loader is not None:
+            val = evaluate(eval_model, run.val_loader, run.device, run.precision, *views)
+            test_m |= {"val_loss": val["test_loss"], "val_acc": val["test_acc"]}
+        for name in ("test", "val"):
+            if f"{name}_loss" in test_m:
+                guard.check(test_m[f"{name}_loss"], f"{name} loss", (epoch + 1) * run.steps_per_epoch)
     seconds, wait = train_m["train_seconds"] + time.perf_counter() - start, {}
     if waited is not None and (now := cpu_wait_seconds()) is not None:
         # the share of the threads' time in the whole epoch, training and testing, spent waiting for a CPU
@@ -407,6 +413,22 @@ def _write_outputs(run: Run, draw: bool) -> None:
     curves(run.history, run.out / "curves.png", f"{run.cfg.name}: {run.cfg.model.name}", note)
 
 
+def _val_summary(run: Run, last: dict) -> dict:
+    """With data.val: the last tested epoch's validation metrics, the best validation accuracy, and the epoch of
+    it (best.pt's) with its test accuracy: the figure a held-out choice reports."""
+    if run.val_loader is None:
+        return {}
+    scored = [h for h in run.history if "val_acc" in h]
+    best = max(scored, key=lambda h: h["val_acc"], default={})
+    return {
+        "val_acc": last.get("val_acc"),
+        "val_loss": last.get("val_loss"),
+        "best_val_acc": best.get("val_acc"),
+        "best_epoch": best.get("epoch"),
+        "test_acc_at_best_val": best.get("test_acc"),
+    }
+
+
 def _summary(run: Run, wall: float) -> dict:
     last = run.history[-1] if run.history else {}
     return {
@@ -419,6 +441,7 @@ def _summary(run: Run, wall: float) -> dict:
         "train_acc": last.get("train_acc"),
         "train_loss": last.get("train_loss"),
         "best_test_acc": max((h["test_acc"] for h in tested(run.history)), default=None),
+        **_val_summary(run, last),
         "wall_seconds": wall,
         "train_seconds": sum(h["epoch_seconds"] for h in run.history),
         "device": str(run.device),

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..data import TensorLoader, load_dataset, make_loaders
+from ..data import TensorLoader, load_dataset, make_loaders, make_test_loader
 from ..errors import ReslabError
 from ..models import build_model, check_forward, count_params, unused_parameters
 from . import checkpoint, dist, gemm_conv, guard, rewrites
@@ -61,6 +61,7 @@ class Run:
     pending: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (step, images, stats) unread
     interrupted: int = 0  # the signal (SIGINT, SIGTERM) that asked the run to stop; 0: none
     init: str = ""  # what model.init loaded, for the log
+    val_loader: TensorLoader | None = None  # the training images data.val held out; None: none held out
 
     def finish_epoch(self) -> None:
         """Count the epoch in progress as done: the next one starts at its first batch, with fresh sums."""
@@ -136,6 +137,17 @@ def prepare(cfg: Config, out: Path, quiet: bool = False, warm: bool = True) -> R
         ctx.world_size,
         cfg.train.tta_shift,
     )
+    val_loader = None
+    if data.val_images is not None:
+        val_loader = make_test_loader(
+            data.validation(),
+            cfg.data,
+            cfg.train.eval_batch_size,
+            device,
+            ctx.rank,
+            ctx.world_size,
+            cfg.train.tta_shift,
+        )
     if len(train_loader) == 0:
         raise ReslabError(
             f"train.batch_size {cfg.train.batch_size} exceeds the {train_loader.num_examples} training images"
@@ -181,6 +193,7 @@ def prepare(cfg: Config, out: Path, quiet: bool = False, warm: bool = True) -> R
         quiet,
         guard_every=cfg.train.guard_every or (1 if device.type == "cpu" else 50),
         init=init,
+        val_loader=val_loader,
     )
 
 

@@ -404,7 +404,8 @@ def test_save_every_writes_last_pt_every_n_epochs_and_a_resume_replays_the_rest(
 
 def test_a_resume_names_its_changes_and_refuses_new_batches_mid_epoch(tiny_data, tmp_path, capsys):
     """A resume with other settings says which; one stopped mid-epoch cannot change what decides that epoch's
-    batches (the seed, data.limit, the batch size): the batches it skips would not be the ones it trained on."""
+    batches (the seed, data.limit, data.val, the batch size): the batches it skips would not be the ones it trained
+    on."""
     extra = {"train.epochs": 2, "train.checkpoint_every": 3}
 
     def crash(run):
@@ -414,7 +415,7 @@ def test_a_resume_names_its_changes_and_refuses_new_batches_mid_epoch(tiny_data,
     with pytest.raises(RuntimeError):
         fit(tiny_cfg(tiny_data, **extra), tmp_path / "b", quiet=True, on_step=crash)
     capsys.readouterr()
-    for change in ({"train.batch_size": 32}, {"seed": 1}):
+    for change in ({"train.batch_size": 32}, {"seed": 1}, {"data.val": 64}):
         with pytest.raises(ReslabError, match="stopped at batch 6 of epoch 2, whose batches follow"):
             fit(tiny_cfg(tiny_data, **extra, **change), tmp_path / "b", resume=True, quiet=True)
     assert checkpoint.load(tmp_path / "b" / "last.pt")["batch"] == 6  # nothing written

@@ -238,7 +238,7 @@ def _refuse_changes(run: Run, changed: dict, state: dict, out: Path) -> None:
     if model and (why := checkpoint.misfit(run.model.state_dict(), state["model"])):
         said = ", ".join(f"{k} {a!r}, now {b!r}" for k, (a, b) in model.items())
         raise ReslabError(f"{last} does not fit the model of these settings ({said}): {why}; {again}")
-    order = [k for k in ("seed", "data.limit", "train.batch_size") if k in changed]
+    order = [k for k in ("seed", "data.limit", "data.val", "train.batch_size") if k in changed]
     if state["batch"] and order:
         raise ReslabError(
             f"{last} stopped at batch {state['batch']} of epoch {state['epoch'] + 1}, whose batches follow "

@@ -372,13 +372,13 @@ def _train_and_evaluate(run: Run, epoch: int, step_hook) -> dict:
     test_m = {}
     if _due(epoch + 1, cfg.train.eval_every, cfg.train.epochs):
         views = cfg.train.tta_flip, cfg.train.channels_last, run.ctx, cfg.train.tta_shift
+        step = (epoch + 1) * run.steps_per_epoch
         test_m = evaluate(eval_model, run.test_loader, run.device, run.precision, *views)
+        guard.check(test_m["test_loss"], "test loss", step)
         if run.val_loader is not None:
             val = evaluate(eval_model, run.val_loader, run.device, run.precision, *views)
+            guard.check(val["test_loss"], "validation loss", step)
             test_m |= {"val_loss": val["test_loss"], "val_acc": val["test_acc"]}
-        for name in ("test", "val"):
-            if f"{name}_loss" in test_m:
-                guard.check(test_m[f"{name}_loss"], f"{name} loss", (epoch + 1) * run.steps_per_epoch)
     seconds, wait = train_m["train_seconds"] + time.perf_counter() - start, {}
     if waited is not None and (now := cpu_wait_seconds()) is not None:
         # the share of the threads' time in the whole epoch, training and testing, spent waiting for a CPU

@@ -3,10 +3,13 @@
 import re
 import subprocess
 import sys
+import typing
+from dataclasses import is_dataclass
 from pathlib import Path
 
 import pytest
 
+from reslab import config
 from reslab.data.fashion_mnist import SYSTEM
 
 README = Path(__file__).parents[1] / "README.md"
@@ -26,3 +29,15 @@ def test_a_readme_python_example_runs(code, tmp_path):
     if "the same accuracy twice" in code:  # as its comment says: the run's own figure, then its checkpoint's
         first, second = done.stdout.strip().splitlines()[-1].split()
         assert first == second and 0 < float(first) <= 1
+
+
+def test_the_config_table_names_every_key():
+    """README's table of config keys lists every field of every section, so a new key is documented where a
+    newcomer looks for it (its comment in reslab/config.py says what it does)."""
+    rows = dict(re.findall(r"^\| `?([a-z ]+?)`? \| (.*) \|$", README.read_text(), re.M))
+    hints = typing.get_type_hints(config.Config)
+    sections = {"top level": config.Config, **{k: v for k, v in hints.items() if is_dataclass(v)}}
+    for section, cls in sections.items():
+        named = set(re.findall(r"`(\w+)`", rows[section]))
+        keys = {k for k, v in typing.get_type_hints(cls).items() if not is_dataclass(v)}
+        assert keys <= named, f"README's config table lacks {section}: {sorted(keys - named)}"

@@ -10,7 +10,7 @@ import torch
 import yaml
 from conftest import NEEDS_CUDA, Crash, crash_then_resume, tiny_overrides
 
-from reslab import config
+from reslab import config, runs
 from reslab.cli import main
 from reslab.data import load_dataset, make_loaders
 from reslab.engine import checkpoint, fit
@@ -981,3 +981,6 @@ def test_a_validation_split_chooses_best_pt_and_the_test_set_only_reports(tiny_d
     assert best["epoch"] == 1
     assert evaluate_checkpoint(tmp_path / "run" / "best.pt")["test_acc"] == rows[0]["test_acc"]
     assert load_dataset(config.load(tmp_path / "run" / "config.yaml").data).val_images.shape[0] == 100
+    row = runs.describe(tmp_path / "run")  # `reslab runs`: best.pt's test accuracy, not the test set's best
+    assert (row["best_val_acc"], row["test_acc_at_best_val"]) == (0.9, summary["test_acc_at_best_val"])
+    assert f"| {rows[0]['test_acc']:.4f} (by val) |" in runs.table([row])

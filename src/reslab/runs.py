@@ -75,15 +75,33 @@ def describe(run: Path) -> dict:
         "planned_epochs": planned,
         "test_acc": scored[-1]["test_acc"] if scored else None,  # the last evaluated epoch
         "best_test_acc": max(h["test_acc"] for h in scored) if scored else None,
+        **_chosen_by_val(scored),
         "train_seconds": sum(h["epoch_seconds"] for h in history),
         "crowded_epochs": sum(h.get("cpu_wait", 0.0) >= CROWDED for h in history),
         "state": state,
     }
 
 
+def _chosen_by_val(scored: list[dict]) -> dict:
+    """With data.val: the best validation accuracy and the test accuracy of its epoch (best.pt's), as summary.json
+    names them; nothing for a run without."""
+    held_out = [h for h in scored if "val_acc" in h]
+    if not held_out:
+        return {}
+    best = max(held_out, key=lambda h: h["val_acc"])
+    return {"best_val_acc": best["val_acc"], "test_acc_at_best_val": best["test_acc"]}
+
+
 def table(rows: list[dict]) -> str:
     def acc(value: float | None) -> str:
         return "" if value is None else f"{value:.4f}"
+
+    def best(
+        r: dict,
+    ) -> str:  # best.pt's: with data.val, the epoch the validation chose, not the test set's best
+        if "test_acc_at_best_val" in r:
+            return f"{acc(r['test_acc_at_best_val'])} (by val)"
+        return acc(r["best_test_acc"])
 
     def shared(epochs: int) -> str:
         return f" (CPU shared in {n_epochs(epochs)})" if epochs else ""
@@ -96,6 +114,6 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['run']} | {r['model']}{f' from {init}' if (init := r.get('init')) else ''} | "
             f"{r['epochs']}/{r['planned_epochs']} | {acc(r['test_acc'])} | "
-            f"{acc(r['best_test_acc'])} | {r['train_seconds']:.0f}{shared(r['crowded_epochs'])} | {r['state']} |"
+            f"{best(r)} | {r['train_seconds']:.0f}{shared(r['crowded_epochs'])} | {r['state']} |"
         )
     return "\n".join(lines)

@@ -22,8 +22,8 @@ def save(fig, path: str | Path) -> None:
 
 def curves(history: list[dict], path: str | Path, title: str = "", train_note: str = "") -> None:
     """Loss and accuracy per epoch, training, test and (data.val) validation, side by side, then the training
-    steps' gradient norm where the history has it. train_note says how the training loss differs from the test loss (e.g. label
-    smoothing)."""
+    steps' gradient norm where the history has it. train_note says how the training loss differs from the test
+    loss (e.g. label smoothing)."""
     epochs = [h["epoch"] for h in history]
     shown = tested(history)  # every epoch unless train.eval_every > 1
     tested_epochs = [h["epoch"] for h in shown]

@@ -96,9 +96,8 @@ def table(rows: list[dict]) -> str:
     def acc(value: float | None) -> str:
         return "" if value is None else f"{value:.4f}"
 
-    def best(
-        r: dict,
-    ) -> str:  # best.pt's: with data.val, the epoch the validation chose, not the test set's best
+    # best.pt's test accuracy: with data.val, the epoch the validation chose, not the test set's best
+    def best(r: dict) -> str:
         if "test_acc_at_best_val" in r:
             return f"{acc(r['test_acc_at_best_val'])} (by val)"
         return acc(r["best_test_acc"])

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from .engine.checkpoint import lock_owner
-from .engine.fit import n_epochs, tested
+from .engine.fit import best_by_val, n_epochs, tested
 from .engine.host import CROWDED
 from .errors import ReslabError
 
@@ -75,21 +75,11 @@ def describe(run: Path) -> dict:
         "planned_epochs": planned,
         "test_acc": scored[-1]["test_acc"] if scored else None,  # the last evaluated epoch
         "best_test_acc": max(h["test_acc"] for h in scored) if scored else None,
-        **_chosen_by_val(scored),
+        **best_by_val(scored),  # with data.val: best.pt's epoch, as summary.json names it
         "train_seconds": sum(h["epoch_seconds"] for h in history),
         "crowded_epochs": sum(h.get("cpu_wait", 0.0) >= CROWDED for h in history),
         "state": state,
     }
-
-
-def _chosen_by_val(scored: list[dict]) -> dict:
-    """With data.val: the best validation accuracy and the test accuracy of its epoch (best.pt's), as summary.json
-    names them; nothing for a run without."""
-    held_out = [h for h in scored if "val_acc" in h]
-    if not held_out:
-        return {}
-    best = max(held_out, key=lambda h: h["val_acc"])
-    return {"best_val_acc": best["val_acc"], "test_acc_at_best_val": best["test_acc"]}
 
 
 def table(rows: list[dict]) -> str:

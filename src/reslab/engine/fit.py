@@ -357,6 +357,20 @@ def selection(run: Run) -> str:
     return "val_acc" if run.val_loader is not None else "test_acc"
 
 
+def best_by_val(history: list[dict]) -> dict:
+    """The epoch data.val chose (best.pt's): its validation accuracy, its number and its test accuracy, the figure a
+    held-out choice reports; {} for a history without validation."""
+    held_out = [h for h in history if "val_acc" in h]
+    if not held_out:
+        return {}
+    best = max(held_out, key=lambda h: h["val_acc"])
+    return {
+        "best_val_acc": best["val_acc"],
+        "best_epoch": best["epoch"],
+        "test_acc_at_best_val": best["test_acc"],
+    }
+
+
 def tested(history: list[dict]) -> list[dict]:
     """The epochs that were evaluated: with train.eval_every > 1 the others have no test_loss and test_acc."""
     return [h for h in history if "test_acc" in h]
@@ -414,19 +428,11 @@ def _write_outputs(run: Run, draw: bool) -> None:
 
 
 def _val_summary(run: Run, last: dict) -> dict:
-    """With data.val: the last tested epoch's validation metrics, the best validation accuracy, and the epoch of
-    it (best.pt's) with its test accuracy: the figure a held-out choice reports."""
+    """With data.val: the last tested epoch's validation metrics and best_by_val's choice."""
     if run.val_loader is None:
         return {}
-    scored = [h for h in run.history if "val_acc" in h]
-    best = max(scored, key=lambda h: h["val_acc"], default={})
-    return {
-        "val_acc": last.get("val_acc"),
-        "val_loss": last.get("val_loss"),
-        "best_val_acc": best.get("val_acc"),
-        "best_epoch": best.get("epoch"),
-        "test_acc_at_best_val": best.get("test_acc"),
-    }
+    chosen = dict.fromkeys(("best_val_acc", "best_epoch", "test_acc_at_best_val")) | best_by_val(run.history)
+    return {"val_acc": last.get("val_acc"), "val_loss": last.get("val_loss"), **chosen}
 
 
 def _summary(run: Run, wall: float) -> dict:
@@ -452,4 +458,4 @@ def _summary(run: Run, wall: float) -> dict:
     }
 
 
-__all__ = ["Interrupted", "fit", "settle", "tested", "train_one_epoch"]
+__all__ = ["Interrupted", "best_by_val", "fit", "settle", "tested", "train_one_epoch"]

@@ -62,6 +62,7 @@ def evaluate_checkpoint(
         cfg.data.root = data_dir
     if limit:
         cfg.data.limit = limit
+    cfg.data.val = 0  # the test set is all it reads: a --limit need not leave the run's held-out images
     if tta_shift is not None:
         if tta_shift < 0:
             raise ReslabError(f"--tta-shift: must be >= 0, got {tta_shift}")

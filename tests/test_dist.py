@@ -171,9 +171,9 @@ def test_a_nan_on_one_rank_rolls_back_every_rank_and_so_does_a_run_resumed_mid_e
 
 @pytest.mark.slow
 def test_a_study_trains_its_runs_under_torchrun_and_rank_0_reports(tiny_data, tmp_path):
-    """A study's runs share one process group (torchrun's store cannot seat a second after the first is
-    destroyed: the second run's ranks timed out connecting); every rank trains each run, rank 0 alone measures
-    the nets and writes the study's files, and the study run again skips what it has."""
+    """A study's runs share one process group (a second after the first is destroyed often cannot form: the
+    second run's ranks timed out connecting); every rank trains each run, rank 0 alone measures the nets and
+    writes the study's files, and the study run again skips what it has."""
     env = dict(os.environ, RESLAB_DIST_TIMEOUT="120", OMP_NUM_THREADS="1")
     out = tmp_path / "study"
     overrides = tiny_overrides(tiny_data, **{"train.epochs": 1})
@@ -189,6 +189,38 @@ def test_a_study_trains_its_runs_under_torchrun_and_rank_0_reports(tiny_data, tm
     assert [r["model"] for r in payload["runs"]] == ["plain8", "resnet8"]
     for name in ("plain8-s0", "resnet8-s0"):
         assert [m["world_size"] for m in read_history(out / "runs" / name)] == [2]
+
+
+TWO_FITS = """
+import sys
+import torch.distributed as dist
+from reslab import config
+from reslab.engine import fit
+
+groups = []
+for lr in (0.05, 0.1):
+    cfg = config.load("fast", sys.argv[2:] + [f"optim.lr={lr}"])
+    fit(cfg, f"{sys.argv[1]}/lr{lr}")
+    groups.append(dist.distributed_c10d._get_default_group() if dist.is_initialized() else None)
+assert groups[0] is not None and groups[1] is groups[0], groups
+print("one group", dist.get_rank())
+"""
+
+
+@pytest.mark.slow
+def test_a_script_that_calls_fit_twice_under_torchrun_trains_both_in_one_process_group(tiny_data, tmp_path):
+    # fit() left the group after each run, and the next run's ranks then hung connecting in half the tries
+    (tmp_path / "two_fits.py").write_text(TWO_FITS)
+    env = dict(os.environ, RESLAB_DIST_TIMEOUT="60", OMP_NUM_THREADS="1")
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", str(tmp_path / "two_fits.py"), str(tmp_path)]
+    cmd += tiny_overrides(tiny_data, **{"train.epochs": 1})
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = sorted(line for line in done.stdout.splitlines() if line.startswith("one group"))
+    assert said == ["one group 0", "one group 1"]
+    assert len([line for line in done.stdout.splitlines() if line.startswith("epoch ")]) == 2  # rank 0's
+    for lr in (0.05, 0.1):
+        assert [m["world_size"] for m in read_history(tmp_path / f"lr{lr}")] == [2]
 
 
 def test_a_torchrun_worker_leaves_through_os_exit_with_its_code(monkeypatch, tmp_path):

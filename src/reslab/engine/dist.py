@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
@@ -15,7 +16,6 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    owner: bool = False  # this setup() joined the process group, so its cleanup() leaves it
 
     @property
     def is_main(self) -> bool:
@@ -33,20 +33,26 @@ def is_main_process() -> bool:
 
 def setup(device_type: str) -> DistContext:
     """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK), unless
-    this process is in it already: a caller that trains several runs (a study) joins once around them all, as
-    torchrun's store cannot seat a second group after the first is destroyed."""
+    this process is in one already. Joined once, the group stays for the process's life and is left at exit: a
+    script (or a study) that trains several runs trains them all in it, as a second group after the first is
+    destroyed often cannot form (its ranks hung connecting to each other, gloo on the CPU, in half the tries)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistContext()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    ctx = DistContext(rank, world, local_rank, owner=not dist.is_initialized())
-    if ctx.owner:
+    if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=int(os.environ.get("RESLAB_DIST_TIMEOUT", "600")))
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
-            torch.cuda.set_device(ctx.local_rank)
+            torch.cuda.set_device(local_rank)
         dist.init_process_group(backend, timeout=timeout)
-    return ctx
+        atexit.register(_leave)
+    return DistContext(rank, world, local_rank)
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def all_reduce_sum(values: list[float], device: torch.device, ctx: DistContext) -> list[float]:
@@ -70,9 +76,3 @@ def all_gather_object(obj, ctx: DistContext) -> list | None:
 def barrier(ctx: DistContext) -> None:
     if ctx.active:
         dist.barrier()
-
-
-def cleanup(ctx: DistContext) -> None:
-    """Leave the process group, if `ctx`'s setup() joined it."""
-    if ctx.active and ctx.owner and dist.is_initialized():
-        dist.destroy_process_group()

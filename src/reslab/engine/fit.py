@@ -201,7 +201,6 @@ def fit(
         if run.epoch >= cfg.train.epochs:
             if (out / "summary.json").exists():  # a finished run stays as it was: its config, its summary
                 _log(run, f"{out} already finished {n_epochs(run.epoch)}; raise train.epochs to train on")
-                dist.cleanup(run.ctx)
                 return json.loads((out / "summary.json").read_text())
             if run.epoch > cfg.train.epochs:  # its summary and config.yaml would say fewer than it holds
                 raise ReslabError(
@@ -222,7 +221,6 @@ def fit(
         summary = _summary(run, time.perf_counter() - wall_start)
         if run.ctx.is_main:
             checkpoint.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    dist.cleanup(run.ctx)
     return summary
 
 

@@ -62,36 +62,31 @@ def run_grid(runs: list[tuple[str, Config]], out: Path, quiet: bool = True) -> l
     torchrun every rank trains each run with the others, and the ranks above 0 return None: what a study
     measures and writes after training is rank 0's."""
     from ..engine import Interrupted, checkpoint, dist, fit
-    from ..engine.precision import resolve_device
     from ..runs import read_history
 
     for name, cfg in runs:  # before anything trains: a study's rows must all follow its own settings
         _check_same_settings(out / "runs" / name, cfg)
-    # one process group around all the runs: torchrun's store cannot seat a second after the first is destroyed
-    ctx = dist.setup(resolve_device(runs[0][1].device).type)
+    main = dist.is_main_process()
     results = []
-    try:
-        for i, (name, cfg) in enumerate(runs, 1):
-            run_dir = out / "runs" / name
-            if not (run_dir / "summary.json").is_file():
-                if ctx.is_main:
-                    print(f"[{i}/{len(runs)}] {name}", flush=True)
-                resume = (run_dir / "last.pt").is_file()
-                if resume:
-                    try:
-                        checkpoint.load(run_dir / "last.pt")
-                    except checkpoint.CheckpointError:
-                        resume = False
-                try:  # overwrite: an unreadable last.pt starts again
-                    fit(cfg, run_dir, resume=resume, quiet=quiet, overwrite=not resume)
-                except Interrupted as e:
-                    raise Interrupted(e.signum, e.out, "the same reslab study command (it resumes)") from None
-            if ctx.is_main:
-                summary = json.loads((run_dir / "summary.json").read_text())
-                results.append({"name": name, "summary": summary, "history": read_history(run_dir)})
-    finally:
-        dist.cleanup(ctx)
-    return results if ctx.is_main else None
+    for i, (name, cfg) in enumerate(runs, 1):
+        run_dir = out / "runs" / name
+        if not (run_dir / "summary.json").is_file():
+            if main:
+                print(f"[{i}/{len(runs)}] {name}", flush=True)
+            resume = (run_dir / "last.pt").is_file()
+            if resume:
+                try:
+                    checkpoint.load(run_dir / "last.pt")
+                except checkpoint.CheckpointError:
+                    resume = False
+            try:  # overwrite: an unreadable last.pt starts again
+                fit(cfg, run_dir, resume=resume, quiet=quiet, overwrite=not resume)
+            except Interrupted as e:
+                raise Interrupted(e.signum, e.out, "the same reslab study command (it resumes)") from None
+        if main:
+            summary = json.loads((run_dir / "summary.json").read_text())
+            results.append({"name": name, "summary": summary, "history": read_history(run_dir)})
+    return results if main else None
 
 
 # settings that decide where files are and how a run is kept, not what it learns: a study run again may change them

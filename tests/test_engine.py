@@ -980,8 +980,14 @@ def test_a_validation_split_chooses_best_pt_and_the_test_set_only_reports(tiny_d
     best = checkpoint.load(tmp_path / "run" / "best.pt")
     assert best["epoch"] == 1
     assert evaluate_checkpoint(tmp_path / "run" / "best.pt")["test_acc"] == rows[0]["test_acc"]
-    # eval reads the test set alone: its --limit cuts the training images too, which need not cover the held-out
+    # eval reads the test set alone: a --limit below the held-out count is no error
     assert evaluate_checkpoint(tmp_path / "run" / "best.pt", limit=50)["test_images"] == 50
+    # and scores the held-out images as training did (the loss: the accuracies above are shaped)
+    held_out = evaluate_checkpoint(tmp_path / "run" / "best.pt", split="val")
+    assert held_out["val_images"] == 100 and held_out["val_loss"] == pytest.approx(
+        rows[0]["val_loss"], rel=1e-5
+    )
+    assert evaluate_checkpoint(tmp_path / "run" / "best.pt", split="train")["train_images"] == 412
     assert load_dataset(config.load(tmp_path / "run" / "config.yaml").data).val_images.shape[0] == 100
     row = runs.describe(tmp_path / "run")  # `reslab runs`: best.pt's test accuracy, not the test set's best
     assert (row["best_val_acc"], row["test_acc_at_best_val"]) == (0.9, summary["test_acc_at_best_val"])

@@ -147,6 +147,7 @@ def test_outputs_that_cannot_be_written_and_counts_below_one_are_one_line(traine
         ),
         (["study", "units", "--out", str(note / "u")], "cannot create directory"),
         (["eval", str(trained), "--limit", "0"], "--limit must be a positive integer, got 0"),
+        (["eval", str(trained), "--split", "val"], "held out no training images (its data.val is 0)"),
         (
             ["eval", str(empty)],
             f"{empty} holds no best.pt or last.pt: not a run directory, or none saved yet",
@@ -282,6 +283,14 @@ def test_folder_dataset_round_trip(tmp_path):
     assert summary["epochs"] == 1
     model, meta, _ = load_model(tmp_path / "run")
     assert meta["classes"] == names and meta["in_channels"] == 3
+    # normalised by the run's own statistics, which a folder's training images give: a --limit on them changed
+    # them, and so every figure, when it cut the training images too
+    whole, limited = evaluate_checkpoint(tmp_path / "run"), evaluate_checkpoint(tmp_path / "run", limit=30)
+    assert limited["test_images"] == 30 and limited["test_loss"] == whole["test_loss"]
+    trained_on = evaluate_checkpoint(tmp_path / "run", split="train", limit=20)
+    assert (
+        trained_on["split"] == "train" and trained_on["train_images"] == 20 and "test_acc" not in trained_on
+    )
     # a flat folder with a held-out fraction
     flat = tmp_path / "flat"
     for i, (img, lab) in enumerate(zip(images[:40], labels[:40] % 2)):

@@ -131,15 +131,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         limit=args.limit,
         tta_shift=args.tta_shift,
         device=args.device,
+        split=args.split,
     )
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(
-            f"test loss {result['test_loss']:.4f}  test acc {result['test_acc']:.4f}  top-2 {result['top2_acc']:.4f}"
-        )
+        split = args.split
+        loss, acc = result[f"{split}_loss"], result[f"{split}_acc"]
+        print(f"{split} loss {loss:.4f}  {split} acc {acc:.4f}  top-2 {result['top2_acc']:.4f}")
         for name, acc in result["per_class_acc"].items():
-            print(f"  {name:<12} {'no test images' if acc is None else f'{acc:.4f}'}")
+            print(f"  {name:<12} {f'no {split} images' if acc is None else f'{acc:.4f}'}")
         if result.get("outputs"):
             print("wrote " + ", ".join(result["outputs"]))
     return 0
@@ -334,12 +335,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "eval",
         parents=[imports],
-        help="evaluate a run directory or checkpoint on the test set, with a report",
+        help="evaluate a run directory or checkpoint on the test set (or --split), with a report",
     )
     p.add_argument("path", help="run directory (uses best.pt) or checkpoint file")
     p.add_argument("--out", help="write eval.json, confusion.png and errors.png here")
     p.add_argument("--data-dir", help="directory of the dataset files (default: the run's own)")
-    p.add_argument("--limit", type=int, help="evaluate on the first N test images only")
+    p.add_argument(
+        "--split",
+        choices=["test", "val", "train"],
+        default="test",
+        help="the images to score: test (default), val (those the run's data.val held out), "
+        "train (those it trained on, unaugmented)",
+    )
+    p.add_argument("--limit", type=int, help="evaluate on the split's first N images only")
     p.add_argument(
         "--tta-shift",
         type=int,

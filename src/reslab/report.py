@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,9 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict, dict]:
 
 
 # ------------------------------------------------------------------------------------------- eval
+SPLITS = ("test", "val", "train")  # what `reslab eval --split` scores
+
+
 @torch.no_grad()
 def evaluate_checkpoint(
     path: str | Path,
@@ -52,17 +56,25 @@ def evaluate_checkpoint(
     limit: int | None = None,
     tta_shift: int | None = None,
     device: str = "auto",
+    split: str = "test",
 ) -> dict:
-    """The test-set report of a checkpoint, evaluated as its run evaluated (EMA weights, test-time flip and
-    shift, precision: `auto` is bf16 where the device computes it natively), except for `tta_shift` when given.
-    `device`: auto (a CUDA GPU when one is visible, else the CPU), cpu or cuda."""
+    """The report of a checkpoint on its run's test set (`split` "val": the training images its data.val held
+    out; "train": the images it trained on, unaugmented), evaluated as its run evaluated (EMA weights, test-time
+    flip and shift, precision: `auto` is bf16 where the device computes it natively), except for `tta_shift`
+    when given; `limit`: the split's first images only. Its figures are named by the split: test_acc, val_acc,
+    train_acc. `device`: auto (a CUDA GPU when one is visible, else the CPU), cpu or cuda."""
+    if split not in SPLITS:
+        raise ReslabError(f"split: expected one of {', '.join(SPLITS)}, got {split!r}")
     model, meta, state = load_model(path)
     cfg = config_mod.from_dict(state["config"])
     if data_dir:
         cfg.data.root = data_dir
-    if limit:
-        cfg.data.limit = limit
-    cfg.data.val = 0  # the test set is all it reads: a --limit need not leave the run's held-out images
+    if split == "val" and not cfg.data.val:
+        raise ReslabError(f"--split val: {path} held out no training images (its data.val is 0)")
+    if split == "test":
+        cfg.data.val = (
+            0  # the held-out draw changes nothing here, and another --data-dir may have fewer images
+        )
     if tta_shift is not None:
         if tta_shift < 0:
             raise ReslabError(f"--tta-shift: must be >= 0, got {tta_shift}")
@@ -72,6 +84,15 @@ def evaluate_checkpoint(
         raise ReslabError(
             f"the model predicts {len(meta['classes'])} classes, the data has {len(data.classes)}"
         )
+    # the model's own normalisation (another --data-dir's images have other statistics), and the split in the test
+    # set's place, as make_test_loader reads it
+    data = replace(data, mean=tuple(meta["mean"]), std=tuple(meta["std"]))
+    if split == "val":
+        data = data.validation()
+    elif split == "train":
+        data = replace(data, test_images=data.train_images, test_labels=data.train_labels)
+    if limit:
+        data = replace(data, test_images=data.test_images[:limit], test_labels=data.test_labels[:limit])
     device = resolve_device(device)
     set_up(device)  # as training does: else each batch faults its activations in afresh
     test = make_test_loader(data, cfg.data, cfg.train.eval_batch_size, device, tta_shift=cfg.train.tta_shift)
@@ -92,7 +113,7 @@ def evaluate_checkpoint(
     k = len(meta["classes"])
     confusion = torch.zeros(k, k, dtype=torch.long)
     confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
-    # a class without test images (a --limit, a small folder) has no accuracy, not one of 0
+    # a class without images (a --limit, a small folder) has no accuracy, not one of 0
     per_class = {
         name: float(confusion[i, i] / confusion[i].sum()) if confusion[i].sum() else None
         for i, name in enumerate(meta["classes"])
@@ -100,11 +121,12 @@ def evaluate_checkpoint(
     result = {
         "checkpoint": str(path),
         "device": device.type,
-        "test_images": len(labels),
+        "split": split,
+        f"{split}_images": len(labels),
         "tta": {"flip": cfg.train.tta_flip, "shift": cfg.train.tta_shift},
         "precision": precision,
-        "test_loss": float(nn.functional.cross_entropy(logits, labels)),
-        "test_acc": int((pred == labels).sum()) / len(labels),
+        f"{split}_loss": float(nn.functional.cross_entropy(logits, labels)),
+        f"{split}_acc": int((pred == labels).sum()) / len(labels),
         "top2_acc": int((probs.topk(min(2, k), 1).indices == labels[:, None]).any(1).sum()) / len(labels),
         "per_class_acc": per_class,
         "confusion": confusion.tolist(),

@@ -15,6 +15,7 @@ from reslab import config
 from reslab.cli import main
 from reslab.engine import checkpoint, fit
 from reslab.engine.precision import bf16_native
+from reslab.errors import ReslabError
 from reslab.report import evaluate_checkpoint, export, load_model, predict, read_image
 from reslab.runs import read_history
 
@@ -288,9 +289,15 @@ def test_folder_dataset_round_trip(tmp_path):
     whole, limited = evaluate_checkpoint(tmp_path / "run"), evaluate_checkpoint(tmp_path / "run", limit=30)
     assert limited["test_images"] == 30 and limited["test_loss"] == whole["test_loss"]
     trained_on = evaluate_checkpoint(tmp_path / "run", split="train", limit=20)
-    assert (
-        trained_on["split"] == "train" and trained_on["train_images"] == 20 and "test_acc" not in trained_on
-    )
+    assert trained_on["split"] == "train" and trained_on["train_images"] == 20
+    assert "test_acc" not in trained_on
+    # another folder of as many classes, but others: its labels would be scored against the wrong names
+    for split in ("train", "test"):
+        (tmp_path / "pics" / split / "gamma").rename(tmp_path / "pics" / split / "delta")
+    with pytest.raises(
+        ReslabError, match=r"predicts 3 classes \(alpha, beta, gamma\); .* \(alpha, beta, delta\)"
+    ):
+        evaluate_checkpoint(tmp_path / "run")
     # a flat folder with a held-out fraction
     flat = tmp_path / "flat"
     for i, (img, lab) in enumerate(zip(images[:40], labels[:40] % 2)):

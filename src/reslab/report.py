@@ -80,9 +80,10 @@ def evaluate_checkpoint(
             raise ReslabError(f"--tta-shift: must be >= 0, got {tta_shift}")
         cfg.train.tta_shift = tta_shift
     data = load_dataset(cfg.data)
-    if len(data.classes) != len(meta["classes"]):
+    # another --data-dir of other classes: its labels would be scored against the model's names
+    if tuple(data.classes) != tuple(meta["classes"]):
         raise ReslabError(
-            f"the model predicts {len(meta['classes'])} classes, the data has {len(data.classes)}"
+            f"the model predicts {_names(meta['classes'])}; {data.source} holds {_names(data.classes)}"
         )
     # the model's own normalisation (another --data-dir's images have other statistics), and the split in the test
     # set's place, as make_test_loader reads it
@@ -150,6 +151,11 @@ def evaluate_checkpoint(
         result["outputs"] = [str(out / n) for n in ("eval.json", "confusion.png", "errors.png")]
         checkpoint.write_text(out / "eval.json", json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _names(classes) -> str:
+    shown = ", ".join(classes[:6]) + (f" and {len(classes) - 6} more" if len(classes) > 6 else "")
+    return f"{len(classes)} classes ({shown})"
 
 
 # ------------------------------------------------------------------------------------------- predict

@@ -425,7 +425,7 @@ def test_runs_lists_each_run_directory_with_its_state(trained, tmp_path, capsys,
     assert main(["runs", str(tmp_path / "runs" / "broken"), "--plot", str(tmp_path / "none.png")]) == 2
     assert "no run has a finished epoch" in capsys.readouterr().err
     assert main(["runs", str(tmp_path / "runs"), "--plot", str(tmp_path)]) == 2
-    assert "is a directory; name the file to write, e.g." in capsys.readouterr().err
+    assert f"--plot {tmp_path} is a directory; name the file to write, e.g." in capsys.readouterr().err
     (tmp_path / "new").mkdir()
     # before the first run there is no runs/: a plain answer, not an error
     monkeypatch.chdir(tmp_path / "new")

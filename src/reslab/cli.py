@@ -259,7 +259,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         histories = {str(run): read_history(run) for run, row in zip(runs, rows) if row.get("epochs")}
         if not histories:
             raise ReslabError("--plot: no run has a finished epoch to draw")
-        compare(histories, make_file_dir(Path(args.plot), "runs.png"))
+        compare(histories, make_file_dir(Path(args.plot), "runs.png", "--plot"))
         print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
     return 0
 

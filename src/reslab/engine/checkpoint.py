@@ -68,11 +68,11 @@ def make_dir(path: Path) -> Path:
     return path
 
 
-def make_file_dir(path: Path, example: str) -> Path:
-    """Make sure `path` (an --out naming a file to write) is not a directory, and create the directory it goes in:
-    checked before the work that will fill it. `example` is a file name to suggest."""
+def make_file_dir(path: Path, example: str, flag: str = "--out") -> Path:
+    """Make sure `path` (the option `flag`, naming a file to write) is not a directory, and create the directory it
+    goes in: checked before the work that will fill it. `example` is a file name to suggest."""
     if path.is_dir():
-        raise ReslabError(f"--out {path} is a directory; name the file to write, e.g. {path / example}")
+        raise ReslabError(f"{flag} {path} is a directory; name the file to write, e.g. {path / example}")
     return make_dir(path.parent) / path.name
 
 

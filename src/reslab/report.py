@@ -72,9 +72,8 @@ def evaluate_checkpoint(
     if split == "val" and not cfg.data.val:
         raise ReslabError(f"--split val: {path} held out no training images (its data.val is 0)")
     if split == "test":
-        cfg.data.val = (
-            0  # the held-out draw changes nothing here, and another --data-dir may have fewer images
-        )
+        # the held-out draw changes nothing here, and another --data-dir may have fewer images
+        cfg.data.val = 0
     if tta_shift is not None:
         if tta_shift < 0:
             raise ReslabError(f"--tta-shift: must be >= 0, got {tta_shift}")

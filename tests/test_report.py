@@ -150,6 +150,10 @@ def test_outputs_that_cannot_be_written_and_counts_below_one_are_one_line(traine
         (["eval", str(trained), "--limit", "0"], "--limit must be a positive integer, got 0"),
         (["eval", str(trained), "--split", "val"], "held out no training images (its data.val is 0)"),
         (
+            ["export", str(trained), "--out", str(tmp_path / "m.onnx"), "--format", "pt2"],
+            "--out m.onnx names onnx by its suffix, but --format asks for pt2",
+        ),
+        (
             ["eval", str(empty)],
             f"{empty} holds no best.pt or last.pt: not a run directory, or none saved yet",
         ),
@@ -168,6 +172,7 @@ def test_outputs_that_cannot_be_written_and_counts_below_one_are_one_line(traine
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, (argv, err)
     assert note.read_text() == "keep me" and not (tmp_path / "m.onxx").exists()
+    assert not (tmp_path / "m.onnx").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")

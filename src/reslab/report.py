@@ -243,8 +243,15 @@ SUFFIX_FORMATS = {
 
 
 def export_format(out: Path, fmt: str | None) -> str | None:
-    """The format `out` is written in: `fmt` if given, else the one its suffix names (None: no suffix names one)."""
-    return fmt or SUFFIX_FORMATS.get(out.suffix.lower())
+    """The format `out` is written in: `fmt` if given, else the one its suffix names (None: no suffix names one). A
+    suffix that names another format than `fmt` is refused: the file would not be what its name says."""
+    named = SUFFIX_FORMATS.get(out.suffix.lower())
+    if fmt and named and fmt != named:
+        raise ReslabError(
+            f"--out {out.name} names {named} by its suffix, but --format asks for {fmt}: "
+            f"drop --format, or name the file with another suffix"
+        )
+    return fmt or named
 
 
 # what tracing raises for a Python branch on a tensor's value, which a traced file cannot hold

@@ -90,7 +90,7 @@ def evaluate_checkpoint(
     if split == "val":
         data = data.validation()
     elif split == "train":
-        data = replace(data, test_images=data.train_images, test_labels=data.train_labels)
+        data = data.training()
     if limit:
         data = replace(data, test_images=data.test_images[:limit], test_labels=data.test_labels[:limit])
     device = resolve_device(device)

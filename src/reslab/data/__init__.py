@@ -37,6 +37,10 @@ class Dataset:
         """The held-out images in the test split's place: what make_test_loader reads for a validation loader."""
         return replace(self, test_images=self.val_images, test_labels=self.val_labels)
 
+    def training(self) -> Dataset:
+        """The training images in the test split's place: make_test_loader then reads them unaugmented."""
+        return replace(self, test_images=self.train_images, test_labels=self.train_labels)
+
 
 def _stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of uint8 images scaled to [0, 1]. A constant channel (an RGB folder of red

@@ -30,7 +30,6 @@ import hashlib
 import json
 import random
 import re
-from dataclasses import replace
 from pathlib import Path
 from statistics import fmean, stdev
 
@@ -250,7 +249,7 @@ def first_images(data, data_cfg, images: int, train: bool = False) -> list[tuple
     from ..data import make_test_loader
 
     if train:
-        data = replace(data, test_images=data.train_images, test_labels=data.train_labels)
+        data = data.training()
     batches, n = [], 0
     for x, y in make_test_loader(data, data_cfg, 500, CPU):
         if n >= images:

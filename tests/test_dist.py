@@ -284,3 +284,33 @@ def test_a_model_of_your_own_with_an_unused_parameter_trains_under_torchrun(tiny
     assert [m["world_size"] for m in read_history(tmp_path / "r2")] == [2, 2]
     for key in ("spare.weight", "spare.bias"):  # never updated, as in one process
         assert runs[2]["model"][key].equal(runs[1]["model"][key])
+
+
+def test_a_group_the_script_joined_that_cannot_carry_the_runs_tensors_is_one_line_before_any_write(
+    tiny_data, tmp_path, monkeypatch
+):
+    # a script's own group, of a backend for another device (nccl; here cuda:gloo, which the CPU build can form),
+    # reached the first all-reduce with the run's tensors
+    import torch.distributed as tdist
+
+    from reslab import config
+    from reslab.engine import dist, fit
+    from reslab.errors import ReslabError
+
+    assert dist.carries("gloo", "cpu") and dist.carries("gloo", "cuda") and dist.carries("nccl", "cuda")
+    assert not dist.carries("nccl", "cpu") and dist.carries("cpu:gloo,cuda:nccl", "cpu")
+    assert not dist.carries("cuda:gloo", "cpu") and dist.carries("cuda:gloo", "cuda")
+    tdist.init_process_group(
+        "cuda:gloo", store=tdist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1
+    )
+    try:
+        # as torchrun's 2 ranks would say; the run stops before talking
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        with pytest.raises(
+            ReslabError, match=r"^this process's group \(backend cuda:gloo\) cannot carry cpu"
+        ):
+            fit(config.load("fast", tiny_overrides(tiny_data)), tmp_path / "run")
+    finally:
+        tdist.destroy_process_group()
+    assert not (tmp_path / "run").exists()

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..errors import ReslabError
+
 
 @dataclass
 class DistContext:
@@ -36,19 +38,35 @@ def setup(device_type: str) -> DistContext:
     """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK), unless
     this process is in one already. Joined once, the group stays for the process's life and is left at exit: a
     script (or a study) that trains several runs trains them all in it, as a second group after the first is
-    destroyed often cannot form (its ranks hung connecting to each other, gloo on the CPU, in half the tries)."""
+    destroyed often cannot form (its ranks hung connecting to each other, gloo on the CPU, in half the tries).
+    A group the script joined itself serves if its backend carries `device_type`'s tensors, and is one line if
+    not (nccl for a CPU run); reslab does not leave it."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistContext()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    # this rank's GPU, also where the script joined the group itself (nccl's object collectives use it)
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=int(os.environ.get("RESLAB_DIST_TIMEOUT", "600")))
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        if device_type == "cuda":
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend, timeout=timeout)
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timeout)
         atexit.register(_leave)
+    elif not carries(backend := dist.get_backend(), device_type):
+        raise ReslabError(
+            f"this process's group (backend {backend}) cannot carry {device_type} tensors: join it with backend "
+            f"'cpu:gloo,cuda:nccl' to train on both, or train on {'cuda' if device_type == 'cpu' else 'cpu'}"
+        )
     return DistContext(rank, world, local_rank)
+
+
+def carries(backend: str, device_type: str) -> bool:
+    """Whether a process group of `backend`, as dist.get_backend() names it ("gloo", "nccl", "cpu:gloo,cuda:nccl"),
+    carries tensors of `device_type`: nccl only CUDA's, one of "device:backend" pairs only its devices'."""
+    pairs = dict(pair.split(":", 1) for pair in backend.split(",") if ":" in pair)
+    if pairs:
+        return device_type in pairs
+    return backend != "nccl" or device_type == "cuda"
 
 
 def _leave() -> None:

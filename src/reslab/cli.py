@@ -208,24 +208,36 @@ def cmd_study(args: argparse.Namespace) -> int:
     require_counts(("--seeds", args.seeds), ("--draws", args.draws), ("--recalibrate", args.recalibrate))
     recalibrate = args.recalibrate or 0
     out = Path(args.out or f"runs/study-{args.study}{'-quick' if args.quick else ''}")
+    # a flag of the other study would be ignored: the user would think it set what it did not
+    other = {
+        "degradation": ("units", ["--depth", "--units"]),
+        "units": ("degradation", ["--depths", "--nets"]),
+    }
+    study, flags = other[args.study]
+    if given := [f for f in flags if getattr(args, f[2:]) is not None]:
+        raise ReslabError(
+            f"{' and '.join(given)}: the {study} study's; the {args.study} study does not take it"
+        )
+    # the flags given; the study's own defaults for the rest
+    chosen = {"draws": args.draws, "recalibrate": recalibrate}
     if args.study == "degradation":
-        from .studies import degradation
+        from .studies import degradation as chosen_study
 
-        try:
-            depths = tuple(int(d) for d in args.depths.split(","))
-        except ValueError:
-            raise ReslabError(f"--depths: expected depths like 20,56, got {args.depths!r}") from None
-        nets = tuple(args.nets.split(","))
-        payload = degradation.run(
-            out, args.quick, args.seeds, args.set, depths, nets, draws=args.draws, recalibrate=recalibrate
-        )
+        if args.depths is not None:
+            try:
+                chosen["depths"] = tuple(int(d) for d in args.depths.split(","))
+            except ValueError:
+                raise ReslabError(f"--depths: expected depths like 20,56, got {args.depths!r}") from None
+        if args.nets is not None:
+            chosen["nets"] = tuple(args.nets.split(","))
     else:
-        from .studies import units
+        from .studies import units as chosen_study
 
-        variants = tuple(args.units.split(",")) if args.units else tuple(units.VARIANTS)
-        payload = units.run(
-            out, args.quick, args.seeds, args.set, args.depth, variants, args.draws, recalibrate
-        )
+        if args.depth is not None:
+            chosen["depth"] = args.depth
+        if args.units is not None:
+            chosen["variants"] = tuple(args.units.split(","))
+    payload = chosen_study.run(out, args.quick, args.seeds, args.set, **chosen)
     if payload is None:  # under torchrun, a rank above 0: it trained, rank 0 reports
         return 0
     print((out / "table.md").read_text())
@@ -405,15 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", choices=["degradation", "units"])
     p.add_argument("--quick", action="store_true", help="the CPU budget: a subset and few epochs (~30 min)")
     p.add_argument("--seeds", type=int, default=1, help="seeds per configuration (default 1)")
-    p.add_argument(
-        "--depth", type=int, default=56, help="units: depth of the CIFAR-style ResNet (default 56)"
-    )
+    p.add_argument("--depth", type=int, help="units: depth of the CIFAR-style ResNet (default 56)")
     p.add_argument(
         "--depths",
-        default="20,32,44,56",
         help="degradation: depths of the plain and residual nets (default 20,32,44,56)",
     )
-    p.add_argument("--nets", default="plain,resnet", help="degradation: plain, resnet or both (default)")
+    p.add_argument("--nets", help="degradation: plain, resnet or both (default)")
     p.add_argument("--units", help="units: the unit variants, e.g. original,full-preact (default: all seven)")
     p.add_argument(
         "--draws",

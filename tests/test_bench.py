@@ -186,9 +186,14 @@ def test_seed_notebook_against_reslab_as_processes():
 
 
 @pytest.mark.parametrize("flag", ["--seed-limit", "--seed-rounds"])
-def test_bench_refuses_a_seed_comparison_of_nothing(flag, capsys):
+def test_bench_refuses_a_seed_comparison_of_nothing_and_its_options_with_quick(flag, capsys):
     assert main(["bench", flag, "0"]) == 2
     assert f"{flag} must be a positive integer" in capsys.readouterr().err
+    # --quick leaves the seed comparison out: its options would be ignored
+    assert main(["bench", "--quick", flag, "5", "--out", "/nonexistent/bench.json"]) == 2
+    assert (
+        capsys.readouterr().err == f"reslab: error: {flag}: the seed comparison's, which --quick leaves out\n"
+    )
 
 
 def test_a_late_failure_keeps_the_measurements_already_written(tmp_path, monkeypatch):

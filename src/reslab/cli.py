@@ -305,7 +305,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run
 
     require_counts(("--seed-limit", args.seed_limit), ("--seed-rounds", args.seed_rounds))
-    run(Path(args.out) if args.out else None, args.quick, args.seed_limit, args.device, args.seed_rounds)
+    # the seed comparison's options, those given (the rest: bench.run's defaults)
+    seed = {
+        k: v for k, v in (("seed_limit", args.seed_limit), ("seed_rounds", args.seed_rounds)) if v is not None
+    }
+    if args.quick and seed:  # they would be ignored
+        given = " and ".join(f"--{k.replace('_', '-')}" for k in seed)
+        raise ReslabError(f"{given}: the seed comparison's, which --quick leaves out")
+    run(Path(args.out) if args.out else None, args.quick, device=args.device, **seed)
     return 0
 
 
@@ -468,13 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--quick", action="store_true", help="small models only, no comparison with the seed")
-    p.add_argument(
-        "--seed-limit", type=int, default=2560, help="images for the seed comparison (default 2560)"
-    )
+    p.add_argument("--seed-limit", type=int, help="images for the seed comparison (default 2560)")
     p.add_argument(
         "--seed-rounds",
         type=int,
-        default=3,
         help="alternating rounds of the seed comparison, medians (default 3)",
     )
     p.add_argument(

@@ -619,6 +619,12 @@ def test_print_config_shows_the_resolved_config_and_trains_nothing(tiny_data, tm
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["train"]["epochs"] == 3 and shown["data"]["root"] == str(tiny_data)
     assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == files  # the run is untouched
+    # a resume reads the run's own config: another named beside it would be ignored
+    assert main(["train", "--out", str(out), "--resume", "--config", "best", "--print-config"]) == 2
+    assert capsys.readouterr().err == (
+        f"reslab: error: --resume continues {out} with its own config, run; --config best names another (best): "
+        "leave --config out (make train: CONFIG=the run's recipe)\n"
+    )
 
 
 def test_missing_config_file_and_bad_yaml(tmp_path, capsys):

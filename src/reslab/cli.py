@@ -102,8 +102,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             cfg = config.from_dict(checkpoint.load(last)["config"], args.set)
         else:
             raise ReslabError(f"cannot resume: {args.out} holds no run (no config.yaml, no last.pt)")
+        # the run's own config is read; another named with it would be ignored (make train names fast.yaml)
+        if args.config is not None and (named := config.load(args.config).name) != cfg.name:
+            raise ReslabError(
+                f"--resume continues {args.out} with its own config, {cfg.name}; --config {args.config} names "
+                f"another ({named}): leave --config out (make train: CONFIG=the run's recipe)"
+            )
     else:
-        cfg = config.load(args.config, args.set)
+        cfg = config.load(args.config or "fast", args.set)
     if args.print_config:  # what the run's config.yaml would hold; nothing trains, nothing is written
         print(config.dump(cfg), end="")
         return 0
@@ -333,8 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", parents=[imports], help="train a model from a YAML config")
     p.add_argument(
         "--config",
-        default="fast",
-        help="YAML file, or a recipe of configs/ by name: fast (default), best, seed, ...",
+        help="YAML file, or a recipe of configs/ by name: fast (default), best, seed, ...; with --resume, the "
+        "run's own",
     )
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides: optim.lr=0.1")
     p.add_argument("--out", help="run directory (default: runs/<config name>)")

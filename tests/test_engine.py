@@ -627,6 +627,19 @@ def test_print_config_shows_the_resolved_config_and_trains_nothing(tiny_data, tm
     )
 
 
+def test_fit_refuses_a_dict_and_resume_with_overwrite_and_load_takes_one_override(tiny_data, tmp_path):
+    # a dict failed deep inside with an AttributeError; resume with overwrite started a new run silently; one
+    # override as a string was read as its characters ("--set 't'")
+    with pytest.raises(TypeError, match="^fit: cfg must be a reslab Config"):
+        fit(tiny_cfg(tiny_data).to_dict(), tmp_path / "a")
+    with pytest.raises(
+        ReslabError, match="^resume and overwrite: continue the run, or replace it, not both$"
+    ):
+        fit(tiny_cfg(tiny_data), tmp_path / "a", resume=True, overwrite=True)
+    assert not (tmp_path / "a").exists()
+    assert config.load("fast", "optim.lr=0.3") == config.load("fast", ["optim.lr=0.3"])
+
+
 def test_missing_config_file_and_bad_yaml(tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
     (tmp_path / "bad.yaml").write_text("model: [unclosed")

@@ -114,6 +114,22 @@ def test_predict_on_png_files_matches_the_tensor_pipeline(trained, tmp_path, cap
     assert len(lines) == 2 and lines[0].startswith(files[0])
 
 
+def test_the_python_api_takes_one_image_file_and_refuses_what_the_cli_cannot_pass(trained, tmp_path):
+    # a path for images was read as its characters ("/ is a directory"); an empty list failed inside numpy; a
+    # negative limit scored all but the last images; an unknown format was reported as a suffix's contradiction
+    f = tmp_path / "one.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(f)
+    assert predict(trained, str(f)) == predict(trained, [f])
+    with pytest.raises(ReslabError, match="^predict: no image files given$"):
+        predict(trained, [])
+    for limit in (-3, 0, "5"):
+        with pytest.raises(ReslabError, match="^--limit must be a positive integer"):
+            evaluate_checkpoint(trained, limit=limit)
+    with pytest.raises(ReslabError, match="^--format: expected one of onnx, pt2, torchscript, got 'xyz'$"):
+        export(trained, "xyz", tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == [f]
+
+
 @pytest.mark.parametrize(
     "make,error",
     [

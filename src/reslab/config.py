@@ -205,6 +205,8 @@ def find(path: str | Path) -> Path:
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """The config from a YAML file (or the defaults), with dotted overrides applied, validated."""
+    if isinstance(overrides, str):  # one override, not its characters
+        overrides = [overrides]
     values: dict[str, Any] = {}
     if path is not None:
         path = find(path)

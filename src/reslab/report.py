@@ -22,7 +22,7 @@ from .engine.host import set_up
 from .engine.precision import autocast, memory_format, resolve_device, resolve_precision
 from .engine.run import model_side, speed_up
 from .engine.steps import predict_logits
-from .errors import ReslabError, first_line
+from .errors import ReslabError, first_line, is_count
 from .models import build_model
 
 
@@ -65,6 +65,8 @@ def evaluate_checkpoint(
     train_acc. `device`: auto (a CUDA GPU when one is visible, else the CPU), cpu or cuda."""
     if split not in SPLITS:
         raise ReslabError(f"split: expected one of {', '.join(SPLITS)}, got {split!r}")
+    if limit is not None and not is_count(limit):  # -3 took all but the last 3 images
+        raise ReslabError(f"--limit must be a positive integer, got {limit!r}")
     model, meta, state = load_model(path)
     cfg = config_mod.from_dict(state["config"])
     if data_dir:
@@ -205,7 +207,10 @@ def read_image(path: str | Path, channels: int, size: int, invert: bool = False)
 
 
 @torch.no_grad()
-def predict(path: str | Path, images: list[str], top_k: int = 1, invert: bool = False) -> list[dict]:
+def predict(path: str | Path, images: list[str] | str, top_k: int = 1, invert: bool = False) -> list[dict]:
+    images = [images] if isinstance(images, (str, Path)) else list(images)  # one file, not its characters
+    if not images:
+        raise ReslabError("predict: no image files given")
     model, meta, state = load_model(path)
     channels, size = meta["in_channels"], meta["image_size"]
     arrays = [read_image(p, channels, size, invert) for p in images]
@@ -246,6 +251,9 @@ def export_format(out: Path, fmt: str | None) -> str | None:
     """The format `out` is written in: `fmt` if given, else the one its suffix names (None: no suffix names one). A
     suffix that names another format than `fmt` is refused: the file would not be what its name says."""
     named = SUFFIX_FORMATS.get(out.suffix.lower())
+    formats = sorted(set(SUFFIX_FORMATS.values()))
+    if fmt and fmt not in formats:  # from Python: the CLI offers only these
+        raise ReslabError(f"--format: expected one of {', '.join(formats)}, got {fmt!r}")
     if fmt and named and fmt != named:
         raise ReslabError(
             f"--out {out.name} names {named} by its suffix, but --format asks for {fmt}: "

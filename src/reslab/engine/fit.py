@@ -179,6 +179,10 @@ def fit(
 ) -> dict:
     """Train `cfg` into the run directory `out`; with resume, continue from out/last.pt. A directory that holds
     a run already is refused unless `overwrite` (then its files are replaced). Returns the summary."""
+    if not isinstance(cfg, Config):
+        raise TypeError(f"fit: cfg must be a reslab Config (reslab.config.load), not {type(cfg).__name__}")
+    if resume and overwrite:
+        raise ReslabError("resume and overwrite: continue the run, or replace it, not both")
     out = Path(out)
     # checked on every rank and before the data loads; make_dir below reports the other failures
     if out.exists() and not out.is_dir():

@@ -99,6 +99,7 @@ SELECT = [
     "tests/test_rewrites.py::test_speed_up_skips_the_named_rewrite_and_refuses_a_name_it_does_not_know",
     "tests/test_gemm_conv.py::test_a_bf16_run_through_gemm_convs_resumes_bit_identical",
     "tests/test_d2l.py::test_notebook_loader_names_a_bad_argument",
+    "tests/test_d2l.py::test_notebook_loader_refuses_a_batch_larger_than_the_training_set",
     "tests/test_bench.py::test_bench_refuses_a_seed_comparison_of_nothing_and_its_options_with_quick",
     "tests/test_bench.py::test_a_late_failure_keeps_the_measurements_already_written",
     "tests/test_bench.py::test_resume_fuzz_tells_a_kill_under_torchrun_from_an_error",

@@ -58,3 +58,11 @@ def test_notebook_loader_names_a_bad_argument(args, message):
     """A learner's slip gets the argument's name, not a ZeroDivisionError or torch's resize error."""
     with pytest.raises(ValueError, match=re.escape(message)):
         load_fashion_mnist_dataset(*args)
+
+
+def test_notebook_loader_refuses_a_batch_larger_than_the_training_set(tiny_data):
+    # every step takes a full batch: a batch above the 512 images left no step, and train_3ch divided by zero
+    with pytest.raises(ValueError, match="^batch_size 513 exceeds the 512 training images$"):
+        load_fashion_mnist_dataset(513, root=str(tiny_data))
+    train_iter, _ = load_fashion_mnist_dataset(512, root=str(tiny_data))
+    assert len(train_iter) == 1 and len(train_iter.dataset) == 512

@@ -90,6 +90,8 @@ def load_fashion_mnist_dataset(
     cfg = DataConfig(root=root, limit=limit, resize=resize, normalize=False)
     data = load_dataset(cfg)
     train, test = make_loaders(data, cfg, batch_size, batch_size, seed=0, device=torch.device("cpu"))
+    if not len(train):  # no full batch: an epoch of no steps
+        raise ValueError(f"batch_size {batch_size} exceeds the {train.num_examples} training images")
     return DataIter(train), DataIter(test)
 
 

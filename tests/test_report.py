@@ -441,6 +441,7 @@ def test_runs_lists_each_run_directory_with_its_state(trained, tmp_path, capsys,
         and "(CPU shared in 1 epoch) |" in out
     )
     assert main(["runs", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err == f"reslab: error: {tmp_path / 'nowhere'}: no such directory\n"
     assert main(["runs", str(tmp_path / "runs"), "--plot", str(tmp_path / "figs" / "cmp.png")]) == 0
     assert (tmp_path / "figs" / "cmp.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["runs", str(tmp_path / "runs" / "broken"), "--plot", str(tmp_path / "none.png")]) == 2

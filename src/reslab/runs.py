@@ -19,7 +19,7 @@ def find_runs(paths: list[str]) -> list[Path]:
     found = []
     for path in map(Path, paths):
         if not path.is_dir():
-            raise ReslabError(f"{path} is not a directory")
+            raise ReslabError(f"{path} is not a directory" if path.exists() else f"{path}: no such directory")
         found += (
             [path]
             if (path / "config.yaml").is_file()

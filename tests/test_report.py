@@ -73,6 +73,27 @@ def test_a_class_without_test_images_has_no_accuracy(trained, capsys):
     assert capsys.readouterr().out.count("no test images") == (rows == 0).sum()
 
 
+def test_eval_names_the_checkpoint_it_read_and_how_far_it_had_trained(trained, tmp_path, capsys):
+    # a run directory's best.pt, or its last.pt before there is one: a run still training said neither
+    best = checkpoint.load(trained / "best.pt")
+    assert main(["eval", str(trained), "--limit", "5"]) == 0
+    epochs = best["epoch"]
+    assert (
+        capsys.readouterr().out.splitlines()[0]
+        == f"{trained / 'best.pt'} (after {epochs} epochs): 5 test images"
+    )
+    run = tmp_path / "run"
+    run.mkdir()
+    checkpoint.save({**best, "epoch": 1, "batch": 40}, run / "last.pt")  # as a mid-epoch checkpoint says it
+    assert main(["eval", str(run), "--limit", "5", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["checkpoint"], result["epoch"], result["batch"]) == (str(run / "last.pt"), 1, 40)
+    assert main(["eval", str(run), "--limit", "5"]) == 0
+    assert capsys.readouterr().out.startswith(
+        f"{run / 'last.pt'} (after 1 epoch and 40 batches): 5 test images\n"
+    )
+
+
 @pytest.mark.skipif(not bf16_native(torch.device("cpu")), reason="needs a CPU with native bf16")
 def test_eval_of_a_bf16_run_finds_the_runs_own_figures(tiny_data, tmp_path):
     """A run that evaluated in bf16 (precision auto on such a CPU) is evaluated again in bf16, with its model

@@ -126,6 +126,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def trained_for(epochs: int | None, batches: int) -> str:
+    """How far a checkpoint had trained: ' (after 6 epochs)', ' (after 1 epoch and 40 batches)'; '' if unsaid."""
+    if epochs is None:
+        return ""
+    said = f"{epochs} epoch{'' if epochs == 1 else 's'}"
+    if batches:
+        said += f" and {batches} batch{'' if batches == 1 else 'es'}"
+    return f" (after {said})"
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .report import evaluate_checkpoint
 
@@ -143,6 +153,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         split = args.split
+        print(
+            f"{result['checkpoint']}{trained_for(result['epoch'], result['batch'])}: "
+            f"{result[f'{split}_images']:,} {split} images"
+        )
         loss, acc = result[f"{split}_loss"], result[f"{split}_acc"]
         print(f"{split} loss {loss:.4f}  {split} acc {acc:.4f}  top-2 {result['top2_acc']:.4f}")
         for name, acc in result["per_class_acc"].items():

@@ -121,7 +121,12 @@ def evaluate_checkpoint(
         for i, name in enumerate(meta["classes"])
     }
     result = {
-        "checkpoint": str(path),
+        "checkpoint": str(
+            checkpoint.find(path)
+        ),  # a run directory's best.pt, or its last.pt before one exists
+        # epochs it had trained, and the batch of the next epoch a mid-epoch last.pt stopped at
+        "epoch": state.get("epoch"),
+        "batch": state.get("batch", 0),
         "device": device.type,
         "split": split,
         f"{split}_images": len(labels),

@@ -236,7 +236,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     study, flags = other[args.study]
     if given := [f for f in flags if getattr(args, f[2:]) is not None]:
         raise ReslabError(
-            f"{' and '.join(given)}: the {study} study's; the {args.study} study does not take it"
+            f"{' and '.join(given)}: the {study} study's; the {args.study} study does not take "
+            f"{'them' if len(given) > 1 else 'it'}"
         )
     # the flags given; the study's own defaults for the rest
     chosen = {"draws": args.draws, "recalibrate": recalibrate}

@@ -203,7 +203,7 @@ def find(path: str | Path) -> Path:
     raise ReslabError(f"config file {path} not found; the recipes of configs/ are: {names}")
 
 
-def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+def load(path: str | Path | None = None, overrides: list[str] | str | None = None) -> Config:
     """The config from a YAML file (or the defaults), with dotted overrides applied, validated."""
     if isinstance(overrides, str):  # one override, not its characters
         overrides = [overrides]

@@ -67,7 +67,9 @@ def evaluate_checkpoint(
         raise ReslabError(f"split: expected one of {', '.join(SPLITS)}, got {split!r}")
     if limit is not None and not is_count(limit):  # -3 took all but the last 3 images
         raise ReslabError(f"--limit must be a positive integer, got {limit!r}")
-    model, meta, state = load_model(path)
+    # a run directory's best.pt, or its last.pt before one exists: the file the report names
+    found = checkpoint.find(path)
+    model, meta, state = load_model(found)
     cfg = config_mod.from_dict(state["config"])
     if data_dir:
         cfg.data.root = data_dir
@@ -121,9 +123,7 @@ def evaluate_checkpoint(
         for i, name in enumerate(meta["classes"])
     }
     result = {
-        "checkpoint": str(
-            checkpoint.find(path)
-        ),  # a run directory's best.pt, or its last.pt before one exists
+        "checkpoint": str(found),
         # epochs it had trained, and the batch of the next epoch a mid-epoch last.pt stopped at
         "epoch": state.get("epoch"),
         "batch": state.get("batch", 0),

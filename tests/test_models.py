@@ -290,6 +290,14 @@ def test_summary_of_a_recipe_builds_its_model_with_its_options(capsys):
         "model.options.shortcut=projection",
     ]
     assert main(argv) == 0 and "855,482" in capsys.readouterr().out  # 2 projections for the zero-padding
+    # data whose classes the recipe does not list (a folder, or idx without data.classes) takes the flag
+    assert (
+        main(["summary", "--config", "fast", "--set", "data.name=idx", "data.root=.", "--num-classes", "4"])
+        == 0
+    )
+    assert "(1, 4)" in capsys.readouterr().out
+    assert main(["summary", "--config", "fast", "--set", "data.name=idx", "data.classes=[a,b]"]) == 0
+    assert "(1, 2)" in capsys.readouterr().out
     for argv, message in (
         (["summary"], "name a MODEL or a recipe with --config"),
         (["summary", "resnet8", "--config", "fast"], "name a MODEL or a recipe with --config"),
@@ -299,6 +307,24 @@ def test_summary_of_a_recipe_builds_its_model_with_its_options(capsys):
         (["summary", "resnet8", "--set", "model.options=3"], "other keys need --config"),
         (["summary", "resnet20", "--set", "model.options.colour=1"], "resnet20 has no such option"),
         (["summary", "--config", "fast", "--set", "model.options.colour=1"], "resnet8 has no such option"),
+        # the head would not be the recipe's: Fashion-MNIST has 10 classes, an idx recipe the ones it names
+        (
+            ["summary", "--config", "fast", "--num-classes", "3"],
+            "--num-classes 3: the recipe's data has 10 classes",
+        ),
+        (
+            [
+                "summary",
+                "--config",
+                "fast",
+                "--set",
+                "data.name=idx",
+                "data.classes=[a,b]",
+                "--num-classes",
+                "3",
+            ],
+            "--num-classes 3: the recipe's data has 2 classes",
+        ),
     ):
         assert main(argv) == 2
         assert message in capsys.readouterr().err

@@ -205,7 +205,11 @@ def cmd_summary(args: argparse.Namespace) -> int:
         cfg = config.load(args.config, args.set)
         name, options = cfg.model.name, cfg.model.options
         side = input_side(cfg.data)  # the size the run trains at (other data: the model's own, below)
-        classes = len(cfg.data.classes) if cfg.data.classes else classes
+        fixed = 10 if cfg.data.name == "fashion-mnist" else len(cfg.data.classes or ())
+        if fixed and classes not in (None, fixed):  # the head would not be the one the recipe trains
+            raise ReslabError(f"--num-classes {classes}: the recipe's data has {fixed} classes")
+        classes = fixed or classes
+    classes = 10 if classes is None else classes
     side = side or input_size(name)
     given = args.input or f"1,1,{side},{side}"
     try:
@@ -436,7 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="input shape N,C,H,W (default: one gray image of the size the model is built for: 28 px, 96 for "
         "d2l-resnet18, 224 for the ImageNet-style ResNets; with --config, the size the recipe trains at)",
     )
-    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument(
+        "--num-classes", type=int, help="the head's classes (default 10; with --config, the recipe's data's)"
+    )
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser(

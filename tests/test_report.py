@@ -437,13 +437,18 @@ def test_runs_lists_each_run_directory_with_its_state(trained, tmp_path, capsys,
     (tmp_path / "runs" / "broken" / "config.yaml").write_text("train: [unclosed")
     (tmp_path / "runs" / "listed").mkdir()
     (tmp_path / "runs" / "listed" / "config.yaml").write_text("- 1\n")
+    # its config.yaml deleted by hand: --resume reads the config from last.pt, so the run is still listed
+    orphan = tmp_path / "runs" / "orphan"
+    orphan.mkdir()
+    shutil.copy(trained / "last.pt", orphan / "last.pt")
     with checkpoint.lock_dir(tmp_path / "runs" / "done"):
         assert main(["runs", str(tmp_path / "runs"), "--json"]) == 0
         rows = {Path(r["run"]).name: r for r in json.loads(capsys.readouterr().out)}
     assert rows["done"]["state"] == f"training (pid {os.getpid()})"
     assert main(["runs", str(tmp_path / "runs"), "--json"]) == 0
     rows = {Path(r["run"]).name: r for r in json.loads(capsys.readouterr().out)}
-    assert sorted(rows) == ["broken", "done", "listed", "stopped"]
+    assert sorted(rows) == ["broken", "done", "listed", "orphan", "stopped"]
+    assert rows["orphan"]["state"] == "no config.yaml; --resume continues it from last.pt"
     assert rows["listed"]["state"] == "unreadable (config.yaml is not a mapping)"
     done = rows["done"]
     assert done["state"] == "finished" and done["epochs"] == done["planned_epochs"] == summary["epochs"]

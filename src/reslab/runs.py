@@ -15,16 +15,18 @@ from .errors import ReslabError
 
 
 def find_runs(paths: list[str]) -> list[Path]:
-    """Each path that is a run directory (it has a config.yaml), else the run directories anywhere under it."""
+    """Each path that is a run directory (it has a config.yaml, or a last.pt that --resume continues without
+    one), else the run directories anywhere under it."""
+
+    def is_run(path: Path) -> bool:
+        return (path / "config.yaml").is_file() or (path / "last.pt").is_file()
+
     found = []
     for path in map(Path, paths):
         if not path.is_dir():
             raise ReslabError(f"{path} is not a directory" if path.exists() else f"{path}: no such directory")
-        found += (
-            [path]
-            if (path / "config.yaml").is_file()
-            else sorted(p.parent for p in path.rglob("config.yaml"))
-        )
+        marks = [*path.rglob("config.yaml"), *path.rglob("last.pt")]
+        found += [path] if is_run(path) else sorted({p.parent for p in marks if p.is_file()})
     return found
 
 
@@ -48,6 +50,8 @@ def describe(run: Path) -> dict:
     and best test accuracy, training seconds and how many epochs other processes slowed (their threads waited for
     a CPU CROWDED of the time or more: the seconds say little of the recipe), and its state (finished, stopped and
     resumable, training now, or never checkpointed)."""
+    if not (run / "config.yaml").is_file():  # deleted by hand: last.pt still holds the config for --resume
+        return {"run": str(run), "state": "no config.yaml; --resume continues it from last.pt"}
     try:
         cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
         history = read_history(run)

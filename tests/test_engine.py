@@ -659,11 +659,34 @@ def test_missing_config_file_and_bad_yaml(tmp_path, capsys):
     )
 
 
-def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+class FillsUp:
+    """A file on a disk that is full after `room` bytes: its write raises ENOSPC, as a real one does."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def write(self, data) -> int:
+        self.room -= len(data)
+        if self.room < 0:
+            raise OSError(28, "No space left on device")
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+@pytest.mark.parametrize("how", ["raised", "filled"])
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch, how):
+    """ "filled": the real torch.save on a disk that fills up midway. Its zip writer, closing the file while the
+    OSError is handled, raises a RuntimeError ("unexpected pos") instead: measured on a 1 MB tmpfs, where
+    `reslab train` ended in that traceback."""
     path = tmp_path / "last.pt"
     checkpoint.save({"model": {"w": torch.ones(3)}}, path)
+    real_save = torch.save
 
     def broken(obj, f, *a, **k):
+        if how == "filled":
+            return real_save(obj, FillsUp(f, 700), *a, **k)
         f.write(b"partial")
         raise OSError(28, "No space left on device")
 

@@ -141,14 +141,23 @@ def write_bytes(path: Path, data: bytes) -> None:
         raise ReslabError(f"cannot write {path}: {e.strerror or e}") from None
 
 
+def os_error(e: BaseException | None) -> OSError | None:
+    """The OSError behind `e`, if any. A full disk stops torch.save with an OSError, and its zip writer, closing
+    the file while that is handled, raises a RuntimeError ("unexpected pos") that carries it as its context."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__context__
+    return e
+
+
 def save(state: dict[str, Any], path: str | Path) -> None:
     path = Path(path)
     try:
         atomic_write(path, lambda f: torch.save({"format_version": FORMAT_VERSION, **state}, f))
-    except OSError as e:
-        raise CheckpointError(
-            f"cannot write checkpoint {path}: {e.strerror or e}; the previous one is intact"
-        ) from None
+    except (OSError, RuntimeError) as e:
+        if (cause := os_error(e)) is None:
+            raise
+        kept = "; the previous one is intact" if path.is_file() else ""
+        raise CheckpointError(f"cannot write checkpoint {path}: {cause.strerror or cause}{kept}") from None
 
 
 def find(path: str | Path) -> Path:

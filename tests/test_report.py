@@ -400,20 +400,26 @@ def test_a_reader_that_leaves_early_gets_no_traceback():
 
 
 def test_a_figure_that_fails_halfway_leaves_the_old_picture(tmp_path):
+    """A full disk halfway through a picture (curves.png mid-run, eval's confusion.png, runs --plot) is one line,
+    the old picture whole and the figure closed; before, `reslab eval --out` on a full tmpfs ended in a traceback."""
+    import matplotlib.pyplot as plt
+
     from reslab import plots
 
-    class Broken:
-        def savefig(self, f, **kwargs):
-            f.write(b"half a png")
-            raise RuntimeError("disk trouble")
+    def half_then_full(f, **kwargs):
+        f.write(b"half a png")
+        raise OSError(28, "No space left on device")
 
     path = tmp_path / "curves.png"
     plots.curves([{"epoch": 1, "train_loss": 1.0, "test_loss": 0.9, "train_acc": 0.5, "test_acc": 0.6}], path)
     old = path.read_bytes()
     assert old.startswith(b"\x89PNG")
-    with pytest.raises(RuntimeError, match="disk trouble"):
-        plots.save(Broken(), path)
+    fig = plt.figure()
+    fig.savefig = half_then_full
+    with pytest.raises(ReslabError, match=f"^cannot write {path}: No space left on device$"):
+        plots.save(fig, path)
     assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["curves.png"]
+    assert not plt.fignum_exists(fig.number)
 
 
 def test_runs_lists_each_run_directory_with_its_state(trained, tmp_path, capsys, monkeypatch):

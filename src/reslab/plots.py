@@ -11,13 +11,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .engine.checkpoint import atomic_write  # noqa: E402
 from .engine.fit import tested  # noqa: E402
+from .errors import ReslabError  # noqa: E402
 
 
 def save(fig, path: str | Path) -> None:
     """Write a figure atomically (a crash leaves the old picture or the new one, never half of one) and close it."""
     path = Path(path)
-    atomic_write(path, lambda f: fig.savefig(f, format=path.suffix[1:] or "png", dpi=110))
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format=path.suffix[1:] or "png", dpi=110))
+    except OSError as e:  # a full disk: one line, like every other file reslab writes
+        raise ReslabError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
 
 
 def curves(history: list[dict], path: str | Path, title: str = "", train_note: str = "") -> None:

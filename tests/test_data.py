@@ -153,6 +153,41 @@ def test_download_writes_verified_files_atomically(tmp_path, monkeypatch):
     assert not any((tmp_path / "cache2").iterdir())
 
 
+def test_a_download_cut_short_says_so_and_keeps_nothing(tmp_path, monkeypatch):
+    """A server that closes the connection before its Content-Length: http.client returns the short body as if it
+    were whole; the loader said "corrupt gzip data" of a temporary file it had deleted. Now it names the bytes."""
+    import http.server
+    import threading
+
+    class CutShort(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            self.wfile.write(b"\x1f\x8b" + b"x" * 500)
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), CutShort)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(fm, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(fm, "SYSTEM", tmp_path / "nosystem")
+    monkeypatch.setattr(fm, "URL", f"http://127.0.0.1:{server.server_address[1]}/")
+    monkeypatch.delenv("RESLAB_DATA", raising=False)
+    try:
+        with pytest.raises(ReslabError) as error:
+            fm.load_arrays(None)
+    finally:
+        server.shutdown()
+    assert (
+        "the download failed (train-images-idx3-ubyte.gz: the connection closed after 502 of 100,000 bytes)"
+        in (str(error.value))
+    )
+    assert not any((tmp_path / "cache").iterdir())
+
+
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason="Fashion-MNIST files not installed")
 def test_real_fashion_mnist_files():
     arrays = fm.load_arrays(REAL_DATA)  # a user root: structure; verify() checks the checksums too

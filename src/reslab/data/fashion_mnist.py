@@ -86,10 +86,12 @@ def user_root(root: str | os.PathLike | None) -> Path | None:
     return Path(root).expanduser() if root else None
 
 
-def download(directory: Path = CACHE, url: str = URL, quiet: bool = False) -> dict[str, Path]:
-    """Download the four official files into `directory`, each SHA-256 checked and written atomically."""
+def download(directory: Path = CACHE, url: str | None = None, quiet: bool = False) -> dict[str, Path]:
+    """Download the four files from `url` (default: the official URL) into `directory`, each SHA-256 checked and
+    written atomically."""
     from tqdm import tqdm
 
+    url = url or URL
     directory.mkdir(parents=True, exist_ok=True)
     out = {}
     for key, stem in FILES.items():
@@ -114,6 +116,12 @@ def download(directory: Path = CACHE, url: str = URL, quiet: bool = False) -> di
                     while chunk := response.read(1 << 16):
                         f.write(chunk)
                         bar.update(len(chunk))
+                    got = f.tell()
+                # http.client ends a body the server cut short as if it were whole
+                if total and got < total:
+                    raise ConnectionError(
+                        f"{stem}.gz: the connection closed after {got:,} of {total:,} bytes"
+                    )
                 verify(Path(tmp), stem)
                 os.replace(tmp, target)
             finally:

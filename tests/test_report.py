@@ -353,6 +353,30 @@ def test_folder_dataset_round_trip(tmp_path):
     assert 8 <= len(data.test_labels) <= 12
 
 
+def test_a_folder_is_colour_when_any_image_is(tmp_path):
+    """The first image alone decided the channels: a gray first image turned every colour image gray, a float
+    TIFF (mode F, one gray band) counted as colour, and an unreadable first image ended in a traceback."""
+    from reslab.data.folder import load_folder
+
+    images, _ = make_images(8, 0)
+    for i, img in enumerate(images):
+        d = tmp_path / "pics" / ("train" if i < 6 else "test") / f"c{i % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        if i == 0:  # train/c0/0.tiff: the first image
+            Image.fromarray(img.astype(np.float32), "F").save(d / "0.tiff")
+        else:
+            Image.fromarray(img).save(d / f"{i}.png")
+    assert load_folder(str(tmp_path / "pics"), 0.0, None).train_images.ndim == 3  # gray: N, H, W
+    rgb = np.stack([images[7]] * 3, -1)
+    Image.fromarray(rgb).save(tmp_path / "pics" / "test" / "c1" / "9.png")  # one RGB image, the last one read
+    colour = load_folder(str(tmp_path / "pics"), 0.0, None)
+    assert colour.train_images.shape[1] == 3 and colour.test_images.shape[1] == 3
+    assert (colour.test_images[-1] == rgb.transpose(2, 0, 1)).all()
+    (tmp_path / "pics" / "train" / "c0" / "0.tiff").write_bytes(b"not a tiff")
+    with pytest.raises(ReslabError, match=r"0.tiff: not an image PIL can read"):
+        load_folder(str(tmp_path / "pics"), 0.0, None)
+
+
 def test_a_folder_of_images_with_a_constant_channel_trains(tmp_path):
     """Red shapes on black as RGB: green and blue are 0 everywhere. Their std was 0, and normalising divided
     by it: every input NaN, and the divergence guard blamed the learning rate."""

@@ -18,6 +18,28 @@ def _scan(directory: Path) -> dict[str, list[Path]]:
     return {c.name: sorted(f for f in c.iterdir() if f.suffix.lower() in EXTENSIONS) for c in classes}
 
 
+def is_gray(mode: str) -> bool:
+    """A PIL mode of one gray band, of any depth, with or without alpha (L, LA, 1, I, I;16, F); palette is colour."""
+    from PIL import Image
+
+    return Image.getmodebase(mode) == "L"
+
+
+def _channels(files: list[Path]) -> int:
+    """1 when every image is gray, else 3: one colour image makes the data RGB (the first image alone decided, so
+    a gray first image turned every colour image gray, and a float TIFF counted as colour)."""
+    from PIL import Image
+
+    for f in files:
+        try:
+            with Image.open(f) as img:  # the header only
+                if not is_gray(img.mode):
+                    return 3
+        except (OSError, SyntaxError, ValueError):
+            continue  # reading it says what is wrong with it
+    return 1
+
+
 def load_folder(root: str, split: float, size: int | None, classes: list[str] | None = None) -> Arrays:
     from PIL import Image
 
@@ -52,9 +74,15 @@ def load_folder(root: str, split: float, size: int | None, classes: list[str] | 
             f"{base}: need at least 2 class folders with images ({', '.join(sorted(EXTENSIONS))})"
         )
     first = next(f for files in train.values() for f in files)
-    with Image.open(first) as img:
-        side = size or max(img.size)
-        channels = 1 if img.mode in ("L", "1", "I;16", "I", "LA") else 3
+    try:
+        with Image.open(first) as img:
+            side = size or max(img.size)
+    except (OSError, SyntaxError, ValueError):
+        read_image(first, 1, 1)  # says in one line what is wrong with it
+        raise
+    channels = _channels(
+        [f for split_files in (train, test) for files in split_files.values() for f in files]
+    )
 
     def read(split_files: dict[str, list[Path]]) -> tuple[np.ndarray, np.ndarray]:
         images, labels = [], []

@@ -377,6 +377,22 @@ def test_a_folder_is_colour_when_any_image_is(tmp_path):
         load_folder(str(tmp_path / "pics"), 0.0, None)
 
 
+def test_a_folders_hidden_and_empty_class_folders(tmp_path):
+    """Jupyter's .ipynb_checkpoints beside the class folders was a class, as was an empty folder: a run of 2
+    classes of images predicted 4, two of them never seen."""
+    from reslab.data.folder import load_folder
+
+    images, _ = make_images(8, 0)
+    for i, img in enumerate(images):
+        (tmp_path / "pics" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(tmp_path / "pics" / f"c{i % 2}" / f"{i}.png")
+    (tmp_path / "pics" / ".ipynb_checkpoints").mkdir()
+    assert load_folder(str(tmp_path / "pics"), 0.25, None).classes == ("c0", "c1")
+    (tmp_path / "pics" / "c2").mkdir()
+    with pytest.raises(ReslabError, match=r"pics: class folder c2 holds no training images \(.bmp, "):
+        load_folder(str(tmp_path / "pics"), 0.25, None)
+
+
 def test_a_folder_of_images_with_a_constant_channel_trains(tmp_path):
     """Red shapes on black as RGB: green and blue are 0 everywhere. Their std was 0, and normalising divided
     by it: every input NaN, and the divergence guard blamed the learning rate."""

@@ -14,7 +14,8 @@ EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 def _scan(directory: Path) -> dict[str, list[Path]]:
-    classes = sorted(p for p in directory.iterdir() if p.is_dir())
+    """Class name -> its image files. Hidden folders (.ipynb_checkpoints, .DS_Store's kin) are not classes."""
+    classes = sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
     return {c.name: sorted(f for f in c.iterdir() if f.suffix.lower() in EXTENSIONS) for c in classes}
 
 
@@ -72,6 +73,11 @@ def load_folder(root: str, split: float, size: int | None, classes: list[str] | 
     if len(names) < 2 or not any(train.values()):
         raise ReslabError(
             f"{base}: need at least 2 class folders with images ({', '.join(sorted(EXTENSIONS))})"
+        )
+    if untrained := [n for n in names if not train[n]]:  # a class the model would never see, yet must predict
+        raise ReslabError(
+            f"{base}: class folder{'s' if len(untrained) > 1 else ''} {', '.join(untrained)} "
+            f"{'hold' if len(untrained) > 1 else 'holds'} no training images ({', '.join(sorted(EXTENSIONS))})"
         )
     first = next(f for files in train.values() for f in files)
     try:

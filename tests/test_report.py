@@ -379,7 +379,8 @@ def test_a_folder_is_colour_when_any_image_is(tmp_path):
 
 def test_a_folders_hidden_and_empty_class_folders(tmp_path):
     """Jupyter's .ipynb_checkpoints beside the class folders was a class, as was an empty folder: a run of 2
-    classes of images predicted 4, two of them never seen."""
+    classes of images predicted 4, two of them never seen. A zip made on a Mac adds __MACOSX/ and ._name.png
+    files, which are not images."""
     from reslab.data.folder import load_folder
 
     images, _ = make_images(8, 0)
@@ -387,7 +388,11 @@ def test_a_folders_hidden_and_empty_class_folders(tmp_path):
         (tmp_path / "pics" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(tmp_path / "pics" / f"c{i % 2}" / f"{i}.png")
     (tmp_path / "pics" / ".ipynb_checkpoints").mkdir()
-    assert load_folder(str(tmp_path / "pics"), 0.25, None).classes == ("c0", "c1")
+    (tmp_path / "pics" / "__MACOSX" / "c0").mkdir(parents=True)  # a zip made on a Mac, unpacked
+    (tmp_path / "pics" / "__MACOSX" / "c0" / "._0.png").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    (tmp_path / "pics" / "c0" / "._0.png").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    folder = load_folder(str(tmp_path / "pics"), 0.25, None)
+    assert folder.classes == ("c0", "c1") and len(folder.train_labels) + len(folder.test_labels) == 8
     (tmp_path / "pics" / "c2").mkdir()
     with pytest.raises(ReslabError, match=r"pics: class folder c2 holds no training images \(.bmp, "):
         load_folder(str(tmp_path / "pics"), 0.25, None)

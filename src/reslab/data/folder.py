@@ -13,10 +13,19 @@ from .fashion_mnist import Arrays
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
+def _hidden(path: Path) -> bool:
+    """Not data: hidden folders and files (.ipynb_checkpoints; macOS's ._name.png beside each image of a zip) and
+    the __MACOSX folder macOS zips carry."""
+    return path.name.startswith(".") or path.name == "__MACOSX"
+
+
 def _scan(directory: Path) -> dict[str, list[Path]]:
-    """Class name -> its image files. Hidden folders (.ipynb_checkpoints, .DS_Store's kin) are not classes."""
-    classes = sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
-    return {c.name: sorted(f for f in c.iterdir() if f.suffix.lower() in EXTENSIONS) for c in classes}
+    """Class name -> its image files."""
+    classes = sorted(p for p in directory.iterdir() if p.is_dir() and not _hidden(p))
+    return {
+        c.name: sorted(f for f in c.iterdir() if f.suffix.lower() in EXTENSIONS and not _hidden(f))
+        for c in classes
+    }
 
 
 def is_gray(mode: str) -> bool:

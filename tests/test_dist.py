@@ -98,6 +98,45 @@ def test_kill_then_resume_under_torchrun_and_with_another_world_size(tiny_data, 
 
 
 @pytest.mark.slow
+def test_sigterm_to_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(tiny_data, tmp_path):
+    """A scheduler's SIGTERM (or Ctrl-C) goes to torchrun, which passes SIGTERM to each rank. The ranks had
+    torchrun's default handling and died wherever they were: the last saved epoch end was all a resume had, and a
+    rank killed inside a checkpoint write left its temporary file (2.4 MB for fast.yaml) behind. Now the ranks
+    agree on a step, write one checkpoint together and exit 143; the resumed run ends in the same bits."""
+    import signal
+
+    whole = launch(tmp_path / "whole", tiny_data, 2, epochs=6)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    out = tmp_path / "run"
+    overrides = tiny_overrides(tiny_data, **{"train.epochs": 6})
+    proc = subprocess.Popen(
+        [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "reslab", "train", "--out", str(out)]
+        + ["--set", *overrides],
+        env=dict(os.environ, RESLAB_DIST_TIMEOUT="120", OMP_NUM_THREADS="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stdout.readline()  # the first epoch line: training is under way
+    while line and not line.startswith("epoch"):
+        line = proc.stdout.readline()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    said = f"reslab: error: interrupted by SIGTERM; saved {out / 'last.pt'}; continue with: torchrun ... -m"
+    if proc.returncode == 0 and said not in err:
+        pytest.skip("the run finished before the signal arrived")
+    assert err.count(said) == 1  # rank 0 says it for both
+    assert not list(out.glob(".*.tmp"))
+    saved = checkpoint.load(out / "last.pt")
+    assert len(saved["rank_rng"]) == 2 and (saved["epoch"], saved["batch"]) != (6, 0)
+    resumed = launch(out, tiny_data, 2, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert without_timings(read_history(out)) == without_timings(read_history(tmp_path / "whole"))
+    a, b = (checkpoint.load(d / "last.pt")["model"] for d in (tmp_path / "whole", out))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
 def test_a_run_resumed_on_three_ranks_ends_the_same_bits(tiny_data, tmp_path):
     """DDP lays its gradient buckets out again after its first step, and with 3 ranks the layout decides the
     order in which the ranks' gradients are added: a resumed run primes its buckets (fit) so that its first

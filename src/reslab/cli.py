@@ -557,7 +557,8 @@ def _main(argv: list[str] | None) -> int:
         import_modules(getattr(args, "imports", []))
         return args.func(args)
     except ReslabError as e:
-        print(f"reslab: error: {e}", file=sys.stderr)
+        if e.every_rank or int(os.environ.get("RANK", "0")) == 0:
+            print(f"reslab: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("reslab: interrupted", file=sys.stderr)

@@ -22,3 +22,5 @@ class ReslabError(Exception):
     """Bad input from the user: a config key, a file, a model name. The message says what and how to fix it."""
 
     exit_code = 2
+    # under torchrun each rank says it; False: the ranks' messages are one, and rank 0 says it
+    every_rank = True

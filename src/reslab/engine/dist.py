@@ -89,6 +89,15 @@ def all_reduce_sum(values: list[float], device: torch.device, ctx: DistContext) 
     return t.tolist()
 
 
+def all_reduce_max(value: int, device: torch.device, ctx: DistContext) -> int:
+    """The largest of every rank's `value`; unchanged for a single process."""
+    if not ctx.active:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def all_gather_object(obj, ctx: DistContext) -> list | None:
     """Every rank's `obj`, in rank order, on every rank; None for a single process."""
     if not ctx.active:

@@ -52,6 +52,7 @@ class Interrupted(ReslabError):
             f"continue with: {again or f'reslab train --out {out} --resume'}"
         )
         self.signum, self.out, self.exit_code = signum, out, 128 + signum
+        self.every_rank = False  # the ranks stop together, at the same step
 
 
 def settle(run: Run) -> None:
@@ -280,24 +281,38 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
     if run.init:
         _log(run, run.init)
 
+    asked = 0  # the signal this process received; run.interrupted: the one every rank agreed to stop for
+
+    def agree() -> None:
+        """Under torchrun, each rank's signal arrives at its own moment: the ranks stop at the same step, and
+        write the checkpoint together, when any of them was asked. Called at the same steps on every rank."""
+        run.interrupted = dist.all_reduce_max(asked, run.device, run.ctx)
+
     def step_hook(r: Run) -> None:
+        if not r.ctx.active or r.batch % r.guard_every == 0:  # a GPU's ranks agree every guard_every steps
+            agree()
         every = cfg.train.checkpoint_every
         if (every and r.batch % every == 0 and r.batch < r.steps_per_epoch) or r.interrupted:
             settle(r)  # checked numbers only: a checkpoint never holds an unchecked step
             save(r, "last.pt")
         if r.interrupted:
-            raise Interrupted(r.interrupted, out)
+            raise Interrupted(r.interrupted, out, again)
         if on_step is not None:
             on_step(r)
 
     def on_signal(signum, frame):
-        if run.interrupted:  # asked twice: stop now (the files on disk are whole: every write is atomic)
+        nonlocal asked
+        if asked:
+            # Under torchrun a second signal is torchrun's own: it follows the Ctrl-C its workers received with a
+            # SIGTERM, and kills what has not left 30 s later. Alone, the user asked twice: stop now (the files
+            # on disk are whole: every write is atomic).
+            if run.ctx.active:
+                return
             raise KeyboardInterrupt
-        run.interrupted = signum  # the run stops after this step, with a checkpoint
+        asked = signum  # the run stops after this step (under torchrun, the step the ranks agree on)
 
-    # under torchrun, torchrun itself handles signals: the ranks would have to agree on the step to stop at
-    stops = () if run.ctx.active else (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.signal(s, on_signal) for s in stops}
+    again = f"torchrun ... -m reslab train --out {out} --resume" if run.ctx.active else ""
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     faults.reached("start")
     chosen_by = selection(run)
     best = max((h[chosen_by] for h in run.history if chosen_by in h), default=-1.0)
@@ -318,6 +333,7 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
             run.guard.retries = 0
             run.history.append(metrics)
             run.finish_epoch()
+            agree()  # a signal during the evaluation
             saved = state_of(run)
             # best.pt before last.pt: a crash between them replays this epoch, which writes best.pt again; the
             # other way round the resumed run would count this epoch's accuracy as best and never write it
@@ -339,7 +355,7 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
                 _log(run, crowded_warning(metrics), err=True)
             faults.reached("epoch-end")
             if run.interrupted:
-                raise Interrupted(run.interrupted, out)
+                raise Interrupted(run.interrupted, out, again)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

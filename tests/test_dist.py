@@ -3,6 +3,7 @@ resumes on 2 and 3 ranks, the guard across ranks, a study."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -95,6 +96,21 @@ def test_kill_then_resume_under_torchrun_and_with_another_world_size(tiny_data, 
     single = launch(tmp_path / "single", tiny_data, 1, resume=True)
     assert single.returncode == 0, single.stderr
     assert [m["world_size"] for m in read_history(tmp_path / "single")] == [2, 1, 1]
+
+
+@pytest.mark.slow
+def test_a_rank_whose_peer_died_says_so_in_one_line(tiny_data, tmp_path):
+    """Rank 0 killed (or stopped by its own error, a full disk): rank 1's next collective lost it and printed a
+    traceback of 30 lines ending in gloo's "Connection closed by peer", below rank 0's one line."""
+    out = tmp_path / "run"
+    killed = launch(out, tiny_data, 2, kill_at="step:12:0")  # rank 0 alone, in epoch 2
+    assert killed.returncode != 0
+    assert "[rank1]: Traceback" not in killed.stderr and "[rank1]" not in killed.stderr
+    said = r"reslab: error: rank 1 stopped: another rank left \(Connection (closed|reset) by peer\); that rank's message"
+    assert re.search(said, killed.stderr), killed.stderr[-3000:]
+    assert checkpoint.load(out / "last.pt")["epoch"] == 1
+    resumed = launch(out, tiny_data, 2, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
 
 
 @pytest.mark.slow

@@ -519,6 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Busy-wait spins of an idle OpenMP thread before it sleeps (libgomp's default: 300,000).
+# what a collective raises on a rank whose peer has gone (gloo)
+LOST_PEER = ("Connection closed by peer", "Connection reset by peer")
 OPENMP_SPINS = "30000"
 
 
@@ -565,6 +567,16 @@ def _main(argv: list[str] | None) -> int:
         return 130
     except (MemoryError, RuntimeError) as e:  # torch's OutOfMemoryError (CUDA) is a RuntimeError
         text = str(e)
+        lost = [phrase for phrase in LOST_PEER if phrase in text]
+        if lost and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # another rank stopped (its own error says why) and this one's collective lost it: one line, not a
+            # traceback that buries the cause
+            print(
+                f"reslab: error: rank {os.environ.get('RANK', '?')} stopped: another rank left ({lost[0]}); "
+                "that rank's message says why",
+                file=sys.stderr,
+            )
+            return 1
         if (
             not isinstance(e, MemoryError)
             and "can't allocate memory" not in text

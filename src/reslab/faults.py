@@ -1,8 +1,8 @@
 """Fault injection for the reliability tests, read from the environment once. Unset, as always outside the
 tests, each hook costs one check of a string.
 
-- `RESLAB_KILL_AT=point:n` sends SIGKILL to this process the n-th time execution passes `point` (start, step,
-  eval, checkpoint-write, after-checkpoint, epoch-end).
+- `RESLAB_KILL_AT=point:n[:rank]` sends SIGKILL to this process the n-th time execution passes `point` (start,
+  step, eval, checkpoint-write, after-checkpoint, epoch-end); under torchrun, on every rank or on the one named.
 - `RESLAB_NAN_AT=s[:rank]` turns the training inputs of global step s NaN, on every rank or on the one named,
   while the run has recovered from no divergence (a state a checkpoint holds: a resumed run meets it as the run
   never stopped would): a divergence that reaches a process under torchrun, where a test cannot reach in.
@@ -21,8 +21,9 @@ _nan_at = os.environ.get("RESLAB_NAN_AT", "")
 def reached(point: str) -> None:
     if not _target:
         return
-    name, _, n = _target.partition(":")
-    if name != point:
+    name, _, rest = _target.partition(":")
+    n, _, rank = rest.partition(":")
+    if name != point or (rank and int(rank) != int(os.environ.get("RANK", "0"))):
         return
     _counts[point] = _counts.get(point, 0) + 1
     if _counts[point] == int(n or 1):

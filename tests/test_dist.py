@@ -113,6 +113,30 @@ def test_a_rank_whose_peer_died_says_so_in_one_line(tiny_data, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
 
+def test_a_collective_that_timed_out_is_one_line(monkeypatch, capsys):
+    """A hung rank (SIGSTOP'd rank 0, checked by hand): after RESLAB_DIST_TIMEOUT the others' gloo collective
+    raises, and each printed a traceback; now one line. Outside torchrun the error is not ours to word."""
+    from reslab import cli
+
+    def hangs(args):
+        raise RuntimeError(
+            "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
+            "10000ms for recv operation to complete"
+        )
+
+    monkeypatch.setattr(cli, "cmd_models", hangs)
+    monkeypatch.setenv("RESLAB_DIST_TIMEOUT", "10")
+    with pytest.raises(RuntimeError, match="Timed out waiting"):
+        cli._main(["models"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert cli._main(["models"]) == 1
+    assert capsys.readouterr().err == (
+        "reslab: error: rank 1 stopped: no answer from another rank in RESLAB_DIST_TIMEOUT=10 s: it hangs, "
+        "or waits elsewhere\n"
+    )
+
+
 @pytest.mark.slow
 def test_sigterm_to_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(tiny_data, tmp_path):
     """A scheduler's SIGTERM (or Ctrl-C) goes to torchrun, which passes SIGTERM to each rank. The ranks had

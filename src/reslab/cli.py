@@ -519,8 +519,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Busy-wait spins of an idle OpenMP thread before it sleeps (libgomp's default: 300,000).
-# what a collective raises on a rank whose peer has gone (gloo)
-LOST_PEER = ("Connection closed by peer", "Connection reset by peer")
+def peer_trouble(text: str) -> str:
+    """What a collective's error (gloo's) says of the other ranks, in words; '' if it says nothing of them."""
+    for gone in ("Connection closed by peer", "Connection reset by peer"):
+        if gone in text:
+            return f"another rank left ({gone}); that rank's message says why"
+    if "Timed out waiting" in text:
+        limit = os.environ.get("RESLAB_DIST_TIMEOUT", "600")
+        return f"no answer from another rank in RESLAB_DIST_TIMEOUT={limit} s: it hangs, or waits elsewhere"
+    return ""
+
+
 OPENMP_SPINS = "30000"
 
 
@@ -567,15 +576,10 @@ def _main(argv: list[str] | None) -> int:
         return 130
     except (MemoryError, RuntimeError) as e:  # torch's OutOfMemoryError (CUDA) is a RuntimeError
         text = str(e)
-        lost = [phrase for phrase in LOST_PEER if phrase in text]
-        if lost and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            # another rank stopped (its own error says why) and this one's collective lost it: one line, not a
-            # traceback that buries the cause
-            print(
-                f"reslab: error: rank {os.environ.get('RANK', '?')} stopped: another rank left ({lost[0]}); "
-                "that rank's message says why",
-                file=sys.stderr,
-            )
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (why := peer_trouble(text)):
+            # another rank stopped (its own error says why) or hangs, and this one's collective lost it: one line,
+            # not a traceback that buries the cause
+            print(f"reslab: error: rank {os.environ.get('RANK', '?')} stopped: {why}", file=sys.stderr)
             return 1
         if (
             not isinstance(e, MemoryError)

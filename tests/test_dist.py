@@ -162,7 +162,7 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(tiny
         line = proc.stdout.readline()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
-    said = f"reslab: error: interrupted by SIGTERM; saved {out / 'last.pt'}; continue with: torchrun ... -m"
+    said = f"reslab: error: interrupted by SIGTERM; saved {out / 'last.pt'}; continue with: the same torchrun command, with train --out"
     if proc.returncode == 0 and said not in err:
         pytest.skip("the run finished before the signal arrived")
     assert err.count(said) == 1  # rank 0 says it for both

@@ -518,7 +518,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Busy-wait spins of an idle OpenMP thread before it sleeps (libgomp's default: 300,000).
 def peer_trouble(text: str) -> str:
     """What a collective's error (gloo's) says of the other ranks, in words; '' if it says nothing of them."""
     for gone in ("Connection closed by peer", "Connection reset by peer"):
@@ -530,6 +529,7 @@ def peer_trouble(text: str) -> str:
     return ""
 
 
+# Busy-wait spins of an idle OpenMP thread before it sleeps (libgomp's default: 300,000).
 OPENMP_SPINS = "30000"
 
 

@@ -316,7 +316,7 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
             raise KeyboardInterrupt
         asked = signum  # the run stops after this step (under torchrun, the step the ranks agree on)
 
-    again = f"torchrun ... -m reslab train --out {out} --resume" if run.ctx.active else ""
+    again = f"the same torchrun command, with train --out {out} --resume" if run.ctx.active else ""
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     faults.reached("start")
     chosen_by = selection(run)

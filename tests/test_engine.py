@@ -659,6 +659,21 @@ def test_missing_config_file_and_bad_yaml(tmp_path, capsys):
     )
 
 
+def test_what_the_system_refuses_unchecked_is_one_line(tiny_data, tmp_path, capsys):
+    """An OSError no check of ours names (a file name longer than the filesystem takes) ended in a traceback:
+    `reslab train --out` with a 300-character name failed in fit's first look at the directory."""
+    from reslab.cli import main
+
+    long = tmp_path / ("x" * 300)
+    for argv in (
+        ["train", "--out", str(long), "--quiet", "--set", *tiny_overrides(tiny_data)],
+        ["eval", str(long)],
+        ["runs", str(long)],
+    ):
+        assert main(argv) == 1
+        assert capsys.readouterr().err == f"reslab: error: {long}: File name too long\n"
+
+
 class FillsUp:
     """A file on a disk that is full after `room` bytes: its write raises ENOSPC, as a real one does."""
 

@@ -15,6 +15,7 @@ from conftest import tiny_overrides
 
 from reslab.cli import main
 from reslab.engine import checkpoint
+from reslab.errors import ReslabError
 from reslab.runs import read_history, without_timings
 
 TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
@@ -111,6 +112,23 @@ def test_a_rank_whose_peer_died_says_so_in_one_line(tiny_data, tmp_path):
     assert checkpoint.load(out / "last.pt")["epoch"] == 1
     resumed = launch(out, tiny_data, 2, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+
+def test_a_dist_timeout_that_is_not_a_number_of_seconds_is_refused(monkeypatch):
+    """int() of the variable: "abc" was a ValueError traceback on every rank, "0" or "-5" a timeout that every
+    collective would miss; "2.5" was refused."""
+    from reslab.engine import dist
+
+    for bad in ("abc", "0", "-5", "nan", "inf"):
+        monkeypatch.setenv("RESLAB_DIST_TIMEOUT", bad)
+        with pytest.raises(
+            ReslabError, match=f"^RESLAB_DIST_TIMEOUT must be a number of seconds > 0, got '{bad}'$"
+        ):
+            dist.timeout_seconds()
+    monkeypatch.setenv("RESLAB_DIST_TIMEOUT", "2.5")
+    assert dist.timeout_seconds() == 2.5
+    monkeypatch.delenv("RESLAB_DIST_TIMEOUT")
+    assert dist.timeout_seconds() == 600
 
 
 def test_a_collective_that_timed_out_is_one_line(monkeypatch, capsys):
@@ -374,7 +392,6 @@ def test_a_group_the_script_joined_that_cannot_carry_the_runs_tensors_is_one_lin
 
     from reslab import config
     from reslab.engine import dist, fit
-    from reslab.errors import ReslabError
 
     assert dist.carries("gloo", "cpu") and dist.carries("gloo", "cuda") and dist.carries("nccl", "cuda")
     assert not dist.carries("nccl", "cpu") and dist.carries("cpu:gloo,cuda:nccl", "cpu")

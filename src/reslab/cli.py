@@ -597,7 +597,8 @@ def _main(argv: list[str] | None) -> int:
         # point stdout at /dev/null, so that the flush at exit cannot fail again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except OSError as e:  # what the system refused where no check of ours named it (a file name too long, ...)
+    # what the system refused where no check of ours named it (a file name too long, ...)
+    except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         print(f"reslab: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1

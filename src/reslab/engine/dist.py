@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import gc
+import math
 import os
 from dataclasses import dataclass
 
@@ -34,6 +35,20 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def timeout_seconds() -> float:
+    """RESLAB_DIST_TIMEOUT: how long a collective waits for the other ranks (default 600 s)."""
+    given = os.environ.get("RESLAB_DIST_TIMEOUT", "600")
+    try:
+        seconds = float(given)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < math.inf:
+        error = ReslabError(f"RESLAB_DIST_TIMEOUT must be a number of seconds > 0, got {given!r}")
+        error.every_rank = False  # torchrun gave every rank the same environment
+        raise error
+    return seconds
+
+
 def setup(device_type: str) -> DistContext:
     """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK), unless
     this process is in one already. Joined once, the group stays for the process's life and is left at exit: a
@@ -49,7 +64,7 @@ def setup(device_type: str) -> DistContext:
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        timeout = datetime.timedelta(seconds=int(os.environ.get("RESLAB_DIST_TIMEOUT", "600")))
+        timeout = datetime.timedelta(seconds=timeout_seconds())
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timeout)
         atexit.register(_leave)
     elif not carries(backend := dist.get_backend(), device_type):

@@ -127,6 +127,27 @@ def test_a_second_signal_stops_at_once_and_the_handlers_are_restored(tiny_data, 
     assert not list((tmp_path / "run").glob(".*.tmp"))  # no half-written file left behind
 
 
+def test_fit_in_another_thread_trains_and_leaves_the_main_threads_handlers(tiny_data, tmp_path):
+    """Python lets only the main thread set signal handlers: fit() in a server's or an app's thread failed at
+    once ("signal only works in main thread of the main interpreter")."""
+    import threading
+
+    from reslab import config
+    from reslab.engine import fit
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    done = []
+    worker = threading.Thread(
+        target=lambda: done.append(
+            fit(config.load(None, tiny_overrides(tiny_data)), tmp_path / "run", quiet=True)
+        )
+    )
+    worker.start()
+    worker.join()
+    assert len(done) == 1 and done[0]["epochs"] == 2
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
 def test_disk_full_on_checkpoint_stops_cleanly_or_continues(tiny_data, tmp_path, monkeypatch, capsys):
     from reslab import config
     from reslab.cli import main

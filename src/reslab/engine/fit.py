@@ -12,6 +12,7 @@ import json
 import math
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -317,7 +318,9 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
         asked = signum  # the run stops after this step (under torchrun, the step the ranks agree on)
 
     again = f"the same torchrun command, with train --out {out} --resume" if run.ctx.active else ""
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    # Python lets the main thread alone set handlers: fit() in another thread (a server's, an app's) keeps theirs
+    handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    previous = {s: signal.signal(s, on_signal) for s in handled}
     faults.reached("start")
     chosen_by = selection(run)
     best = max((h[chosen_by] for h in run.history if chosen_by in h), default=-1.0)

@@ -659,6 +659,26 @@ def test_missing_config_file_and_bad_yaml(tmp_path, capsys):
     )
 
 
+def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path, capsys):
+    """PyYAML keeps a repeated key's last value: a second `train:` section silently dropped every setting of the
+    first (epochs 3 and batch 64 became the defaults, 10 and 256). YAML's merge key still works."""
+    (tmp_path / "two.yaml").write_text(
+        "train:\n  epochs: 3\n  batch_size: 64\nmodel:\n  name: resnet8\ntrain:\n  ema: 0.9\n"
+    )
+    (tmp_path / "inner.yaml").write_text("train: {epochs: 2, epochs: 3}\n")
+    for name, said in (
+        ("two", "key 'train' appears twice (line 6)"),
+        ("inner", "key 'epochs' appears twice (line 1)"),
+    ):
+        assert main(["train", "--config", str(tmp_path / f"{name}.yaml"), "--print-config"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"reslab: error: config file {tmp_path / name}.yaml is not valid YAML: {said}\n"
+    (tmp_path / "merged.yaml").write_text("train:\n  <<: {epochs: 3, batch_size: 64}\n  epochs: 4\n")
+    assert main(["train", "--config", str(tmp_path / "merged.yaml"), "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "  epochs: 4\n" in out and "  batch_size: 64\n" in out
+
+
 def test_what_the_system_refuses_unchecked_is_one_line(tiny_data, tmp_path, capsys):
     """An OSError no check of ours names (a file name longer than the filesystem takes) ended in a traceback:
     `reslab train --out` with a 300-character name failed in fit's first look at the directory."""

@@ -203,6 +203,26 @@ def find(path: str | Path) -> Path:
     raise ReslabError(f"config file {path} not found; the recipes of configs/ are: {names}")
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error: PyYAML keeps the last, so a
+    second `train:` section silently dropped every setting of the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: the keys after it override its
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (list, dict)):  # unhashable: the loader says so below
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (line {key_node.start_mark.line + 1})", None
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load(path: str | Path | None = None, overrides: list[str] | str | None = None) -> Config:
     """The config from a YAML file (or the defaults), with dotted overrides applied, validated."""
     if isinstance(overrides, str):  # one override, not its characters
@@ -211,7 +231,7 @@ def load(path: str | Path | None = None, overrides: list[str] | str | None = Non
     if path is not None:
         path = find(path)
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.load(path.read_text(), Loader=_UniqueKeys) or {}
         except yaml.YAMLError as e:
             raise ReslabError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         except UnicodeDecodeError:

@@ -25,8 +25,11 @@ def find_runs(paths: list[str]) -> list[Path]:
     for path in map(Path, paths):
         if not path.is_dir():
             raise ReslabError(f"{path} is not a directory" if path.exists() else f"{path}: no such directory")
+        if is_run(path):
+            found.append(path)
+            continue
         marks = [*path.rglob("config.yaml"), *path.rglob("last.pt")]
-        found += [path] if is_run(path) else sorted({p.parent for p in marks if p.is_file()})
+        found += sorted({p.parent for p in marks if p.is_file()})
     return found
 
 

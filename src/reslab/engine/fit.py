@@ -309,9 +309,9 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
     def on_signal(signum, frame):
         nonlocal asked
         if asked:
-            # Under torchrun a second signal is torchrun's own: it follows the Ctrl-C its workers received with a
-            # SIGTERM, and kills what has not left 30 s later. Alone, the user asked twice: stop now (the files
-            # on disk are whole: every write is atomic).
+            # Under torchrun a second signal is torchrun's own: it passes on the Ctrl-C its workers received too,
+            # and kills what has not left 30 s later. Alone, the user asked twice: stop now (the files on disk are
+            # whole: every write is atomic).
             if run.ctx.active:
                 return
             raise KeyboardInterrupt

@@ -106,7 +106,7 @@ def test_a_rank_whose_peer_died_says_so_in_one_line(tiny_data, tmp_path):
     out = tmp_path / "run"
     killed = launch(out, tiny_data, 2, kill_at="step:12:0")  # rank 0 alone, in epoch 2
     assert killed.returncode != 0
-    assert "[rank1]: Traceback" not in killed.stderr and "[rank1]" not in killed.stderr
+    assert "[rank1]" not in killed.stderr  # torchrun's prefix of a rank's traceback
     said = r"reslab: error: rank 1 stopped: another rank left \(Connection (closed|reset) by peer\); that rank's message"
     assert re.search(said, killed.stderr), killed.stderr[-3000:]
     assert checkpoint.load(out / "last.pt")["epoch"] == 1
@@ -144,6 +144,7 @@ def test_a_collective_that_timed_out_is_one_line(monkeypatch, capsys):
 
     monkeypatch.setattr(cli, "cmd_models", hangs)
     monkeypatch.setenv("RESLAB_DIST_TIMEOUT", "10")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(RuntimeError, match="Timed out waiting"):
         cli._main(["models"])
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -160,7 +161,7 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(tiny
     """A scheduler's SIGTERM (or Ctrl-C) goes to torchrun, which passes SIGTERM to each rank. The ranks had
     torchrun's default handling and died wherever they were: the last saved epoch end was all a resume had, and a
     rank killed inside a checkpoint write left its temporary file (2.4 MB for fast.yaml) behind. Now the ranks
-    agree on a step, write one checkpoint together and exit 143; the resumed run ends in the same bits."""
+    agree on a step and write one checkpoint together; the resumed run ends in the same bits."""
     import signal
 
     whole = launch(tmp_path / "whole", tiny_data, 2, epochs=6)
@@ -183,10 +184,10 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(tiny
     said = f"reslab: error: interrupted by SIGTERM; saved {out / 'last.pt'}; continue with: the same torchrun command, with train --out"
     if proc.returncode == 0 and said not in err:
         pytest.skip("the run finished before the signal arrived")
-    assert err.count(said) == 1  # rank 0 says it for both
+    assert proc.returncode != 0 and err.count(said) == 1  # rank 0 says it for both
     assert not list(out.glob(".*.tmp"))
     saved = checkpoint.load(out / "last.pt")
-    assert len(saved["rank_rng"]) == 2 and (saved["epoch"], saved["batch"]) != (6, 0)
+    assert len(saved["rank_rng"]) == 2 and saved["epoch"] < 6  # stopped early: within an epoch or at its end
     resumed = launch(out, tiny_data, 2, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert without_timings(read_history(out)) == without_timings(read_history(tmp_path / "whole"))

@@ -79,9 +79,12 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(reference, tmp_path, poin
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(
+    "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"]
+)
 def test_sigint_or_sigterm_saves_a_resumable_checkpoint(reference, tmp_path, signum):
-    """Ctrl-C, or the SIGTERM a scheduler sends before it kills a job: the run stops after its step with a
+    """Ctrl-C, the SIGTERM a scheduler sends before it kills a job, or the SIGHUP of a closed terminal (which ended
+    the run where it was, with nothing saved since its last epoch): the run stops after its step with a
     checkpoint, exits 128 + the signal, and resumes bit-identical."""
     data, (ref_model, _, ref_rows, _) = reference
     out = tmp_path / "run"
@@ -93,6 +96,8 @@ def test_sigint_or_sigterm_saves_a_resumable_checkpoint(reference, tmp_path, sig
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # as from a terminal, whatever this test runs under (nohup ignores SIGHUP, and its children inherit that)
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
     )
     # wait until training is under way (the first epoch line), then send the signal
     line = proc.stdout.readline()
@@ -110,6 +115,24 @@ def test_sigint_or_sigterm_saves_a_resumable_checkpoint(reference, tmp_path, sig
     assert rows == ref_rows and all(torch.equal(model[k], ref_model[k]) for k in ref_model)
 
 
+def test_a_run_under_nohup_keeps_training_through_sighup(tiny_data, tmp_path):
+    """nohup makes a process ignore SIGHUP so that it outlives its terminal: reslab keeps that, and trains on."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reslab", "train", "--out", str(out), "--set", *tiny_overrides(tiny_data)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )
+    line = proc.stdout.readline()
+    while line and not line.startswith("epoch"):
+        line = proc.stdout.readline()
+    proc.send_signal(signal.SIGHUP)
+    rest, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "interrupted" not in err and "done: test acc" in rest
+
+
 def test_a_second_signal_stops_at_once_and_the_handlers_are_restored(tiny_data, tmp_path):
     """The first Ctrl-C asks for a checkpoint at the end of the step; a second one does not wait for it."""
     from reslab import config
@@ -120,7 +143,7 @@ def test_a_second_signal_stops_at_once_and_the_handlers_are_restored(tiny_data, 
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
 
-    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     with pytest.raises(KeyboardInterrupt):
         fit(config.load(None, tiny_overrides(tiny_data)), tmp_path / "run", quiet=True, on_step=press_twice)
     assert {s: signal.getsignal(s) for s in before} == before
@@ -135,7 +158,7 @@ def test_fit_in_another_thread_trains_and_leaves_the_main_threads_handlers(tiny_
     from reslab import config
     from reslab.engine import fit
 
-    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     done = []
     worker = threading.Thread(
         target=lambda: done.append(

@@ -45,7 +45,8 @@ CURVES_EVERY = 30.0  # seconds between drawings of curves.png (0.2-0.3 s each); 
 
 
 class Interrupted(ReslabError):
-    """Ctrl-C or SIGTERM (a scheduler's notice): a resumable checkpoint was saved. Exits with 128 + the signal."""
+    """Ctrl-C, SIGTERM (a scheduler's notice) or SIGHUP (the terminal closed): a resumable checkpoint was saved.
+    Exits with 128 + the signal."""
 
     def __init__(self, signum: int, out: Path, again: str = ""):
         super().__init__(
@@ -54,6 +55,20 @@ class Interrupted(ReslabError):
         )
         self.signum, self.out, self.exit_code = signum, out, 128 + signum
         self.every_rank = False  # the ranks stop together, at the same step
+
+
+def stop_signals() -> tuple[int, ...]:
+    """The signals that stop a run with a checkpoint: Ctrl-C's SIGINT, a scheduler's SIGTERM, and the SIGHUP of a
+    closed terminal or ssh session (whose default ends the run where it is) unless the run ignores it, as under
+    nohup. Python lets the main thread alone set handlers: fit() in another thread (a server's, an app's) keeps
+    the main thread's."""
+    if threading.current_thread() is not threading.main_thread():
+        return ()
+    stops = (signal.SIGINT, signal.SIGTERM)
+    hangup = getattr(signal, "SIGHUP", None)  # not on Windows
+    if hangup is None or signal.getsignal(hangup) == signal.SIG_IGN:
+        return stops
+    return (*stops, hangup)
 
 
 def settle(run: Run) -> None:
@@ -318,9 +333,7 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
         asked = signum  # the run stops after this step (under torchrun, the step the ranks agree on)
 
     again = f"the same torchrun command, with train --out {out} --resume" if run.ctx.active else ""
-    # Python lets the main thread alone set handlers: fit() in another thread (a server's, an app's) keeps theirs
-    handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
-    previous = {s: signal.signal(s, on_signal) for s in handled}
+    previous = {s: signal.signal(s, on_signal) for s in stop_signals()}
     faults.reached("start")
     chosen_by = selection(run)
     best = max((h[chosen_by] for h in run.history if chosen_by in h), default=-1.0)

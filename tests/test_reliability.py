@@ -79,6 +79,24 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(reference, tmp_path, poin
 
 
 @pytest.mark.slow
+def signalled(args: list[str], signum: int, hangup) -> tuple[subprocess.Popen, str, str]:
+    """`reslab train ARGS` in a process whose SIGHUP disposition is `hangup`, sent `signum` once training is under
+    way (its first epoch line); the finished process, the rest of its stdout, its stderr."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reslab", "train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, hangup),
+    )
+    line = proc.stdout.readline()
+    while line and not line.startswith("epoch"):
+        line = proc.stdout.readline()
+    proc.send_signal(signum)
+    rest, err = proc.communicate(timeout=300)
+    return proc, rest, err
+
+
 @pytest.mark.parametrize(
     "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"]
 )
@@ -91,20 +109,8 @@ def test_sigint_or_sigterm_saves_a_resumable_checkpoint(reference, tmp_path, sig
     overrides = tiny_overrides(
         data, **{"train.epochs": 3, "data.flip": True, "data.crop_padding": 2, "train.ema": 0.9}
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "reslab", "train", "--out", str(out), "--quiet", "--set", *overrides],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        # as from a terminal, whatever this test runs under (nohup ignores SIGHUP, and its children inherit that)
-        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
-    )
-    # wait until training is under way (the first epoch line), then send the signal
-    line = proc.stdout.readline()
-    while line and not line.startswith("epoch"):
-        line = proc.stdout.readline()
-    proc.send_signal(signum)
-    _, err = proc.communicate(timeout=300)
+    # as from a terminal, whatever this test runs under (nohup ignores SIGHUP, and its children inherit that)
+    proc, _, err = signalled(["--out", str(out), "--quiet", "--set", *overrides], signum, signal.SIG_DFL)
     if proc.returncode == 0:
         pytest.skip("the run finished before the signal arrived")
     assert proc.returncode == 128 + signum and "Traceback" not in err
@@ -117,19 +123,8 @@ def test_sigint_or_sigterm_saves_a_resumable_checkpoint(reference, tmp_path, sig
 
 def test_a_run_under_nohup_keeps_training_through_sighup(tiny_data, tmp_path):
     """nohup makes a process ignore SIGHUP so that it outlives its terminal: reslab keeps that, and trains on."""
-    out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "reslab", "train", "--out", str(out), "--set", *tiny_overrides(tiny_data)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
-    )
-    line = proc.stdout.readline()
-    while line and not line.startswith("epoch"):
-        line = proc.stdout.readline()
-    proc.send_signal(signal.SIGHUP)
-    rest, err = proc.communicate(timeout=300)
+    args = ["--out", str(tmp_path / "run"), "--set", *tiny_overrides(tiny_data)]
+    proc, rest, err = signalled(args, signal.SIGHUP, signal.SIG_IGN)
     assert proc.returncode == 0 and "interrupted" not in err and "done: test acc" in rest
 
 

@@ -520,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def peer_trouble(text: str) -> str:
     """What a collective's error (gloo's) says of the other ranks, in words; '' if it says nothing of them."""
-    for gone in ("Connection closed by peer", "Connection reset by peer"):
+    for gone in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"):
         if gone in text:
             return f"another rank left ({gone}); that rank's message says why"
     if "Timed out waiting" in text:

@@ -18,12 +18,17 @@ _target = os.environ.get("RESLAB_KILL_AT", "")
 _nan_at = os.environ.get("RESLAB_NAN_AT", "")
 
 
+def _other_rank(rank: str) -> bool:
+    """Whether a variable's optional rank names another rank than this process's ('': every rank)."""
+    return bool(rank) and int(rank) != int(os.environ.get("RANK", "0"))
+
+
 def reached(point: str) -> None:
     if not _target:
         return
     name, _, rest = _target.partition(":")
     n, _, rank = rest.partition(":")
-    if name != point or (rank and int(rank) != int(os.environ.get("RANK", "0"))):
+    if name != point or _other_rank(rank):
         return
     _counts[point] = _counts.get(point, 0) + 1
     if _counts[point] == int(n or 1):
@@ -36,6 +41,6 @@ def poison(step: int, x, recovered: int):
     if not _nan_at or recovered:
         return x
     at, _, rank = _nan_at.partition(":")
-    if step != int(at) or (rank and int(rank) != int(os.environ.get("RANK", "0"))):
+    if step != int(at) or _other_rank(rank):
         return x
     return x * float("nan")

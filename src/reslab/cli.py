@@ -524,7 +524,9 @@ def peer_trouble(text: str) -> str:
         if gone in text:
             return f"another rank left ({gone}); that rank's message says why"
     if "Timed out waiting" in text:
-        limit = os.environ.get("RESLAB_DIST_TIMEOUT", "600")
+        from .engine.dist import timeout_seconds  # loaded by then: a collective raised this
+
+        limit = f"{timeout_seconds():g}"
         return f"no answer from another rank in RESLAB_DIST_TIMEOUT={limit} s: it hangs, or waits elsewhere"
     return ""
 

@@ -28,13 +28,6 @@ def _scan(directory: Path) -> dict[str, list[Path]]:
     }
 
 
-def is_gray(mode: str) -> bool:
-    """A PIL mode of one gray band, of any depth, with or without alpha (L, LA, 1, I, I;16, F); palette is colour."""
-    from PIL import Image
-
-    return Image.getmodebase(mode) == "L"
-
-
 def _channels(files: list[Path]) -> int:
     """1 when every image is gray, else 3: one colour image makes the data RGB (the first image alone decided, so
     a gray first image turned every colour image gray, and a float TIFF counted as colour)."""
@@ -43,7 +36,8 @@ def _channels(files: list[Path]) -> int:
     for f in files:
         try:
             with Image.open(f) as img:  # the header only
-                if not is_gray(img.mode):
+                # gray: one gray band of any depth, alpha or not (L, LA, 1, I, I;16, F); palette is colour
+                if Image.getmodebase(img.mode) != "L":
                     return 3
         except (OSError, SyntaxError, ValueError):
             continue  # reading it says what is wrong with it

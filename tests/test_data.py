@@ -13,6 +13,7 @@ from reslab.config import DataConfig
 from reslab.data import (
     Augment,
     TensorLoader,
+    describe,
     flip,
     hold_out,
     input_side,
@@ -120,6 +121,32 @@ def test_input_side_is_known_before_the_data_loads(tmp_path):
     )
     data = load_dataset(DataConfig(root=str(make_dataset(tmp_path / "d", 8, 8)), limit=8))
     assert data.train_images.shape[-2:] == (input_side(DataConfig()),) * 2
+
+
+def test_describe_tells_the_shape_and_classes_load_dataset_gives(tmp_path):
+    """What `reslab summary --config` builds the recipe's model for, read from the files without their pixels: a
+    folder recipe's summary showed Fashion-MNIST's 1 channel at 28 px, whatever its images were."""
+    assert describe(DataConfig(resize=96)) == ((1, 96, 96), 10)
+    rng = np.random.default_rng(0)
+    idx = tmp_path / "idx"  # images not square, labels 0..4
+    idx.mkdir()
+    for split, n in (("train", 12), ("t10k", 6)):
+        write_idx(idx / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 12, 20), dtype=np.uint8))
+        write_idx(idx / f"{split}-labels-idx1-ubyte.gz", np.arange(n, dtype=np.uint8) % 5)
+    folder = tmp_path / "pics"  # one RGB image among gray ones, 30 px at its widest
+    for i in range(6):
+        (folder / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB" if i == 4 else "L", (30, 18)).save(folder / f"c{i % 3}" / f"{i}.png")
+    for cfg, shape, classes in (
+        (DataConfig(name="idx", root=str(idx)), (1, 12, 20), 5),
+        (DataConfig(name="folder", root=str(folder), split=0.3), (3, 30, 30), 3),
+    ):
+        data = load_dataset(cfg)
+        assert describe(cfg) == (shape, classes) == (tuple(data.train_images.shape[1:]), len(data.classes))
+    assert describe(DataConfig(name="idx", root=str(idx), resize=16)) == ((1, 16, 16), 5)
+    assert describe(DataConfig(name="folder", root=str(folder), split=0.3, resize=16)) == ((3, 16, 16), 3)
+    with pytest.raises(ReslabError, match="is not a directory of class folders"):
+        describe(DataConfig(name="folder", root=str(tmp_path / "none")))
 
 
 def test_missing_file_and_nothing_found(tmp_path, monkeypatch):

@@ -1,5 +1,7 @@
 import pytest
 import torch
+from conftest import make_dataset
+from PIL import Image
 from torch import nn
 
 from reslab.cli import main
@@ -264,7 +266,7 @@ def test_an_unknown_option_gets_the_commands_own_usage(capsys):
     assert err.endswith("reslab summary: error: unrecognized arguments: --size 64\n")
 
 
-def test_summary_of_a_recipe_builds_its_model_with_its_options(capsys):
+def test_summary_of_a_recipe_builds_its_model_with_its_options(capsys, tmp_path):
     """`reslab summary --config fast`: the recipe's ResNet-8 at width 32 with its first stage at 14 px and a 16-channel
     stem (54 M training FLOPs an image: 3x the forward's 18.1 M), and `--set` changes it as it would change the run."""
     assert main(["summary", "--config", "fast"]) == 0
@@ -290,14 +292,27 @@ def test_summary_of_a_recipe_builds_its_model_with_its_options(capsys):
         "model.options.shortcut=projection",
     ]
     assert main(argv) == 0 and "855,482" in capsys.readouterr().out  # 2 projections for the zero-padding
-    # data whose classes the recipe does not list (a folder, or idx without data.classes) takes the flag
-    assert (
-        main(["summary", "--config", "fast", "--set", "data.name=idx", "data.root=.", "--num-classes", "4"])
-        == 0
-    )
-    assert "(1, 4)" in capsys.readouterr().out
-    assert main(["summary", "--config", "fast", "--set", "data.name=idx", "data.classes=[a,b]"]) == 0
-    assert "(1, 2)" in capsys.readouterr().out
+    # data whose classes the recipe does not list (a folder, or idx without data.classes) is read for its images
+    # and classes, or takes the flags instead
+    recipe = ["summary", "--config", "fast", "--set"]
+    idx = [*recipe, "data.name=idx", f"data.root={make_dataset(tmp_path / 'd', 8, 8)}"]
+    assert main(idx) == 0 and "(1, 10)" in capsys.readouterr().out  # the tiny data's labels: 0..9
+    assert main([*idx, "data.resize=40", "--num-classes", "4"]) == 2
+    assert "--num-classes 4: the recipe's data has 10 classes" in capsys.readouterr().err
+    flags = [*recipe, "data.name=idx", "data.root=.", "--num-classes", "4"]
+    assert main([*flags, "--input", "1,1,28,28"]) == 0 and "(1, 4)" in capsys.readouterr().out
+    assert main(flags) == 2
+    assert "(or give --input N,C,H,W and --num-classes N)" in capsys.readouterr().err
+    listed = [*recipe, "data.name=idx", "data.classes=[a,b]", "--input", "1,1,28,28"]
+    assert main(listed) == 0 and "(1, 2)" in capsys.readouterr().out
+    folder = tmp_path / "pics"
+    for i in range(4):
+        (folder / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 40)).save(folder / f"c{i % 2}" / f"{i}.png")
+    assert main([*recipe, "data.name=folder", f"data.root={folder}", "data.split=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("resnet8, width=32, first_stride=2, stem_width=16, input 1,3,40,40\n")
+    assert "(1, 2)" in out
     for argv, message in (
         (["summary"], "name a MODEL or a recipe with --config"),
         (["summary", "resnet8", "--config", "fast"], "name a MODEL or a recipe with --config"),
@@ -320,6 +335,8 @@ def test_summary_of_a_recipe_builds_its_model_with_its_options(capsys):
                 "--set",
                 "data.name=idx",
                 "data.classes=[a,b]",
+                "--input",
+                "1,1,28,28",
                 "--num-classes",
                 "3",
             ],

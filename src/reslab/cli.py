@@ -183,15 +183,15 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_summary(args: argparse.Namespace) -> int:
     from . import config
-    from .data import input_side
+    from .data import describe
     from .models import build_model, input_size, summary
 
     if (args.model is None) == (args.config is None):
         raise ReslabError("summary: name a MODEL or a recipe with --config, one of the two")
-    name, options, classes, side = args.model, {}, args.num_classes, None
+    name, options, classes, given = args.model, {}, args.num_classes, args.input
     if args.set and args.config is None:  # a bare model takes its builder's options, nothing else
-        given = config.parse_overrides(args.set)
-        model = given.get("model") if list(given) == ["model"] else None
+        overrides = config.parse_overrides(args.set)
+        model = overrides.get("model") if list(overrides) == ["model"] else None
         if (
             not isinstance(model, dict)
             or list(model) != ["options"]
@@ -201,17 +201,21 @@ def cmd_summary(args: argparse.Namespace) -> int:
                 "summary MODEL: --set takes model options (model.options.KEY=VALUE); other keys need --config"
             )
         options = model["options"]
-    if args.config is not None:  # the recipe's model, options and image size, for Fashion-MNIST's 1 channel
+    if args.config is not None:  # the recipe's model and options, at the images and classes its data gives
         cfg = config.load(args.config, args.set)
         name, options = cfg.model.name, cfg.model.options
-        side = input_side(cfg.data)  # the size the run trains at (other data: the model's own, below)
         fixed = 10 if cfg.data.name == "fashion-mnist" else len(cfg.data.classes or ())
+        if given is None or not (fixed or classes):  # what the data's files say (Fashion-MNIST's are known)
+            try:
+                (channels, height, width), fixed = describe(cfg.data)
+            except ReslabError as e:
+                raise ReslabError(f"{e} (or give --input N,C,H,W and --num-classes N)") from None
+            given = given or f"1,{channels},{height},{width}"
         if fixed and classes not in (None, fixed):  # the head would not be the one the recipe trains
             raise ReslabError(f"--num-classes {classes}: the recipe's data has {fixed} classes")
         classes = fixed or classes
     classes = 10 if classes is None else classes
-    side = side or input_size(name)
-    given = args.input or f"1,1,{side},{side}"
+    given = given or f"1,1,{input_size(name)},{input_size(name)}"
     try:
         shape = tuple(int(s) for s in given.split(","))
     except ValueError:

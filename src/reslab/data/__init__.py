@@ -56,6 +56,22 @@ def input_side(cfg: DataConfig) -> int | None:
     return cfg.resize or (fashion_mnist.SIDE if cfg.name == "fashion-mnist" else None)
 
 
+def describe(cfg: DataConfig) -> tuple[tuple[int, int, int], int]:
+    """((channels, height, width), classes) of the images a recipe's model sees. Fashion-MNIST's are known; other
+    data's from its files: an IDX dataset's (small, read whole), a folder's layout and image headers."""
+    if cfg.name == "fashion-mnist":
+        side = input_side(cfg)
+        return (1, side, side), len(fashion_mnist.CLASSES)
+    if cfg.name == "folder":
+        from .folder import describe as describe_folder
+
+        channels, side, classes = describe_folder(cfg.root, cfg.split, cfg.resize, cfg.classes)
+        return (channels, side, side), classes
+    arrays = fashion_mnist.load_arrays(cfg.root, tuple(cfg.classes) if cfg.classes else None, cfg.download)
+    height, width = arrays.train_images.shape[1:]  # IDX images are gray: (N, H, W)
+    return (1, cfg.resize or height, cfg.resize or width), len(arrays.classes)
+
+
 def load_dataset(cfg: DataConfig) -> Dataset:
     """Read the configured dataset into memory (uint8), first `limit` images of each split if set."""
     if cfg.name == "folder":
@@ -174,6 +190,7 @@ __all__ = [
     "Dataset",
     "TensorLoader",
     "black",
+    "describe",
     "flip",
     "hold_out",
     "input_side",

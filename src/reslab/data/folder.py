@@ -44,11 +44,8 @@ def _channels(files: list[Path]) -> int:
     return 1
 
 
-def load_folder(root: str, split: float, size: int | None, classes: list[str] | None = None) -> Arrays:
-    from PIL import Image
-
-    from ..report import read_image
-
+def _layout(root: str, split: float, classes: list[str] | None) -> tuple[Path, dict, dict, list[str]]:
+    """(the folder, train and test files by class name, the class names), checked."""
     base = Path(root).expanduser()
     if not base.is_dir():
         raise ReslabError(f"data.root {base} is not a directory of class folders")
@@ -82,6 +79,15 @@ def load_folder(root: str, split: float, size: int | None, classes: list[str] | 
             f"{base}: class folder{'s' if len(untrained) > 1 else ''} {', '.join(untrained)} "
             f"{'hold' if len(untrained) > 1 else 'holds'} no training images ({', '.join(sorted(EXTENSIONS))})"
         )
+    return base, train, test, names
+
+
+def _form(train: dict, test: dict, size: int | None) -> tuple[int, int]:
+    """(channels, side) of the square images the folder loads as, from the images' headers."""
+    from PIL import Image
+
+    from ..report import read_image
+
     first = next(f for files in train.values() for f in files)
     try:
         with Image.open(first) as img:
@@ -89,9 +95,23 @@ def load_folder(root: str, split: float, size: int | None, classes: list[str] | 
     except (OSError, SyntaxError, ValueError):
         read_image(first, 1, 1)  # says in one line what is wrong with it
         raise
-    channels = _channels(
-        [f for split_files in (train, test) for files in split_files.values() for f in files]
-    )
+    every = [f for split_files in (train, test) for files in split_files.values() for f in files]
+    return _channels(every), side
+
+
+def describe(
+    root: str, split: float, size: int | None, classes: list[str] | None = None
+) -> tuple[int, int, int]:
+    """(channels, side, classes) of what load_folder would give, from the folder's layout and image headers."""
+    _, train, test, names = _layout(root, split, classes)
+    return *_form(train, test, size), len(names)
+
+
+def load_folder(root: str, split: float, size: int | None, classes: list[str] | None = None) -> Arrays:
+    from ..report import read_image
+
+    base, train, test, names = _layout(root, split, classes)
+    channels, side = _form(train, test, size)
 
     def read(split_files: dict[str, list[Path]]) -> tuple[np.ndarray, np.ndarray]:
         images, labels = [], []

@@ -128,6 +128,23 @@ def test_a_run_under_nohup_keeps_training_through_sighup(tiny_data, tmp_path):
     assert proc.returncode == 0 and "interrupted" not in err and "done: test acc" in rest
 
 
+def test_a_script_is_told_to_resume_with_fit(tiny_data, tmp_path):
+    """fit() called from Python says how Python continues it: it named `reslab train --out X --resume`, the
+    command line's way, to a script or notebook."""
+    from reslab import config
+    from reslab.engine import Interrupted, fit
+
+    def press(run):
+        if run.batch == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    cfg, out = config.load(None, tiny_overrides(tiny_data)), tmp_path / "run"
+    with pytest.raises(Interrupted) as stopped:
+        fit(cfg, out, quiet=True, on_step=press)
+    assert str(stopped.value).endswith(f"continue with: fit(cfg, {str(out)!r}, resume=True)")
+    assert fit(cfg, out, resume=True, quiet=True)["epochs"] == cfg.train.epochs
+
+
 def test_a_second_signal_stops_at_once_and_the_handlers_are_restored(tiny_data, tmp_path):
     """The first Ctrl-C asks for a checkpoint at the end of the step; a second one does not wait for it."""
     from reslab import config

@@ -87,7 +87,7 @@ def _import(spec: str):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from . import config
-    from .engine import dist, fit
+    from .engine import Interrupted, dist, fit
     from .engine.fit import n_epochs
 
     if args.resume:
@@ -114,7 +114,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(config.dump(cfg), end="")
         return 0
     out = args.out or f"runs/{cfg.name}"
-    summary = fit(cfg, out, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
+    try:
+        summary = fit(cfg, out, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
+    except Interrupted as e:  # fit's own message names fit(); here the command continues it
+        torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        again = f"{'the same torchrun command, with ' if torchrun else 'reslab '}train --out {out} --resume"
+        raise Interrupted(e.signum, e.out, again) from None
     if summary["test_acc"] is not None and dist.is_main_process():  # under torchrun: rank 0 says it
         best = f"best {summary['best_test_acc']:.4f}"
         if summary.get("best_val_acc") is not None:  # best.pt: chosen on the held-out images

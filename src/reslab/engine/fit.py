@@ -51,7 +51,7 @@ class Interrupted(ReslabError):
     def __init__(self, signum: int, out: Path, again: str = ""):
         super().__init__(
             f"interrupted by {signal.Signals(signum).name}; saved {out / 'last.pt'}; "
-            f"continue with: {again or f'reslab train --out {out} --resume'}"
+            f"continue with: {again or f'fit(cfg, {str(out)!r}, resume=True)'}"
         )
         self.signum, self.out, self.exit_code = signum, out, 128 + signum
         self.every_rank = False  # the ranks stop together, at the same step
@@ -332,7 +332,7 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
             raise KeyboardInterrupt
         asked = signum  # the run stops after this step (under torchrun, the step the ranks agree on)
 
-    again = f"the same torchrun command, with train --out {out} --resume" if run.ctx.active else ""
+    again = "the same torchrun command, its fit(..., resume=True)" if run.ctx.active else ""
     previous = {s: signal.signal(s, on_signal) for s in stop_signals()}
     faults.reached("start")
     chosen_by = selection(run)

@@ -10,6 +10,7 @@ from conftest import NEEDS_CUDA, tiny_overrides
 from reslab import bench, config
 from reslab.data import load_dataset, make_loaders
 from reslab.engine import checkpoint, fit
+from reslab.errors import ReslabError
 from reslab.models import build_model
 from reslab.report import evaluate_checkpoint
 
@@ -54,6 +55,17 @@ def test_bf16_and_fp16_training_on_cuda_learn(tiny_data, tmp_path):
         summary = fit(cuda_cfg(tiny_data, **extra), tmp_path / precision, quiet=True)
         assert summary["device"] == "cuda" and summary["precision"] == precision
         assert math.isfinite(summary["test_loss"]) and summary["test_acc"] > 0.3, summary
+
+
+def test_micro_batches_train_on_cuda_compiled_but_not_under_cuda_graphs(tiny_data, tmp_path):
+    """Inductor without graphs accumulates; CUDA graph trees would hand out gradients a later replay overwrites
+    (the sum silently wrong, pytorch/pytorch#169545), so that combination is refused before anything is written."""
+    extra = {"train.accum_steps": 2, "train.compile": True}
+    summary = fit(cuda_cfg(tiny_data, **extra), tmp_path / "run", quiet=True)
+    assert math.isfinite(summary["test_loss"]) and summary["test_acc"] > 0.3, summary
+    with pytest.raises(ReslabError, match="train.accum_steps 2 cannot run under CUDA graphs"):
+        fit(cuda_cfg(tiny_data, **extra, **{"train.compile_mode": "reduce-overhead"}), tmp_path / "no")
+    assert not (tmp_path / "no").exists()
 
 
 def test_checkpoint_trained_on_cuda_evaluates_the_same_on_cpu_and_cuda(tiny_data, tmp_path):

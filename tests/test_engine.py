@@ -1,3 +1,4 @@
+import contextlib
 import copy
 import importlib
 import json
@@ -970,6 +971,81 @@ def test_train_step_reports_the_gradient_norm_and_clips_only_to_a_finite_limit(c
     after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in net.parameters()])).item()
     assert norm > 0.1  # the norm before clipping
     assert after == pytest.approx(norm if math.isinf(clip) else clip, rel=1e-4)
+
+
+def test_micro_batches_accumulate_the_whole_batchs_step(tiny_data, tmp_path, capsys):
+    """train.accum_steps: the batch in N micro-batches, a backward each, then one update. With BatchNorm on its
+    running statistics (the one part of a step that sees the micro-batches apart) it is the whole batch's step:
+    the same loss, gradient norm, correct count and weights, equal or unequal parts (5 of 24: 5, 5, 5, 5, 4)."""
+    from reslab.engine.steps import train_step
+
+    torch.manual_seed(0)
+    model = build_model("resnet8", 1, 10).eval()
+    x, y = torch.randn(24, 1, 28, 28), torch.randint(0, 10, (24,))
+    outcomes = []
+    for accum in (1, 3, 5):
+        net = copy.deepcopy(model)
+        opt = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
+        stats = train_step(
+            net,
+            x,
+            y,
+            opt,
+            torch.nn.CrossEntropyLoss(label_smoothing=0.1),
+            0,
+            torch.device("cpu"),
+            accum=accum,
+        )
+        outcomes.append((stats, torch.cat([p.detach().flatten() for p in net.parameters()])))
+    stats, weights = outcomes[0]
+    assert (
+        weights - torch.cat([p.flatten() for p in model.parameters()])
+    ).abs().max() > 1e-3  # a step was made
+    for other, other_weights in outcomes[1:]:
+        assert other[2] == stats[2] and torch.allclose(other[:2], stats[:2], rtol=1e-5)
+        assert torch.allclose(other_weights, weights, atol=1e-6)
+
+    # under DDP each micro-batch but the last holds its all-reduce back (no_sync)
+    class Held(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net, self.held, self.forwards = net, False, []
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            self.held = True
+            yield
+            self.held = False
+
+        def forward(self, x):
+            self.forwards.append(self.held)
+            return self.net(x)
+
+    held = Held(copy.deepcopy(model))
+    opt = torch.optim.SGD(held.parameters(), lr=0.5, momentum=0.9)
+    train_step(held, x, y, opt, torch.nn.CrossEntropyLoss(), 0, torch.device("cpu"), accum=3)
+    assert held.forwards == [True, True, False]
+    # in training, a run with micro-batches learns; more micro-batches than a step's images is one line
+    out = tmp_path / "run"
+    summary = fit(tiny_cfg(tiny_data, **{"train.accum_steps": 4}), out, quiet=True)
+    assert (
+        summary["test_acc"] > 0.5 and read_history(out)[-1]["train_loss"] < read_history(out)[0]["train_loss"]
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--out",
+                str(tmp_path / "no"),
+                "--set",
+                *tiny_overrides(tiny_data),
+                "train.accum_steps=65",
+            ]
+        )
+        == 2
+    )
+    assert "train.accum_steps 65 exceeds the 64 images of a step's batch" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
 
 
 @pytest.mark.parametrize("clip", [0.0, 1.0])

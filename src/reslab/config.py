@@ -69,6 +69,9 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 10
     batch_size: int = 256  # global: split over ranks under torchrun
+    # split each rank's batch into N micro-batches, a forward and backward each, gradients summed before the one
+    # update: the same step in about 1/N of the activation memory (BatchNorm normalises over each micro-batch)
+    accum_steps: int = 1
     eval_batch_size: int = 1000
     eval_every: int = 1  # evaluate on the test set every N epochs and after the last; training is unchanged
     channels_last: bool = True  # NHWC memory format: faster convolutions on CPU and CUDA
@@ -288,6 +291,7 @@ def validate(cfg: Config) -> None:
 
     positive("train.epochs", cfg.train.epochs)
     positive("train.batch_size", cfg.train.batch_size)
+    positive("train.accum_steps", cfg.train.accum_steps)
     positive("train.eval_batch_size", cfg.train.eval_batch_size)
     positive("optim.lr", cfg.optim.lr)
     positive("data.limit", cfg.data.limit)

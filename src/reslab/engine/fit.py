@@ -129,6 +129,7 @@ def train_one_epoch(run: Run, epoch: int, on_step=None) -> dict:
             run.ctx,
             run.scaler,
             check=run.guard_every == 1,
+            accum=cfg.train.accum_steps,
         )
         if run.ema is not None:
             run.ema.update(run.model, step)

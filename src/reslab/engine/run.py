@@ -110,6 +110,19 @@ def prepare(cfg: Config, out: Path, quiet: bool = False, warm: bool = True) -> R
         raise ReslabError(
             f"train.batch_size {cfg.train.batch_size} is not divisible by {ctx.world_size} ranks"
         )
+    if (per_rank := cfg.train.batch_size // ctx.world_size) < cfg.train.accum_steps:
+        raise ReslabError(
+            f"train.accum_steps {cfg.train.accum_steps} exceeds the {per_rank} images of a "
+            f"{'rank' if ctx.active else 'step'}'s batch: each micro-batch needs one"
+        )
+    graphs = cfg.train.compile and cfg.train.compile_mode in ("reduce-overhead", "max-autotune")
+    if graphs and device.type == "cuda" and cfg.train.accum_steps > 1:
+        # CUDA graph trees hand a micro-batch's gradients out of memory that the next one's replay overwrites:
+        # the sum comes out wrong, silently (pytorch/pytorch#169545)
+        raise ReslabError(
+            f"train.accum_steps {cfg.train.accum_steps} cannot run under CUDA graphs (train.compile_mode "
+            f"{cfg.train.compile_mode}): use compile_mode default or max-autotune-no-cudagraphs"
+        )
     torch.manual_seed(cfg.seed)
     data = load_dataset(cfg.data)
     model = build_model(cfg.model.name, data.in_channels, len(data.classes), **cfg.model.options)

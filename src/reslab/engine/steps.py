@@ -4,6 +4,7 @@ and evaluation of a model on a test set (with optional test-time flip and shift)
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -32,6 +33,7 @@ def train_step(
     ctx: dist.DistContext | None = None,
     scaler: torch.amp.GradScaler | None = None,
     check: bool = True,
+    accum: int = 1,
 ) -> torch.Tensor:
     """One optimiser step. Returns its numbers as one tensor on the device: mean loss of the batch, gradient
     norm, number of correct predictions.
@@ -40,12 +42,22 @@ def train_step(
     gradient never reaches the weights. Without, nothing waits for the device (on a GPU each wait stalls the
     queue of kernels); the caller checks later with `check_steps` and rolls back. With fp16 a gradient scaler
     multiplies the loss; an overflow in its scaled gradients is not divergence (the scaler skips that step and
-    lowers its scale), a non-finite loss is."""
-    with autocast(device, precision):
-        logits = net(x)
-        loss = criterion(logits, y)
+    lowers its scale), a non-finite loss is.
+
+    With `accum` > 1 the batch goes through in that many near-equal micro-batches, each loss weighted by its share
+    of the batch, so the summed gradients are the whole batch's mean (DDP all-reduces once, after the last)."""
     optimizer.zero_grad(set_to_none=True)
-    (scaler.scale(loss) if scaler is not None else loss).backward()
+    parts = zip(x.tensor_split(accum), y.tensor_split(accum)) if accum > 1 else [(x, y)]
+    sums = torch.zeros(2, device=device)  # loss (weighted by share), correct predictions
+    for i, (xi, yi) in enumerate(parts):
+        with nullcontext() if i == accum - 1 or accum == 1 else no_sync(net):
+            with autocast(device, precision):
+                logits = net(xi)
+                loss = criterion(logits, yi)
+                if accum > 1:
+                    loss = loss * (len(yi) / len(y))
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        sums += torch.stack([loss.detach().float(), (logits.argmax(1) == yi).sum().float()])
     if scaler is not None:
         scaler.unscale_(optimizer)
     # one number for loss and gradients: a NaN/Inf anywhere makes the norm non-finite (the same on all ranks)
@@ -53,7 +65,7 @@ def train_step(
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     if math.isfinite(clip):  # without a limit, skip clipping's multiply of every gradient by 1
         torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
-    stats = torch.stack([loss.detach().float(), norm.detach().float(), (logits.argmax(1) == y).sum().float()])
+    stats = torch.stack([sums[0], norm.detach().float(), sums[1]])
     if check:
         check_steps([(step, stats)], device, ctx, grad_norm=scaler is None)
     if scaler is not None:
@@ -62,6 +74,13 @@ def train_step(
     else:
         optimizer.step()
     return stats
+
+
+def no_sync(net: nn.Module):
+    """DDP's no_sync (gradients kept on this rank until a later backward) for a DDP net, compiled or not; else
+    nothing to hold back."""
+    hold = getattr(net, "no_sync", None)
+    return hold() if hold is not None else nullcontext()
 
 
 def check_steps(

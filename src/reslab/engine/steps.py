@@ -48,7 +48,7 @@ def train_step(
     of the batch, so the summed gradients are the whole batch's mean (DDP all-reduces once, after the last)."""
     optimizer.zero_grad(set_to_none=True)
     parts = zip(x.tensor_split(accum), y.tensor_split(accum)) if accum > 1 else [(x, y)]
-    sums = torch.zeros(2, device=device)  # loss (weighted by share), correct predictions
+    sums = None  # loss (each micro-batch's weighted by its share), correct predictions
     for i, (xi, yi) in enumerate(parts):
         with nullcontext() if i == accum - 1 or accum == 1 else no_sync(net):
             with autocast(device, precision):
@@ -57,7 +57,8 @@ def train_step(
                 if accum > 1:
                     loss = loss * (len(yi) / len(y))
             (scaler.scale(loss) if scaler is not None else loss).backward()
-        sums += torch.stack([loss.detach().float(), (logits.argmax(1) == yi).sum().float()])
+        part = torch.stack([loss.detach().float(), (logits.argmax(1) == yi).sum().float()])
+        sums = part if sums is None else sums + part
     if scaler is not None:
         scaler.unscale_(optimizer)
     # one number for loss and gradients: a NaN/Inf anywhere makes the norm non-finite (the same on all ranks)

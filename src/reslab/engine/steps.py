@@ -50,7 +50,7 @@ def train_step(
     parts = zip(x.tensor_split(accum), y.tensor_split(accum)) if accum > 1 else [(x, y)]
     sums = None  # loss (each micro-batch's weighted by its share), correct predictions
     for i, (xi, yi) in enumerate(parts):
-        with nullcontext() if i == accum - 1 or accum == 1 else no_sync(net):
+        with nullcontext() if i == accum - 1 else no_sync(net):
             with autocast(device, precision):
                 logits = net(xi)
                 loss = criterion(logits, yi)

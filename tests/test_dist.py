@@ -67,8 +67,11 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_data, tmp_path)
 def test_sync_bn_on_cpu_is_a_clear_error(tiny_data, tmp_path):
     done = launch(tmp_path / "sync", tiny_data, 2, {"train.sync_bn": True}, epochs=1)
     assert done.returncode != 0
-    # each rank prints the one line (torchrun then adds its own report of the failed children)
+    # each rank prints the one line; torchrun's own report of the failed ranks names it too, from the file it
+    # gives each rank for that (TORCHELASTIC_ERROR_FILE), where it said "To enable traceback see: <a link>"
     assert "reslab: error: train.sync_bn needs CUDA devices" in done.stderr
+    said = re.findall(r"traceback : (.*)", done.stderr)
+    assert len(said) == 2 and all(line.startswith("reslab: error: train.sync_bn needs CUDA") for line in said)
 
 
 @pytest.mark.slow
@@ -112,6 +115,15 @@ def test_a_rank_whose_peer_died_says_so_in_one_line(tiny_data, tmp_path):
     assert checkpoint.load(out / "last.pt")["epoch"] == 1
     resumed = launch(out, tiny_data, 2, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+
+def test_an_error_line_goes_into_the_file_torchrun_reads_each_failed_ranks_reason_from(monkeypatch, tmp_path):
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+    assert main(["train", "--print-config", "--set", "train.epochs=0"]) == 2
+    failure = ProcessFailure(local_rank=0, pid=1, exitcode=2, error_file=str(tmp_path / "error.json"))
+    assert failure.message == "reslab: error: train.epochs: must be > 0, got 0"
 
 
 def test_a_dist_timeout_that_is_not_a_number_of_seconds_is_refused(monkeypatch):

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from .errors import ReslabError, first_line
@@ -570,6 +571,18 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def _say(line: str, on_screen: bool = True) -> None:
+    """An error's one line on stderr; under torchrun also in the file it reads each failed rank's reason from
+    (TORCHELASTIC_ERROR_FILE), so that its summary of the failed ranks names the reason instead of a link."""
+    if on_screen:
+        print(line, file=sys.stderr)
+    if path := os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        try:
+            Path(path).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
+        except OSError:
+            pass  # the line above is what counts
+
+
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -579,18 +592,17 @@ def _main(argv: list[str] | None) -> int:
         import_modules(getattr(args, "imports", []))
         return args.func(args)
     except ReslabError as e:
-        if e.every_rank or int(os.environ.get("RANK", "0")) == 0:
-            print(f"reslab: error: {e}", file=sys.stderr)
+        _say(f"reslab: error: {e}", e.every_rank or int(os.environ.get("RANK", "0")) == 0)
         return e.exit_code
     except KeyboardInterrupt:
-        print("reslab: interrupted", file=sys.stderr)
+        _say("reslab: interrupted")
         return 130
     except (MemoryError, RuntimeError) as e:  # torch's OutOfMemoryError (CUDA) is a RuntimeError
         text = str(e)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (why := peer_trouble(text)):
             # another rank stopped (its own error says why) or hangs, and this one's collective lost it: one line,
             # not a traceback that buries the cause
-            print(f"reslab: error: rank {os.environ.get('RANK', '?')} stopped: {why}", file=sys.stderr)
+            _say(f"reslab: error: rank {os.environ.get('RANK', '?')} stopped: {why}")
             return 1
         if (
             not isinstance(e, MemoryError)
@@ -598,10 +610,9 @@ def _main(argv: list[str] | None) -> int:
             and "out of memory" not in text
         ):
             raise
-        print(
+        _say(
             f"reslab: error: out of memory ({text.splitlines()[0] if text else 'MemoryError'}); a smaller "
-            "batch size (train.batch_size, train.eval_batch_size) or input size (data.resize) needs less",
-            file=sys.stderr,
+            "batch size (train.batch_size, train.eval_batch_size) or input size (data.resize) needs less"
         )
         return 1
     except BrokenPipeError:  # the reader left (`reslab eval RUN | head -1`): stop quietly, as Unix tools do
@@ -611,7 +622,7 @@ def _main(argv: list[str] | None) -> int:
     # what the system refused where no check of ours named it (a file name too long, ...)
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
-        print(f"reslab: error: {where}{e.strerror or e}", file=sys.stderr)
+        _say(f"reslab: error: {where}{e.strerror or e}")
         return 1
 
 

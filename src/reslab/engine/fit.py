@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -169,17 +170,32 @@ def n_epochs(n: int) -> str:
     return f"{n} epoch" if n == 1 else f"{n} epochs"
 
 
-def _epoch_line(m: dict, epochs: int) -> str:
+def _epoch_line(m: dict, epochs: int, history: list[dict] = ()) -> str:
     test = (
         f"test loss {m['test_loss']:.4f} acc {m['test_acc']:.4f}" if "test_acc" in m else f"{'not tested':27}"
     )
     if "val_acc" in m:
         test = f"val acc {m['val_acc']:.4f}  {test}"
-    return (
+    line = (
         f"epoch {m['epoch']:>3}/{epochs}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f}  "
         f"{test}  lr {m['lr']:.4g}  "
         f"{m['images_per_sec']:,.0f} img/s  {m['epoch_seconds']:.1f} s"
     )
+    left = epochs - m["epoch"]
+    if left and history:
+        # the median of the last epochs: a compiling first epoch (33 s of wrn.yaml's, then 1.4 s on an H200) or a
+        # tested one among untested ones does not set the pace
+        seconds = statistics.median(h["epoch_seconds"] for h in history[-5:])
+        line += f"  {_duration(left * seconds)} to go"
+    return line
+
+
+def _duration(seconds: float) -> str:
+    """A rough length of time: 0.6 s, 40 s, 12 min, 3 h 05 min."""
+    if seconds < 90:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def _log(run: Run, line: str, err: bool = False) -> None:
@@ -371,7 +387,7 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
             _write_outputs(run, draw)
             if draw:
                 drawn_at, undrawn = time.perf_counter(), False
-            _log(run, _epoch_line(metrics, cfg.train.epochs))
+            _log(run, _epoch_line(metrics, cfg.train.epochs, run.history))
             if not warned_crowded and metrics.get("cpu_wait", 0.0) >= CROWDED:
                 warned_crowded = True
                 _log(run, crowded_warning(metrics), err=True)

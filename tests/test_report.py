@@ -1,5 +1,6 @@
 import json
 import os
+import statistics
 import subprocess
 import sys
 import warnings
@@ -14,6 +15,7 @@ from PIL import Image
 from reslab import config
 from reslab.cli import main
 from reslab.engine import checkpoint, fit
+from reslab.engine.fit import _duration
 from reslab.engine.precision import bf16_native
 from reslab.errors import ReslabError
 from reslab.report import evaluate_checkpoint, export, load_model, predict, read_image
@@ -496,6 +498,13 @@ def test_runs_lists_each_run_directory_with_its_state(trained, tmp_path, capsys,
         assert main(["runs", str(tmp_path / "runs"), "--json"]) == 0
         rows = {Path(r["run"]).name: r for r in json.loads(capsys.readouterr().out)}
     assert rows["done"]["state"] == f"training (pid {os.getpid()})"
+    with checkpoint.lock_dir(stopped):  # a run training now with epochs to go says roughly how long they take
+        assert main(["runs", str(stopped), "--json"]) == 0
+        (row,) = json.loads(capsys.readouterr().out)
+    seconds = statistics.median(h["epoch_seconds"] for h in history[-5:]) * (
+        row["planned_epochs"] - len(history)
+    )
+    assert row["state"] == f"training (pid {os.getpid()}, {_duration(seconds)} to go)"
     assert main(["runs", str(tmp_path / "runs"), "--json"]) == 0
     rows = {Path(r["run"]).name: r for r in json.loads(capsys.readouterr().out)}
     assert sorted(rows) == ["broken", "done", "listed", "orphan", "stopped"]

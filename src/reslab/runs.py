@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from .engine.checkpoint import lock_owner
-from .engine.fit import best_by_val, n_epochs, tested
+from .engine.fit import best_by_val, n_epochs, tested, time_to_go
 from .engine.host import CROWDED
 from .errors import ReslabError
 
@@ -67,7 +67,8 @@ def describe(run: Path) -> dict:
     done = len(history)
     owner = lock_owner(run)
     if owner is not None:
-        state = f"training (pid {owner})"
+        left = time_to_go(history, planned) if isinstance(planned, int) else None
+        state = f"training (pid {owner}{f', {left} to go' if left else ''})"
     elif done and done >= (planned or 0) and (run / "summary.json").is_file():
         state = "finished"
     elif (run / "last.pt").is_file():

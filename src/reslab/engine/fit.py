@@ -181,13 +181,19 @@ def _epoch_line(m: dict, epochs: int, history: list[dict] = ()) -> str:
         f"{test}  lr {m['lr']:.4g}  "
         f"{m['images_per_sec']:,.0f} img/s  {m['epoch_seconds']:.1f} s"
     )
-    left = epochs - m["epoch"]
-    if left and history:
-        # the median of the last epochs: a compiling first epoch (33 s of wrn.yaml's, then 1.4 s on an H200) or a
-        # tested one among untested ones does not set the pace
-        seconds = statistics.median(h["epoch_seconds"] for h in history[-5:])
-        line += f"  {_duration(left * seconds)} to go"
+    if left := time_to_go(history, epochs):
+        line += f"  {left} to go"
     return line
+
+
+def time_to_go(history: list[dict], epochs: int) -> str | None:
+    """Roughly how long a run of `epochs` has left after the epochs of `history` (None when none are done, or
+    all): the median of the last epochs' seconds, so that a compiling first epoch (33 s of wrn.yaml's, then 1.4 s
+    on an H200) or a tested one among untested ones does not set the pace."""
+    left = epochs - len(history)
+    if not history or left <= 0:
+        return None
+    return _duration(left * statistics.median(h["epoch_seconds"] for h in history[-5:]))
 
 
 def _duration(seconds: float) -> str:
@@ -514,4 +520,4 @@ def _summary(run: Run, wall: float) -> dict:
     }
 
 
-__all__ = ["Interrupted", "best_by_val", "fit", "settle", "tested", "train_one_epoch"]
+__all__ = ["Interrupted", "best_by_val", "fit", "settle", "tested", "time_to_go", "train_one_epoch"]

@@ -146,7 +146,7 @@ def test_a_dist_timeout_that_is_not_a_number_of_seconds_is_refused(monkeypatch):
 def test_a_collective_that_timed_out_is_one_line(monkeypatch, capsys):
     """A hung rank (SIGSTOP'd rank 0, checked by hand): after RESLAB_DIST_TIMEOUT the others' gloo collective
     raises, and each printed a traceback; now one line. Outside torchrun the error is not ours to word."""
-    from reslab import cli
+    from reslab import cli, commands
 
     def hangs(args):
         raise RuntimeError(
@@ -154,7 +154,7 @@ def test_a_collective_that_timed_out_is_one_line(monkeypatch, capsys):
             "10000ms for recv operation to complete"
         )
 
-    monkeypatch.setattr(cli, "cmd_models", hangs)
+    monkeypatch.setattr(commands, "cmd_models", hangs)
     monkeypatch.setenv("RESLAB_DIST_TIMEOUT", "10")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(RuntimeError, match="Timed out waiting"):

@@ -1051,14 +1051,14 @@ def test_micro_batches_accumulate_the_whole_batchs_step(tiny_data, tmp_path, cap
 def test_each_epoch_line_says_how_long_the_run_has_to_go(tiny_data, tmp_path, capsys):
     """From the median of the last epochs: wrn.yaml's first epoch on an H200 compiled for 33 s, its next took 1.4 s
     (1.85 s when tested), and 199 epochs to go are minutes, not hours."""
-    from reslab.engine.fit import _epoch_line
+    from reslab.engine.history import epoch_line
 
     seconds = [33.0, 1.4, 1.85, 1.4, 1.4, 1.85]
     rows = [{"epoch": i + 1, "epoch_seconds": s} for i, s in enumerate(seconds)]
     row = {"train_loss": 1.0, "train_acc": 0.5, "lr": 0.1, "images_per_sec": 1e4, **rows[0]}
-    assert _epoch_line(row, 200, rows[:1]).endswith("33.0 s  1 h 49 min to go")
-    assert _epoch_line({**row, **rows[-1]}, 200, rows).endswith("1.9 s  5 min to go")  # 194 x 1.4 s
-    assert _epoch_line({**row, "epoch": 200}, 200, rows * 40).endswith("33.0 s")  # the last: nothing to go
+    assert epoch_line(row, 200, rows[:1]).endswith("33.0 s  1 h 49 min to go")
+    assert epoch_line({**row, **rows[-1]}, 200, rows).endswith("1.9 s  5 min to go")  # 194 x 1.4 s
+    assert epoch_line({**row, "epoch": 200}, 200, rows * 40).endswith("33.0 s")  # the last: nothing to go
     fit(tiny_cfg(tiny_data, **{"train.epochs": 2}), tmp_path / "run")
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
     assert len(lines) == 2 and lines[0].endswith(" s to go") and lines[1].endswith(" s")

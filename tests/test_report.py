@@ -15,7 +15,7 @@ from PIL import Image
 from reslab import config
 from reslab.cli import main
 from reslab.engine import checkpoint, fit
-from reslab.engine.fit import _duration
+from reslab.engine.history import duration
 from reslab.engine.precision import bf16_native
 from reslab.errors import ReslabError
 from reslab.report import evaluate_checkpoint, export, load_model, predict, read_image
@@ -504,7 +504,7 @@ def test_runs_lists_each_run_directory_with_its_state(trained, tmp_path, capsys,
     seconds = statistics.median(h["epoch_seconds"] for h in history[-5:]) * (
         row["planned_epochs"] - len(history)
     )
-    assert row["state"] == f"training (pid {os.getpid()}, {_duration(seconds)} to go)"
+    assert row["state"] == f"training (pid {os.getpid()}, {duration(seconds)} to go)"
     assert main(["runs", str(tmp_path / "runs"), "--json"]) == 0
     rows = {Path(r["run"]).name: r for r in json.loads(capsys.readouterr().out)}
     assert sorted(rows) == ["broken", "done", "listed", "orphan", "stopped"]

@@ -22,7 +22,7 @@ def require_counts(*flags: tuple[str, int | None]) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from . import config
     from .engine import Interrupted, dist, fit
-    from .engine.fit import n_epochs
+    from .engine.history import n_epochs
 
     if args.resume:
         if not args.out:

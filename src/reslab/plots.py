@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .engine.checkpoint import atomic_write  # noqa: E402
-from .engine.fit import tested  # noqa: E402
+from .engine.history import tested  # noqa: E402
 from .errors import ReslabError  # noqa: E402
 
 

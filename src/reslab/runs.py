@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from .engine.checkpoint import lock_owner
-from .engine.fit import best_by_val, n_epochs, tested, time_to_go
+from .engine.history import best_by_val, n_epochs, tested, time_to_go
 from .engine.host import CROWDED
 from .errors import ReslabError
 

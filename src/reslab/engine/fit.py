@@ -11,7 +11,6 @@ import contextlib
 import json
 import math
 import signal
-import statistics
 import sys
 import threading
 import time
@@ -25,6 +24,7 @@ from .. import faults
 from ..config import Config
 from ..errors import ReslabError
 from . import checkpoint, dist, guard
+from .history import best_by_val, epoch_line, n_epochs, tested
 from .host import CROWDED, cpu_threads, cpu_wait_seconds, crowded_warning, wait_share
 from .precision import memory_format
 from .run import (
@@ -166,44 +166,6 @@ def train_one_epoch(run: Run, epoch: int, on_step=None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- the run
-def n_epochs(n: int) -> str:
-    return f"{n} epoch" if n == 1 else f"{n} epochs"
-
-
-def _epoch_line(m: dict, epochs: int, history: list[dict] = ()) -> str:
-    test = (
-        f"test loss {m['test_loss']:.4f} acc {m['test_acc']:.4f}" if "test_acc" in m else f"{'not tested':27}"
-    )
-    if "val_acc" in m:
-        test = f"val acc {m['val_acc']:.4f}  {test}"
-    line = (
-        f"epoch {m['epoch']:>3}/{epochs}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f}  "
-        f"{test}  lr {m['lr']:.4g}  "
-        f"{m['images_per_sec']:,.0f} img/s  {m['epoch_seconds']:.1f} s"
-    )
-    if left := time_to_go(history, epochs):
-        line += f"  {left} to go"
-    return line
-
-
-def time_to_go(history: list[dict], epochs: int) -> str | None:
-    """Roughly how long a run of `epochs` has left after the epochs of `history` (None when none are done, or
-    all): the median of the last epochs' seconds, so that a compiling first epoch (33 s of wrn.yaml's, then 1.4 s
-    on an H200) or a tested one among untested ones does not set the pace."""
-    left = epochs - len(history)
-    if not history or left <= 0:
-        return None
-    return _duration(left * statistics.median(h["epoch_seconds"] for h in history[-5:]))
-
-
-def _duration(seconds: float) -> str:
-    """A rough length of time: 0.6 s, 40 s, 12 min, 3 h 05 min."""
-    if seconds < 90:
-        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
-    minutes = round(seconds / 60)
-    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
-
-
 def _log(run: Run, line: str, err: bool = False) -> None:
     if run.ctx.is_main:
         print(line, file=sys.stderr if err else sys.stdout, flush=True)
@@ -393,7 +355,7 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
             _write_outputs(run, draw)
             if draw:
                 drawn_at, undrawn = time.perf_counter(), False
-            _log(run, _epoch_line(metrics, cfg.train.epochs, run.history))
+            _log(run, epoch_line(metrics, cfg.train.epochs, run.history))
             if not warned_crowded and metrics.get("cpu_wait", 0.0) >= CROWDED:
                 warned_crowded = True
                 _log(run, crowded_warning(metrics), err=True)
@@ -417,25 +379,6 @@ def _due(done: int, every: int, epochs: int) -> bool:
 def selection(run: Run) -> str:
     """The metric best.pt is chosen on: the held-out training images' accuracy with data.val, else the test's."""
     return "val_acc" if run.val_loader is not None else "test_acc"
-
-
-def best_by_val(history: list[dict]) -> dict:
-    """The epoch data.val chose (best.pt's): its validation accuracy, its number and its test accuracy, the figure a
-    held-out choice reports; {} for a history without validation."""
-    held_out = [h for h in history if "val_acc" in h]
-    if not held_out:
-        return {}
-    best = max(held_out, key=lambda h: h["val_acc"])
-    return {
-        "best_val_acc": best["val_acc"],
-        "best_epoch": best["epoch"],
-        "test_acc_at_best_val": best["test_acc"],
-    }
-
-
-def tested(history: list[dict]) -> list[dict]:
-    """The epochs that were evaluated: with train.eval_every > 1 the others have no test_loss and test_acc."""
-    return [h for h in history if "test_acc" in h]
 
 
 def _train_and_evaluate(run: Run, epoch: int, step_hook) -> dict:
@@ -520,4 +463,4 @@ def _summary(run: Run, wall: float) -> dict:
     }
 
 
-__all__ = ["Interrupted", "best_by_val", "fit", "settle", "tested", "time_to_go", "train_one_epoch"]
+__all__ = ["Interrupted", "fit", "settle", "train_one_epoch"]

@@ -332,6 +332,13 @@ def test_folder_dataset_round_trip(tmp_path):
     # them, and so every figure, when it cut the training images too
     whole, limited = evaluate_checkpoint(tmp_path / "run"), evaluate_checkpoint(tmp_path / "run", limit=30)
     assert limited["test_images"] == 30 and limited["test_loss"] == whole["test_loss"]
+    # a test-set report reads no training image (10 of the 14 s of 70,000 PNG files), and scores as the run did
+    from reslab.data import load_dataset
+
+    assert whole["test_acc"] == summary["test_acc"]
+    data = config.load(None, overrides).data
+    test_only, both = load_dataset(data, train_images=False), load_dataset(data)
+    assert len(test_only.train_images) == 0 and torch.equal(test_only.test_images, both.test_images)
     trained_on = evaluate_checkpoint(tmp_path / "run", split="train", limit=20)
     assert trained_on["split"] == "train" and trained_on["train_images"] == 20
     assert "test_acc" not in trained_on
@@ -348,7 +355,6 @@ def test_folder_dataset_round_trip(tmp_path):
         (flat / names[lab]).mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(flat / names[lab] / f"{i}.png")
     from reslab.config import DataConfig
-    from reslab.data import load_dataset
 
     data = load_dataset(DataConfig(name="folder", root=str(flat), split=0.25))
     assert len(data.train_labels) + len(data.test_labels) == 40 and data.in_channels == 1

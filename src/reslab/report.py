@@ -82,7 +82,7 @@ def evaluate_checkpoint(
         if tta_shift < 0:
             raise ReslabError(f"--tta-shift: must be >= 0, got {tta_shift}")
         cfg.train.tta_shift = tta_shift
-    data = load_dataset(cfg.data)
+    data = load_dataset(cfg.data, train_images=split != "test")
     # another --data-dir of other classes: its labels would be scored against the model's names
     if tuple(data.classes) != tuple(meta["classes"]):
         raise ReslabError(

@@ -72,12 +72,14 @@ def describe(cfg: DataConfig) -> tuple[tuple[int, int, int], int]:
     return (1, cfg.resize or height, cfg.resize or width), len(arrays.classes)
 
 
-def load_dataset(cfg: DataConfig) -> Dataset:
-    """Read the configured dataset into memory (uint8), first `limit` images of each split if set."""
+def load_dataset(cfg: DataConfig, train_images: bool = True) -> Dataset:
+    """Read the configured dataset into memory (uint8), first `limit` images of each split if set. Without
+    `train_images`, for a report on the test set alone, folder data reads no training image (IDX data reads them
+    all the same: 0.4 s for Fashion-MNIST's); its statistics are then 0 and 1, for a caller with a model's own."""
     if cfg.name == "folder":
         from .folder import load_folder
 
-        arrays = load_folder(cfg.root, cfg.split, cfg.resize, cfg.classes)
+        arrays = load_folder(cfg.root, cfg.split, cfg.resize, cfg.classes, train_images)
     else:
         classes = fashion_mnist.CLASSES if cfg.name == "fashion-mnist" else cfg.classes
         arrays = fashion_mnist.load_arrays(cfg.root, tuple(classes) if classes else None, cfg.download)
@@ -91,12 +93,12 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     train_y, val_x, val_y = tensor(arrays.train_labels).long(), None, None
     if cfg.val:
         train_x, train_y, val_x, val_y = hold_out(train_x, train_y, cfg.val)
-    if cfg.name == "fashion-mnist":
+    if not cfg.normalize or not len(train_x):
+        mean, std = (0.0,) * test_x.shape[1], (1.0,) * test_x.shape[1]
+    elif cfg.name == "fashion-mnist":
         mean, std = (fashion_mnist.MEAN,), (fashion_mnist.STD,)
     else:
         mean, std = _stats(train_x)
-    if not cfg.normalize:
-        mean, std = (0.0,) * len(mean), (1.0,) * len(std)
     return Dataset(
         train_x,
         train_y,

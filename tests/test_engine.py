@@ -982,25 +982,16 @@ def test_micro_batches_accumulate_the_whole_batchs_step(tiny_data, tmp_path, cap
     torch.manual_seed(0)
     model = build_model("resnet8", 1, 10).eval()
     x, y = torch.randn(24, 1, 28, 28), torch.randint(0, 10, (24,))
+    smoothed, cpu = torch.nn.CrossEntropyLoss(label_smoothing=0.1), torch.device("cpu")
     outcomes = []
     for accum in (1, 3, 5):
         net = copy.deepcopy(model)
         opt = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
-        stats = train_step(
-            net,
-            x,
-            y,
-            opt,
-            torch.nn.CrossEntropyLoss(label_smoothing=0.1),
-            0,
-            torch.device("cpu"),
-            accum=accum,
-        )
+        stats = train_step(net, x, y, opt, smoothed, 0, cpu, accum=accum)
         outcomes.append((stats, torch.cat([p.detach().flatten() for p in net.parameters()])))
     stats, weights = outcomes[0]
-    assert (
-        weights - torch.cat([p.flatten() for p in model.parameters()])
-    ).abs().max() > 1e-3  # a step was made
+    start = torch.cat([p.flatten() for p in model.parameters()])
+    assert (weights - start).abs().max() > 1e-3  # a step was made
     for other, other_weights in outcomes[1:]:
         assert other[2] == stats[2] and torch.allclose(other[:2], stats[:2], rtol=1e-5)
         assert torch.allclose(other_weights, weights, atol=1e-6)
@@ -1023,27 +1014,15 @@ def test_micro_batches_accumulate_the_whole_batchs_step(tiny_data, tmp_path, cap
 
     held = Held(copy.deepcopy(model))
     opt = torch.optim.SGD(held.parameters(), lr=0.5, momentum=0.9)
-    train_step(held, x, y, opt, torch.nn.CrossEntropyLoss(), 0, torch.device("cpu"), accum=3)
+    train_step(held, x, y, opt, smoothed, 0, cpu, accum=3)
     assert held.forwards == [True, True, False]
     # in training, a run with micro-batches learns; more micro-batches than a step's images is one line
     out = tmp_path / "run"
     summary = fit(tiny_cfg(tiny_data, **{"train.accum_steps": 4}), out, quiet=True)
-    assert (
-        summary["test_acc"] > 0.5 and read_history(out)[-1]["train_loss"] < read_history(out)[0]["train_loss"]
-    )
-    assert (
-        main(
-            [
-                "train",
-                "--out",
-                str(tmp_path / "no"),
-                "--set",
-                *tiny_overrides(tiny_data),
-                "train.accum_steps=65",
-            ]
-        )
-        == 2
-    )
+    rows = read_history(out)
+    assert summary["test_acc"] > 0.5 and rows[-1]["train_loss"] < rows[0]["train_loss"]
+    too_many = [*tiny_overrides(tiny_data), "train.accum_steps=65"]
+    assert main(["train", "--out", str(tmp_path / "no"), "--set", *too_many]) == 2
     assert "train.accum_steps 65 exceeds the 64 images of a step's batch" in capsys.readouterr().err
     assert not (tmp_path / "no").exists()
 

@@ -69,7 +69,9 @@ def trained_for(epochs: int | None, batches: int) -> str:
     """How far a checkpoint had trained: ' (after 6 epochs)', ' (after 1 epoch and 40 batches)'; '' if unsaid."""
     if epochs is None:
         return ""
-    said = f"{epochs} epoch{'' if epochs == 1 else 's'}"
+    from .engine.history import n_epochs
+
+    said = n_epochs(epochs)
     if batches:
         said += f" and {batches} batch{'' if batches == 1 else 'es'}"
     return f" (after {said})"

@@ -3,7 +3,7 @@ train the same steps of a recipe, with each batch in 1, 2, 4 ... micro-batches. 
 RSS holds the data, the model, the optimiser and one step's activations; the activations are what the
 micro-batches divide.
 Usage: .venv/bin/python benchmarks/accum_memory.py [--config wrn] [--steps 1] [--accum 1,2,4,8]
-           [--set KEY=VALUE ...] [--out benchmarks/accum-memory.json]
+           [--set KEY=VALUE ...] [--out benchmarks/accum-memory-wrn-a.json]
 """
 
 from __future__ import annotations

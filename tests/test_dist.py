@@ -37,6 +37,14 @@ def launch(out, data, nproc, extra=None, resume=False, kill_at=None, epochs=3, n
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
+def assert_same_run(out: Path, whole: Path) -> None:
+    """The run in `out` (stopped and resumed) ended as the one in `whole`: the same metrics, timings aside, and the
+    same weights, bit for bit."""
+    assert without_timings(read_history(out)) == without_timings(read_history(whole))
+    a, b = (checkpoint.load(d / "last.pt")["model"] for d in (whole, out))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(tiny_data, tmp_path):
     held_out = {"data.val": 75}  # the validation set too is dealt out over the ranks
@@ -202,9 +210,7 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(tiny
     assert len(saved["rank_rng"]) == 2 and saved["epoch"] < 6  # stopped early: within an epoch or at its end
     resumed = launch(out, tiny_data, 2, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert without_timings(read_history(out)) == without_timings(read_history(tmp_path / "whole"))
-    a, b = (checkpoint.load(d / "last.pt")["model"] for d in (tmp_path / "whole", out))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_run(out, tmp_path / "whole")
 
 
 @pytest.mark.slow
@@ -242,9 +248,7 @@ def test_a_run_resumed_on_three_ranks_ends_the_same_bits(tiny_data, tmp_path, ac
     assert killed.returncode != 0 and checkpoint.load(out / "last.pt")["epoch"] == 1
     resumed = launch(out, tiny_data, 3, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert without_timings(read_history(out)) == without_timings(read_history(tmp_path / "whole"))
-    a, b = (checkpoint.load(d / "last.pt")["model"] for d in (tmp_path / "whole", out))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_run(out, tmp_path / "whole")
 
 
 @pytest.mark.slow
@@ -296,9 +300,7 @@ def test_a_nan_on_one_rank_rolls_back_every_rank_and_so_does_a_run_resumed_mid_e
     resumed = launch(out, tiny_data, 2, resume=True, nan_at="12:1")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["guard_events"] == events
-    assert without_timings(read_history(out)) == without_timings(read_history(tmp_path / "whole"))
-    a, b = (checkpoint.load(d / "last.pt")["model"] for d in (tmp_path / "whole", out))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_run(out, tmp_path / "whole")
 
 
 @pytest.mark.slow

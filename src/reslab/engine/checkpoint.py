@@ -35,11 +35,25 @@ def _umask_mode() -> int:
     return 0o666 & ~umask
 
 
+def _temp_affixes(path: Path) -> tuple[str, str]:
+    """The prefix and suffix of atomic_write's temporary files for `path`: `.NAME.<random>.tmp` beside it."""
+    return f".{path.name}.", ".tmp"
+
+
+def remove_temp_files(path: Path) -> None:
+    """Remove what writes of `path` left behind in a process killed while writing (SIGKILL, the OOM killer): its
+    temporary files. Only for a caller that knows no one else writes `path` now (a run directory's lock)."""
+    prefix, suffix = _temp_affixes(path)
+    for tmp in path.parent.glob(f"{prefix}*{suffix}"):
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_write(path: Path, write) -> None:
     """Write a file by calling write(f) on a temporary file beside it, fsync, rename over `path`."""
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        prefix, suffix = _temp_affixes(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
         os.fchmod(fd, _umask_mode())
         with os.fdopen(fd, "wb") as f:
             write(f)

@@ -222,11 +222,8 @@ def fit(
             if overwrite and state is None:  # the old run goes whole: no old last.pt for a later --resume
                 for name in RUN_FILES:
                     (out / name).unlink(missing_ok=True)
-            # a write the process was killed in (SIGKILL, the OOM killer) left its temporary file: with the lock
-            # held, no one else writes these
-            for name in ("config.yaml", *RUN_FILES):
-                for tmp in out.glob(f".{name}.*.tmp"):
-                    tmp.unlink(missing_ok=True)
+            for name in ("config.yaml", *RUN_FILES):  # with the lock held, no one else writes these
+                checkpoint.remove_temp_files(out / name)
             checkpoint.write_text(out / "config.yaml", config_mod.dump(cfg))
         _epochs(run, out, resumed=state is not None, on_step=on_step)
         summary = _summary(run, time.perf_counter() - wall_start)

@@ -9,18 +9,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .engine.checkpoint import atomic_write  # noqa: E402
+from .engine.checkpoint import write_file  # noqa: E402
 from .engine.history import tested  # noqa: E402
-from .errors import ReslabError  # noqa: E402
 
 
 def save(fig, path: str | Path) -> None:
     """Write a figure atomically (a crash leaves the old picture or the new one, never half of one) and close it."""
     path = Path(path)
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, format=path.suffix[1:] or "png", dpi=110))
-    except OSError as e:  # a full disk: one line, like every other file reslab writes
-        raise ReslabError(f"cannot write {path}: {e.strerror or e}") from None
+    try:  # a full disk: one line, like every other file reslab writes
+        write_file(path, lambda f: fig.savefig(f, format=path.suffix[1:] or "png", dpi=110))
     finally:
         plt.close(fig)
 

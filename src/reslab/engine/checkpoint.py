@@ -149,8 +149,13 @@ def write_text(path: Path, text: str) -> None:
 
 def write_bytes(path: Path, data: bytes) -> None:
     """A file written atomically (an exported model, a text file); a failure is one line, the old file intact."""
+    write_file(path, lambda f: f.write(data))
+
+
+def write_file(path: Path, write) -> None:
+    """atomic_write, with a failure (a full disk, a read-only one) one line naming the file; the old file intact."""
     try:
-        atomic_write(path, lambda f: f.write(data))
+        atomic_write(path, write)
     except OSError as e:
         raise ReslabError(f"cannot write {path}: {e.strerror or e}") from None
 

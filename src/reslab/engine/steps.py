@@ -45,10 +45,13 @@ def train_step(
     lowers its scale), a non-finite loss is.
 
     With `accum` > 1 the batch goes through in that many near-equal micro-batches, each loss weighted by its share
-    of the batch, so the summed gradients are the whole batch's mean (DDP all-reduces once, after the last)."""
+    of the batch, so the summed gradients are the whole batch's mean (DDP all-reduces once, after the last). The
+    buffers (BatchNorm's running statistics) keep the first micro-batch's update alone: once a step, as without
+    micro-batches, and as DDP keeps rank 0's (whose share is the first micro-batch of as many ranks)."""
     optimizer.zero_grad(set_to_none=True)
     parts = zip(x.tensor_split(accum), y.tensor_split(accum)) if accum > 1 else [(x, y)]
     sums = None  # loss (each micro-batch's weighted by its share), correct predictions
+    kept = None  # the buffers after the first micro-batch
     for i, (xi, yi) in enumerate(parts):
         with nullcontext() if i == accum - 1 else no_sync(net):
             with autocast(device, precision):
@@ -59,6 +62,10 @@ def train_step(
             (scaler.scale(loss) if scaler is not None else loss).backward()
         part = torch.stack([loss.detach().float(), (logits.argmax(1) == yi).sum().float()])
         sums = part if sums is None else sums + part
+        if accum > 1 and i == 0:
+            kept = [b.clone() for b in net.buffers()]
+    for buffer, first in zip(net.buffers(), kept or []):
+        buffer.copy_(first)
     if scaler is not None:
         scaler.unscale_(optimizer)
     # one number for loss and gradients: a NaN/Inf anywhere makes the norm non-finite (the same on all ranks)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import tiny_overrides
 
+from reslab import cli
 from reslab.cli import main
 from reslab.engine import checkpoint
 from reslab.errors import ReslabError
@@ -132,6 +133,18 @@ def test_an_error_line_goes_into_the_file_torchrun_reads_each_failed_ranks_reaso
     assert main(["train", "--print-config", "--set", "train.epochs=0"]) == 2
     failure = ProcessFailure(local_rank=0, pid=1, exitcode=2, error_file=str(tmp_path / "error.json"))
     assert failure.message == "reslab: error: train.epochs: must be > 0, got 0"
+    # torchrun's root cause is the earliest failure, to the second: a rank that lost another fails a second later
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "peer.json"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    gone = RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234")
+    monkeypatch.setattr("reslab.cli.import_modules", lambda specs: (_ for _ in ()).throw(gone))
+    assert cli._main(["models"]) == 1  # main() would leave as a torchrun worker does (os._exit)
+    peer = ProcessFailure(local_rank=1, pid=2, exitcode=1, error_file=str(tmp_path / "peer.json"))
+    assert peer.message.startswith(
+        "reslab: error: rank 1 stopped: another rank left (Connection closed by peer)"
+    )
+    assert peer.timestamp > failure.timestamp
 
 
 def test_a_dist_timeout_that_is_not_a_number_of_seconds_is_refused(monkeypatch):

@@ -301,14 +301,16 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def _say(line: str, on_screen: bool = True) -> None:
+def _say(line: str, on_screen: bool = True, after: int = 0) -> None:
     """An error's one line on stderr; under torchrun also in the file it reads each failed rank's reason from
-    (TORCHELASTIC_ERROR_FILE), so that its summary of the failed ranks names the reason instead of a link."""
+    (TORCHELASTIC_ERROR_FILE), so that its summary of the failed ranks names the reason instead of a link.
+    torchrun names the earliest failure its root cause, to the second, and a tie goes to the lowest rank:
+    a rank that stopped because another left says it failed `after` seconds later, so that its cause wins."""
     if on_screen:
         print(line, file=sys.stderr)
     if path := os.environ.get("TORCHELASTIC_ERROR_FILE"):
         try:
-            Path(path).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
+            Path(path).write_text(json.dumps({"message": line, "timestamp": int(time.time()) + after}))
         except OSError:
             pass  # the line above is what counts
 
@@ -332,7 +334,7 @@ def _main(argv: list[str] | None) -> int:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (why := peer_trouble(text)):
             # another rank stopped (its own error says why) or hangs, and this one's collective lost it: one line,
             # not a traceback that buries the cause
-            _say(f"reslab: error: rank {os.environ.get('RANK', '?')} stopped: {why}")
+            _say(f"reslab: error: rank {os.environ.get('RANK', '?')} stopped: {why}", after=1)
             return 1
         if (
             not isinstance(e, MemoryError)

@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
 def _say(line: str, on_screen: bool = True, after: int = 0) -> None:
     """An error's one line on stderr; under torchrun also in the file it reads each failed rank's reason from
     (TORCHELASTIC_ERROR_FILE), so that its summary of the failed ranks names the reason instead of a link.
-    torchrun names the earliest failure its root cause, to the second, and a tie goes to the lowest rank:
+    torchrun names the earliest failure its root cause, to the second, and of a tie the rank it lists first:
     a rank that stopped because another left says it failed `after` seconds later, so that its cause wins."""
     if on_screen:
         print(line, file=sys.stderr)

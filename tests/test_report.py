@@ -546,6 +546,53 @@ def test_runs_lists_each_run_directory_with_its_state(trained, tmp_path, capsys,
     assert main(["runs"]) == 0 and capsys.readouterr().out == "no run directories under runs (not made yet)\n"
 
 
+def test_runs_by_seed_quote_a_recipe_over_its_seeds(tiny_data, tmp_path, capsys):
+    """`reslab runs --seeds`: runs whose configs differ in their seed alone are one row, with the median and range
+    over the seeds of the last test accuracy; a seed run twice counts once, a run from before a key existed
+    compares as its default, another learning rate is a row of its own, an unreadable run stays one."""
+    import shutil
+
+    runs, accs = tmp_path / "runs", {}
+    for name, extra in (("s0", {}), ("s1", {"seed": 1}), ("s2", {"seed": 2}), ("lr", {"optim.lr": 0.1})):
+        accs[name] = fit(config.load(None, tiny_overrides(tiny_data, **extra)), runs / name, quiet=True)[
+            "test_acc"
+        ]
+    assert len({accs["s0"], accs["s1"], accs["s2"]}) == 3  # the seeds learned differently
+    again = shutil.copytree(runs / "s0", runs / "s0-again")  # seed 0 again: the same bits on the CPU
+    text = (again / "config.yaml").read_text()
+    assert "  val: 0\n" in text
+    (again / "config.yaml").write_text(text.replace("  val: 0\n", ""))  # as a run before data.val wrote it
+    (runs / "broken").mkdir()
+    (runs / "broken" / "config.yaml").write_text("train: [unclosed")
+    capsys.readouterr()
+    assert main(["runs", str(runs), "--seeds", "--json"]) == 0
+    groups = json.loads(capsys.readouterr().out)
+    assert [g["run"] for g in groups] == [
+        str(runs / "broken"),
+        str(runs / "lr"),
+        f"{runs}/s{{0,0-again,1,2}}",
+    ]
+    assert groups[0]["state"].startswith("unreadable") and "seeds" not in groups[0]
+    lr, seeds = groups[1], groups[2]
+    assert lr["seeds"] == [0] and lr["test_acc"] == accs["lr"] and lr["test_acc_min"] == accs["lr"]
+    assert seeds["seeds"] == [0, 0, 1, 2] and seeds["finished"] == 4 and seeds["finished_seeds"] == 3
+    three = [accs["s0"], accs["s1"], accs["s2"]]
+    assert seeds["test_acc"] == statistics.median(three)
+    assert (seeds["test_acc_min"], seeds["test_acc_max"]) == (min(three), max(three))
+    assert seeds["state"] == "4 finished" and seeds["epochs"] == seeds["planned_epochs"] == 2
+    assert main(["runs", str(runs), "--seeds"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert (
+        lines[0].startswith("| runs | seeds | model | epochs | test acc (median) | range |")
+        and len(lines) == 5
+    )
+    assert lines[4].startswith(
+        f"| {runs}/s{{0,0-again,1,2}} | 0 (2 runs), 1, 2 | resnet8 | 2/2 | {statistics.median(three):.4f} | "
+        f"{min(three):.4f}-{max(three):.4f} |"
+    )
+    assert lines[4].endswith("| 4 finished |")
+
+
 def test_slim_checkpoint_evaluates_as_the_run_did(tiny_data, tmp_path):
     """benchmarks/slim_checkpoint.py (how gpu_check.sh carries a big run home) keeps the weights the run evaluated,
     the EMA's, and drops what only a resume needs."""

@@ -151,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="*", help="run directories or folders of them (default: runs)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument(
+        "--seeds",
+        action="store_true",
+        help="runs whose configs differ in their seed alone as one row: median and range of the test accuracy",
+    )
+    p.add_argument(
         "--plot", metavar="FILE", help="also draw their training loss and test error per epoch (PNG)"
     )
     p.set_defaults(func=commands.cmd_runs)

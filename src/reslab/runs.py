@@ -4,6 +4,9 @@ is loaded)."""
 from __future__ import annotations
 
 import json
+import os
+import statistics
+from collections import Counter
 from pathlib import Path
 
 import yaml
@@ -112,5 +115,104 @@ def table(rows: list[dict]) -> str:
             f"| {r['run']} | {r['model']}{f' from {init}' if (init := r.get('init')) else ''} | "
             f"{r['epochs']}/{r['planned_epochs']} | {acc(r['test_acc'])} | "
             f"{best(r)} | {r['train_seconds']:.0f}{shared(r['crowded_epochs'])} | {r['state']} |"
+        )
+    return "\n".join(lines)
+
+
+def seed_groups(runs: list[Path], rows: list[dict]) -> list[dict]:
+    """The rows of runs whose configs differ in `seed` alone, as one row each (runs that cannot be read stay rows
+    of their own): the seeds, the median and range over the seeds of the finished runs' last test accuracy (a seed
+    run more than once counts once, at its runs' median) and the finished runs' median seconds, as a recipe's
+    result is quoted over seeds. In the order of each group's first run."""
+    groups: dict[str, list[tuple[Path, dict, object]]] = {}
+    for run, row in zip(runs, rows):
+        if "model" not in row:  # unreadable: nothing to compare it by
+            groups[f"run {run}"] = [(run, row, None)]
+            continue
+        recipe = _resolved(run / "config.yaml")
+        seed = recipe.pop("seed", None)
+        groups.setdefault(json.dumps(recipe, sort_keys=True, default=str), []).append((run, row, seed))
+    out = []
+    for members in groups.values():
+        first = members[0][1]
+        if "model" not in first:
+            out.append(first)
+            continue
+        finished = [row for _, row, _ in members if row["state"] == "finished"]
+        by_seed: dict[object, list[float]] = {}  # a seed run again counts once: its runs' median
+        for _, row, seed in members:
+            if row["state"] == "finished" and row["test_acc"] is not None:
+                by_seed.setdefault(seed, []).append(row["test_acc"])
+        accs = [statistics.median(values) for values in by_seed.values()]
+        epochs = sorted({row["epochs"] for _, row, _ in members})
+        states = Counter(row["state"].split(" (")[0].split(";")[0] for _, row, _ in members)
+        out.append(
+            {
+                "run": braces([str(run) for run, _, _ in members]),
+                "runs": [str(run) for run, _, _ in members],
+                "seeds": [seed for _, _, seed in members],
+                "finished_seeds": len(by_seed),
+                "model": first["model"],
+                "init": first["init"],
+                "epochs": epochs[0] if len(epochs) == 1 else f"{epochs[0]}-{epochs[-1]}",
+                "planned_epochs": first["planned_epochs"],
+                "finished": len(finished),
+                "test_acc": statistics.median(accs) if accs else None,
+                "test_acc_min": min(accs) if accs else None,
+                "test_acc_max": max(accs) if accs else None,
+                "train_seconds": statistics.median(r["train_seconds"] for r in finished)
+                if finished
+                else None,
+                "state": ", ".join(f"{n} {state}" for state, n in states.items()),
+            }
+        )
+    return out
+
+
+def _resolved(path: Path) -> dict:
+    """A run's config with every key, so that a run from before a key existed compares as its default; as written
+    when this version cannot read it."""
+    from dataclasses import asdict
+
+    from . import config
+
+    try:
+        return asdict(config.load(path))
+    except ReslabError:
+        return yaml.safe_load(path.read_text())
+
+
+def braces(names: list[str], most: int = 4) -> str:
+    """Paths as one shell brace pattern: runs/fast-s{0,1,2}; one path as itself, more than `most` as the first and
+    how many more."""
+    if len(names) == 1:
+        return names[0]
+    if len(names) > most:
+        return f"{names[0]} and {len(names) - 1} more"
+    head = os.path.commonprefix(names)
+    tail = os.path.commonprefix([n[len(head) :][::-1] for n in names])[::-1]
+    return f"{head}{{{','.join(n[len(head) : len(n) - len(tail)] for n in names)}}}{tail}"
+
+
+def group_table(groups: list[dict]) -> str:
+    def acc(value: float | None) -> str:
+        return "" if value is None else f"{value:.4f}"
+
+    lines = [
+        "| runs | seeds | model | epochs | test acc (median) | range | seconds (median) | state |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for g in groups:
+        if "seeds" not in g:
+            lines.append(f"| {g['run']} |  |  |  |  |  |  | {g['state']} |")
+            continue
+        spread = f"{acc(g['test_acc_min'])}-{acc(g['test_acc_max'])}" if g["finished_seeds"] > 1 else ""
+        runs = Counter(g["seeds"])
+        seeds = ", ".join(f"{seed}{f' ({n} runs)' if n > 1 else ''}" for seed, n in runs.items())
+        seconds = "" if g["train_seconds"] is None else f"{g['train_seconds']:.0f}"
+        lines.append(
+            f"| {g['run']} | {seeds} | "
+            f"{g['model']}{f' from {init}' if (init := g.get('init')) else ''} | {g['epochs']}/{g['planned_epochs']} | "
+            f"{acc(g['test_acc'])} | {spread} | {seconds} | {g['state']} |"
         )
     return "\n".join(lines)

@@ -25,7 +25,7 @@ import argparse
 from pathlib import Path
 
 from reslab.errors import ReslabError
-from reslab.studies import lesion
+from reslab.studies import lesion, lesion_report
 
 
 def measure(
@@ -88,9 +88,9 @@ def costs(pairs: list[dict], k: int) -> dict:
     """The unit's cost in each pair, over all pairs and split by whether the draw deleted it (k - 1 others)."""
     cost = [p["with"] - p["without"] for p in pairs]
     return {
-        "all": lesion.summary(cost),
+        "all": lesion_report.summary(cost),
         **{
-            side: lesion.summary([c for c, p in zip(cost, pairs) if len(p["others"]) == n])
+            side: lesion_report.summary([c for c, p in zip(cost, pairs) if len(p["others"]) == n])
             for side, n in (("among_k_minus_1", k - 1), ("among_k", k))
         },
     }
@@ -105,8 +105,10 @@ def effects(pairs: list[dict]) -> dict:
         "partner_unit_kept": ("partner", "none"),
         "partner_unit_deleted": ("both", "unit"),
     }
-    found = {name: lesion.summary([p[a] - p[b] for p in pairs]) for name, (a, b) in each.items()}
-    found["interaction"] = lesion.summary([p["both"] - p["unit"] - p["partner"] + p["none"] for p in pairs])
+    found = {name: lesion_report.summary([p[a] - p[b] for p in pairs]) for name, (a, b) in each.items()}
+    found["interaction"] = lesion_report.summary(
+        [p["both"] - p["unit"] - p["partner"] + p["none"] for p in pairs]
+    )
     return found
 
 

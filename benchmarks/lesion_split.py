@@ -17,13 +17,13 @@ from pathlib import Path
 
 from reslab.engine.checkpoint import make_file_dir
 from reslab.errors import ReslabError
-from reslab.studies import lesion
+from reslab.studies import lesion, lesion_report
 from reslab.studies.common import write_json
 
 
 def stats(errors: list[float]) -> dict:
     """Some draws' errors, their number, mean and standard error (None below two draws)."""
-    return {"errors": errors, **lesion.summary(errors)}
+    return {"errors": errors, **lesion_report.summary(errors)}
 
 
 def split(run: Path, unit: str, kept_name: str = lesion.KEPT_RECALIBRATED) -> dict:

@@ -15,7 +15,7 @@ from torch import nn
 from reslab import config
 from reslab.data import load_dataset
 from reslab.models import ResidualUnit, build_model
-from reslab.studies import lesion
+from reslab.studies import lesion, lesion_report
 
 
 def test_the_units_of_unchanged_shape_are_deletable_in_every_family():
@@ -246,7 +246,7 @@ def test_recalibrated_lesions_are_kept_apart_from_the_lesions_as_trained(tiny_da
     assert json.loads((run / "lesion.json").read_text())["lesions"] == as_trained
     assert kept["key"]["recalibrate"] == 250 and kept["lesions"] == again
     assert "recalibrate" not in json.loads((run / "lesion.json").read_text())["key"]
-    assert "re-estimated on 250 training images" in "\n".join(lesion.table_lines(recalibrated))
+    assert "re-estimated on 250 training images" in "\n".join(lesion_report.table_lines(recalibrated))
 
 
 def test_a_units_mean_lesion_gives_every_image_its_branchs_average():

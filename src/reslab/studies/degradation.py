@@ -17,7 +17,7 @@ from ..data import load_dataset
 from ..engine.checkpoint import make_dir
 from ..errors import ReslabError
 from ..models import list_models
-from . import gradients, lesion, responses
+from . import gradients, lesion, lesion_report, responses
 from .common import (
     EVERY_EPOCH,
     Timer,
@@ -149,7 +149,7 @@ def run(
     if backward["init"]:
         gradients.figure(backward, out / "gradients.png")
     if lesioned["nets"]:
-        lesion.figure(lesioned, out / "lesion.png", chance=1 - 1 / found["classes"])
+        lesion_report.figure(lesioned, out / "lesion.png", chance=1 - 1 / found["classes"])
     return finish(out, payload, table, figure)
 
 
@@ -241,7 +241,7 @@ def table(payload: dict) -> str:
             "learning k^2 times slower when its weights grew k-fold).",
         ]
     if payload.get("lesion", {}).get("nets"):  # results before session 44 have none
-        lines += [""] + lesion.table_lines(payload["lesion"])
+        lines += [""] + lesion_report.table_lines(payload["lesion"])
     return "\n".join(lines) + "\n"
 
 

@@ -13,7 +13,7 @@ from ..data import load_dataset
 from ..engine.checkpoint import make_dir
 from ..errors import ReslabError
 from ..models import list_models, model_options
-from . import lesion
+from . import lesion, lesion_report
 from .common import (
     EVERY_EPOCH,
     Timer,
@@ -153,7 +153,7 @@ def run(
         "lesion": lesioned,
     }
     if lesioned["nets"]:
-        lesion.figure(lesioned, out / "lesion.png", chance=1 - 1 / len(data.classes))
+        lesion_report.figure(lesioned, out / "lesion.png", chance=1 - 1 / len(data.classes))
     return finish(out, payload, table, figure)
 
 
@@ -178,7 +178,7 @@ def table(payload: dict) -> str:
         f"{seeds} seed(s) per variant; the paper's numbers are from Tables 1 and 2 of He et al. 2016."
     )
     if payload.get("lesion", {}).get("nets"):  # results before session 45 have none
-        lines += [""] + lesion.table_lines(payload["lesion"])
+        lines += [""] + lesion_report.table_lines(payload["lesion"])
     return "\n".join(lines) + "\n"
 
 

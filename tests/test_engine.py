@@ -4,6 +4,7 @@ import importlib
 import json
 import math
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -678,6 +679,42 @@ def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path / "merged.yaml"), "--print-config"]) == 0
     out = capsys.readouterr().out
     assert "  epochs: 4\n" in out and "  batch_size: 64\n" in out
+
+
+def test_a_config_file_lays_its_keys_over_the_base_it_names(tmp_path, capsys):
+    """`base: fast` (a recipe) or a path from the file's folder: the file's keys over the base's, as `--set` lays
+    its keys over a file's (model options add; another model drops the base's options). Bases chain; a chain
+    that leads back to a file, a base that is not there or not a name is one line."""
+    fast = config.load("fast")
+    (tmp_path / "longer.yaml").write_text(
+        "base: fast\ntrain:\n  epochs: 12\nmodel:\n  options: {width: 64}\n"
+    )
+    longer = config.load(tmp_path / "longer.yaml")
+    assert longer.name == "longer" and longer.train.epochs == 12
+    assert longer.model.options == {**fast.model.options, "width": 64}
+    assert asdict(longer.optim) == asdict(fast.optim) and asdict(longer.data) == asdict(fast.data)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "deeper.yaml").write_text("base: ../longer.yaml\nmodel:\n  name: resnet20\n")
+    deeper = config.load(tmp_path / "sub" / "deeper.yaml", "optim.lr=0.3")
+    assert deeper.name == "deeper" and deeper.model.name == "resnet20" and deeper.model.options == {}
+    assert deeper.train.epochs == 12 and deeper.optim.lr == 0.3 and deeper.data.flip == fast.data.flip
+    # the run's config.yaml is the resolved config: no base to find again on --resume
+    assert "base" not in config.dump(deeper)
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    (tmp_path / "gone.yaml").write_text("base: nowhere\n")
+    (tmp_path / "number.yaml").write_text("base: 3\n")
+    for name, said in (
+        ("a", f"config file {tmp_path / 'b.yaml'}: base a.yaml leads back to {tmp_path / 'a.yaml'}"),
+        (
+            "gone",
+            f"config file {tmp_path / 'gone.yaml'}: base nowhere is neither a file beside it nor a recipe "
+            "(best, fast, seed, sprint, wrn)",
+        ),
+        ("number", f"config file {tmp_path / 'number.yaml'}: base must name a recipe or a file, got 3"),
+    ):
+        assert main(["train", "--config", str(tmp_path / f"{name}.yaml"), "--print-config"]) == 2
+        assert capsys.readouterr().err == f"reslab: error: {said}\n"
 
 
 def test_what_the_system_refuses_unchecked_is_one_line(tiny_data, tmp_path, capsys):

@@ -41,3 +41,11 @@ def test_the_config_table_names_every_key():
         named = set(re.findall(r"`(\w+)`", rows[section]))
         keys = {k for k, v in typing.get_type_hints(cls).items() if not is_dataclass(v)}
         assert keys <= named, f"README's config table lacks {section}: {sorted(keys - named)}"
+
+
+def test_a_readme_config_file_loads_as_its_comment_says(tmp_path):
+    (block,) = re.findall(r"```yaml\n(.*?)```", README.read_text(), re.S)
+    (tmp_path / "mine.yaml").write_text(block)
+    mine, fast = config.load(tmp_path / "mine.yaml"), config.load("fast")
+    assert mine.model.options == {**fast.model.options, "width": 2 * fast.model.options["width"]}
+    assert mine.train.epochs == 12 and mine.data == fast.data and mine.optim == fast.optim

@@ -202,8 +202,11 @@ def find(path: str | Path) -> Path:
     recipe = RECIPES / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
     if str(path.parent) in (".", "configs") and recipe.is_file():
         return recipe
-    names = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml"))) or "none found"
-    raise ReslabError(f"config file {path} not found; the recipes of configs/ are: {names}")
+    raise ReslabError(f"config file {path} not found; the recipes of configs/ are: {recipe_names()}")
+
+
+def recipe_names() -> str:
+    return ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml"))) or "none found"
 
 
 class _UniqueKeys(yaml.SafeLoader):
@@ -227,28 +230,68 @@ class _UniqueKeys(yaml.SafeLoader):
 
 
 def load(path: str | Path | None = None, overrides: list[str] | str | None = None) -> Config:
-    """The config from a YAML file (or the defaults), with dotted overrides applied, validated."""
+    """The config from a YAML file (or the defaults), with dotted overrides applied, validated. A file may name
+    another as its `base:` (a recipe's name, or a path from the file's own folder): the file's keys are laid over
+    the base's, as `--set` lays its keys over a file's."""
     if isinstance(overrides, str):  # one override, not its characters
         overrides = [overrides]
-    values: dict[str, Any] = {}
+    cfg = Config()
     if path is not None:
-        path = find(path)
+        for values in _layers(find(path)):
+            _lay(cfg, values)
+    if overrides:
+        _lay(cfg, parse_overrides(overrides))
+    validate(cfg)
+    return cfg
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """A config file's own keys, checked to be a mapping."""
+    try:
+        values = yaml.load(path.read_text(), Loader=_UniqueKeys) or {}
+    except yaml.YAMLError as e:
+        raise ReslabError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise ReslabError(f"config file {path} is not a text file (a YAML config is UTF-8 text)") from None
+    except OSError as e:
+        raise ReslabError(f"cannot read config file {path}: {e.strerror or e}") from None
+    if not isinstance(values, dict):
+        raise ReslabError(f"config file {path} must be a mapping of keys, e.g. `model: {{name: resnet20}}`")
+    values.setdefault("name", path.stem)
+    return values
+
+
+def _layers(path: Path) -> list[dict[str, Any]]:
+    """The keys of a config file and of the bases it names, the first base first."""
+    chain = [path]
+    layers = [_read(path)]
+    while (base := layers[0].pop("base", None)) is not None:
+        if not isinstance(base, str) or not base:
+            raise ReslabError(f"config file {chain[0]}: base must name a recipe or a file, got {base!r}")
+        beside = chain[0].parent / base
         try:
-            values = yaml.load(path.read_text(), Loader=_UniqueKeys) or {}
-        except yaml.YAMLError as e:
-            raise ReslabError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        except UnicodeDecodeError:
+            found = beside if beside.is_file() else find(base)
+        except ReslabError:
             raise ReslabError(
-                f"config file {path} is not a text file (a YAML config is UTF-8 text)"
+                f"config file {chain[0]}: base {base} is neither a file beside it nor a recipe ({recipe_names()})"
             ) from None
-        except OSError as e:
-            raise ReslabError(f"cannot read config file {path}: {e.strerror or e}") from None
-        if not isinstance(values, dict):
-            raise ReslabError(
-                f"config file {path} must be a mapping of keys, e.g. `model: {{name: resnet20}}`"
-            )
-        values.setdefault("name", path.stem)
-    return from_dict(values, overrides)
+        if found.resolve() in (p.resolve() for p in chain):
+            raise ReslabError(f"config file {chain[0]}: base {base} leads back to {found}")
+        chain.insert(0, found)
+        layers.insert(0, _read(found))
+    return layers
+
+
+def _lay(cfg: Config, values: dict[str, Any]) -> None:
+    """Lay keys over a config: what they name replaces, model options add to the config's. Another model drops
+    the config's options, written for its model; `train.compile: false` drops its compile mode."""
+    model = values.get("model")
+    if isinstance(model, dict) and model.get("name", cfg.model.name) != cfg.model.name:
+        cfg.model.options = {}
+    train = values.get("train")
+    if isinstance(train, dict) and train.get("compile") is False:
+        cfg.train.compile_mode = "default"
+    _merge(cfg, values)
 
 
 def from_dict(values: dict[str, Any], overrides: list[str] | None = None) -> Config:
@@ -256,14 +299,7 @@ def from_dict(values: dict[str, Any], overrides: list[str] | None = None) -> Con
     cfg = Config()
     _merge(cfg, values)
     if overrides:
-        values = parse_overrides(overrides)
-        model = values.get("model")
-        if isinstance(model, dict) and model.get("name", cfg.model.name) != cfg.model.name:
-            cfg.model.options = {}  # the file's options were written for the file's model, not this one
-        train = values.get("train")
-        if isinstance(train, dict) and train.get("compile") is False:
-            cfg.train.compile_mode = "default"  # the file's mode was for compiling: eager has none
-        _merge(cfg, values)
+        _lay(cfg, parse_overrides(overrides))
     validate(cfg)
     return cfg
 

@@ -175,9 +175,26 @@ def test_download_writes_verified_files_atomically(tmp_path, monkeypatch):
     # a corrupted mirror: nothing is kept
     bad = tmp_path / "bad"
     make_dataset(bad, 21, 10)
-    with pytest.raises(IdxError, match="SHA-256"):
+    # named by its URL: the temporary file it was read from is gone ("delete it to download it again" named it)
+    with pytest.raises(IdxError) as error:
         fm.download(tmp_path / "cache2", url=bad.as_uri() + "/", quiet=True)
+    said = str(error.value)
+    assert said.startswith(f"{bad.as_uri()}/train-images-idx3-ubyte.gz: SHA-256 ")
+    assert said.endswith(
+        "does not match the official Fashion-MNIST file ("
+        + sums["train-images-idx3-ubyte"][:12]
+        + "...); nothing was kept"
+    )
     assert not any((tmp_path / "cache2").iterdir())
+    # a file that is not gzip data inside
+    (broken := tmp_path / "broken").mkdir()
+    for stem in fm.FILES.values():
+        (broken / f"{stem}.gz").write_bytes(b"\x1f\x8b" + b"x" * 50)
+    with pytest.raises(IdxError) as error:
+        fm.download(tmp_path / "cache3", url=broken.as_uri() + "/", quiet=True)
+    assert str(error.value).startswith(f"{broken.as_uri()}/train-images-idx3-ubyte.gz: corrupt gzip data (")
+    assert str(error.value).endswith("); nothing was kept")
+    assert not any((tmp_path / "cache3").iterdir())
 
 
 def test_a_download_cut_short_says_so_and_keeps_nothing(tmp_path, monkeypatch):

@@ -122,7 +122,7 @@ def download(directory: Path = CACHE, url: str | None = None, quiet: bool = Fals
                     raise ConnectionError(
                         f"{stem}.gz: the connection closed after {got:,} of {total:,} bytes"
                     )
-                verify(Path(tmp), stem)
+                verify(Path(tmp), stem, source=url + stem + ".gz")
                 os.replace(tmp, target)
             finally:
                 if os.path.exists(tmp):
@@ -130,14 +130,20 @@ def download(directory: Path = CACHE, url: str | None = None, quiet: bool = Fals
     return out
 
 
-def verify(path: Path, stem: str) -> bytes:
-    """The file's decompressed bytes, after checking them against the canonical SHA-256."""
-    data = read_bytes(path)
+def verify(path: Path, stem: str, source: str | None = None) -> bytes:
+    """The file's decompressed bytes, after checking them against the canonical SHA-256. A download's (`source`,
+    its URL) problems name the URL: its temporary file is deleted."""
+    try:
+        data = read_bytes(path)
+    except IdxError as e:
+        if source is None:
+            raise
+        raise IdxError(f"{source}{str(e).removeprefix(str(path))}; nothing was kept") from None
     digest = hashlib.sha256(data).hexdigest()
     if digest != SHA256[stem]:
         raise IdxError(
-            f"{path}: SHA-256 {digest[:12]}... does not match the official Fashion-MNIST file "
-            f"({SHA256[stem][:12]}...); delete it to download it again"
+            f"{source or path}: SHA-256 {digest[:12]}... does not match the official Fashion-MNIST file "
+            f"({SHA256[stem][:12]}...); {'delete it to download it again' if source is None else 'nothing was kept'}"
         )
     return data
 

@@ -547,8 +547,8 @@ def test_runs_lists_each_run_directory_with_its_state(trained, tmp_path, capsys,
 
 
 def test_runs_by_seed_quote_a_recipe_over_its_seeds(tiny_data, tmp_path, capsys):
-    """`reslab runs --seeds`: runs whose configs differ in their seed alone are one row, with the median and range
-    over the seeds of the last test accuracy; a seed run twice counts once, a run from before a key existed
+    """`reslab runs --seeds`: runs whose configs differ in their seed alone are one row, with the settings that set
+    it apart and the median and range over the seeds of the last test accuracy; a seed run twice counts once, a run from before a key existed
     compares as its default, another learning rate is a row of its own, an unreadable run stays one."""
     import shutil
 
@@ -567,14 +567,13 @@ def test_runs_by_seed_quote_a_recipe_over_its_seeds(tiny_data, tmp_path, capsys)
     capsys.readouterr()
     assert main(["runs", str(runs), "--seeds", "--json"]) == 0
     groups = json.loads(capsys.readouterr().out)
-    assert [g["run"] for g in groups] == [
-        str(runs / "broken"),
-        str(runs / "lr"),
-        f"{runs}/s{{0,0-again,1,2}}",
-    ]
+    names = [str(runs / "broken"), str(runs / "lr"), f"{runs}/s{{0,0-again,1,2}}"]
+    assert [g["run"] for g in groups] == names
     assert groups[0]["state"].startswith("unreadable") and "seeds" not in groups[0]
     lr, seeds = groups[1], groups[2]
     assert lr["seeds"] == [0] and lr["test_acc"] == accs["lr"] and lr["test_acc_min"] == accs["lr"]
+    # what sets them apart, as --set names it
+    assert lr["settings"] == {"optim.lr": 0.1} and seeds["settings"] == {"optim.lr": 0.05}
     assert seeds["seeds"] == [0, 0, 1, 2] and seeds["finished"] == 4 and seeds["finished_seeds"] == 3
     three = [accs["s0"], accs["s1"], accs["s2"]]
     assert seeds["test_acc"] == statistics.median(three)
@@ -582,14 +581,11 @@ def test_runs_by_seed_quote_a_recipe_over_its_seeds(tiny_data, tmp_path, capsys)
     assert seeds["state"] == "4 finished" and seeds["epochs"] == seeds["planned_epochs"] == 2
     assert main(["runs", str(runs), "--seeds"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert (
-        lines[0].startswith("| runs | seeds | model | epochs | test acc (median) | range |")
-        and len(lines) == 5
-    )
-    assert lines[4].startswith(
-        f"| {runs}/s{{0,0-again,1,2}} | 0 (2 runs), 1, 2 | resnet8 | 2/2 | {statistics.median(three):.4f} | "
-        f"{min(three):.4f}-{max(three):.4f} |"
-    )
+    assert lines[0].startswith("| runs | settings | seeds | model | epochs | test acc (median) | range |")
+    assert len(lines) == 5 and lines[3].startswith(f"| {runs / 'lr'} | optim.lr=0.1 | 0 | resnet8 | 2/2 |")
+    median, spread = f"{statistics.median(three):.4f}", f"{min(three):.4f}-{max(three):.4f}"
+    row = f"| {runs}/s{{0,0-again,1,2}} | optim.lr=0.05 | 0 (2 runs), 1, 2 | resnet8 | 2/2 | {median} | {spread} |"
+    assert lines[4].startswith(row)
     assert lines[4].endswith("| 4 finished |")
 
 

@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seeds",
         action="store_true",
-        help="runs whose configs differ in their seed alone as one row: median and range of the test accuracy",
+        help="runs whose configs differ in their seed alone as one row: the settings that set it apart, the "
+        "median and range of the test accuracy over the seeds",
     )
     p.add_argument(
         "--plot", metavar="FILE", help="also draw their training loss and test error per epoch (PNG)"

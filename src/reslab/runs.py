@@ -121,19 +121,28 @@ def table(rows: list[dict]) -> str:
 
 def seed_groups(runs: list[Path], rows: list[dict]) -> list[dict]:
     """The rows of runs whose configs differ in `seed` alone, as one row each (runs that cannot be read stay rows
-    of their own): the seeds, the median and range over the seeds of the finished runs' last test accuracy (a seed
+    of their own): the settings that set it apart from the other rows (dotted keys, as --set names them), the seeds, the median and range over the seeds of the finished runs' last test accuracy (a seed
     run more than once counts once, at its runs' median) and the finished runs' median seconds, as a recipe's
     result is quoted over seeds. In the order of each group's first run."""
     groups: dict[str, list[tuple[Path, dict, object]]] = {}
+    settings: dict[str, dict] = {}  # each group's config, dotted keys, without its seed and name (a label)
     for run, row in zip(runs, rows):
         if "model" not in row:  # unreadable: nothing to compare it by
             groups[f"run {run}"] = [(run, row, None)]
             continue
-        recipe = _resolved(run / "config.yaml")
+        recipe = _flat(_resolved(run / "config.yaml"))
         seed = recipe.pop("seed", None)
-        groups.setdefault(json.dumps(recipe, sort_keys=True, default=str), []).append((run, row, seed))
+        recipe.pop("name", None)
+        key = json.dumps(recipe, sort_keys=True, default=str)
+        groups.setdefault(key, []).append((run, row, seed))
+        settings[key] = recipe
+    # what sets the groups apart: the keys whose values are not the same in all of them
+    keys = {k for recipe in settings.values() for k in recipe}
+    varying = sorted(
+        k for k in keys if len({json.dumps(r.get(k, "?"), default=str) for r in settings.values()}) > 1
+    )
     out = []
-    for members in groups.values():
+    for key, members in groups.items():
         first = members[0][1]
         if "model" not in first:
             out.append(first)
@@ -150,6 +159,7 @@ def seed_groups(runs: list[Path], rows: list[dict]) -> list[dict]:
             {
                 "run": braces([str(run) for run, _, _ in members]),
                 "runs": [str(run) for run, _, _ in members],
+                "settings": {k: settings[key][k] for k in varying if k in settings[key]},
                 "seeds": [seed for _, _, seed in members],
                 "finished_seeds": len(by_seed),
                 "model": first["model"],
@@ -167,6 +177,15 @@ def seed_groups(runs: list[Path], rows: list[dict]) -> list[dict]:
             }
         )
     return out
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    """Nested keys as dotted ones, as --set names them: {"optim": {"lr": 0.1}} -> {"optim.lr": 0.1}; an empty
+    mapping (a model's options) has none."""
+    flat = {}
+    for k, v in values.items():
+        flat.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return flat
 
 
 def _resolved(path: Path) -> dict:
@@ -198,20 +217,24 @@ def group_table(groups: list[dict]) -> str:
     def acc(value: float | None) -> str:
         return "" if value is None else f"{value:.4f}"
 
+    def setting(value: object) -> str:  # as --set takes it
+        return value if isinstance(value, str) else json.dumps(value)
+
     lines = [
-        "| runs | seeds | model | epochs | test acc (median) | range | seconds (median) | state |",
-        "|---|---|---|---|---|---|---|---|",
+        "| runs | settings | seeds | model | epochs | test acc (median) | range | seconds (median) | state |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for g in groups:
         if "seeds" not in g:
-            lines.append(f"| {g['run']} |  |  |  |  |  |  | {g['state']} |")
+            lines.append(f"| {g['run']} |  |  |  |  |  |  |  | {g['state']} |")
             continue
+        changed = " ".join(f"{k}={setting(v)}" for k, v in g["settings"].items())
         spread = f"{acc(g['test_acc_min'])}-{acc(g['test_acc_max'])}" if g["finished_seeds"] > 1 else ""
         runs = Counter(g["seeds"])
         seeds = ", ".join(f"{seed}{f' ({n} runs)' if n > 1 else ''}" for seed, n in runs.items())
         seconds = "" if g["train_seconds"] is None else f"{g['train_seconds']:.0f}"
         lines.append(
-            f"| {g['run']} | {seeds} | "
+            f"| {g['run']} | {changed} | {seeds} | "
             f"{g['model']}{f' from {init}' if (init := g.get('init')) else ''} | {g['epochs']}/{g['planned_epochs']} | "
             f"{acc(g['test_acc'])} | {spread} | {seconds} | {g['state']} |"
         )

@@ -380,6 +380,14 @@ def test_a_folder_is_colour_when_any_image_is(tmp_path):
     colour = load_folder(str(tmp_path / "pics"), 0.0, None)
     assert colour.train_images.shape[1] == 3 and colour.test_images.shape[1] == 3
     assert (colour.test_images[-1] == rgb.transpose(2, 0, 1)).all()
+    # each image is decoded once, as it is: a gray one in RGB data has its band three times, as PIL converts it
+    assert (colour.test_images[0] == np.stack([images[6]] * 3)).all()
+    # the colour image among the training images: a test-set report, which decodes none of them, is RGB too
+    (tmp_path / "pics" / "test" / "c1" / "9.png").rename(tmp_path / "pics" / "train" / "c1" / "9.png")
+    whole = load_folder(str(tmp_path / "pics"), 0.0, None)
+    test_only = load_folder(str(tmp_path / "pics"), 0.0, None, train_images=False)
+    assert whole.test_images.shape[1] == 3 and (test_only.test_images == whole.test_images).all()
+    assert test_only.train_images.shape == (0, *whole.test_images.shape[1:])
     (tmp_path / "pics" / "train" / "c0" / "0.tiff").write_bytes(b"not a tiff")
     with pytest.raises(ReslabError, match=r"0.tiff: not an image PIL can read"):
         load_folder(str(tmp_path / "pics"), 0.0, None)

@@ -168,8 +168,16 @@ def _names(classes) -> str:
 MAX_PIXELS = 50_000_000  # refuse decompression bombs: 20000 x 20000 is 400 M pixels
 
 
-def read_image(path: str | Path, channels: int, size: int, invert: bool = False) -> np.ndarray:
-    """A user's image file as the training data looked: grayscale (or RGB) uint8, `size` x `size`.
+def is_gray(mode: str) -> bool:
+    """A PIL mode of one gray band, of any depth, alpha or not (L, LA, 1, I, I;16, F); palette is colour."""
+    from PIL import Image
+
+    return Image.getmodebase(mode) == "L"
+
+
+def read_image(path: str | Path, channels: int | None, size: int, invert: bool = False) -> np.ndarray:
+    """A user's image file as the training data looked: grayscale (or RGB) uint8, `size` x `size`; with `channels`
+    None, as the file is (is_gray of its mode): (size, size) or (size, size, 3).
 
     Conversions: RGBA and LA are laid on black (Fashion-MNIST items are light on black), CMYK and palette
     images become RGB then grayscale, 16-bit and 32-bit images are scaled to 8 bits, an animated GIF gives its
@@ -184,6 +192,9 @@ def read_image(path: str | Path, channels: int, size: int, invert: bool = False)
                 raise ReslabError(
                     f"{path}: {img.width}x{img.height} is too large (limit {MAX_PIXELS:,} pixels)"
                 )
+            channels = channels or (
+                1 if is_gray(img.mode) else 3
+            )  # by the header's mode, as folder data decides
             img.seek(0)  # animated: the first frame
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):

@@ -29,15 +29,16 @@ def _scan(directory: Path) -> dict[str, list[Path]]:
 
 
 def _channels(files: list[Path]) -> int:
-    """1 when every image is gray, else 3: one colour image makes the data RGB (the first image alone decided, so
-    a gray first image turned every colour image gray, and a float TIFF counted as colour)."""
+    """1 when every image is gray (report.is_gray), else 3: one colour image makes the data RGB (the first image
+    alone decided, so a gray first image turned every colour image gray, and a float TIFF counted as colour)."""
     from PIL import Image
+
+    from ..report import is_gray
 
     for f in files:
         try:
             with Image.open(f) as img:  # the header only
-                # gray: one gray band of any depth, alpha or not (L, LA, 1, I, I;16, F); palette is colour
-                if Image.getmodebase(img.mode) != "L":
+                if not is_gray(img.mode):
                     return 3
         except (OSError, SyntaxError, ValueError):
             continue  # reading it says what is wrong with it
@@ -82,8 +83,8 @@ def _layout(root: str, split: float, classes: list[str] | None) -> tuple[Path, d
     return base, train, test, names
 
 
-def _form(train: dict, test: dict, size: int | None) -> tuple[int, int]:
-    """(channels, side) of the square images the folder loads as, from the images' headers."""
+def _side(train: dict, size: int | None) -> int:
+    """The side of the square images the folder loads as: `size`, else the first image's larger side."""
     from PIL import Image
 
     from ..report import read_image
@@ -91,12 +92,10 @@ def _form(train: dict, test: dict, size: int | None) -> tuple[int, int]:
     first = next(f for files in train.values() for f in files)
     try:
         with Image.open(first) as img:
-            side = size or max(img.size)
+            return size or max(img.size)
     except (OSError, SyntaxError, ValueError):
         read_image(first, 1, 1)  # says in one line what is wrong with it
         raise
-    every = [f for split_files in (train, test) for files in split_files.values() for f in files]
-    return _channels(every), side
 
 
 def describe(
@@ -104,7 +103,8 @@ def describe(
 ) -> tuple[int, int, int]:
     """(channels, side, classes) of what load_folder would give, from the folder's layout and image headers."""
     _, train, test, names = _layout(root, split, classes)
-    return *_form(train, test, size), len(names)
+    every = [f for split_files in (train, test) for files in split_files.values() for f in files]
+    return _channels(every), _side(train, size), len(names)
 
 
 def load_folder(
@@ -115,21 +115,32 @@ def load_folder(
     from ..report import read_image
 
     base, train, test, names = _layout(root, split, classes)
-    channels, side = _form(train, test, size)
+    side = _side(train, size)
+    skipped = {} if train_images else train
 
-    def read(split_files: dict[str, list[Path]]) -> tuple[np.ndarray, np.ndarray]:
-        images, labels = [], []
-        for label, name in enumerate(names):
-            for f in split_files[name]:
-                images.append(read_image(f, channels, side))
-                labels.append(label)
-        if not images:  # the training split, not asked for
-            return np.zeros((0, channels, side, side), np.uint8), np.zeros(0, np.int64)
-        array = np.stack(images)
-        return (array if channels == 1 else array.transpose(0, 3, 1, 2)), np.array(labels, dtype=np.int64)
+    def read(split_files: dict[str, list[Path]]) -> tuple[list[np.ndarray], np.ndarray]:
+        # each image decoded once, as it is (gray or RGB): the data's channels are known after the last
+        images = [read_image(f, None, side) for name in names for f in split_files[name]]
+        labels = [label for label, name in enumerate(names) for _ in split_files[name]]
+        return images, np.array(labels, dtype=np.int64)
 
-    train_x, train_y = read(train if train_images else {name: [] for name in names})
+    train_x, train_y = read({name: [] for name in names} if skipped else train)
     test_x, test_y = read(test)
     if not len(test_y):
         raise ReslabError(f"{base}: its test split has no images")
-    return Arrays(train_x, train_y, test_x, test_y, tuple(classes or names), str(base))
+    # one colour image makes the data RGB: the training images not read decide by their headers
+    colour = any(a.ndim == 3 for a in (*train_x, *test_x)) or (
+        bool(skipped) and _channels([f for files in skipped.values() for f in files]) == 3
+    )
+
+    def stack(images: list[np.ndarray]) -> np.ndarray:
+        if not images:  # the training split, not asked for
+            return np.zeros((0, 3 if colour else 1, side, side), np.uint8)
+        if not colour:
+            return np.stack(images)
+        # a gray image in RGB data: its band three times, as PIL converts L to RGB
+        return np.stack([a if a.ndim == 3 else np.repeat(a[..., None], 3, 2) for a in images]).transpose(
+            0, 3, 1, 2
+        )
+
+    return Arrays(stack(train_x), train_y, stack(test_x), test_y, tuple(classes or names), str(base))

@@ -534,10 +534,12 @@ def test_runs_lists_each_run_directory_with_its_state(trained, tmp_path, capsys,
     assert rows["broken"]["state"].startswith("unreadable")
     assert main(["runs", str(trained)]) == 0  # a run directory itself: one row of a table
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 3 and lines[2].startswith(f"| {trained} | resnet8 |") and "| finished |" in lines[2]
+    assert (
+        len(lines) == 3 and lines[2].startswith(f"| {trained} |  | resnet8 |") and "| finished |" in lines[2]
+    )
     assert main(["runs", str(stopped)]) == 0
     assert (
-        f"| {stopped} | resnet8 from r0 |" in (out := capsys.readouterr().out)
+        f"| {stopped} |  | resnet8 from r0 |" in (out := capsys.readouterr().out)
         and "(CPU shared in 1 epoch) |" in out
     )
     assert main(["runs", str(tmp_path / "nowhere")]) == 2
@@ -595,6 +597,11 @@ def test_runs_by_seed_quote_a_recipe_over_its_seeds(tiny_data, tmp_path, capsys)
     row = f"| {runs}/s{{0,0-again,1,2}} | optim.lr=0.05 | 0 (2 runs), 1, 2 | resnet8 | 2/2 | {median} | {spread} |"
     assert lines[4].startswith(row)
     assert lines[4].endswith("| 4 finished |")
+    # one row a run: what sets each apart, its seed too
+    assert main(["runs", str(runs)]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    settings = [row.split(" | ")[1] for row in rows if "resnet8" in row]
+    assert settings == ["optim.lr=0.1 seed=0", *(f"optim.lr=0.05 seed={s}" for s in (0, 0, 1, 2))]
 
 
 def test_slim_checkpoint_evaluates_as_the_run_did(tiny_data, tmp_path):

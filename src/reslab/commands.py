@@ -222,13 +222,17 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from .runs import describe, find_runs, group_table, read_history, seed_groups, table
+    from .runs import add_settings, describe, find_runs, group_table, read_history, seed_groups, table
 
     if not args.paths:  # the default: runs/, which does not exist before the first run
         args.paths = ["runs"] if Path("runs").is_dir() else []
     runs = find_runs(args.paths)
     rows = [describe(run) for run in runs]
-    shown = seed_groups(runs, rows) if args.seeds else rows
+    if args.seeds:
+        shown = seed_groups(runs, rows)
+    else:
+        add_settings(runs, rows)
+        shown = rows
     if args.json:
         print(json.dumps(shown, indent=2))
     elif rows:

@@ -106,41 +106,62 @@ def table(rows: list[dict]) -> str:
     def shared(epochs: int) -> str:
         return f" (CPU shared in {n_epochs(epochs)})" if epochs else ""
 
-    lines = ["| run | model | epochs | test acc | best | seconds | state |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | settings | model | epochs | test acc | best | seconds | state |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "model" not in r:
-            lines.append(f"| {r['run']} |  |  |  |  |  | {r['state']} |")
+            lines.append(f"| {r['run']} |  |  |  |  |  |  | {r['state']} |")
             continue
         lines.append(
-            f"| {r['run']} | {r['model']}{f' from {init}' if (init := r.get('init')) else ''} | "
+            f"| {r['run']} | {as_set(r.get('settings', {}))} | "
+            f"{r['model']}{f' from {init}' if (init := r.get('init')) else ''} | "
             f"{r['epochs']}/{r['planned_epochs']} | {acc(r['test_acc'])} | "
             f"{best(r)} | {r['train_seconds']:.0f}{shared(r['crowded_epochs'])} | {r['state']} |"
         )
     return "\n".join(lines)
 
 
+def recipe(run: Path) -> dict:
+    """A run's config as dotted keys (as --set names them), every key resolved, without its name (a label)."""
+    values = _flat(_resolved(run / "config.yaml"))
+    values.pop("name", None)
+    return values
+
+
+def apart(recipes: list[dict]) -> list[dict]:
+    """For each config, the keys whose values are not the same in all of them: what sets it apart."""
+    keys = {k for r in recipes for k in r}
+    varying = sorted(k for k in keys if len({json.dumps(r.get(k, "?"), default=str) for r in recipes}) > 1)
+    return [{k: r[k] for k in varying if k in r} for r in recipes]
+
+
+def add_settings(runs: list[Path], rows: list[dict]) -> None:
+    """Each readable run's row gets its settings: what sets it apart from the other runs listed."""
+    readable = [(run, row) for run, row in zip(runs, rows) if "model" in row]
+    for (_, row), settings in zip(readable, apart([recipe(run) for run, _ in readable])):
+        row["settings"] = settings
+
+
 def seed_groups(runs: list[Path], rows: list[dict]) -> list[dict]:
     """The rows of runs whose configs differ in `seed` alone, as one row each (runs that cannot be read stay rows
-    of their own): the settings that set it apart from the other rows (dotted keys, as --set names them), the seeds, the median and range over the seeds of the finished runs' last test accuracy (a seed
-    run more than once counts once, at its runs' median) and the finished runs' median seconds, as a recipe's
-    result is quoted over seeds. In the order of each group's first run."""
+    of their own): the settings that set it apart from the other rows, the seeds, the median and range over the
+    seeds of the finished runs' last test accuracy (a seed run more than once counts once, at its runs' median)
+    and the finished runs' median seconds, as a recipe's result is quoted over seeds. In the order of each
+    group's first run."""
     groups: dict[str, list[tuple[Path, dict, object]]] = {}
-    settings: dict[str, dict] = {}  # each group's config, dotted keys, without its seed and name (a label)
+    recipes: dict[str, dict] = {}  # each group's config, without its seed
     for run, row in zip(runs, rows):
         if "model" not in row:  # unreadable: nothing to compare it by
             groups[f"run {run}"] = [(run, row, None)]
             continue
-        recipe = _flat(_resolved(run / "config.yaml"))
-        seed = recipe.pop("seed", None)
-        recipe.pop("name", None)
-        key = json.dumps(recipe, sort_keys=True, default=str)
+        values = recipe(run)
+        seed = values.pop("seed", None)
+        key = json.dumps(values, sort_keys=True, default=str)
         groups.setdefault(key, []).append((run, row, seed))
-        settings[key] = recipe
-    # what sets the groups apart: the keys whose values are not the same in all of them
-    keys = {k for recipe in settings.values() for k in recipe}
-    varying = sorted(
-        k for k in keys if len({json.dumps(r.get(k, "?"), default=str) for r in settings.values()}) > 1
-    )
+        recipes[key] = values
+    settings = dict(zip(recipes, apart(list(recipes.values()))))
     out = []
     for key, members in groups.items():
         first = members[0][1]
@@ -159,7 +180,7 @@ def seed_groups(runs: list[Path], rows: list[dict]) -> list[dict]:
             {
                 "run": braces([str(run) for run, _, _ in members]),
                 "runs": [str(run) for run, _, _ in members],
-                "settings": {k: settings[key][k] for k in varying if k in settings[key]},
+                "settings": settings[key],
                 "seeds": [seed for _, _, seed in members],
                 "finished_seeds": len(by_seed),
                 "model": first["model"],
@@ -201,6 +222,11 @@ def _resolved(path: Path) -> dict:
         return yaml.safe_load(path.read_text())
 
 
+def as_set(settings: dict) -> str:
+    """Settings as --set takes them: optim.lr=0.1 model.options.width=64."""
+    return " ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in settings.items())
+
+
 def braces(names: list[str], most: int = 4) -> str:
     """Paths as one shell brace pattern: runs/fast-s{0,1,2}; one path as itself, more than `most` as the first and
     how many more."""
@@ -217,9 +243,6 @@ def group_table(groups: list[dict]) -> str:
     def acc(value: float | None) -> str:
         return "" if value is None else f"{value:.4f}"
 
-    def setting(value: object) -> str:  # as --set takes it
-        return value if isinstance(value, str) else json.dumps(value)
-
     lines = [
         "| runs | settings | seeds | model | epochs | test acc (median) | range | seconds (median) | state |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -228,13 +251,12 @@ def group_table(groups: list[dict]) -> str:
         if "seeds" not in g:
             lines.append(f"| {g['run']} |  |  |  |  |  |  |  | {g['state']} |")
             continue
-        changed = " ".join(f"{k}={setting(v)}" for k, v in g["settings"].items())
         spread = f"{acc(g['test_acc_min'])}-{acc(g['test_acc_max'])}" if g["finished_seeds"] > 1 else ""
         runs = Counter(g["seeds"])
         seeds = ", ".join(f"{seed}{f' ({n} runs)' if n > 1 else ''}" for seed, n in runs.items())
         seconds = "" if g["train_seconds"] is None else f"{g['train_seconds']:.0f}"
         lines.append(
-            f"| {g['run']} | {changed} | {seeds} | "
+            f"| {g['run']} | {as_set(g['settings'])} | {seeds} | "
             f"{g['model']}{f' from {init}' if (init := g.get('init')) else ''} | {g['epochs']}/{g['planned_epochs']} | "
             f"{acc(g['test_acc'])} | {spread} | {seconds} | {g['state']} |"
         )

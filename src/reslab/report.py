@@ -192,9 +192,8 @@ def read_image(path: str | Path, channels: int | None, size: int, invert: bool =
                 raise ReslabError(
                     f"{path}: {img.width}x{img.height} is too large (limit {MAX_PIXELS:,} pixels)"
                 )
-            channels = channels or (
-                1 if is_gray(img.mode) else 3
-            )  # by the header's mode, as folder data decides
+            # by the header's mode, as folder data decides
+            channels = channels or (1 if is_gray(img.mode) else 3)
             img.seek(0)  # animated: the first frame
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):

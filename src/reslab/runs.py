@@ -93,15 +93,21 @@ def describe(run: Path) -> dict:
     }
 
 
-def table(rows: list[dict]) -> str:
-    def acc(value: float | None) -> str:
-        return "" if value is None else f"{value:.4f}"
+def _acc(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
 
+
+def _model(row: dict) -> str:
+    """The run's model, and the run its weights started from, if any."""
+    return f"{row['model']}{f' from {init}' if (init := row.get('init')) else ''}"
+
+
+def table(rows: list[dict]) -> str:
     # best.pt's test accuracy: with data.val, the epoch the validation chose, not the test set's best
     def best(r: dict) -> str:
         if "test_acc_at_best_val" in r:
-            return f"{acc(r['test_acc_at_best_val'])} (by val)"
-        return acc(r["best_test_acc"])
+            return f"{_acc(r['test_acc_at_best_val'])} (by val)"
+        return _acc(r["best_test_acc"])
 
     def shared(epochs: int) -> str:
         return f" (CPU shared in {n_epochs(epochs)})" if epochs else ""
@@ -115,9 +121,8 @@ def table(rows: list[dict]) -> str:
             lines.append(f"| {r['run']} |  |  |  |  |  |  | {r['state']} |")
             continue
         lines.append(
-            f"| {r['run']} | {as_set(r.get('settings', {}))} | "
-            f"{r['model']}{f' from {init}' if (init := r.get('init')) else ''} | "
-            f"{r['epochs']}/{r['planned_epochs']} | {acc(r['test_acc'])} | "
+            f"| {r['run']} | {as_set(r.get('settings', {}))} | {_model(r)} | "
+            f"{r['epochs']}/{r['planned_epochs']} | {_acc(r['test_acc'])} | "
             f"{best(r)} | {r['train_seconds']:.0f}{shared(r['crowded_epochs'])} | {r['state']} |"
         )
     return "\n".join(lines)
@@ -173,7 +178,7 @@ def seed_groups(runs: list[Path], rows: list[dict]) -> list[dict]:
         for _, row, seed in members:
             if row["state"] == "finished" and row["test_acc"] is not None:
                 by_seed.setdefault(seed, []).append(row["test_acc"])
-        accs = [statistics.median(values) for values in by_seed.values()]
+        accs = [statistics.median(runs_of_seed) for runs_of_seed in by_seed.values()]
         epochs = sorted({row["epochs"] for _, row, _ in members})
         states = Counter(row["state"].split(" (")[0].split(";")[0] for _, row, _ in members)
         out.append(
@@ -240,9 +245,6 @@ def braces(names: list[str], most: int = 4) -> str:
 
 
 def group_table(groups: list[dict]) -> str:
-    def acc(value: float | None) -> str:
-        return "" if value is None else f"{value:.4f}"
-
     lines = [
         "| runs | settings | seeds | model | epochs | test acc (median) | range | seconds (median) | state |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -251,13 +253,13 @@ def group_table(groups: list[dict]) -> str:
         if "seeds" not in g:
             lines.append(f"| {g['run']} |  |  |  |  |  |  |  | {g['state']} |")
             continue
-        spread = f"{acc(g['test_acc_min'])}-{acc(g['test_acc_max'])}" if g["finished_seeds"] > 1 else ""
+        spread = f"{_acc(g['test_acc_min'])}-{_acc(g['test_acc_max'])}" if g["finished_seeds"] > 1 else ""
         runs = Counter(g["seeds"])
         seeds = ", ".join(f"{seed}{f' ({n} runs)' if n > 1 else ''}" for seed, n in runs.items())
         seconds = "" if g["train_seconds"] is None else f"{g['train_seconds']:.0f}"
         lines.append(
             f"| {g['run']} | {as_set(g['settings'])} | {seeds} | "
-            f"{g['model']}{f' from {init}' if (init := g.get('init')) else ''} | {g['epochs']}/{g['planned_epochs']} | "
-            f"{acc(g['test_acc'])} | {spread} | {seconds} | {g['state']} |"
+            f"{_model(g)} | {g['epochs']}/{g['planned_epochs']} | "
+            f"{_acc(g['test_acc'])} | {spread} | {seconds} | {g['state']} |"
         )
     return "\n".join(lines)

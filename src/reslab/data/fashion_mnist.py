@@ -141,9 +141,10 @@ def verify(path: Path, stem: str, source: str | None = None) -> bytes:
         raise IdxError(f"{source}{str(e).removeprefix(str(path))}; nothing was kept") from None
     digest = hashlib.sha256(data).hexdigest()
     if digest != SHA256[stem]:
+        fix = "delete it to download it again" if source is None else "nothing was kept"
         raise IdxError(
             f"{source or path}: SHA-256 {digest[:12]}... does not match the official Fashion-MNIST file "
-            f"({SHA256[stem][:12]}...); {'delete it to download it again' if source is None else 'nothing was kept'}"
+            f"({SHA256[stem][:12]}...); {fix}"
         )
     return data
 

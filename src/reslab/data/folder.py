@@ -116,7 +116,6 @@ def load_folder(
 
     base, train, test, names = _layout(root, split, classes)
     side = _side(train, size)
-    skipped = {} if train_images else train
 
     def read(split_files: dict[str, list[Path]]) -> tuple[list[np.ndarray], np.ndarray]:
         # each image decoded once, as it is (gray or RGB): the data's channels are known after the last
@@ -124,14 +123,13 @@ def load_folder(
         labels = [label for label, name in enumerate(names) for _ in split_files[name]]
         return images, np.array(labels, dtype=np.int64)
 
-    train_x, train_y = read({name: [] for name in names} if skipped else train)
+    train_x, train_y = read(train if train_images else {name: [] for name in names})
     test_x, test_y = read(test)
     if not len(test_y):
         raise ReslabError(f"{base}: its test split has no images")
     # one colour image makes the data RGB: the training images not read decide by their headers
-    colour = any(a.ndim == 3 for a in (*train_x, *test_x)) or (
-        bool(skipped) and _channels([f for files in skipped.values() for f in files]) == 3
-    )
+    unread = [] if train_images else [f for files in train.values() for f in files]
+    colour = any(a.ndim == 3 for a in (*train_x, *test_x)) or (bool(unread) and _channels(unread) == 3)
 
     def stack(images: list[np.ndarray]) -> np.ndarray:
         if not images:  # the training split, not asked for
@@ -139,8 +137,7 @@ def load_folder(
         if not colour:
             return np.stack(images)
         # a gray image in RGB data: its band three times, as PIL converts L to RGB
-        return np.stack([a if a.ndim == 3 else np.repeat(a[..., None], 3, 2) for a in images]).transpose(
-            0, 3, 1, 2
-        )
+        rgb = [a if a.ndim == 3 else np.repeat(a[..., None], 3, 2) for a in images]
+        return np.stack(rgb).transpose(0, 3, 1, 2)
 
     return Arrays(stack(train_x), train_y, stack(test_x), test_y, tuple(classes or names), str(base))

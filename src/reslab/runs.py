@@ -112,19 +112,30 @@ def table(rows: list[dict]) -> str:
     def shared(epochs: int) -> str:
         return f" (CPU shared in {n_epochs(epochs)})" if epochs else ""
 
-    lines = [
-        "| run | settings | model | epochs | test acc | best | seconds | state |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    def cells(r: dict) -> list[str]:
+        return [
+            r["run"],
+            as_set(r.get("settings", {})),
+            _model(r),
+            f"{r['epochs']}/{r['planned_epochs']}",
+            _acc(r["test_acc"]),
+            best(r),
+            f"{r['train_seconds']:.0f}{shared(r['crowded_epochs'])}",
+            r["state"],
+        ]
+
+    return _markdown(
+        ["run", "settings", "model", "epochs", "test acc", "best", "seconds", "state"], rows, cells
+    )
+
+
+def _markdown(columns: list[str], rows: list[dict], cells) -> str:
+    """A Markdown table: `cells` of each row that has a model, the place and state alone of one that does not
+    (unreadable)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        if "model" not in r:
-            lines.append(f"| {r['run']} |  |  |  |  |  |  | {r['state']} |")
-            continue
-        lines.append(
-            f"| {r['run']} | {as_set(r.get('settings', {}))} | {_model(r)} | "
-            f"{r['epochs']}/{r['planned_epochs']} | {_acc(r['test_acc'])} | "
-            f"{best(r)} | {r['train_seconds']:.0f}{shared(r['crowded_epochs'])} | {r['state']} |"
-        )
+        row = cells(r) if "model" in r else [r["run"], *[""] * (len(columns) - 2), r["state"]]
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -245,21 +256,30 @@ def braces(names: list[str], most: int = 4) -> str:
 
 
 def group_table(groups: list[dict]) -> str:
-    lines = [
-        "| runs | settings | seeds | model | epochs | test acc (median) | range | seconds (median) | state |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for g in groups:
-        if "seeds" not in g:
-            lines.append(f"| {g['run']} |  |  |  |  |  |  |  | {g['state']} |")
-            continue
-        spread = f"{_acc(g['test_acc_min'])}-{_acc(g['test_acc_max'])}" if g["finished_seeds"] > 1 else ""
-        runs = Counter(g["seeds"])
-        seeds = ", ".join(f"{seed}{f' ({n} runs)' if n > 1 else ''}" for seed, n in runs.items())
-        seconds = "" if g["train_seconds"] is None else f"{g['train_seconds']:.0f}"
-        lines.append(
-            f"| {g['run']} | {as_set(g['settings'])} | {seeds} | "
-            f"{_model(g)} | {g['epochs']}/{g['planned_epochs']} | "
-            f"{_acc(g['test_acc'])} | {spread} | {seconds} | {g['state']} |"
+    def cells(g: dict) -> list[str]:
+        seeds = ", ".join(
+            f"{seed}{f' ({n} runs)' if n > 1 else ''}" for seed, n in Counter(g["seeds"]).items()
         )
-    return "\n".join(lines)
+        return [
+            g["run"],
+            as_set(g["settings"]),
+            seeds,
+            _model(g),
+            f"{g['epochs']}/{g['planned_epochs']}",
+            _acc(g["test_acc"]),
+            f"{_acc(g['test_acc_min'])}-{_acc(g['test_acc_max'])}" if g["finished_seeds"] > 1 else "",
+            "" if g["train_seconds"] is None else f"{g['train_seconds']:.0f}",
+            g["state"],
+        ]
+
+    columns = [
+        "runs",
+        "settings",
+        "seeds",
+        "model",
+        "epochs",
+        "test acc (median)",
+        "range",
+        "seconds (median)",
+    ]
+    return _markdown([*columns, "state"], groups, cells)

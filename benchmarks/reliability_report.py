@@ -49,6 +49,7 @@ SELECT = [
     "tests/test_engine.py::test_recipes_are_found_by_name_from_any_directory",
     "tests/test_engine.py::test_missing_config_file_and_bad_yaml",
     "tests/test_engine.py::test_a_key_given_twice_in_a_config_file_is_refused",
+    "tests/test_engine.py::test_a_config_file_lays_its_keys_over_the_base_it_names",
     "tests/test_engine.py::test_sizes_known_once_the_data_is_read_are_checked_before_any_write",
     "tests/test_engine.py::test_reslab_sgd_refuses_what_torch_sgd_refuses_with_its_message",
     "tests/test_models.py::test_bad_names_and_options_list_the_choices",

@@ -1058,7 +1058,7 @@ def test_micro_batches_accumulate_the_whole_batchs_step(tiny_data, tmp_path, cap
     stepped, first = copy.deepcopy(model).train(), copy.deepcopy(model).train()
     train_step(stepped, x, y, torch.optim.SGD(stepped.parameters(), lr=0.5), smoothed, 0, cpu, accum=3)
     first(x[:8])
-    buffers = [(a, b) for a, b in zip(stepped.buffers(), first.buffers(), strict=True)]
+    buffers = list(zip(stepped.buffers(), first.buffers(), strict=True))
     assert buffers and all(torch.equal(a, b) for a, b in buffers)
     assert not torch.equal(buffers[0][0], next(model.buffers()))  # they moved
     # in training, a run with micro-batches learns; more micro-batches than a step's images is one line

@@ -597,11 +597,28 @@ def test_runs_by_seed_quote_a_recipe_over_its_seeds(tiny_data, tmp_path, capsys)
     row = f"| {runs}/s{{0,0-again,1,2}} | optim.lr=0.05 | 0 (2 runs), 1, 2 | resnet8 | 2/2 | {median} | {spread} |"
     assert lines[4].startswith(row)
     assert lines[4].endswith("| 4 finished |")
+    # a figure: each group's median per epoch, shaded from its lowest run to its highest
+    assert main(["runs", str(runs), "--seeds", "--plot", str(tmp_path / "seeds.png")]) == 0
+    assert (tmp_path / "seeds.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
     # one row a run: what sets each apart, its seed too
     assert main(["runs", str(runs)]) == 0
     rows = capsys.readouterr().out.splitlines()[2:]
     settings = [row.split(" | ")[1] for row in rows if "resnet8" in row]
     assert settings == ["optim.lr=0.1 seed=0", *(f"optim.lr=0.05 seed={s}" for s in (0, 0, 1, 2))]
+
+
+def test_a_band_is_the_median_and_range_of_the_runs_at_each_epoch():
+    """What `reslab runs --seeds --plot` draws for a group: at each epoch, over the runs with a value there (an
+    untested epoch has none; a run still training has fewer epochs)."""
+    from reslab.plots import band
+
+    runs = [
+        [{"epoch": 1, "v": 1.0}, {"epoch": 2, "v": 4.0}],
+        [{"epoch": 1, "v": 3.0}, {"epoch": 2}],
+        [{"epoch": 1, "v": 2.0}],
+    ]
+    assert band(runs, lambda h: h.get("v")) == ([1, 2], [2.0, 4.0], [1.0, 4.0], [3.0, 4.0])
 
 
 def test_slim_checkpoint_evaluates_as_the_run_did(tiny_data, tmp_path):

@@ -157,7 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
         "median and range of the test accuracy over the seeds",
     )
     p.add_argument(
-        "--plot", metavar="FILE", help="also draw their training loss and test error per epoch (PNG)"
+        "--plot",
+        metavar="FILE",
+        help="also draw their training loss and test error per epoch (PNG); with --seeds each row's median, "
+        "shaded from its lowest run to its highest",
     )
     p.set_defaults(func=commands.cmd_runs)
 

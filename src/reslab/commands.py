@@ -243,10 +243,15 @@ def cmd_runs(args: argparse.Namespace) -> int:
         from .engine.checkpoint import make_file_dir
         from .plots import compare
 
-        histories = {str(run): read_history(run) for run, row in zip(runs, rows) if row.get("epochs")}
-        if not histories:
+        if args.seeds:  # a line for each group of seeds: its runs' median
+            groups = {g["run"]: [read_history(Path(r)) for r in g["runs"]] for g in shown if "runs" in g}
+        else:
+            groups = {str(run): [read_history(run)] for run in runs}
+        # the runs with a finished epoch to draw
+        drawn = {name: found for name, histories in groups.items() if (found := [h for h in histories if h])}
+        if not drawn:
             raise ReslabError("--plot: no run has a finished epoch to draw")
-        compare(histories, make_file_dir(Path(args.plot), "runs.png", "--plot"))
+        compare(drawn, make_file_dir(Path(args.plot), "runs.png", "--plot"))
         print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
     return 0
 

@@ -76,13 +76,39 @@ def curves(history: list[dict], path: str | Path, title: str = "", train_note: s
     save(fig, path)
 
 
-def compare(histories: dict[str, list[dict]], path: str | Path) -> None:
-    """Several runs side by side (`reslab runs --plot`): training loss and test error per epoch, a line each."""
+def band(histories: list[list[dict]], value) -> tuple[list[int], list[float], list[float], list[float]]:
+    """(epochs, median, lowest, highest) over runs of `value(epoch's row)` (None where an epoch has none, e.g.
+    untested): each epoch any run has a value for, over the runs that have one."""
+    from statistics import median
+
+    by_epoch: dict[int, list[float]] = {}
+    for history in histories:
+        for h in history:
+            if (v := value(h)) is not None:
+                by_epoch.setdefault(h["epoch"], []).append(v)
+    epochs = sorted(by_epoch)
+    return (
+        epochs,
+        [median(by_epoch[e]) for e in epochs],
+        [min(by_epoch[e]) for e in epochs],
+        [max(by_epoch[e]) for e in epochs],
+    )
+
+
+def compare(runs: dict[str, list[list[dict]]], path: str | Path) -> None:
+    """Several runs side by side (`reslab runs --plot`): training loss and test error per epoch, a line each; a
+    line of several runs (`--seeds`: a recipe's seeds) is their median, shaded from the lowest to the highest."""
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, history in histories.items():
-        shown = tested(history)
-        ax_loss.plot([h["epoch"] for h in history], [h["train_loss"] for h in history], ".-", label=name)
-        ax_err.plot([h["epoch"] for h in shown], [1 - h["test_acc"] for h in shown], ".-", label=name)
+    for name, histories in runs.items():
+        label = name if len(histories) == 1 else f"{name} (median of {len(histories)})"
+        for ax, value in (
+            (ax_loss, lambda h: h["train_loss"]),
+            (ax_err, lambda h: 1 - h["test_acc"] if "test_acc" in h else None),
+        ):
+            epochs, mid, low, high = band(histories, value)
+            (line,) = ax.plot(epochs, mid, ".-", label=label)
+            if len(histories) > 1:
+                ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2, lw=0)
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss", yscale="log")
     ax_err.set(xlabel="epoch", ylabel="test error (1 - accuracy)", title="test error", yscale="log")
     for ax in (ax_loss, ax_err):

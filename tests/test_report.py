@@ -606,6 +606,14 @@ def test_runs_by_seed_quote_a_recipe_over_its_seeds(tiny_data, tmp_path, capsys)
     rows = capsys.readouterr().out.splitlines()[2:]
     settings = [row.split(" | ")[1] for row in rows if "resnet8" in row]
     assert settings == ["optim.lr=0.1 seed=0", *(f"optim.lr=0.05 seed={s}" for s in (0, 0, 1, 2))]
+    # a run whose metrics cannot be read is a row that says so, and no line of the figure
+    garbled = shutil.copytree(runs / "s1", tmp_path / "more" / "garbled")
+    with open(garbled / "metrics.jsonl", "a") as f:
+        f.write("{not json\n")
+    shutil.copytree(runs / "s2", tmp_path / "more" / "s2")
+    for seeds in ([], ["--seeds"]):
+        assert main(["runs", str(tmp_path / "more"), *seeds, "--plot", str(tmp_path / "more.png")]) == 0
+        assert f"| {garbled} |" in (out := capsys.readouterr().out) and "| unreadable (" in out
 
 
 def test_a_band_is_the_median_and_range_of_the_runs_at_each_epoch():

@@ -246,8 +246,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
         if args.seeds:  # a line for each group of seeds: its runs' median
             groups = {g["run"]: [read_history(Path(r)) for r in g["runs"]] for g in shown if "runs" in g}
         else:
-            groups = {str(run): [read_history(run)] for run in runs}
-        # the runs with a finished epoch to draw
+            groups = {str(run): [read_history(run)] for run, row in zip(runs, rows) if row.get("epochs")}
+        # the runs with a finished epoch to draw (an unreadable run has none: its row says why)
         drawn = {name: found for name, histories in groups.items() if (found := [h for h in histories if h])}
         if not drawn:
             raise ReslabError("--plot: no run has a finished epoch to draw")

@@ -134,11 +134,11 @@ def verify(path: Path, stem: str, source: str | None = None) -> bytes:
     """The file's decompressed bytes, after checking them against the canonical SHA-256. A download's (`source`,
     its URL) problems name the URL: its temporary file is deleted."""
     try:
-        data = read_bytes(path)
+        data = read_bytes(path, source)
     except IdxError as e:
         if source is None:
             raise
-        raise IdxError(f"{source}{str(e).removeprefix(str(path))}; nothing was kept") from None
+        raise IdxError(f"{e}; nothing was kept") from None
     digest = hashlib.sha256(data).hexdigest()
     if digest != SHA256[stem]:
         fix = "delete it to download it again" if source is None else "nothing was kept"

@@ -31,11 +31,12 @@ class IdxError(ReslabError):
     """A file that is not valid IDX data."""
 
 
-def read_bytes(path: str | os.PathLike) -> bytes:
-    """The file's content, decompressed when it starts with the gzip magic."""
-    name = os.fspath(path)
+def read_bytes(path: str | os.PathLike, name: str | None = None) -> bytes:
+    """The file's content, decompressed when it starts with the gzip magic. Its errors call it `name` (a
+    download's URL, where `path` is a temporary file), else its path."""
+    name = name or os.fspath(path)
     try:
-        with open(name, "rb") as f:
+        with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
         raise IdxError(f"{name}: cannot read ({e.strerror or e})") from None

@@ -616,6 +616,14 @@ def test_runs_by_seed_quote_a_recipe_over_its_seeds(tiny_data, tmp_path, capsys)
         assert f"| {garbled} |" in (out := capsys.readouterr().out) and "| unreadable (" in out
 
 
+def test_what_sets_configs_apart_counts_a_key_one_of_them_lacks():
+    from reslab.runs import apart
+
+    assert apart([{"a": 1, "b": 2}, {"a": 1, "b": 3}]) == [{"b": 2}, {"b": 3}]
+    # a config without key `c` (another model's options): `c` sets the other apart, whatever its value
+    assert apart([{"a": 1, "c": "?"}, {"a": 1}]) == [{"c": "?"}, {}]
+
+
 def test_a_band_is_the_median_and_range_of_the_runs_at_each_epoch():
     """What `reslab runs --seeds --plot` draws for a group: at each epoch, over the runs with a value there (an
     untested epoch has none; a run still training has fewer epochs)."""

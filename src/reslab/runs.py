@@ -149,7 +149,10 @@ def recipe(run: Path) -> dict:
 def apart(recipes: list[dict]) -> list[dict]:
     """For each config, the keys whose values are not the same in all of them: what sets it apart."""
     keys = {k for r in recipes for k in r}
-    varying = sorted(k for k in keys if len({json.dumps(r.get(k, "?"), default=str) for r in recipes}) > 1)
+    # a key some configs lack (another model's options) varies too: a missing key is not a value that could be equal
+    varying = sorted(
+        k for k in keys if len({(k in r, json.dumps(r.get(k), default=str)) for r in recipes}) > 1
+    )
     return [{k: r[k] for k in varying if k in r} for r in recipes]
 
 

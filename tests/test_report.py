@@ -558,8 +558,9 @@ def test_runs_lists_each_run_directory_with_its_state(trained, tmp_path, capsys,
 
 def test_runs_by_seed_quote_a_recipe_over_its_seeds(tiny_data, tmp_path, capsys):
     """`reslab runs --seeds`: runs whose configs differ in their seed alone are one row, with the settings that set
-    it apart and the median and range over the seeds of the last test accuracy; a seed run twice counts once, a run from before a key existed
-    compares as its default, another learning rate is a row of its own, an unreadable run stays one."""
+    it apart and the median and range over the seeds of the last test accuracy; a seed run twice counts once, a
+    run from before a key existed compares as its default, another learning rate is a row of its own, an
+    unreadable run stays one."""
     import shutil
 
     runs, accs = tmp_path / "runs", {}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from .config import SafeLoader
 from .engine.checkpoint import lock_owner
 from .engine.history import best_by_val, n_epochs, tested, time_to_go
 from .engine.host import CROWDED
@@ -59,7 +60,7 @@ def describe(run: Path) -> dict:
     if not (run / "config.yaml").is_file():  # deleted by hand: last.pt still holds the config for --resume
         return {"run": str(run), "state": "no config.yaml; --resume continues it from last.pt"}
     try:
-        cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+        cfg = yaml.load((run / "config.yaml").read_text(), Loader=SafeLoader) or {}
         history = read_history(run)
     except (OSError, ValueError, yaml.YAMLError) as e:
         return {"run": str(run), "state": f"unreadable ({str(e).splitlines()[0]})"}
@@ -238,7 +239,7 @@ def _resolved(path: Path) -> dict:
     try:
         return asdict(config.load(path))
     except ReslabError:
-        return yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(), Loader=SafeLoader)
 
 
 def as_set(settings: dict) -> str:

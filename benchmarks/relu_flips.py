@@ -24,8 +24,16 @@ from reslab.studies.common import machine
 
 
 def step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype, channels_last: bool, threads: int):
-    """The gradients of one step and each ReLU's input, computed in `dtype`."""
+    """The gradients of one step and each ReLU's input, computed in `dtype` on `threads` threads."""
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:
+        return _step(net, x, y, dtype, channels_last)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype, channels_last: bool):
     net = copy.deepcopy(net).to(dtype)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     net, x = net.to(memory_format=layout), x.to(dtype).contiguous(memory_format=layout)

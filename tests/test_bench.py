@@ -319,6 +319,27 @@ def test_epoch_steps_script_times_every_step_and_counts_subnormals(tiny_data, tm
     assert lines[-1].startswith("subnormal numbers: weights 0 of ")
 
 
+def test_relu_flips_script_finds_the_relus_that_move_a_gradient(tmp_path, monkeypatch):
+    """benchmarks/relu_flips.py: one fp32 step against fp64 in each layout and on 1 and 2 threads. A gradient that
+    moved by more than fp32's rounding did so through a ReLU whose input fell on the other side of 0."""
+    script = load_script("relu_flips")
+    out = tmp_path / "flips.json"
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(sys, "argv", ["relu_flips.py", "--batch", "16", "--out", str(out)])
+    script.main()
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["channels_last"], r["threads"]) for r in rows] == [
+        (False, 1),
+        (False, 2),
+        (True, 1),
+        (True, 2),
+    ]
+    for r in rows:
+        assert 0 < r["worst_gradient_error"] < 1e-3 or r["flipped_relus"], r
+        assert all(abs(float(v)) < 1e-3 for values in r["flipped_relus"].values() for v in values), r
+    assert torch.get_num_threads() == threads  # the test process keeps its threads
+
+
 def test_every_case_the_reliability_report_runs_exists():
     """docs/reliability.md lists what benchmarks/reliability_report.py runs: a renamed test would drop from it."""
     import ast

@@ -16,6 +16,7 @@ from conftest import tiny_overrides
 from reslab import cli
 from reslab.cli import main
 from reslab.engine import checkpoint
+from reslab.engine.precision import bf16_native
 from reslab.errors import ReslabError
 from reslab.runs import read_history, without_timings
 
@@ -253,6 +254,22 @@ def test_micro_batches_make_the_steps_of_ranks_that_see_the_same_images(tiny_dat
     assert torch.allclose(weights["one-4"], weights["two-2"], atol=1e-6)
     # BatchNorm saw other images
     assert not torch.allclose(weights["one-2-short"], weights["one-4"], atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not bf16_native(torch.device("cpu")), reason="bf16 is emulated on this CPU: far too slow")
+def test_micro_batches_in_bf16_make_the_steps_of_ranks_bit_for_bit(tiny_data, tmp_path):
+    """In bf16 autocast too, one process in 2 micro-batches ends as 2 ranks, weights and running statistics bit for
+    bit: each micro-batch's forward casts as each rank's does, and weighting a loss by its share (1/2) and DDP's
+    mean over 2 ranks scale by a power of two, which rounds nothing."""
+    weights = []
+    for name, nproc, accum in (("one-2", 1, 2), ("two-1", 2, 1)):
+        extra = {"data.flip": False, "data.limit": 256, "train.accum_steps": accum, "precision": "bf16"}
+        done = launch(tmp_path / name, tiny_data, nproc, extra, epochs=1)
+        assert done.returncode == 0, done.stderr[-3000:]
+        state = checkpoint.load(tmp_path / name / "last.pt")["model"]
+        weights.append(torch.cat([v.double().flatten() for v in state.values()]))
+    assert torch.equal(*weights)
 
 
 @pytest.mark.slow

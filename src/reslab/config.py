@@ -390,6 +390,15 @@ def validate(cfg: Config) -> None:
     check_options(cfg.model.name, cfg.model.options, prefix="model.options.")
 
 
+def flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested keys as dotted ones, as --set names them: {"optim": {"lr": 0.1}} -> {"optim.lr": 0.1}; an empty
+    mapping (a model's options) has none."""
+    found = {}
+    for k, v in values.items():
+        found.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return found
+
+
 def changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
     """The dotted keys whose values differ between two configs as dicts: {"optim.lr": (0.1, 0.05)}. A key that
     only one side has (a checkpoint from a reslab with other settings) is no change; model.options compares whole."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import SafeLoader
+from .config import SafeLoader, flat
 from .engine.checkpoint import lock_owner
 from .engine.history import best_by_val, n_epochs, tested, time_to_go
 from .engine.host import CROWDED
@@ -142,7 +142,7 @@ def _markdown(columns: list[str], rows: list[dict], cells) -> str:
 
 def recipe(run: Path) -> dict:
     """A run's config as dotted keys (as --set names them), every key resolved, without its name (a label)."""
-    values = _flat(_resolved(run / "config.yaml"))
+    values = flat(_resolved(run / "config.yaml"))
     values.pop("name", None)
     return values
 
@@ -218,15 +218,6 @@ def seed_groups(runs: list[Path], rows: list[dict]) -> list[dict]:
             }
         )
     return out
-
-
-def _flat(values: dict, prefix: str = "") -> dict:
-    """Nested keys as dotted ones, as --set names them: {"optim": {"lr": 0.1}} -> {"optim.lr": 0.1}; an empty
-    mapping (a model's options) has none."""
-    flat = {}
-    for k, v in values.items():
-        flat.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return flat
 
 
 def _resolved(path: Path) -> dict:

@@ -130,15 +130,7 @@ EVERY_EPOCH = {"train.eval_every": "every epoch: its curves"}  # what each study
 def refuse_chosen(overrides: list[str], chosen: dict[str, str]) -> None:
     """A study sets some keys itself (chosen: key -> which flag or what sets it); a --set of one of them would
     be replaced without a word, so it is an error."""
-
-    def keys(tree: dict, prefix: str = "") -> list[str]:
-        return [
-            k
-            for key, v in tree.items()
-            for k in (keys(v, f"{prefix}{key}.") if isinstance(v, dict) else [prefix + key])
-        ]
-
-    given = keys(config_mod.parse_overrides(overrides))
+    given = config_mod.flat(config_mod.parse_overrides(overrides))
     for key, how in chosen.items():
         for k in given:
             if k == key or k.startswith(key + "."):

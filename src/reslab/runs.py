@@ -276,5 +276,6 @@ def group_table(groups: list[dict]) -> str:
         "test acc (median)",
         "range",
         "seconds (median)",
+        "state",
     ]
-    return _markdown([*columns, "state"], groups, cells)
+    return _markdown(columns, groups, cells)

@@ -681,6 +681,19 @@ def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path, capsys):
     assert "  epochs: 4\n" in out and "  batch_size: 64\n" in out
 
 
+def test_a_config_read_without_its_model_checked_is_still_validated(tmp_path):
+    """`reslab runs` reads configs with model=False (no torch): a model this version lacks (a newer reslab's, one
+    of your own) still resolves, and everything else is checked as before."""
+    (tmp_path / "future.yaml").write_text("model:\n  name: resnet-next\n  options: {depth: 9}\n")
+    with pytest.raises(ReslabError, match="unknown model 'resnet-next'"):
+        config.load(tmp_path / "future.yaml")
+    cfg = config.load(tmp_path / "future.yaml", model=False)
+    assert cfg.model.name == "resnet-next" and cfg.model.options == {"depth": 9} and cfg.train.epochs == 10
+    (tmp_path / "bad.yaml").write_text("model:\n  name: resnet-next\noptim:\n  name: adagrad\n")
+    with pytest.raises(ReslabError, match="optim.name: 'adagrad' is not one of"):
+        config.load(tmp_path / "bad.yaml", model=False)
+
+
 def test_a_config_file_lays_its_keys_over_the_base_it_names(tmp_path, capsys):
     """`base: fast` (a recipe) or a path from the file's folder: the file's keys over the base's, as `--set` lays
     its keys over a file's (model options add; another model drops the base's options). Bases chain; a chain
@@ -1075,7 +1088,7 @@ def test_micro_batches_accumulate_the_whole_batchs_step(tiny_data, tmp_path, cap
 def test_each_epoch_line_says_how_long_the_run_has_to_go(tiny_data, tmp_path, capsys):
     """From the median of the last epochs: wrn.yaml's first epoch on an H200 compiled for 33 s, its next took 1.4 s
     (1.85 s when tested), and 199 epochs to go are minutes, not hours."""
-    from reslab.engine.history import epoch_line
+    from reslab.history import epoch_line
 
     seconds = [33.0, 1.4, 1.85, 1.4, 1.4, 1.85]
     rows = [{"epoch": i + 1, "epoch_seconds": s} for i, s in enumerate(seconds)]

@@ -12,7 +12,8 @@ import torch
 from conftest import tiny_overrides
 
 from reslab.engine import host
-from reslab.engine.host import CROWDED, cpu_quota, cpu_wait_seconds, crowding_cause, make_cpu_group
+from reslab.engine.host import cpu_quota, cpu_wait_seconds, crowding_cause, make_cpu_group
+from reslab.history import CROWDED
 from reslab.runs import read_history
 
 pytestmark = pytest.mark.skipif(

@@ -13,6 +13,7 @@ from conftest import tiny_overrides
 
 from reslab.engine import checkpoint
 from reslab.engine.checkpoint import CheckpointError
+from reslab.lock import lock_dir
 from reslab.runs import read_history, without_timings
 
 KILL_POINTS = [
@@ -311,7 +312,7 @@ def test_a_run_directory_in_use_is_refused_until_its_trainer_ends(tiny_data, tmp
     out = tmp_path / "run"
     out.mkdir()
     argv = ["train", "--out", str(out), "--quiet", "--set", *tiny_overrides(tiny_data)]
-    with checkpoint.lock_dir(out):
+    with lock_dir(out):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err == f"reslab: error: {out} is in use by another training process (pid {os.getpid()}); " + (

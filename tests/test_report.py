@@ -15,9 +15,10 @@ from PIL import Image
 from reslab import config
 from reslab.cli import main
 from reslab.engine import checkpoint, fit
-from reslab.engine.history import duration
 from reslab.engine.precision import bf16_native
 from reslab.errors import ReslabError
+from reslab.history import duration
+from reslab.lock import lock_dir
 from reslab.report import evaluate_checkpoint, export, load_model, predict, read_image
 from reslab.runs import read_history
 
@@ -508,11 +509,11 @@ def test_runs_lists_each_run_directory_with_its_state(trained, tmp_path, capsys,
     orphan = tmp_path / "runs" / "orphan"
     orphan.mkdir()
     shutil.copy(trained / "last.pt", orphan / "last.pt")
-    with checkpoint.lock_dir(tmp_path / "runs" / "done"):
+    with lock_dir(tmp_path / "runs" / "done"):
         assert main(["runs", str(tmp_path / "runs"), "--json"]) == 0
         rows = {Path(r["run"]).name: r for r in json.loads(capsys.readouterr().out)}
     assert rows["done"]["state"] == f"training (pid {os.getpid()})"
-    with checkpoint.lock_dir(stopped):  # a run training now with epochs to go says roughly how long they take
+    with lock_dir(stopped):  # a run training now with epochs to go says roughly how long they take
         assert main(["runs", str(stopped), "--json"]) == 0
         (row,) = json.loads(capsys.readouterr().out)
     seconds = statistics.median(h["epoch_seconds"] for h in history[-5:]) * (
@@ -532,6 +533,20 @@ def test_runs_lists_each_run_directory_with_its_state(trained, tmp_path, capsys,
     assert rows["stopped"]["init"] == "r0" and rows["done"]["init"] is None
     assert rows["stopped"]["crowded_epochs"] == 1
     assert rows["broken"]["state"].startswith("unreadable")
+    # the listing reads text files only, so a fresh process lists every kind of run without importing torch
+    listed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys\nfrom reslab.cli import _main\nassert _main(['runs', sys.argv[1]]) == 0\n"
+            "assert _main(['runs', sys.argv[1], '--seeds']) == 0\nprint('torch' in sys.modules)",
+            str(tmp_path / "runs"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert listed.returncode == 0 and "| finished |" in listed.stdout
+    assert listed.stdout.splitlines()[-1] == "False"
     assert main(["runs", str(trained)]) == 0  # a run directory itself: one row of a table
     lines = capsys.readouterr().out.splitlines()
     assert (

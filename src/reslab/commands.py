@@ -22,7 +22,7 @@ def require_counts(*flags: tuple[str, int | None]) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from . import config
     from .engine import Interrupted, dist, fit
-    from .engine.history import n_epochs
+    from .history import n_epochs
 
     if args.resume:
         if not args.out:
@@ -69,7 +69,7 @@ def trained_for(epochs: int | None, batches: int) -> str:
     """How far a checkpoint had trained: ' (after 6 epochs)', ' (after 1 epoch and 40 batches)'; '' if unsaid."""
     if epochs is None:
         return ""
-    from .engine.history import n_epochs
+    from .history import n_epochs
 
     said = n_epochs(epochs)
     if batches:

@@ -233,10 +233,13 @@ class _UniqueKeys(SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load(path: str | Path | None = None, overrides: list[str] | str | None = None) -> Config:
+def load(
+    path: str | Path | None = None, overrides: list[str] | str | None = None, model: bool = True
+) -> Config:
     """The config from a YAML file (or the defaults), with dotted overrides applied, validated. A file may name
     another as its `base:` (a recipe's name, or a path from the file's own folder): the file's keys are laid over
-    the base's, as `--set` lays its keys over a file's."""
+    the base's, as `--set` lays its keys over a file's. model=False leaves the model's name and options unchecked,
+    for reading configs without importing torch (`reslab runs`)."""
     if isinstance(overrides, str):  # one override, not its characters
         overrides = [overrides]
     cfg = Config()
@@ -245,7 +248,7 @@ def load(path: str | Path | None = None, overrides: list[str] | str | None = Non
             _lay(cfg, values)
     if overrides:
         _lay(cfg, parse_overrides(overrides))
-    validate(cfg)
+    validate(cfg, model)
     return cfg
 
 
@@ -308,7 +311,7 @@ def from_dict(values: dict[str, Any], overrides: list[str] | None = None) -> Con
     return cfg
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, model: bool = True) -> None:
     flat = {
         "device": cfg.device,
         "precision": cfg.precision,
@@ -384,6 +387,8 @@ def validate(cfg: Config) -> None:
         raise ReslabError("data.classes names the classes of idx or folder data; fashion-mnist has its own")
     if cfg.data.name == "folder" and not cfg.data.root:
         raise ReslabError("data.name folder needs data.root: a directory of class_name/*.png folders")
+    if not model:
+        return
     # the model name and options are checked here too, before anything is written
     from .models import check_options
 

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .engine.checkpoint import write_file  # noqa: E402
-from .engine.history import tested  # noqa: E402
+from .history import tested  # noqa: E402
 
 
 def save(fig, path: str | Path) -> None:

@@ -7,15 +7,15 @@ import json
 import os
 import statistics
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import yaml
 
-from .config import SafeLoader, flat
-from .engine.checkpoint import lock_owner
-from .engine.history import best_by_val, n_epochs, tested, time_to_go
-from .engine.host import CROWDED
+from .config import SafeLoader, flat, load
 from .errors import ReslabError
+from .history import CROWDED, best_by_val, n_epochs, tested, time_to_go
+from .lock import lock_owner
 
 
 def find_runs(paths: list[str]) -> list[Path]:
@@ -223,12 +223,8 @@ def seed_groups(runs: list[Path], rows: list[dict]) -> list[dict]:
 def _resolved(path: Path) -> dict:
     """A run's config with every key, so that a run from before a key existed compares as its default; as written
     when this version cannot read it."""
-    from dataclasses import asdict
-
-    from . import config
-
     try:
-        return asdict(config.load(path))
+        return asdict(load(path, model=False))
     except ReslabError:
         return yaml.load(path.read_text(), Loader=SafeLoader)
 

@@ -23,9 +23,10 @@ from .. import config as config_mod
 from .. import faults
 from ..config import Config
 from ..errors import ReslabError
+from ..history import CROWDED, best_by_val, epoch_line, n_epochs, tested
+from ..lock import lock_dir
 from . import checkpoint, dist, guard
-from .history import best_by_val, epoch_line, n_epochs, tested
-from .host import CROWDED, cpu_threads, cpu_wait_seconds, crowded_warning, wait_share
+from .host import cpu_threads, cpu_wait_seconds, crowded_warning, wait_share
 from .precision import memory_format
 from .run import (
     SHARED,
@@ -217,7 +218,7 @@ def fit(
         _say_changes(run, changed)
     if run.ctx.is_main:
         checkpoint.make_dir(out)
-    with checkpoint.lock_dir(out) if run.ctx.is_main else contextlib.nullcontext():
+    with lock_dir(out) if run.ctx.is_main else contextlib.nullcontext():
         if run.ctx.is_main:
             if overwrite and state is None:  # the old run goes whole: no old last.pt for a later --resume
                 for name in RUN_FILES:

@@ -78,12 +78,6 @@ def wait_share(waited: float, seconds: float) -> float:
     return waited / max(seconds * torch.get_num_threads(), 1e-9)
 
 
-# the share of its threads' time an epoch on the CPU may spend waiting for a CPU before the run warns: alone it is
-# under 1% (two torchrun ranks on two cores: 8-11%); beside one or two CPU-bound processes, 49-57%, and the
-# epochs take 3-14x as long; 2 threads under a 1-CPU quota, 32-37% (BENCHMARKS.md)
-CROWDED = 0.2
-
-
 # where Linux mounts its control groups (v2; v1 under one directory per controller)
 CGROUP = Path("/sys/fs/cgroup")
 PERIOD = 100_000  # microseconds: the period of the CPU quotas make_cpu_group writes
@@ -219,7 +213,6 @@ def crowded_warning(m: dict) -> str:
 
 
 __all__ = [
-    "CROWDED",
     "cpu_quota",
     "cpu_threads",
     "cpu_wait_seconds",

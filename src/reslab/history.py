@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import statistics
 
+# the share of its threads' time an epoch on the CPU may spend waiting for a CPU before the run warns: alone it is
+# under 1% (two torchrun ranks on two cores: 8-11%); beside one or two CPU-bound processes, 49-57%, and the
+# epochs take 3-14x as long; 2 threads under a 1-CPU quota, 32-37% (BENCHMARKS.md)
+CROWDED = 0.2
+
 
 def n_epochs(n: int) -> str:
     return f"{n} epoch" if n == 1 else f"{n} epochs"
@@ -63,4 +68,4 @@ def tested(history: list[dict]) -> list[dict]:
     return [h for h in history if "test_acc" in h]
 
 
-__all__ = ["best_by_val", "duration", "epoch_line", "n_epochs", "tested", "time_to_go"]
+__all__ = ["CROWDED", "best_by_val", "duration", "epoch_line", "n_epochs", "tested", "time_to_go"]

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -630,6 +631,52 @@ def test_runs_by_seed_quote_a_recipe_over_its_seeds(tiny_data, tmp_path, capsys)
     for seeds in ([], ["--seeds"]):
         assert main(["runs", str(tmp_path / "more"), *seeds, "--plot", str(tmp_path / "more.png")]) == 0
         assert f"| {garbled} |" in (out := capsys.readouterr().out) and "| unreadable (" in out
+
+
+def test_runs_list_hand_edited_files_in_their_rows_without_a_traceback(trained, tmp_path, capsys):
+    """A metrics.jsonl or config.yaml edited by hand (found by an ad hoc fuzz of `reslab runs`: a renamed key
+    raised KeyError, a list as the seed TypeError) is a row that says what is wrong, or is listed as it is."""
+    import shutil
+
+    from reslab.runs import read_history
+
+    runs = tmp_path / "runs"
+    edits = {
+        "metrics.jsonl": {
+            "renamed": ('"epoch_seconds"', '"epoch_secs"', "line 1 lacks epoch_seconds"),
+            "half-test": ('"test_loss"', '"tst_loss"', "line 1 lacks test_loss"),
+            "text": ('"test_acc": ', '"test_acc": "x", "was": ', "line 1: test_acc not a finite number"),
+            "nan": ('"test_acc": ', '"test_acc": NaN, "was": ', "line 1: test_acc not a finite number"),
+            "list": ("{", "[1]\n{", "line 1 is not an epoch's metrics (a JSON object)"),
+        },
+        "config.yaml": {
+            "seed-list": ("seed: 0", "seed: [3]", None),
+            "train-list": ("train:", "train: [1]\nx:", None),
+        },
+    }
+    for name, (old, new, _) in {**edits["metrics.jsonl"], **edits["config.yaml"]}.items():
+        shutil.copytree(trained, runs / name, ignore=shutil.ignore_patterns("*.pt", "*.png"))
+        edited = runs / name / ("config.yaml" if name in edits["config.yaml"] else "metrics.jsonl")
+        assert old in (text := edited.read_text())
+        edited.write_text(text.replace(old, new, 1))
+    shutil.copytree(trained, runs / "blank", ignore=shutil.ignore_patterns("*.pt", "*.png"))
+    with open(runs / "blank" / "metrics.jsonl", "a") as f:
+        f.write("\n\n")  # an editor's blank lines hold no epoch
+    assert read_history(runs / "blank") == read_history(trained)
+    for extra in ([], ["--seeds"]):
+        assert main(["runs", str(runs), "--json", *extra]) == 0
+        shown = {Path(r["run"]).name: r for r in json.loads(capsys.readouterr().out) if "runs" not in r}
+        for name, (_, _, said) in edits["metrics.jsonl"].items():
+            assert shown[name]["state"] == f"unreadable ({runs / name / 'metrics.jsonl'}: {said})"
+            with pytest.raises(ReslabError, match=re.escape(said)):
+                read_history(runs / name)
+    assert main(["runs", str(runs), "--json"]) == 0
+    rows = {Path(r["run"]).name: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["train-list"]["planned_epochs"] is None and rows["train-list"]["model"] == "resnet8"
+    assert rows["seed-list"]["settings"]["seed"] == [3] and rows["blank"]["state"] == "finished"
+    assert main(["runs", str(runs), "--seeds"]) == 0
+    (group,) = [line for line in capsys.readouterr().out.splitlines() if "blank" in line]
+    assert group.startswith(f"| {runs}/{{blank,seed-list}} |") and "| 0, [3] | resnet8 |" in group
 
 
 def test_what_sets_configs_apart_counts_a_key_one_of_them_lacks():

@@ -4,6 +4,7 @@ is loaded)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 from collections import Counter
@@ -46,10 +47,41 @@ def without_timings(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows]
 
 
+EPOCH_KEYS = ("epoch", "train_loss", "train_acc", "epoch_seconds")  # in every epoch's metrics, tested or not
+# keys an epoch has both of or neither: its test, its validation (data.val), its gradient norms
+PAIRED_KEYS = (("test_loss", "test_acc"), ("val_loss", "val_acc"), ("grad_norm", "grad_norm_max"))
+
+
 def read_history(run: Path) -> list[dict]:
-    """The run's metrics.jsonl, one dict per finished epoch ([] before the first)."""
+    """The run's metrics.jsonl, one dict per finished epoch ([] before the first). A line that is not an epoch's
+    metrics as reslab writes them (every value a finite number; a file edited by hand, or cut short) is a
+    ReslabError naming the file and the line."""
     path = run / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    if not path.is_file():
+        return []
+    history = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():  # a blank line (an editor's) holds no epoch
+            continue
+        try:
+            h = json.loads(line)
+        except ValueError as e:
+            raise ReslabError(f"{path}: line {n} is not JSON ({e})") from None
+        if not isinstance(h, dict):
+            raise ReslabError(f"{path}: line {n} is not an epoch's metrics (a JSON object)")
+        missing = [k for k in EPOCH_KEYS if k not in h] + [
+            k for pair in PAIRED_KEYS if any(p in h for p in pair) for k in pair if k not in h
+        ]
+        if missing:
+            raise ReslabError(f"{path}: line {n} lacks {', '.join(missing)}")
+        if wrong := [k for k, v in h.items() if not _finite(v)]:
+            raise ReslabError(f"{path}: line {n}: {', '.join(wrong)} not a finite number")
+        history.append(h)
+    return history
+
+
+def _finite(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def describe(run: Path) -> dict:
@@ -62,16 +94,21 @@ def describe(run: Path) -> dict:
     try:
         cfg = yaml.load((run / "config.yaml").read_text(), Loader=SafeLoader) or {}
         history = read_history(run)
-    except (OSError, ValueError, yaml.YAMLError) as e:
+    except (OSError, ValueError, yaml.YAMLError, ReslabError) as e:
         return {"run": str(run), "state": f"unreadable ({str(e).splitlines()[0]})"}
     if not isinstance(cfg, dict):
         return {"run": str(run), "state": "unreadable (config.yaml is not a mapping)"}
-    planned = (cfg.get("train") or {}).get("epochs")
+
+    def section(name: str) -> dict:  # a config edited by hand may hold anything where a section should be
+        return value if isinstance(value := cfg.get(name), dict) else {}
+
+    planned = section("train").get("epochs")
+    planned = planned if isinstance(planned, int) and not isinstance(planned, bool) else None
     scored = tested(history)  # train.eval_every > 1 skips some epochs
     done = len(history)
     owner = lock_owner(run)
     if owner is not None:
-        left = time_to_go(history, planned) if isinstance(planned, int) else None
+        left = time_to_go(history, planned) if planned is not None else None
         state = f"training (pid {owner}{f', {left} to go' if left else ''})"
     elif done and done >= (planned or 0) and (run / "summary.json").is_file():
         state = "finished"
@@ -81,8 +118,8 @@ def describe(run: Path) -> dict:
         state = "no checkpoint"
     return {
         "run": str(run),
-        "model": (cfg.get("model") or {}).get("name"),
-        "init": (cfg.get("model") or {}).get("init"),  # the run its weights started from, if any
+        "model": section("model").get("name"),
+        "init": section("model").get("init"),  # the run its weights started from, if any
         "epochs": done,
         "planned_epochs": planned,
         "test_acc": scored[-1]["test_acc"] if scored else None,  # the last evaluated epoch
@@ -178,6 +215,7 @@ def seed_groups(runs: list[Path], rows: list[dict]) -> list[dict]:
             continue
         values = recipe(run)
         seed = values.pop("seed", None)
+        seed = json.dumps(seed) if isinstance(seed, list | dict) else seed  # a hand-edited one, as written
         key = json.dumps(values, sort_keys=True, default=str)
         groups.setdefault(key, []).append((run, row, seed))
         recipes[key] = values

@@ -1,5 +1,6 @@
 """What a run's history (its metrics.jsonl: one dict per finished epoch) says: the epoch lines a run prints, the
-time it has to go, the epochs it tested, the one data.val chose."""
+time it has to go, the epochs it tested, the one data.val chose, whether other processes crowded an epoch. Free of
+torch, like lock.py, so that `reslab runs` starts at once."""
 
 from __future__ import annotations
 

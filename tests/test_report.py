@@ -638,8 +638,6 @@ def test_runs_list_hand_edited_files_in_their_rows_without_a_traceback(trained, 
     raised KeyError, a list as the seed TypeError) is a row that says what is wrong, or is listed as it is."""
     import shutil
 
-    from reslab.runs import read_history
-
     runs = tmp_path / "runs"
     edits = {
         "metrics.jsonl": {

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from .config import SafeLoader, flat, load
-from .errors import ReslabError
+from .errors import ReslabError, is_count
 from .history import CROWDED, best_by_val, n_epochs, tested, time_to_go
 from .lock import lock_owner
 
@@ -103,7 +103,7 @@ def describe(run: Path) -> dict:
         return value if isinstance(value := cfg.get(name), dict) else {}
 
     planned = section("train").get("epochs")
-    planned = planned if isinstance(planned, int) and not isinstance(planned, bool) else None
+    planned = planned if is_count(planned) else None  # train.epochs as reslab writes it, else unknown
     scored = tested(history)  # train.eval_every > 1 skips some epochs
     done = len(history)
     owner = lock_owner(run)

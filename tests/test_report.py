@@ -635,17 +635,23 @@ def test_runs_by_seed_quote_a_recipe_over_its_seeds(tiny_data, tmp_path, capsys)
 
 def test_runs_list_hand_edited_files_in_their_rows_without_a_traceback(trained, tmp_path, capsys):
     """A metrics.jsonl or config.yaml edited by hand (found by an ad hoc fuzz of `reslab runs`: a renamed key
-    raised KeyError, a list as the seed TypeError) is a row that says what is wrong, or is listed as it is."""
+    raised KeyError, a list as the seed TypeError; an epoch out of its place) is a row that says what is wrong, or
+    is listed as it is."""
     import shutil
 
     runs = tmp_path / "runs"
     edits = {
         "metrics.jsonl": {
-            "renamed": ('"epoch_seconds"', '"epoch_secs"', "line 1 lacks epoch_seconds"),
-            "half-test": ('"test_loss"', '"tst_loss"', "line 1 lacks test_loss"),
+            "renamed": ('"epoch_seconds"', '"epoch_secs"', "line 1: lacks epoch_seconds"),
+            "half-test": ('"test_loss"', '"tst_loss"', "line 1: lacks test_loss"),
             "text": ('"test_acc": ', '"test_acc": "x", "was": ', "line 1: test_acc not a finite number"),
             "nan": ('"test_acc": ', '"test_acc": NaN, "was": ', "line 1: test_acc not a finite number"),
-            "list": ("{", "[1]\n{", "line 1 is not an epoch's metrics (a JSON object)"),
+            "list": ("{", "[1]\n{", "line 1: not an epoch's metrics (a JSON object)"),
+            "renumbered": (
+                '"epoch": 1,',
+                '"epoch": 1000000000000000000000000000000,',
+                "line 1: epoch 1000000000000000000000000000000, where epoch 1 comes",
+            ),
         },
         "config.yaml": {
             "seed-list": ("seed: 0", "seed: [3]", None),

@@ -1,15 +1,43 @@
 """What a run's history (its metrics.jsonl: one dict per finished epoch) says: the epoch lines a run prints, the
-time it has to go, the epochs it tested, the one data.val chose, whether other processes crowded an epoch. Free of
-torch, like lock.py, so that `reslab runs` starts at once."""
+time it has to go, the epochs it tested, the one data.val chose, whether other processes crowded an epoch, and
+whether an epoch's metrics are what reslab writes. Free of torch, like lock.py, so that `reslab runs` starts at
+once."""
 
 from __future__ import annotations
 
+import math
 import statistics
 
 # the share of its threads' time an epoch on the CPU may spend waiting for a CPU before the run warns: alone it is
 # under 1% (two torchrun ranks on two cores: 8-11%); beside one or two CPU-bound processes, 49-57%, and the
 # epochs take 3-14x as long; 2 threads under a 1-CPU quota, 32-37% (BENCHMARKS.md)
 CROWDED = 0.2
+
+EPOCH_KEYS = ("epoch", "train_loss", "train_acc", "epoch_seconds")  # in every epoch's metrics, tested or not
+# keys an epoch has both of or neither: its test, its validation (data.val), its gradient norms
+PAIRED_KEYS = (("test_loss", "test_acc"), ("val_loss", "val_acc"), ("grad_norm", "grad_norm_max"))
+
+
+def finite(value: object) -> bool:
+    """A real number, not a bool, neither NaN nor infinite."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def epoch_fault(h: object, epoch: int) -> str | None:
+    """What makes `h` other than the metrics of epoch `epoch` as reslab writes them (a dict of finite numbers with
+    EPOCH_KEYS and PAIRED_KEYS in pairs), in a phrase for an error line; None where it is them. A line of
+    metrics.jsonl, or an entry of a checkpoint's history, edited by hand or damaged."""
+    if not isinstance(h, dict):
+        return "not an epoch's metrics (a JSON object)"
+    missing = [k for k in EPOCH_KEYS if k not in h]
+    missing += [k for pair in PAIRED_KEYS if any(p in h for p in pair) for k in pair if k not in h]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    if wrong := [str(k) for k, v in h.items() if not finite(v)]:
+        return f"{', '.join(wrong)} not a finite number"
+    if h["epoch"] != epoch:
+        return f"epoch {h['epoch']}, where epoch {epoch} comes"
+    return None
 
 
 def n_epochs(n: int) -> str:
@@ -69,4 +97,16 @@ def tested(history: list[dict]) -> list[dict]:
     return [h for h in history if "test_acc" in h]
 
 
-__all__ = ["CROWDED", "best_by_val", "duration", "epoch_line", "n_epochs", "tested", "time_to_go"]
+__all__ = [
+    "CROWDED",
+    "EPOCH_KEYS",
+    "PAIRED_KEYS",
+    "best_by_val",
+    "duration",
+    "epoch_fault",
+    "epoch_line",
+    "finite",
+    "n_epochs",
+    "tested",
+    "time_to_go",
+]

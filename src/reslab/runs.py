@@ -4,7 +4,6 @@ is loaded)."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 from collections import Counter
@@ -15,7 +14,7 @@ import yaml
 
 from .config import SafeLoader, flat, load
 from .errors import ReslabError, is_count
-from .history import CROWDED, best_by_val, n_epochs, tested, time_to_go
+from .history import CROWDED, best_by_val, epoch_fault, n_epochs, tested, time_to_go
 from .lock import lock_owner
 
 
@@ -47,15 +46,10 @@ def without_timings(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows]
 
 
-EPOCH_KEYS = ("epoch", "train_loss", "train_acc", "epoch_seconds")  # in every epoch's metrics, tested or not
-# keys an epoch has both of or neither: its test, its validation (data.val), its gradient norms
-PAIRED_KEYS = (("test_loss", "test_acc"), ("val_loss", "val_acc"), ("grad_norm", "grad_norm_max"))
-
-
 def read_history(run: Path) -> list[dict]:
     """The run's metrics.jsonl, one dict per finished epoch ([] before the first). A line that is not an epoch's
-    metrics as reslab writes them (every value a finite number; a file edited by hand, or cut short) is a
-    ReslabError naming the file and the line."""
+    metrics as reslab writes them (history.epoch_fault: a file edited by hand, or cut short) is a ReslabError
+    naming the file and the line."""
     path = run / "metrics.jsonl"
     if not path.is_file():
         return []
@@ -67,21 +61,10 @@ def read_history(run: Path) -> list[dict]:
             h = json.loads(line)
         except ValueError as e:
             raise ReslabError(f"{path}: line {n} is not JSON ({e})") from None
-        if not isinstance(h, dict):
-            raise ReslabError(f"{path}: line {n} is not an epoch's metrics (a JSON object)")
-        missing = [k for k in EPOCH_KEYS if k not in h] + [
-            k for pair in PAIRED_KEYS if any(p in h for p in pair) for k in pair if k not in h
-        ]
-        if missing:
-            raise ReslabError(f"{path}: line {n} lacks {', '.join(missing)}")
-        if wrong := [k for k, v in h.items() if not _finite(v)]:
-            raise ReslabError(f"{path}: line {n}: {', '.join(wrong)} not a finite number")
+        if why := epoch_fault(h, len(history) + 1):
+            raise ReslabError(f"{path}: line {n}: {why}")
         history.append(h)
     return history
-
-
-def _finite(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def describe(run: Path) -> dict:

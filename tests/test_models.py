@@ -352,7 +352,7 @@ def test_bad_names_and_options_list_the_choices():
         build_model("resnet19")
     with pytest.raises(ReslabError, match="colour: resnet20 has no such option; its options: kind, order"):
         build_model("resnet20", colour="red")
-    with pytest.raises(ReslabError, match="width: must be an integer > 0, got -3"):
+    with pytest.raises(ReslabError, match="width: must be an integer from 1 to 2147483647, got -3"):
         build_model("resnet20", width=-3)
     with pytest.raises(ReslabError, match="unknown block kind 'wide'"):
         build_model("resnet20", kind="wide")
@@ -429,7 +429,7 @@ def test_stem_width_narrows_the_stem_alone():
     assert [r.output_shape for r in rows[1:]] == [r.output_shape for r in same[1:]]
     assert sum(r.params for r in same) - sum(r.params for r in rows) == 16 * 9 + 2 * 16 + 16 * 32 * 9
     assert build_model("resnet8", 1, 10, stem_width=None)[0][0].out_channels == 16  # None: the width
-    with pytest.raises(ReslabError, match="stem_width: must be an integer > 0, got 0"):
+    with pytest.raises(ReslabError, match="stem_width: must be an integer from 1 to 2147483647, got 0"):
         build_model("resnet8", 1, 10, stem_width=0)
 
 

@@ -87,7 +87,7 @@ def test_register_adds_a_model_that_builds_with_checked_options(own):
     net = build_model("tiny-wide", 3, 5, units=2)
     assert net(torch.randn(2, 3, 28, 28)).shape == (2, 5) and net[-1].in_features == 32
     assert build_model("wide", 1, 10).body[-1].in_features == 4
-    with pytest.raises(ReslabError, match="width: must be an integer > 0, got 0"):
+    with pytest.raises(ReslabError, match="width: must be an integer from 1 to 2147483647, got 0"):
         build_model("tiny", width=0)
     with pytest.raises(ReslabError, match="bias: must be true or false, got 'yes'"):
         build_model("wide", bias="yes")

@@ -107,6 +107,10 @@ class Config:
         return asdict(self)
 
 
+MAX_RESIZE = (
+    4096  # data.resize's largest side: 8x ImageNet's usual, and far below where torch's sizes overflow
+)
+
 CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
@@ -339,6 +343,12 @@ def validate(cfg: Config, model: bool = True) -> None:
     positive("optim.lr", cfg.optim.lr)
     positive("data.limit", cfg.data.limit)
     positive("data.resize", cfg.data.resize)
+    if (
+        cfg.data.resize is not None and cfg.data.resize > MAX_RESIZE
+    ):  # torch's sizes overflow long before 2**63
+        raise ReslabError(f"data.resize: at most {MAX_RESIZE} pixels, got {cfg.data.resize}")
+    if not -(2**63) <= cfg.seed < 2**63:  # what torch's generators take, with room for seed + rank
+        raise ReslabError(f"seed: must be an integer from -2**63 to 2**63 - 1, got {cfg.seed}")
     positive("optim.gamma", cfg.optim.gamma)
     for key in ("optim.weight_decay", "optim.warmup_epochs", "optim.grad_clip"):
         section, name = key.split(".")

@@ -20,6 +20,7 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _BUILT_IN: frozenset[str] = frozenset()  # set below, once the library's own models are in
 _INPUTS = ("in_channels", "num_classes")  # every builder takes these; the data decides them, not the options
 _NAMED = ("depth", "widen")  # a registration that sets these names the net by them: not options
+MAX_INT = 2**31 - 1  # an integer option's largest: torch's convolutions take their strides as C ints
 _VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
 
 
@@ -144,8 +145,8 @@ def check_options(name: str, options: dict[str, object], prefix: str = "") -> No
         number = isinstance(value, int | float) and not isinstance(value, bool)
         if kind is bool and not isinstance(value, bool):
             raise ReslabError(f"{prefix}{key}: must be true or false, got {value!r}")
-        if kind is int and not is_count(value):
-            raise ReslabError(f"{prefix}{key}: must be an integer > 0, got {value!r}")
+        if kind is int and not (is_count(value) and value <= MAX_INT):  # torch's kernels overflow above
+            raise ReslabError(f"{prefix}{key}: must be an integer from 1 to {MAX_INT}, got {value!r}")
         if kind is float and not (number and math.isfinite(value)):
             raise ReslabError(f"{prefix}{key}: must be a finite number, got {value!r}")
         if kind is str and not isinstance(value, str):

@@ -1,7 +1,9 @@
 """Faults, hostile files and bad input: a crash, a broken file or a typo never costs a user their run."""
 
+import math
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -438,6 +440,115 @@ def test_checkpoint_of_another_architecture_or_class_count(tiny_data, tmp_path, 
         CheckpointError, match=r"do not fit resnet8: \S+ is \(10, \d+\) in the checkpoint, \(5, "
     ):
         load_model(tmp_path / "five.pt")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 2-epoch run with an EMA, and an image to classify."""
+    from conftest import make_dataset
+    from PIL import Image
+
+    from reslab.cli import main
+
+    tmp = tmp_path_factory.mktemp("finished")
+    overrides = tiny_overrides(make_dataset(tmp / "data"), **{"train.ema": 0.9})
+    assert main(["train", "--out", str(tmp / "run"), "--quiet", "--set", *overrides]) == 0
+    Image.new("L", (28, 28), 128).save(tmp / "shirt.png")
+    return tmp / "run", tmp / "shirt.png"
+
+
+def _snapshot_with_a_wrong_buffer(s):
+    start = {
+        k: s[k] for k in ("model", "optimizer", "ema", "scaler", "guard", "rng", "epoch", "batch", "sums")
+    }
+    start["optimizer"] = {**s["optimizer"], "state": {0: {"momentum_buffer": torch.zeros(3)}}}
+    s["epoch_start"] = start
+
+
+# each edit a damaged or foreign file could hold, the command that reads it, and the phrase its one line has;
+# found by a fuzz of random edits (session 76): each was a traceback before
+DAMAGE = {
+    "class-name": (lambda s: s["meta"]["classes"].__setitem__(4, 7), "eval", "meta: classes: ["),
+    "mean": (
+        lambda s: s["meta"].__setitem__("mean", [0.1, 0.2]),
+        "predict",
+        "meta: mean: not a finite float for each of its 1 input",
+    ),
+    "image-size": (
+        lambda s: s["meta"].__setitem__("image_size", [1, 2]),
+        "export",
+        "meta: image_size: [1, 2]",
+    ),
+    "nan-weights": (lambda s: s["ema"]["fc.bias"].fill_(math.nan), "eval", "fc.bias holds NaN or infinite"),
+    "ema-missing": (
+        lambda s: s["ema"].pop("fc.bias"),
+        "train",
+        "its EMA: 1 tensors are not in the checkpoint",
+    ),
+    "momentum-shape": (
+        lambda s: s["optimizer"]["state"][0].__setitem__("momentum_buffer", torch.zeros(3)),
+        "train",
+        "its optimizer's momentum_buffer of parameter 0 is (3,), the parameter (",
+    ),
+    "history": (
+        lambda s: s["history"][0].pop("epoch_seconds"),
+        "train",
+        "history: entry 1: lacks epoch_seconds",
+    ),
+    "rng": (
+        lambda s: s.__setitem__("rng", s["rng"].float()),
+        "train",
+        "rng, cuda_rng: not the generators' states",
+    ),
+    "guard": (
+        lambda s: s["guard"].__setitem__("lr_scale", 1e30),
+        "train",
+        "guard: not the divergence guard's",
+    ),
+    "batch": (lambda s: s.__setitem__("batch", "x"), "train", "batch: 'x', not an integer >= 0"),
+    "config": (
+        lambda s: s["config"].__setitem__("seed", torch.zeros(2)),
+        "train",
+        "config: not a mapping of",
+    ),
+    "epoch-start": (
+        _snapshot_with_a_wrong_buffer,
+        "train",
+        "the epoch's starting state does not fit model resnet8",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_checkpoint_damaged_inside_is_one_line_and_nothing_changes(finished, tmp_path, capsys, damage):
+    """A checkpoint that loads but whose contents are not as reslab writes them (a hand edit, a foreign file, a
+    damaged one): eval, predict, export and a resume each end in one line naming what is wrong, and leave every
+    file of the run as it was."""
+    from reslab.cli import main
+
+    edit, command, phrase = DAMAGE[damage]
+    run, image = finished
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    name = (
+        "last.pt" if command == "train" else "best.pt"
+    )  # what each reads: a run directory's best.pt to score
+    state = checkpoint.load(out / name)
+    edit(state)
+    checkpoint.save(state, out / name)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    args = {
+        "eval": ["eval", str(out)],
+        "predict": ["predict", str(out), str(image)],
+        "export": ["export", str(out), "--out", str(tmp_path / "model.pt")],
+        "train": ["train", "--out", str(out), "--resume", "--quiet", "--set", "train.epochs=3"],
+    }[command]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("reslab: error: ") and phrase in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not (tmp_path / "model.pt").exists()
 
 
 # ------------------------------------------------------------------ injected non-finite values

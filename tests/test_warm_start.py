@@ -81,7 +81,9 @@ def test_another_architecture_is_refused(tmp_path, name, options, message):
 
 def test_weights_that_are_not_tensors_are_refused(tmp_path):
     checkpoint.save({"model": {"stem.0.weight": 3}}, tmp_path / "odd.pt")
-    with pytest.raises(ReslabError, match="its weights are not a mapping of names to tensors"):
+    with pytest.raises(
+        ReslabError, match="damaged, or not written by reslab: model: not a mapping of names to tensors"
+    ):
         warm_start(build_model("resnet8", 1, 10), tmp_path / "odd.pt")
 
 

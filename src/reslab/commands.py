@@ -33,7 +33,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         elif last.is_file():  # the checkpoint carries the config too
             from .engine import checkpoint
 
-            cfg = config.from_dict(checkpoint.load(last)["config"], args.set)
+            cfg = config.from_dict(checkpoint.load(last, resume=True)["config"], args.set)
         else:
             raise ReslabError(f"cannot resume: {args.out} holds no run (no config.yaml, no last.pt)")
         # the run's own config is read; another named with it would be ignored (make train names fast.yaml)

@@ -32,14 +32,21 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict, dict]:
     path = checkpoint.find(path)
     state = checkpoint.load(path)
     meta = state.get("meta")
-    if not isinstance(meta, dict) or "model_name" not in meta:
+    if not isinstance(meta, dict) or "model_name" not in meta or "config" not in state:
         raise checkpoint.CheckpointError(f"{path}: no model description inside (not written by reslab train)")
+    if why := checkpoint.description_fault(state):
+        raise checkpoint.CheckpointError(f"{path}: damaged, or not written by reslab: {why}")
     model = build_model(
         meta["model_name"], meta["in_channels"], len(meta["classes"]), **meta["model_options"]
     )
     weights = checkpoint.evaluated_weights(state)
     if why := checkpoint.misfit(model.state_dict(), weights):
         raise checkpoint.CheckpointError(f"{path}: weights do not fit {meta['model_name']}: {why}")
+    # NaN weights score every image as one class, with a loss of NaN: say so instead
+    if bad := [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]:
+        raise checkpoint.CheckpointError(
+            f"{path}: {bad[0]} holds NaN or infinite values (diverged, or damaged)"
+        )
     model.load_state_dict(weights)
     return model.eval(), meta, state
 

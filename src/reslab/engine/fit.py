@@ -198,7 +198,7 @@ def fit(
     wall_start = time.perf_counter()
     resuming = resume and (out / "last.pt").exists()
     run = prepare(cfg, out, quiet, warm=not resuming)
-    state = checkpoint.load(out / "last.pt") if resuming else None
+    state = checkpoint.load(out / "last.pt", resume=True) if resuming else None
     if resume and state is None:  # stopped before its first checkpoint
         _log(run, f"no checkpoint in {out} yet: starting at epoch 1")
     if state is not None:

@@ -122,6 +122,28 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer | SGD, state: dict) ->
         group.update(settings)
 
 
+def optimizer_misfit(optimizer: torch.optim.Optimizer | SGD, saved: dict) -> str | None:
+    """How a checkpoint's optimiser state (checkpoint.fault checked its layout) differs from what `optimizer`
+    keeps, in a phrase for an error line; None where it fits: the same parameters, numbered alike in the same
+    groups, and each saved tensor of a parameter (a momentum buffer, AdamW's moments) of its shape, or a
+    scalar (AdamW's step)."""
+    own = optimizer.state_dict()["param_groups"]
+    if [g["params"] for g in saved["param_groups"]] != [g["params"] for g in own]:
+        sizes = [len(g["params"]) for g in saved["param_groups"]]
+        return (
+            f"its optimizer's groups hold {sizes} parameters, this model's {[len(g['params']) for g in own]}"
+        )
+    shapes = [p.shape for g in optimizer.param_groups for p in g["params"]]
+    for i, values in saved["state"].items():
+        if not (isinstance(i, int) and 0 <= i < len(shapes)) or not isinstance(values, dict):
+            return f"its optimizer's state names no parameter {i!r}"
+        for key, v in values.items():
+            if not isinstance(v, torch.Tensor) or v.dim() and v.shape != shapes[i]:
+                what = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                return f"its optimizer's {key} of parameter {i} is {what}, the parameter {tuple(shapes[i])}"
+    return None
+
+
 class EMA:
     """Exponential moving average of a model's parameters (buffers copied), evaluated instead of the model.
     The decay warms up as min(decay, (1 + step) / (10 + step)), as in TensorFlow's and timm's: without it the

@@ -17,7 +17,7 @@ from ..errors import ReslabError
 from ..models import build_model, check_forward, count_params, unused_parameters
 from . import checkpoint, dist, gemm_conv, guard, rewrites
 from .host import set_up
-from .optim import EMA, SGD, load_optimizer_state, make_optimizer
+from .optim import EMA, SGD, load_optimizer_state, make_optimizer, optimizer_misfit
 from .precision import autocast, memory_format, resolve_device, resolve_precision
 from .warm_start import warm_start
 
@@ -267,7 +267,11 @@ def restore(run: Run, state: dict) -> None:
             _seed_own_stream(run.cfg.seed, run.ctx)
     if run.ctx.rank:  # rank 0 took back every rank's SHARED sums so far: the epoch's all-reduce adds them up
         run.sums[:SHARED] = [0.0] * SHARED
-    run.epoch_start = state.get("epoch_start")  # None at an epoch's end, and in checkpoints from before it
+    run.epoch_start = start = state.get("epoch_start")  # None at an epoch's end, and in older checkpoints
+    if start is not None and (why := fit_fault(run, start)):  # checked now, not when a rollback restores it
+        raise checkpoint.CheckpointError(
+            f"the epoch's starting state does not fit model {run.cfg.model.name}: {why}"
+        )
     starts = state.get("epoch_start_rng") or []
     # under torchrun, this rank's generators as its epoch started, when the checkpoint has as many ranks'
     if run.epoch_start is not None and run.ctx.active and len(starts) == run.ctx.world_size:
@@ -280,7 +284,7 @@ def restore(run: Run, state: dict) -> None:
 def restore_training_state(run: Run, state: dict) -> None:
     """Weights, optimiser, EMA, scaler, RNGs and the position in the epoch; not the guard, whose halved lr must
     survive a rollback."""
-    if why := checkpoint.misfit(run.model.state_dict(), state["model"]):
+    if why := fit_fault(run, state):
         raise checkpoint.CheckpointError(f"checkpoint does not fit model {run.cfg.model.name}: {why}")
     run.model.load_state_dict(state["model"])
     load_optimizer_state(run.optimizer, state["optimizer"])
@@ -291,6 +295,17 @@ def restore_training_state(run: Run, state: dict) -> None:
     _set_rng_state(run, state)
     run.batch, run.sums = state["batch"], epoch_sums(state["sums"])  # a copy: the epoch adds to it in place
     run.pending = []
+
+
+def fit_fault(run: Run, state: dict) -> str | None:
+    """How a checkpoint's training state (checkpoint.fault checked its layout) does not fit this run's model,
+    EMA and optimiser; None where it fits."""
+    if why := checkpoint.misfit(run.model.state_dict(), state["model"]):
+        return why
+    if run.ema is not None and state.get("ema") is not None:
+        if why := checkpoint.misfit(run.ema.state_dict(), state["ema"]):
+            return f"its EMA: {why}"
+    return optimizer_misfit(run.optimizer, state["optimizer"])
 
 
 def snapshot(run: Run) -> dict:

@@ -50,8 +50,6 @@ def warm_start(model: nn.Module, source: str | Path) -> str:
     weights = checkpoint.evaluated_weights(state)
     meta = state.get("meta") if isinstance(state.get("meta"), dict) else {}
     what = f"{path} ({meta.get('model_name', 'a model')})"
-    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        raise ReslabError(f"model.init: {path}: its weights are not a mapping of names to tensors")
     own = model.state_dict()
     if why := checkpoint.misfit(own, weights, shapes=False):  # shapes may differ at the head and the stem
         raise ReslabError(f"model.init: {what} is another architecture: {why}")
@@ -78,7 +76,10 @@ def warm_start(model: nn.Module, source: str | Path) -> str:
     if adapted:
         line += "; adapted " + ", ".join(adapted)
     if fresh:
-        line += f"; new classifier {', '.join(fresh)} ({len(meta.get('classes', [])) or '?'} -> "
+        classes = meta.get("classes")
+        line += (
+            f"; new classifier {', '.join(fresh)} ({len(classes) if isinstance(classes, list) else '?'} -> "
+        )
         line += f"{own[fresh[0]].shape[0]} classes)"
     return line
 

@@ -98,6 +98,7 @@ SELECT = [
     "tests/test_report.py::test_a_folder_is_colour_when_any_image_is",
     "tests/test_report.py::test_a_folders_hidden_and_empty_class_folders",
     "tests/test_report.py::test_runs_lists_each_run_directory_with_its_state",
+    "tests/test_report.py::test_runs_list_hand_edited_files_in_their_rows_without_a_traceback",
     "tests/test_data.py::test_a_download_cut_short_says_so_and_keeps_nothing",
     "tests/test_engine.py::test_what_the_system_refuses_unchecked_is_one_line",
     "tests/test_dist.py::test_sigterm_to_torchrun_stops_every_rank_at_one_step_with_a_checkpoint",

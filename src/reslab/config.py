@@ -107,9 +107,8 @@ class Config:
         return asdict(self)
 
 
-MAX_RESIZE = (
-    4096  # data.resize's largest side: 8x ImageNet's usual, and far below where torch's sizes overflow
-)
+# data.resize's largest side: 18x ImageNet's 224, and far below where torch's sizes overflow
+MAX_RESIZE = 4096
 
 CHOICES = {
     "device": ("auto", "cpu", "cuda"),

@@ -99,8 +99,6 @@ def tested(history: list[dict]) -> list[dict]:
 
 __all__ = [
     "CROWDED",
-    "EPOCH_KEYS",
-    "PAIRED_KEYS",
     "best_by_val",
     "duration",
     "epoch_fault",

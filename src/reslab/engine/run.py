@@ -268,7 +268,9 @@ def restore(run: Run, state: dict) -> None:
     if run.ctx.rank:  # rank 0 took back every rank's SHARED sums so far: the epoch's all-reduce adds them up
         run.sums[:SHARED] = [0.0] * SHARED
     run.epoch_start = start = state.get("epoch_start")  # None at an epoch's end, and in older checkpoints
-    if start is not None and (why := fit_fault(run, start)):  # checked now, not when a rollback restores it
+    if start is not None and (
+        why := training_misfit(run, start)
+    ):  # checked now, not when a rollback restores it
         raise checkpoint.CheckpointError(
             f"the epoch's starting state does not fit model {run.cfg.model.name}: {why}"
         )
@@ -284,7 +286,7 @@ def restore(run: Run, state: dict) -> None:
 def restore_training_state(run: Run, state: dict) -> None:
     """Weights, optimiser, EMA, scaler, RNGs and the position in the epoch; not the guard, whose halved lr must
     survive a rollback."""
-    if why := fit_fault(run, state):
+    if why := training_misfit(run, state):
         raise checkpoint.CheckpointError(f"checkpoint does not fit model {run.cfg.model.name}: {why}")
     run.model.load_state_dict(state["model"])
     load_optimizer_state(run.optimizer, state["optimizer"])
@@ -297,7 +299,7 @@ def restore_training_state(run: Run, state: dict) -> None:
     run.pending = []
 
 
-def fit_fault(run: Run, state: dict) -> str | None:
+def training_misfit(run: Run, state: dict) -> str | None:
     """How a checkpoint's training state (checkpoint.fault checked its layout) does not fit this run's model,
     EMA and optimiser; None where it fits."""
     if why := checkpoint.misfit(run.model.state_dict(), state["model"]):

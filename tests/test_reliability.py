@@ -483,7 +483,7 @@ DAMAGE = {
     "ema-missing": (
         lambda s: s["ema"].pop("fc.bias"),
         "train",
-        "its EMA: 1 tensors are not in the checkpoint",
+        "last.pt: checkpoint does not fit model resnet8: its EMA: 1 tensors are not in",
     ),
     "momentum-shape": (
         lambda s: s["optimizer"]["state"][0].__setitem__("momentum_buffer", torch.zeros(3)),
@@ -514,7 +514,7 @@ DAMAGE = {
     "epoch-start": (
         _snapshot_with_a_wrong_buffer,
         "train",
-        "the epoch's starting state does not fit model resnet8",
+        "last.pt: the epoch's starting state does not fit model resnet8",
     ),
 }
 

@@ -204,7 +204,10 @@ def fit(
     if state is not None:
         changed = config_mod.changes(state["config"], cfg.to_dict())
         _refuse_changes(run, changed, state, out)
-        restore(run, state)
+        try:
+            restore(run, state)
+        except checkpoint.CheckpointError as e:  # restore knows the state, not the file it came from
+            raise checkpoint.CheckpointError(f"{out / 'last.pt'}: {e}") from None
         if run.epoch >= cfg.train.epochs:
             if (out / "summary.json").exists():  # a finished run stays as it was: its config, its summary
                 _log(run, f"{out} already finished {n_epochs(run.epoch)}; raise train.epochs to train on")

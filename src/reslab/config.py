@@ -342,9 +342,8 @@ def validate(cfg: Config, model: bool = True) -> None:
     positive("optim.lr", cfg.optim.lr)
     positive("data.limit", cfg.data.limit)
     positive("data.resize", cfg.data.resize)
-    if (
-        cfg.data.resize is not None and cfg.data.resize > MAX_RESIZE
-    ):  # torch's sizes overflow long before 2**63
+    # torch's sizes overflow long before 2**63
+    if cfg.data.resize is not None and cfg.data.resize > MAX_RESIZE:
         raise ReslabError(f"data.resize: at most {MAX_RESIZE} pixels, got {cfg.data.resize}")
     if not -(2**63) <= cfg.seed < 2**63:  # what torch's generators take, with room for seed + rank
         raise ReslabError(f"seed: must be an integer from -2**63 to 2**63 - 1, got {cfg.seed}")

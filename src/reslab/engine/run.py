@@ -268,9 +268,8 @@ def restore(run: Run, state: dict) -> None:
     if run.ctx.rank:  # rank 0 took back every rank's SHARED sums so far: the epoch's all-reduce adds them up
         run.sums[:SHARED] = [0.0] * SHARED
     run.epoch_start = start = state.get("epoch_start")  # None at an epoch's end, and in older checkpoints
-    if start is not None and (
-        why := training_misfit(run, start)
-    ):  # checked now, not when a rollback restores it
+    # checked now, not when a rollback restores it
+    if start is not None and (why := training_misfit(run, start)):
         raise checkpoint.CheckpointError(
             f"the epoch's starting state does not fit model {run.cfg.model.name}: {why}"
         )

@@ -233,6 +233,41 @@ def test_huge_image_is_refused(tmp_path):
         read_image(path, 1, 28)
 
 
+@pytest.mark.parametrize("first", [True, False])
+def test_a_huge_image_in_a_folder_is_one_line(tmp_path, capsys, first):
+    """PIL refuses a header of more than twice its pixel limit when it opens the file, before reslab's own check:
+    the folder's first image (its size sets the side) and the scan for colour images let that error through as a
+    traceback (an ad hoc fuzz of folder datasets found it)."""
+    from reslab.data.folder import describe
+
+    images, _ = make_images(8, 0)
+    for i, img in enumerate(images):
+        (tmp_path / "pics" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(tmp_path / "pics" / f"c{i % 2}" / f"{i}.png")
+    huge = tmp_path / "pics" / "c0" / ("0.png" if first else "6.png")
+    Image.new("1", (20000, 20000)).save(huge)
+    out = tmp_path / "run"
+    argv = [
+        "train",
+        "--quiet",
+        "--out",
+        str(out),
+        "--set",
+        "data.name=folder",
+        f"data.root={tmp_path / 'pics'}",
+    ]
+    assert main([*argv, "data.split=0.25", "model.name=resnet8", "train.epochs=1", "precision=fp32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{huge}: too large" in err, err
+    assert not out.exists()
+    # `reslab summary --config` reads headers: the first image's, and the others' modes until one is colour
+    if first:
+        with pytest.raises(ReslabError, match="too large"):
+            describe(str(tmp_path / "pics"), 0.25, None)
+    else:
+        assert describe(str(tmp_path / "pics"), 0.25, None) == (1, 28, 2)
+
+
 @pytest.mark.parametrize("mode", ["RGBA", "CMYK", "I;16", "P", "RGB", "LA"])
 def test_image_modes_are_converted(tmp_path, mode):
     rng = np.random.default_rng(0)

@@ -40,7 +40,7 @@ def _channels(files: list[Path]) -> int:
             with Image.open(f) as img:  # the header only
                 if not is_gray(img.mode):
                     return 3
-        except (OSError, SyntaxError, ValueError):
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
             continue  # reading it says what is wrong with it
     return 1
 
@@ -93,7 +93,7 @@ def _side(train: dict, size: int | None) -> int:
     try:
         with Image.open(first) as img:
             return size or max(img.size)
-    except (OSError, SyntaxError, ValueError):
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         read_image(first, 1, 1)  # says in one line what is wrong with it
         raise
 

@@ -977,13 +977,15 @@ def test_reslab_sgd_refuses_what_torch_sgd_refuses_with_its_message(lr, momentum
 
 def test_cpu_training_never_imports_torch_dynamo(tiny_data, tmp_path):
     """torch.optim imports torch._dynamo at its first call (1.5-2.3 s of a process): CPU training with SGD,
-    reslab's default, does without it. AdamW still uses torch.optim."""
+    reslab's default, does without it. AdamW still uses torch.optim. So does the memory check before a run
+    (host.check_memory) at a side above 64 pixels, far from the limit: the meta device would import it."""
     import subprocess
     import sys
 
+    overrides = tiny_overrides(tiny_data, **{"train.epochs": 1, "data.resize": 72})
     script = (
         "import sys; from reslab import config; from reslab.engine import fit; "
-        f"fit(config.load(None, {tiny_overrides(tiny_data, **{'train.epochs': 1})!r}), {str(tmp_path / 'run')!r}, quiet=True); "
+        f"fit(config.load(None, {overrides!r}), {str(tmp_path / 'run')!r}, quiet=True); "
         "print('torch._dynamo' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)

@@ -9,6 +9,7 @@ from reslab.errors import ReslabError
 from reslab.models import (
     ORDERS,
     ResidualUnit,
+    activation_bytes,
     build_model,
     count_params,
     input_size,
@@ -46,6 +47,24 @@ def test_very_deep_models(name):
     out = model(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 10) and torch.isfinite(out).all()
     out.sum().backward()
+
+
+def test_activation_bytes_on_the_meta_device_are_a_real_forwards():
+    """The memory check before a CPU run (host.check_memory) counts on the meta device what autograd keeps: the
+    count must be a real forward's, and every model of the library must run there (resnet1202 included)."""
+    for name, size in (("resnet8", 28), ("preact-resnet110", 28), ("d2l-resnet18", 64), ("resnet50", 64)):
+        torch.manual_seed(0)
+        real = activation_bytes(build_model(name, 1, 10).train(), (1, size, size))
+        with torch.device("meta"):
+            assert activation_bytes(build_model(name, 1, 10).train(), (1, size, size)) == real, name
+    with torch.device("meta"):  # twice the side, four times the pixels: four times the maps (not the head's)
+        net = build_model("resnet8", 1, 10).train()
+        small, large = activation_bytes(net, (1, 28, 28))[0], activation_bytes(net, (1, 56, 56))[0]
+    assert 3.95 * small < large < 4 * small
+    for name in list_models():
+        with torch.device("meta"):
+            kept, largest = activation_bytes(build_model(name, 3, 10).train(), (3, 32, 32))
+        assert kept > largest > 0, name
 
 
 @pytest.mark.parametrize(

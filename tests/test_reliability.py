@@ -357,6 +357,86 @@ def test_out_of_memory_mid_run_is_one_line_and_keeps_the_checkpoint(tiny_data, t
         main(["train", "--out", str(tmp_path / "bug"), "--quiet", "--set", *tiny_overrides(tiny_data)])
 
 
+def test_available_memory_is_meminfos_under_the_tightest_group_limit(tmp_path):
+    from reslab.memory import available
+
+    meminfo, proc = tmp_path / "meminfo", tmp_path / "cgroup"
+    meminfo.write_text("MemTotal:       24683772 kB\nMemAvailable:   20000000 kB\n")
+    proc.write_text("0::/box/job\n")  # cgroup v2, no limit along the path
+    (tmp_path / "box" / "job").mkdir(parents=True)
+    (tmp_path / "box" / "memory.max").write_text("max\n")
+    assert available(meminfo, proc, tmp_path) == 20_000_000 * 1024
+    (tmp_path / "box" / "memory.max").write_text("4000000000\n")  # a container's limit, on the job's parent
+    assert available(meminfo, proc, tmp_path) == 4_000_000_000
+    proc.write_text("4:memory:/box\n3:cpu:/\n")  # cgroup v1, where "no limit" is about 2**63
+    (tmp_path / "memory" / "box").mkdir(parents=True)
+    (tmp_path / "memory" / "box" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert available(meminfo, proc, tmp_path) == 20_000_000 * 1024
+    assert available(tmp_path / "missing", proc, tmp_path) is None  # not Linux: nothing is refused
+
+
+@pytest.mark.parametrize(
+    "extra, batch, what",
+    [
+        ({}, 64, "a training step"),
+        (
+            {"train.accum_steps": 4, "train.eval_batch_size": 16},
+            16,
+            "a training step",
+        ),  # a micro-batch's activations at a time
+        ({"data.resize": 200, "train.batch_size": 8, "train.eval_batch_size": 8}, 8, "a training step"),
+        ({"train.eval_batch_size": 256}, 256, "an evaluation batch"),
+    ],
+)
+def test_a_run_that_cannot_fit_in_memory_is_one_line_before_anything_is_written(
+    tiny_data, tmp_path, monkeypatch, capsys, extra, batch, what
+):
+    """Linux's OOM killer ends a process that takes too much memory with SIGKILL: no message, often minutes in (an
+    ad hoc fuzz of folder datasets found a first image of 5000x4000 pixels, which sets the side every image loads
+    at). A CPU run whose activations alone cannot fit is refused before it starts; one that fits starts."""
+    from reslab import config, memory
+    from reslab.cli import main
+    from reslab.models import activation_bytes, build_model
+
+    overrides = tiny_overrides(tiny_data, **extra)
+    cfg = config.load("fast", overrides)  # the recipe `reslab train` lays the overrides on
+    side = cfg.data.resize or 28
+    with torch.device("meta"):
+        kept, largest = activation_bytes(
+            build_model("resnet8", 1, 10, **cfg.model.options).train(), (1, side, side)
+        )
+    need = batch * (kept if what == "a training step" else largest)
+    out = tmp_path / "run"
+    argv = ["train", "--out", str(out), "--quiet", "--set", *overrides]
+    monkeypatch.setattr(memory, "available", lambda: need - 1)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    says = f"{what} of resnet8 needs at least {memory.amount(need)} ({batch} images of 1x{side}x{side}, fp32), more "
+    assert says + f"than the {memory.amount(need - 1)} this machine has free" in err and not out.exists(), err
+    monkeypatch.setattr(memory, "available", lambda: need)
+    assert main(argv) == 0
+
+
+def test_a_folder_that_cannot_fit_in_memory_is_one_line_before_it_is_read(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from reslab import memory
+    from reslab.data.folder import load_folder
+    from reslab.errors import ReslabError
+
+    for i in range(6):
+        (tmp_path / f"c{i % 2}").mkdir(exist_ok=True)
+        Image.new("L", (300, 200)).save(tmp_path / f"c{i % 2}" / f"{i}.png")
+    monkeypatch.setattr(memory, "available", lambda: 500_000)
+    with pytest.raises(
+        ReslabError,
+        match=r"its 6 images at 300x300 pixels need at least 1 MB in memory, more than the 0 MB .* set data.resize",
+    ):
+        load_folder(str(tmp_path), 0.5, None)
+    assert load_folder(str(tmp_path), 0.5, 28).train_images.shape == (2, 28, 28)  # 6 x 28 x 28 bytes fit
+
+
 # ------------------------------------------------------------------ hostile and broken checkpoints
 class Evil:
     def __reduce__(self):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import memory
 from ..errors import ReslabError
 from .fashion_mnist import Arrays
 
@@ -116,6 +117,13 @@ def load_folder(
 
     base, train, test, names = _layout(root, split, classes)
     side = _side(train, size)
+    n = sum(len(files) for part in ((train, test) if train_images else (test,)) for files in part.values())
+    need = n * side * side  # bytes if gray: a floor (RGB needs 3x)
+    if (free := memory.available()) is not None and need > free:
+        raise ReslabError(
+            f"{base}: its {n:,} images at {side}x{side} pixels need at least {memory.amount(need)} in memory, more "
+            f"than the {memory.amount(free)} this machine has free: {'lower' if size else 'set'} data.resize"
+        )
 
     def read(split_files: dict[str, list[Path]]) -> tuple[list[np.ndarray], np.ndarray]:
         # each image decoded once, as it is (gray or RGB): the data's channels are known after the last

@@ -11,12 +11,17 @@ the same. The process's resident memory then stays near its peak instead of shri
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import os
 import platform
 from pathlib import Path
 
 import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import ReslabError
 
 M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
@@ -203,6 +208,53 @@ def set_up(device: torch.device) -> None:
     fit_threads_to_quota(device)
 
 
+def check_memory(
+    model: nn.Module, cfg: ModelConfig, data: tuple[int, int, int], batches: tuple[int, int], precision: str
+) -> None:
+    """Refuse a CPU run whose training step or evaluation batch cannot fit in the memory this process may take
+    (reslab.memory.available), before it loads anything more: the kernel's OOM killer would end it without a word.
+    `model` is the run's, built from `cfg`; `data` the images' channels, side and classes; `batches` the images
+    of a micro-batch and of an evaluation batch. The need is a floor (models.activation_bytes), so nothing that
+    fits is refused. A copy of the model runs one forward pass at the side, or at 64 pixels scaled up by the area
+    when the side is larger; near the limit, the count at the side itself decides, on the meta device (shapes
+    only, but its first use imports torch._dynamo: 1.5-2 s). A model of your own that cannot run there is not
+    checked."""
+    from .. import memory
+    from ..models import activation_bytes, build_model
+
+    if (free := memory.available()) is None:
+        return
+    half = 1 if precision == "fp32" else 2  # bf16 and fp16 keep activations in 2 bytes, not 4
+    channels, side, classes = data
+    small = min(side, 64)
+    try:
+        with torch.random.fork_rng(devices=[]):  # a dropout's draws: the run's random stream stays as it was
+            kept, largest = activation_bytes(copy.deepcopy(model).train(), (channels, small, small))
+        if side > small:
+            if max(batches[0] * kept, batches[1] * largest) * (side / small) ** 2 / half < free / 2:
+                return  # far below the limit
+            with torch.device("meta"):
+                net = build_model(cfg.name, channels, classes, **cfg.options)
+            kept, largest = activation_bytes(net.train(), (channels, side, side))
+    except Exception:  # the library's own models all run there (test_models)
+        return
+    image = f"{channels}x{side}x{side}"
+    for what, n, each, advice in (
+        (
+            "a training step",
+            batches[0],
+            kept,
+            "lower train.batch_size or data.resize, or raise train.accum_steps",
+        ),
+        ("an evaluation batch", batches[1], largest, "lower train.eval_batch_size or data.resize"),
+    ):
+        if (need := n * each // half) > free:
+            raise ReslabError(
+                f"{what} of {cfg.name} needs at least {memory.amount(need)} ({n:,} images of {image}, "
+                f"{precision}), more than the {memory.amount(free)} this machine has free: {advice}"
+            )
+
+
 def crowded_warning(m: dict) -> str:
     """The one-time warning of a run whose threads wait for a CPU (an epoch's metrics `m`)."""
     threads = torch.get_num_threads()
@@ -213,6 +265,7 @@ def crowded_warning(m: dict) -> str:
 
 
 __all__ = [
+    "check_memory",
     "cpu_quota",
     "cpu_threads",
     "cpu_wait_seconds",

@@ -16,7 +16,7 @@ from ..data import TensorLoader, load_dataset, make_loaders, make_test_loader
 from ..errors import ReslabError
 from ..models import build_model, check_forward, count_params, unused_parameters
 from . import checkpoint, dist, gemm_conv, guard, rewrites
-from .host import set_up
+from .host import check_memory, set_up
 from .optim import EMA, SGD, load_optimizer_state, make_optimizer, optimizer_misfit
 from .precision import autocast, memory_format, resolve_device, resolve_precision
 from .warm_start import warm_start
@@ -127,6 +127,13 @@ def prepare(cfg: Config, out: Path, quiet: bool = False, warm: bool = True) -> R
     data = load_dataset(cfg.data)
     model = build_model(cfg.model.name, data.in_channels, len(data.classes), **cfg.model.options)
     size = cfg.data.resize or int(data.train_images.shape[-1])
+    if device.type == "cpu":  # CUDA's allocator says when it runs out; Linux's OOM killer says nothing
+        # the images of a micro-batch, and of the largest test batch
+        batches = (
+            -(-per_rank // cfg.train.accum_steps),
+            min(cfg.train.eval_batch_size, len(data.test_labels)),
+        )
+        check_memory(model, cfg.model, (data.in_channels, size, len(data.classes)), batches, precision)
     check_forward(model, cfg.model.name, data.in_channels, len(data.classes), size)
     unused = ctx.active and unused_parameters(model, cfg.model.name, (2, data.in_channels, size, size))
     init = warm_start(model, cfg.model.init) if warm and cfg.model.init else ""

@@ -14,7 +14,7 @@ from .registry import (
     registered_by,
     unused_parameters,
 )
-from .summary import summary
+from .summary import activation_bytes, summary
 
 __all__ = [
     "ORDERS",
@@ -24,6 +24,7 @@ __all__ = [
     "build_model",
     "check_forward",
     "check_options",
+    "activation_bytes",
     "cifar_resnet",
     "count_params",
     "d2l_resnet18",

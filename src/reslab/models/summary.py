@@ -74,3 +74,34 @@ def format_table(rows: list[Row]) -> str:
     total_f = sum(r.flops for r in rows)
     lines.append(f"{'total':<10} {'':<18} {'':<22} {total_p:>12,} {total_f / 1e6:>10.1f}")
     return "\n".join(lines)
+
+
+def activation_bytes(model: nn.Module, image: tuple[int, ...]) -> tuple[int, int]:
+    """(the bytes of the activations autograd keeps for the backward pass, the most any one convolution takes in
+    and gives out) for one image of shape `image` in a forward in training mode, fp32: floors under a training
+    step's memory and an evaluation's. The forward pass changes BatchNorm's running statistics: pass a copy. On
+    the meta device it counts shapes alone, without memory."""
+    # by storage, the same Python object for every view of it: a tensor counts once; held, so no id is reused
+    weights = {id(s): s for s in (t.untyped_storage() for t in (*model.parameters(), *model.buffers()))}
+    kept: dict[int, torch.UntypedStorage] = {}
+    largest = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if id(storage) not in weights and t.dim() > 1:  # not BatchNorm's statistics, one per channel
+            kept[id(storage)] = storage
+        return t
+
+    def record(m, inputs, output):
+        nonlocal largest
+        largest = max(largest, inputs[0].nbytes + output.nbytes)
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            # two images: BatchNorm in training mode refuses one value per channel (a 1x1 map)
+            model(torch.zeros((2, *image), device=next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(s.nbytes() for s in kept.values()) // 2, largest // 2

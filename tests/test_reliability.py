@@ -484,6 +484,12 @@ def test_truncated_garbage_and_foreign_checkpoints(tmp_path):
         checkpoint.load(tmp_path / "list.pt")
     with pytest.raises(CheckpointError, match="not found"):
         checkpoint.load(tmp_path / "missing.pt")
+    from reslab.report import load_model  # eval, predict and export: weights alone say nothing of the model
+
+    with pytest.raises(
+        CheckpointError, match=r"good.pt: no model description inside \(not written by reslab train"
+    ):
+        load_model(good)
 
 
 def test_checkpoint_of_another_architecture_or_class_count(tiny_data, tmp_path, capsys):

@@ -64,6 +64,7 @@ SELECT = [
     "tests/test_engine.py::test_failed_checkpoint_write_keeps_the_previous_one",
     "tests/test_report.py::test_bad_image_files_give_one_clear_error",
     "tests/test_report.py::test_huge_image_is_refused",
+    "tests/test_report.py::test_a_huge_image_in_a_folder_is_one_line",
     "tests/test_report.py::test_outputs_that_cannot_be_written_and_counts_below_one_are_one_line",
     "tests/test_report.py::test_failed_export_leaves_the_previous_file",
     "tests/test_report.py::test_a_folder_of_images_with_a_constant_channel_trains",

@@ -239,13 +239,9 @@ def check_memory(
     except Exception:  # the library's own models all run there (test_models)
         return
     image = f"{channels}x{side}x{side}"
+    step = "lower train.batch_size or data.resize, or raise train.accum_steps"
     for what, n, each, advice in (
-        (
-            "a training step",
-            batches[0],
-            kept,
-            "lower train.batch_size or data.resize, or raise train.accum_steps",
-        ),
+        ("a training step", batches[0], kept, step),
         ("an evaluation batch", batches[1], largest, "lower train.eval_batch_size or data.resize"),
     ):
         if (need := n * each // half) > free:

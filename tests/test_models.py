@@ -50,8 +50,8 @@ def test_very_deep_models(name):
 
 
 def test_activation_bytes_on_the_meta_device_are_a_real_forwards():
-    """The memory check before a CPU run (host.check_memory) counts on the meta device what autograd keeps: the
-    count must be a real forward's, and every model of the library must run there (resnet1202 included)."""
+    """The memory check before a CPU run (host.check_memory) counts what autograd keeps, on the meta device when
+    the images are large: the count must be a real forward's, and every model of the library must run there."""
     for name, size in (("resnet8", 28), ("preact-resnet110", 28), ("d2l-resnet18", 64), ("resnet50", 64)):
         torch.manual_seed(0)
         real = activation_bytes(build_model(name, 1, 10).train(), (1, size, size))

@@ -6,37 +6,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-CGROUP = Path("/sys/fs/cgroup")
+from . import cgroup
 
 
-def _limits(proc: Path, root: Path) -> list[int]:
-    """The memory limits in bytes of this process's control groups and the groups above (v2's memory.max, v1's
-    memory.limit_in_bytes; v1 writes about 2**63 for none)."""
-    try:
-        lines = proc.read_text().splitlines()
-    except OSError:
-        return []
-    limits = []
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":  # v2's single hierarchy
-            top, name = root, "memory.max"
-        elif "memory" in controllers.split(","):
-            top, name = root / "memory", "memory.limit_in_bytes"
-        else:
-            continue
-        group = top / path.lstrip("/")
-        while group.is_relative_to(top):
-            try:
-                limits.append(int((group / name).read_text()))
-            except (OSError, ValueError):
-                pass  # "max", or a group without the controller's files
-            group = group.parent
-    return limits
+def _v2_limit(group: Path) -> int:
+    return int((group / "memory.max").read_text())  # "max": a ValueError, no limit
+
+
+def _v1_limit(group: Path) -> int:
+    return int((group / "memory.limit_in_bytes").read_text())  # about 2**63 for none
 
 
 def available(
-    meminfo: Path = Path("/proc/meminfo"), proc: Path = Path("/proc/self/cgroup"), root: Path = CGROUP
+    meminfo: Path = Path("/proc/meminfo"), proc: Path = cgroup.SELF, root: Path = cgroup.ROOT
 ) -> int | None:
     """Bytes this process may still take at most: MemAvailable, or a control group's whole limit where that is
     smaller (what the group's processes use already is not taken off: an upper bound, so that a check against it
@@ -46,7 +28,7 @@ def available(
         free = int(fields["MemAvailable"].split()[0]) * 1024  # "23595520 kB"
     except (OSError, KeyError, ValueError, IndexError):
         return None
-    return min([free, *_limits(proc, root)])
+    return min([free, *cgroup.limits("memory", _v2_limit, _v1_limit, proc, root)])
 
 
 def amount(n: float) -> str:

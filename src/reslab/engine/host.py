@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import cgroup
 from ..config import ModelConfig
 from ..errors import ReslabError
 
@@ -84,45 +85,25 @@ def wait_share(waited: float, seconds: float) -> float:
 
 
 # where Linux mounts its control groups (v2; v1 under one directory per controller)
-CGROUP = Path("/sys/fs/cgroup")
+CGROUP = cgroup.ROOT
 PERIOD = 100_000  # microseconds: the period of the CPU quotas make_cpu_group writes
 
 
-def _v2_limit(group: Path) -> list[str]:
-    return (group / "cpu.max").read_text().split()  # "max 100000" or "QUOTA PERIOD"
+def _v2_quota(group: Path) -> float | None:
+    quota, period = (group / "cpu.max").read_text().split()  # "max 100000" or "QUOTA PERIOD"
+    return None if quota == "max" else int(quota) / int(period)
 
 
-def _v1_limit(group: Path) -> list[str]:
-    return [(group / f"cpu.cfs_{k}_us").read_text().strip() for k in ("quota", "period")]  # quota -1: none
+def _v1_quota(group: Path) -> float | None:
+    quota, period = [int((group / f"cpu.cfs_{k}_us").read_text()) for k in ("quota", "period")]
+    return None if quota == -1 else quota / period
 
 
-def cpu_quota(proc: Path = Path("/proc/self/cgroup"), root: Path = CGROUP) -> float | None:
+def cpu_quota(proc: Path = cgroup.SELF, root: Path = CGROUP) -> float | None:
     """The CPUs' worth of time this process's control groups allow it (a container's CPU limit): the tightest of
     cgroup v2's cpu.max or v1's cpu.cfs_quota_us over cpu.cfs_period_us along its group and the groups above;
     None where no group limits it or the kernel does not tell."""
-    try:
-        lines = proc.read_text().splitlines()
-    except OSError:
-        return None
-    limits = []
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":  # v2's single hierarchy
-            top, read = root, _v2_limit
-        elif "cpu" in controllers.split(","):
-            top, read = root / "cpu", _v1_limit
-        else:
-            continue
-        group = top / path.lstrip("/")
-        while group.is_relative_to(top):
-            try:
-                quota, period = read(group)
-                if quota not in ("max", "-1"):
-                    limits.append(int(quota) / int(period))
-            except (OSError, ValueError):
-                pass  # a group without the controller's files
-            group = group.parent
-    return min(limits, default=None)
+    return min(cgroup.limits("cpu", _v2_quota, _v1_quota, proc, root), default=None)
 
 
 def make_cpu_group(name: str, cpus: float) -> Path:

@@ -425,6 +425,33 @@ def test_a_run_that_cannot_fit_in_memory_is_one_line_before_anything_is_written(
     assert main(argv) == 0
 
 
+@pytest.mark.parametrize(
+    "world, extra, batch",
+    [
+        (2, {"train.eval_batch_size": 255}, 128),  # rank 0 evaluates images 0, 2, ..., 254 of each batch
+        (1, {"train.eval_batch_size": 512, "data.val": 400}, 400),  # 400 held out, 256 test images
+    ],
+)
+def test_the_evaluation_floor_is_a_ranks_share_of_the_largest_evaluation_set(
+    tiny_data, tmp_path, monkeypatch, world, extra, batch
+):
+    """Under torchrun each rank evaluates its share of a batch; a validation set may be larger than the test set."""
+    from reslab import config, memory
+    from reslab.engine import dist, run
+    from reslab.errors import ReslabError
+    from reslab.models import activation_bytes, build_model
+
+    # micro-batches of 1 or 2 images: the training step fits in what the evaluation batch does not
+    cfg = config.load("fast", tiny_overrides(tiny_data, **{"train.accum_steps": 32, **extra}))
+    _, largest = activation_bytes(build_model("resnet8", 1, 10, **cfg.model.options).train(), (1, 28, 28))
+    monkeypatch.setattr(run.dist, "setup", lambda device_type: dist.DistContext(world_size=world))
+    monkeypatch.setattr(memory, "available", lambda: batch * largest - 1)
+    with pytest.raises(
+        ReslabError, match=rf"^an evaluation batch of resnet8 needs at least .* \({batch} images of"
+    ):
+        run.prepare(cfg, tmp_path / "run")
+
+
 def test_a_folder_that_cannot_fit_in_memory_is_one_line_before_it_is_read(tmp_path, monkeypatch):
     from PIL import Image
 

@@ -128,10 +128,12 @@ def prepare(cfg: Config, out: Path, quiet: bool = False, warm: bool = True) -> R
     model = build_model(cfg.model.name, data.in_channels, len(data.classes), **cfg.model.options)
     size = cfg.data.resize or int(data.train_images.shape[-1])
     if device.type == "cpu":  # CUDA's allocator says when it runs out; Linux's OOM killer says nothing
-        # the images of a micro-batch, and of the largest test batch
+        # the images of a micro-batch, and of the largest evaluation batch (test or validation), which is dealt
+        # out to the ranks
+        held = max(len(data.test_labels), 0 if data.val_labels is None else len(data.val_labels))
         batches = (
             -(-per_rank // cfg.train.accum_steps),
-            min(cfg.train.eval_batch_size, len(data.test_labels)),
+            -(-min(cfg.train.eval_batch_size, held) // ctx.world_size),
         )
         check_memory(model, cfg.model, (data.in_channels, size, len(data.classes)), batches, precision)
     check_forward(model, cfg.model.name, data.in_channels, len(data.classes), size)

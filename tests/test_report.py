@@ -139,6 +139,35 @@ def test_predict_on_png_files_matches_the_tensor_pipeline(trained, tmp_path, cap
     assert len(lines) == 2 and lines[0].startswith(files[0])
 
 
+def test_predict_classifies_many_files_in_the_runs_evaluation_batches(trained, tmp_path, monkeypatch):
+    """All the files went through the model as one batch: ten thousand photos at 96 pixels would not fit."""
+    from reslab import report
+
+    files = []
+    for i in range(20):
+        files.append(tmp_path / f"img{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (28, 28), np.uint8)).save(files[-1])
+    whole = predict(trained, files, top_k=3)
+    seen, read, logits = [], config.from_dict, report.predict_logits
+
+    def small(d):
+        cfg = read(d)
+        cfg.train.eval_batch_size = 8
+        return cfg
+
+    monkeypatch.setattr(config, "from_dict", small)
+    monkeypatch.setattr(
+        report, "predict_logits", lambda model, x, *a: seen.append(len(x)) or logits(model, x, *a)
+    )
+    parts = predict(trained, files, top_k=3)
+    assert seen == [8, 8, 4]
+    for a, b in zip(whole, parts):
+        assert [t["class"] for t in a["top"]] == [t["class"] for t in b["top"]]
+        assert [t["probability"] for t in a["top"]] == pytest.approx(
+            [t["probability"] for t in b["top"]], abs=1e-5
+        )
+
+
 def test_the_python_api_takes_one_image_file_and_refuses_what_the_cli_cannot_pass(trained, tmp_path):
     # a path for images was read as its characters ("/ is a directory"); an empty list failed inside numpy; a
     # negative limit scored all but the last images; an unknown format was reported as a suffix's contradiction

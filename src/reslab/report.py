@@ -236,14 +236,20 @@ def predict(path: str | Path, images: list[str] | str, top_k: int = 1, invert: b
     model, meta, state = load_model(path)
     channels, size = meta["in_channels"], meta["image_size"]
     arrays = [read_image(p, channels, size, invert) for p in images]
-    x = torch.from_numpy(np.stack(arrays)).float() / 255
-    x = x.unsqueeze(1) if channels == 1 else x.permute(0, 3, 1, 2)
+    pixels = torch.from_numpy(np.stack(arrays))
+    pixels = pixels.unsqueeze(1) if channels == 1 else pixels.permute(0, 3, 1, 2)
     mean = torch.tensor(meta["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(meta["std"]).view(1, -1, 1, 1)
-    x = resize((x - mean) / std, meta["resize"])
     train = config_mod.from_dict(state["config"]).train
     fill = black(meta["mean"], meta["std"])  # as the loader pads
-    probs = predict_logits(model, x, train.tta_flip, train.tta_shift, fill).softmax(1)
+
+    def probabilities(chunk: torch.Tensor) -> torch.Tensor:
+        x = resize((chunk.float() / 255 - mean) / std, meta["resize"])
+        return predict_logits(model, x, train.tta_flip, train.tta_shift, fill).softmax(1)
+
+    # in the run's evaluation batches: thousands of files in one batch would not fit in memory
+    step = train.eval_batch_size
+    probs = torch.cat([probabilities(pixels[i : i + step]) for i in range(0, len(pixels), step)])
     k = min(top_k, probs.shape[1])
     top = probs.topk(k, 1)
     return [

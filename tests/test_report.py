@@ -65,6 +65,33 @@ def test_eval_report_is_consistent_with_the_run(trained, tmp_path):
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["test_acc"] == result["test_acc"]
 
 
+def test_an_evaluation_batch_that_cannot_fit_in_memory_is_one_line_and_a_smaller_one_scores_the_same(
+    trained, tmp_path, monkeypatch, capsys
+):
+    """A run trained on a large machine (or a GPU) may be evaluated on a small one: on the CPU, an evaluation batch
+    whose activations cannot fit is refused before anything is written, and --batch-size makes it smaller."""
+    from reslab import memory
+    from reslab.models import activation_bytes
+
+    model, _, state = load_model(trained)
+    cfg = config.from_dict(state["config"])
+    _, largest = activation_bytes(model.train(), (1, 28, 28))
+    whole = evaluate_checkpoint(trained, device="cpu")
+    batch = min(cfg.train.eval_batch_size, whole["test_images"])
+    monkeypatch.setattr(memory, "available", lambda: batch * largest - 1)
+    out = tmp_path / "eval"
+    assert main(["eval", str(trained), "--device", "cpu", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and not out.exists(), err
+    assert (
+        f"an evaluation batch of resnet8 needs at least {memory.amount(batch * largest)} ({batch:,} images"
+        in err
+    )
+    assert err.endswith("free: lower --batch-size"), err
+    small = evaluate_checkpoint(trained, device="cpu", batch_size=batch // 3)
+    assert small["test_acc"] == whole["test_acc"] and small["test_loss"] == pytest.approx(whole["test_loss"])
+
+
 def test_a_class_without_test_images_has_no_accuracy(trained, capsys):
     """Three test images leave at least seven classes without any: their accuracy is None (JSON null, "no test
     images" on the terminal), not 0, which would say the model got every one wrong."""
@@ -179,6 +206,8 @@ def test_the_python_api_takes_one_image_file_and_refuses_what_the_cli_cannot_pas
     for limit in (-3, 0, "5"):
         with pytest.raises(ReslabError, match="^--limit must be a positive integer"):
             evaluate_checkpoint(trained, limit=limit)
+        with pytest.raises(ReslabError, match="^--batch-size must be a positive integer"):
+            evaluate_checkpoint(trained, batch_size=limit)
     with pytest.raises(ReslabError, match="^--format: expected one of onnx, pt2, torchscript, got 'xyz'$"):
         export(trained, "xyz", tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == [f]
@@ -218,6 +247,7 @@ def test_outputs_that_cannot_be_written_and_counts_below_one_are_one_line(traine
         ),
         (["study", "units", "--out", str(note / "u")], "cannot create directory"),
         (["eval", str(trained), "--limit", "0"], "--limit must be a positive integer, got 0"),
+        (["eval", str(trained), "--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
         (["eval", str(trained), "--split", "val"], "held out no training images (its data.val is 0)"),
         (
             ["export", str(trained), "--out", str(tmp_path / "m.onnx"), "--format", "pt2"],

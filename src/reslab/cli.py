@@ -133,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--limit", type=int, help="evaluate on the split's first N images only")
     p.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="N",
+        help="images per batch (default: the run's train.eval_batch_size)",
+    )
+    p.add_argument(
         "--tta-shift",
         type=int,
         metavar="N",

@@ -80,12 +80,13 @@ def trained_for(epochs: int | None, batches: int) -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .report import evaluate_checkpoint
 
-    require_counts(("--limit", args.limit))
+    require_counts(("--limit", args.limit), ("--batch-size", args.batch_size))
     result = evaluate_checkpoint(
         args.path,
         out=args.out,
         data_dir=args.data_dir,
         limit=args.limit,
+        batch_size=args.batch_size,
         tta_shift=args.tta_shift,
         device=args.device,
         split=args.split,

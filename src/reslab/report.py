@@ -18,7 +18,7 @@ from torch import nn
 from . import config as config_mod
 from .data import black, load_dataset, make_test_loader, resize
 from .engine import checkpoint
-from .engine.host import set_up
+from .engine.host import check_memory, set_up
 from .engine.precision import autocast, memory_format, resolve_device, resolve_precision
 from .engine.run import model_side, speed_up
 from .engine.steps import predict_logits
@@ -64,16 +64,20 @@ def evaluate_checkpoint(
     tta_shift: int | None = None,
     device: str = "auto",
     split: str = "test",
+    batch_size: int | None = None,
 ) -> dict:
     """The report of a checkpoint on its run's test set (`split` "val": the training images its data.val held
     out; "train": the images it trained on, unaugmented), evaluated as its run evaluated (EMA weights, test-time
     flip and shift, precision: `auto` is bf16 where the device computes it natively), except for `tta_shift`
-    when given; `limit`: the split's first images only. Its figures are named by the split: test_acc, val_acc,
-    train_acc. `device`: auto (a CUDA GPU when one is visible, else the CPU), cpu or cuda."""
+    when given; `limit`: the split's first images only; `batch_size`: images per batch (default: the run's
+    train.eval_batch_size). Its figures are named by the split: test_acc, val_acc, train_acc. `device`: auto (a
+    CUDA GPU when one is visible, else the CPU), cpu or cuda. On the CPU, a batch that cannot fit in free memory
+    is refused in one line (engine.host.check_memory)."""
     if split not in SPLITS:
         raise ReslabError(f"split: expected one of {', '.join(SPLITS)}, got {split!r}")
-    if limit is not None and not is_count(limit):  # -3 took all but the last 3 images
-        raise ReslabError(f"--limit must be a positive integer, got {limit!r}")
+    for flag, count in (("--limit", limit), ("--batch-size", batch_size)):
+        if count is not None and not is_count(count):  # a --limit of -3 took all but the last 3 images
+            raise ReslabError(f"{flag} must be a positive integer, got {count!r}")
     # a run directory's best.pt, or its last.pt before one exists: the file the report names
     found = checkpoint.find(path)
     model, meta, state = load_model(found)
@@ -85,6 +89,8 @@ def evaluate_checkpoint(
     if split == "test":
         # the held-out draw changes nothing here, and another --data-dir may have fewer images
         cfg.data.val = 0
+    if batch_size:
+        cfg.train.eval_batch_size = batch_size
     if tta_shift is not None:
         if tta_shift < 0:
             raise ReslabError(f"--tta-shift: must be >= 0, got {tta_shift}")
@@ -105,13 +111,18 @@ def evaluate_checkpoint(
     if limit:
         data = replace(data, test_images=data.test_images[:limit], test_labels=data.test_labels[:limit])
     device = resolve_device(device)
+    precision = resolve_precision(cfg.precision, device)
+    if device.type == "cpu":  # Linux's OOM killer would end the process without a word
+        side = cfg.data.resize or int(data.test_images.shape[-1])
+        shape = (int(data.test_images.shape[1]), side, len(data.classes))
+        batch = min(cfg.train.eval_batch_size, len(data.test_labels))
+        check_memory(model, cfg.model, shape, (0, batch), precision, "lower --batch-size")
     set_up(device)  # as training does: else each batch faults its activations in afresh
     test = make_test_loader(data, cfg.data, cfg.train.eval_batch_size, device, tta_shift=cfg.train.tta_shift)
     if out is not None:  # before the evaluation, so a wrong --out fails at once
         out = checkpoint.make_dir(Path(out))
     # as the run evaluated: its memory format, its precision as this device resolves it, its model rewrites
     mem = memory_format(cfg.train.channels_last)
-    precision = resolve_precision(cfg.precision, device)
     model = model.to(device, memory_format=mem)
     speed_up(model, device, precision)
     views = cfg.train.tta_flip, cfg.train.tta_shift, test.fill

@@ -190,12 +190,18 @@ def set_up(device: torch.device) -> None:
 
 
 def check_memory(
-    model: nn.Module, cfg: ModelConfig, data: tuple[int, int, int], batches: tuple[int, int], precision: str
+    model: nn.Module,
+    cfg: ModelConfig,
+    data: tuple[int, int, int],
+    batches: tuple[int, int],
+    precision: str,
+    smaller_eval: str = "lower train.eval_batch_size or data.resize",
 ) -> None:
     """Refuse a CPU run whose training step or evaluation batch cannot fit in the memory this process may take
     (reslab.memory.available), before it loads anything more: the kernel's OOM killer would end it without a word.
     `model` is the run's, built from `cfg`; `data` the images' channels, side and classes; `batches` the images
-    of a micro-batch and of an evaluation batch. The need is a floor (models.activation_bytes), so nothing that
+    of a micro-batch (0: no training) and of an evaluation batch; `smaller_eval` says how to make the latter
+    smaller. The need is a floor (models.activation_bytes), so nothing that
     fits is refused. A copy of the model runs one forward pass at the side, or at 64 pixels scaled up by the area
     when the side is larger; near the limit, the count at the side itself decides, on the meta device (shapes
     only, but its first use imports torch._dynamo: 1.5-2 s). A model of your own that cannot run there is not
@@ -223,7 +229,7 @@ def check_memory(
     step = "lower train.batch_size or data.resize, or raise train.accum_steps"
     for what, n, each, advice in (
         ("a training step", batches[0], kept, step),
-        ("an evaluation batch", batches[1], largest, "lower train.eval_batch_size or data.resize"),
+        ("an evaluation batch", batches[1], largest, smaller_eval),
     ):
         if (need := n * each // half) > free:
             raise ReslabError(

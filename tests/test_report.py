@@ -1,12 +1,14 @@
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pytest
 import torch
@@ -231,6 +233,29 @@ def test_bad_image_files_give_one_clear_error(trained, tmp_path, capsys, make, e
     import re
 
     assert re.search(error, err)
+
+
+def test_a_plot_in_a_format_matplotlib_cannot_write_is_one_line(trained, tmp_path, capsys):
+    """`runs --plot notes.txt` and `--plot runs.pgf` without LaTeX were matplotlib's tracebacks (found by an ad hoc
+    fuzz of the command line); a suffix names the format, in any case."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    assert main(["runs", str(trained), "--plot", str(notes)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(
+        "reslab: error: --plot notes.txt: matplotlib cannot write .txt pictures; "
+    )
+    assert ".pdf, " in err and len(err.splitlines()) == 1 and notes.read_text() == "keep me"
+    assert main(["runs", str(trained), "--plot", str(tmp_path / "runs.PDF")]) == 0
+    assert (tmp_path / "runs.PDF").read_bytes()[:5] == b"%PDF-"
+    if not shutil.which(matplotlib.rcParams["pgf.texsystem"]):
+        assert main(["runs", str(trained), "--plot", str(tmp_path / "runs.pgf")]) == 2
+        err = capsys.readouterr().err
+        assert (
+            err.startswith(f"reslab: error: cannot write {tmp_path / 'runs.pgf'}: ")
+            and len(err.splitlines()) == 1
+        )
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "runs.PDF"]
 
 
 def test_outputs_that_cannot_be_written_and_counts_below_one_are_one_line(trained, tmp_path, capsys):

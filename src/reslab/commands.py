@@ -225,6 +225,10 @@ def cmd_study(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     from .runs import add_settings, describe, find_runs, group_table, read_history, seed_groups, table
 
+    if args.plot:  # before the table is printed
+        from .plots import check_format
+
+        check_format(Path(args.plot), "--plot")
     if not args.paths:  # the default: runs/, which does not exist before the first run
         args.paths = ["runs"] if Path("runs").is_dir() else []
     runs = find_runs(args.paths)

@@ -8,8 +8,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 
 from .engine.checkpoint import write_file  # noqa: E402
+from .errors import ReslabError, first_line  # noqa: E402
 from .history import tested  # noqa: E402
 
 
@@ -18,8 +20,20 @@ def save(fig, path: str | Path) -> None:
     path = Path(path)
     try:  # a full disk: one line, like every other file reslab writes
         write_file(path, lambda f: fig.savefig(f, format=path.suffix[1:] or "png", dpi=110))
+    except RuntimeError as e:  # a format matplotlib writes with a program this machine lacks (.pgf: LaTeX)
+        raise ReslabError(f"cannot write {path}: {first_line(str(e))}") from None
     finally:
         plt.close(fig)
+
+
+def check_format(path: Path, flag: str) -> None:
+    """One line for a picture file whose suffix names a format matplotlib cannot write (no suffix: PNG)."""
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix and path.suffix[1:].lower() not in formats:
+        raise ReslabError(
+            f"{flag} {path.name}: matplotlib cannot write {path.suffix} pictures; name one of "
+            f"{', '.join('.' + f for f in sorted(formats))}"
+        )
 
 
 def curves(history: list[dict], path: str | Path, title: str = "", train_note: str = "") -> None:

@@ -373,7 +373,24 @@ def test_animated_gif_uses_the_first_frame(tmp_path):
     assert abs(int(read_image(tmp_path / "a.gif", 1, 28).mean()) - 200) <= 2
 
 
-def test_every_export_format_matches_pytorch(trained, tmp_path):
+def exported_is_refused(path: Path, kind: str, capsys) -> None:
+    """eval, predict and export of an exported model: one line, not torch.load's warning and "corrupt?" (found by an
+    ad hoc fuzz of the command line)."""
+    for argv in (
+        ["eval", str(path), "--device", "cpu"],
+        ["predict", str(path), "x.png"],
+        ["export", str(path)],
+    ):
+        assert main([*argv, "--out", str(path.parent / "o.onnx")] if argv[0] == "export" else argv) == 2
+        err = capsys.readouterr().err
+        assert (
+            err
+            == f"reslab: error: {path}: a model exported as {kind} (reslab export), not a reslab checkpoint: "
+            + ("give the run directory, or its best.pt or last.pt\n")
+        )
+
+
+def test_every_export_format_matches_pytorch_and_is_not_taken_for_a_checkpoint(trained, tmp_path, capsys):
     model, meta, _ = load_model(trained)
     # batch 5: not the traced 2
     x = torch.randn(5, meta["in_channels"], meta["image_size"], meta["image_size"])
@@ -387,11 +404,15 @@ def test_every_export_format_matches_pytorch(trained, tmp_path):
         assert np.abs(ts(x).numpy() - reference).max() < 1e-4
         program = torch.export.load(export(trained, None, tmp_path / "m.pt2"))  # and a torch.export program
         assert np.abs(program.module()(x).numpy() - reference).max() < 1e-4
+    exported_is_refused(tmp_path / "m.pt", "TorchScript", capsys)
+    exported_is_refused(tmp_path / "m.pt2", "torch.export (.pt2)", capsys)
     ort = pytest.importorskip("onnxruntime")
     path = export(trained, None, tmp_path / "m.onnx")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (logits,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     assert np.abs(logits - reference).max() < 1e-4
+    exported_is_refused(path, "ONNX", capsys)
+    assert not (tmp_path / "o.onnx").exists()
 
 
 def test_failed_export_leaves_the_previous_file(trained, tmp_path, monkeypatch, capsys):

@@ -160,12 +160,36 @@ def misfit(own: dict[str, Any], saved: Any, shapes: bool = True) -> str | None:
     return None
 
 
+def exported(path: Path) -> str | None:
+    """The kind of model file `reslab export` writes that `path` is (TorchScript, torch.export, ONNX); None if none.
+    torch.load reads none of them as a checkpoint, and a TorchScript archive draws a warning first."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+            if any("/code/__torch__/" in n or n.endswith("/constants.pkl") for n in names):
+                return "TorchScript"
+            return "torch.export (.pt2)" if any(n.endswith("/archive_format") for n in names) else None
+        with open(path, "rb") as f:
+            head = f.read(32)
+    except (OSError, zipfile.BadZipFile):
+        return None  # torch.load says why
+    return (
+        "ONNX" if head.startswith(b"\x08") and b"pytorch" in head else None
+    )  # ir_version, producer "pytorch"
+
+
 def load(path: str | Path, resume: bool = False) -> dict[str, Any]:
     """Load a reslab checkpoint safely (weights only) onto the CPU, checked as `fault` checks it: for a resume
     (`resume`) also its training state."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found")
+    if kind := exported(path):
+        raise CheckpointError(
+            f"{path}: a model exported as {kind} (reslab export), not a reslab checkpoint: give the run "
+            "directory, or its best.pt or last.pt"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

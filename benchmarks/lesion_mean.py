@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from reslab.engine.checkpoint import make_file_dir
 from reslab.errors import ReslabError
+from reslab.files import make_file_dir
 from reslab.studies import lesion
 from reslab.studies.common import machine
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from reslab.engine.checkpoint import make_file_dir
 from reslab.errors import ReslabError
+from reslab.files import make_file_dir
 from reslab.studies import lesion, lesion_report
 from reslab.studies.common import write_json
 

@@ -16,12 +16,12 @@ from torch import nn
 from .baseline import seed_vs_reslab, time_to_accuracy
 from .config import Config, OptimConfig, load
 from .data import input_side
-from .engine.checkpoint import make_file_dir, write_text
 from .engine.host import cpu_wait_seconds, crowding_cause, set_up, wait_share
 from .engine.optim import make_optimizer
 from .engine.precision import autocast, bf16_native, memory_format, resolve_device, resolve_precision
 from .engine.run import model_side, speed_up
 from .errors import ReslabError
+from .files import make_file_dir, write_text
 from .history import CROWDED
 from .models import build_model, summary
 from .studies.common import machine

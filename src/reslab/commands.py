@@ -245,7 +245,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     else:
         print(f"no run directories under {', '.join(args.paths) or 'runs (not made yet)'}")
     if args.plot:
-        from .engine.checkpoint import make_file_dir
+        from .files import make_file_dir
         from .plots import compare
 
         if args.seeds:  # a line for each group of seeds: its runs' median

@@ -10,8 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 
-from .engine.checkpoint import write_file  # noqa: E402
 from .errors import ReslabError, first_line  # noqa: E402
+from .files import write_file  # noqa: E402
 from .history import tested  # noqa: E402
 
 

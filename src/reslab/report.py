@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import config as config_mod
+from . import files
 from .data import black, load_dataset, make_test_loader, resize
 from .engine import checkpoint
 from .engine.host import check_memory, set_up
@@ -120,7 +121,7 @@ def evaluate_checkpoint(
     set_up(device)  # as training does: else each batch faults its activations in afresh
     test = make_test_loader(data, cfg.data, cfg.train.eval_batch_size, device, tta_shift=cfg.train.tta_shift)
     if out is not None:  # before the evaluation, so a wrong --out fails at once
-        out = checkpoint.make_dir(Path(out))
+        out = files.make_dir(Path(out))
     # as the run evaluated: its memory format, its precision as this device resolves it, its model rewrites
     mem = memory_format(cfg.train.channels_last)
     model = model.to(device, memory_format=mem)
@@ -173,7 +174,7 @@ def evaluate_checkpoint(
             out / "errors.png",
         )
         result["outputs"] = [str(out / n) for n in ("eval.json", "confusion.png", "errors.png")]
-        checkpoint.write_text(out / "eval.json", json.dumps(result, indent=2) + "\n")
+        files.write_text(out / "eval.json", json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -348,7 +349,7 @@ def export(path: str | Path, fmt: str | None, out: str | Path) -> Path:
         )
     if fmt is not None and fmt not in FORMATS:
         raise ReslabError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
-    checkpoint.make_file_dir(out, f"model.{fmt or 'onnx'}")
+    files.make_file_dir(out, f"model.{fmt or 'onnx'}")
     model, meta, _ = load_model(path)
     side = model_side(meta)
     example = torch.randn(2, meta["in_channels"], side, side)
@@ -386,5 +387,5 @@ def export(path: str | Path, fmt: str | None, out: str | Path) -> Path:
             finally:
                 registration.setLevel(level)
             buffer.write(program.model_proto.SerializeToString())
-    checkpoint.write_bytes(out, buffer.getvalue())
+    files.write_bytes(out, buffer.getvalue())
     return out

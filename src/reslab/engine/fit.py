@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from .. import config as config_mod
-from .. import faults
+from .. import faults, files
 from ..config import Config
 from ..errors import ReslabError
 from ..history import CROWDED, best_by_val, epoch_line, n_epochs, tested
@@ -220,19 +220,19 @@ def fit(
             _log(run, f"{out} trained its {n_epochs(run.epoch)} but stopped before its summary: writing it")
         _say_changes(run, changed)
     if run.ctx.is_main:
-        checkpoint.make_dir(out)
+        files.make_dir(out)
     with lock_dir(out) if run.ctx.is_main else contextlib.nullcontext():
         if run.ctx.is_main:
             if overwrite and state is None:  # the old run goes whole: no old last.pt for a later --resume
                 for name in RUN_FILES:
                     (out / name).unlink(missing_ok=True)
             for name in ("config.yaml", *RUN_FILES):  # with the lock held, no one else writes these
-                checkpoint.remove_temp_files(out / name)
-            checkpoint.write_text(out / "config.yaml", config_mod.dump(cfg))
+                files.remove_temp_files(out / name)
+            files.write_text(out / "config.yaml", config_mod.dump(cfg))
         _epochs(run, out, resumed=state is not None, on_step=on_step)
         summary = _summary(run, time.perf_counter() - wall_start)
         if run.ctx.is_main:
-            checkpoint.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+            files.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -423,7 +423,7 @@ def _write_outputs(run: Run, draw: bool) -> None:
     """metrics.jsonl, and with `draw` curves.png (~0.2 s a picture: drawn every CURVES_EVERY seconds)."""
     if not run.ctx.is_main:
         return
-    checkpoint.write_text(run.out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in run.history))
+    files.write_text(run.out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in run.history))
     if not draw:
         return
     from ..plots import curves

@@ -14,8 +14,8 @@ import yaml
 
 from .. import config as config_mod
 from ..config import Config
-from ..engine.checkpoint import write_text
 from ..errors import ReslabError
+from ..files import write_text
 
 
 def machine() -> dict:

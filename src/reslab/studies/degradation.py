@@ -14,8 +14,8 @@ from pathlib import Path
 from .. import config
 from ..config import Config
 from ..data import load_dataset
-from ..engine.checkpoint import make_dir
 from ..errors import ReslabError
+from ..files import make_dir
 from ..models import list_models
 from . import gradients, lesion, lesion_report, responses
 from .common import (

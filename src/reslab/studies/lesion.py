@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..engine.checkpoint import make_file_dir
 from ..engine.precision import autocast, resolve_precision
 from ..errors import ReslabError
+from ..files import make_file_dir
 from ..models import ResidualUnit
 from .common import final_nets, machine, write_json
 

@@ -10,8 +10,8 @@ from pathlib import Path
 from .. import config
 from ..config import Config
 from ..data import load_dataset
-from ..engine.checkpoint import make_dir
 from ..errors import ReslabError
+from ..files import make_dir
 from ..models import list_models, model_options
 from . import lesion, lesion_report
 from .common import (

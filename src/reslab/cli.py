@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--depths",
         help="degradation: depths of the plain and residual nets (default 20,32,44,56)",
     )
-    p.add_argument("--nets", help="degradation: plain, resnet or both (default)")
+    p.add_argument("--nets", help="degradation: plain, resnet, or plain,resnet (default: both)")
     p.add_argument("--units", help="units: the unit variants, e.g. original,full-preact (default: all seven)")
     p.add_argument(
         "--draws",

@@ -172,11 +172,11 @@ def test_predict_classifies_many_files_in_the_runs_evaluation_batches(trained, t
     """All the files went through the model as one batch: ten thousand photos at 96 pixels would not fit."""
     from reslab import report
 
-    files = []
+    images = []
     for i in range(20):
-        files.append(tmp_path / f"img{i}.png")
-        Image.fromarray(np.random.default_rng(i).integers(0, 256, (28, 28), np.uint8)).save(files[-1])
-    whole = predict(trained, files, top_k=3)
+        images.append(tmp_path / f"img{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (28, 28), np.uint8)).save(images[-1])
+    whole = predict(trained, images, top_k=3)
     seen, read, logits = [], config.from_dict, report.predict_logits
 
     def small(d):
@@ -188,7 +188,7 @@ def test_predict_classifies_many_files_in_the_runs_evaluation_batches(trained, t
     monkeypatch.setattr(
         report, "predict_logits", lambda model, x, *a: seen.append(len(x)) or logits(model, x, *a)
     )
-    parts = predict(trained, files, top_k=3)
+    parts = predict(trained, images, top_k=3)
     assert seen == [8, 8, 4]
     for a, b in zip(whole, parts):
         assert [t["class"] for t in a["top"]] == [t["class"] for t in b["top"]]
@@ -376,18 +376,16 @@ def test_animated_gif_uses_the_first_frame(tmp_path):
 def exported_is_refused(path: Path, kind: str, capsys) -> None:
     """eval, predict and export of an exported model: one line, not torch.load's warning and "corrupt?" (found by an
     ad hoc fuzz of the command line)."""
+    says = (
+        f"{path}: a model exported as {kind} (reslab export), not a reslab checkpoint: give the run directory"
+    )
     for argv in (
         ["eval", str(path), "--device", "cpu"],
         ["predict", str(path), "x.png"],
-        ["export", str(path)],
+        ["export", str(path), "--out", str(path.parent / "o.onnx")],
     ):
-        assert main([*argv, "--out", str(path.parent / "o.onnx")] if argv[0] == "export" else argv) == 2
-        err = capsys.readouterr().err
-        assert (
-            err
-            == f"reslab: error: {path}: a model exported as {kind} (reslab export), not a reslab checkpoint: "
-            + ("give the run directory, or its best.pt or last.pt\n")
-        )
+        assert main(argv) == 2
+        assert capsys.readouterr().err == f"reslab: error: {says}, or its best.pt or last.pt\n"
 
 
 def test_every_export_format_matches_pytorch_and_is_not_taken_for_a_checkpoint(trained, tmp_path, capsys):

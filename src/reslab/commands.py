@@ -80,7 +80,6 @@ def trained_for(epochs: int | None, batches: int) -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .report import evaluate_checkpoint
 
-    require_counts(("--limit", args.limit), ("--batch-size", args.batch_size))
     result = evaluate_checkpoint(
         args.path,
         out=args.out,

@@ -65,7 +65,7 @@ SELECT = [
     "tests/test_report.py::test_bad_image_files_give_one_clear_error",
     "tests/test_report.py::test_huge_image_is_refused",
     "tests/test_report.py::test_a_huge_image_in_a_folder_is_one_line",
-    "tests/test_report.py::test_outputs_that_cannot_be_written_and_counts_below_one_are_one_line",
+    "tests/test_report.py::test_outputs_that_cannot_be_written_and_counts_out_of_range_are_one_line",
     "tests/test_report.py::test_failed_export_leaves_the_previous_file",
     "tests/test_report.py::test_every_export_format_matches_pytorch_and_is_not_taken_for_a_checkpoint",
     "tests/test_report.py::test_a_plot_in_a_format_matplotlib_cannot_write_is_one_line",

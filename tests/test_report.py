@@ -258,7 +258,7 @@ def test_a_plot_in_a_format_matplotlib_cannot_write_is_one_line(trained, tmp_pat
         assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "runs.PDF"]
 
 
-def test_outputs_that_cannot_be_written_and_counts_below_one_are_one_line(trained, tmp_path, capsys):
+def test_outputs_that_cannot_be_written_and_counts_out_of_range_are_one_line(trained, tmp_path, capsys):
     note, empty = tmp_path / "note.txt", tmp_path / "empty"
     note.write_text("keep me")
     empty.mkdir()
@@ -289,6 +289,7 @@ def test_outputs_that_cannot_be_written_and_counts_below_one_are_one_line(traine
         (["study", "degradation", "--draws", "0"], "--draws must be a positive integer, got 0"),
         (["study", "units", "--recalibrate", "-1"], "--recalibrate must be a positive integer, got -1"),
         (["bench", "--seed-limit", "10"], "--seed-limit 10: the seed recipe needs at least one batch (256"),
+        (["bench", "--seed-limit", "60001"], "--seed-limit 60001: Fashion-MNIST has 60,000 training images"),
         (["bench", "--quick", "--out", str(note / "b.json")], "note.txt is a file, not a directory"),
         (["bench", "--quick", "--out", str(tmp_path)], "is a directory; name the file to write"),
     ]

@@ -16,6 +16,7 @@ from torch import nn
 from .baseline import seed_vs_reslab, time_to_accuracy
 from .config import Config, OptimConfig, load
 from .data import input_side
+from .data.fashion_mnist import TRAIN_IMAGES
 from .engine.host import cpu_wait_seconds, crowding_cause, set_up, wait_share
 from .engine.optim import make_optimizer
 from .engine.precision import autocast, bf16_native, memory_format, resolve_device, resolve_precision
@@ -330,6 +331,11 @@ def run(
         if seed_limit < batch:
             raise ReslabError(
                 f"--seed-limit {seed_limit}: the seed recipe needs at least one batch ({batch} images)"
+            )
+        if seed_limit > TRAIN_IMAGES:  # both would train on all of them, and the results would say more
+            raise ReslabError(
+                f"--seed-limit {seed_limit}: Fashion-MNIST has {TRAIN_IMAGES:,} training images; "
+                f"give {TRAIN_IMAGES} or fewer"
             )
     gpu = dev.type == "cuda"
     if gpu:  # fp32 convolutions run on TF32 tensor cores by default (cuDNN); let the GEMM peak do the same

@@ -33,6 +33,7 @@ CLASSES = (
     "Ankle boot",
 )
 SIDE = 28  # pixels, square
+TRAIN_IMAGES = 60_000  # and 10,000 test images
 # Pixel statistics of the 60,000 training images on the [0, 1] scale (computed by tests/test_data.py).
 MEAN = 0.2860
 STD = 0.3530

@@ -168,8 +168,9 @@ def test_predict_on_png_files_matches_the_tensor_pipeline(trained, tmp_path, cap
     assert len(lines) == 2 and lines[0].startswith(files[0])
 
 
-def test_predict_classifies_many_files_in_the_runs_evaluation_batches(trained, tmp_path, monkeypatch):
-    """All the files went through the model as one batch: ten thousand photos at 96 pixels would not fit."""
+def test_predict_classifies_many_files_in_the_runs_evaluation_batches(trained, tmp_path, monkeypatch, capsys):
+    """All the files went through the model as one batch: ten thousand photos at 96 pixels would not fit. The
+    command printed nothing until the last was classified; it prints each batch's rows as it is done."""
     from reslab import report
 
     images = []
@@ -195,6 +196,18 @@ def test_predict_classifies_many_files_in_the_runs_evaluation_batches(trained, t
         assert [t["probability"] for t in a["top"]] == pytest.approx(
             [t["probability"] for t in b["top"]], abs=1e-5
         )
+    printed = []  # the table's rows out before each batch is classified
+    monkeypatch.setattr(
+        report,
+        "predict_logits",
+        lambda model, x, *a: (
+            printed.append(len(capsys.readouterr().out.splitlines())) or logits(model, x, *a)
+        ),
+    )
+    assert main(["predict", str(trained), *map(str, images), "--top-k", "3"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert printed == [0, 8, 8] and len(rows) == 4
+    assert rows[-1].split()[:2] == [str(images[-1]), parts[-1]["top"][0]["class"].split()[0]]
 
 
 def test_the_python_api_takes_one_image_file_and_refuses_what_the_cli_cannot_pass(trained, tmp_path):

@@ -261,17 +261,17 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .report import predict
+    from .report import predictions
 
     require_counts(("--top-k", args.top_k))
-    results = predict(args.checkpoint, args.images, args.top_k, args.invert)
+    results = predictions(args.checkpoint, args.images, args.top_k, args.invert)
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(list(results), indent=2))
         return 0
-    width = max(len(r["file"]) for r in results)
-    for r in results:
+    width = max(len(str(f)) for f in args.images)
+    for r in results:  # a table row as each batch is classified: thousands of files take a while
         guesses = "  ".join(f"{t['class']}  {t['probability']:.3f}" for t in r["top"])
-        print(f"{r['file']:<{width}}  {guesses}")
+        print(f"{r['file']:<{width}}  {guesses}", flush=True)
     return 0
 
 

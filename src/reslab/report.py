@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -240,8 +241,17 @@ def read_image(path: str | Path, channels: int | None, size: int, invert: bool =
     return 255 - arr if invert else arr
 
 
-@torch.no_grad()
 def predict(path: str | Path, images: list[str] | str, top_k: int = 1, invert: bool = False) -> list[dict]:
+    """The `top_k` classes of each image file, with their probabilities, from a run directory or checkpoint."""
+    return list(predictions(path, images, top_k, invert))
+
+
+@torch.no_grad()
+def predictions(
+    path: str | Path, images: list[str] | str, top_k: int = 1, invert: bool = False
+) -> Iterator[dict]:
+    """predict's results one file at a time, as each of the run's evaluation batches is classified (thousands of
+    files in one batch would not fit in memory). Every file is read, and a bad one refused, before the first."""
     images = [images] if isinstance(images, (str, Path)) else list(images)  # one file, not its characters
     if not images:
         raise ReslabError("predict: no image files given")
@@ -254,26 +264,18 @@ def predict(path: str | Path, images: list[str] | str, top_k: int = 1, invert: b
     std = torch.tensor(meta["std"]).view(1, -1, 1, 1)
     train = config_mod.from_dict(state["config"]).train
     fill = black(meta["mean"], meta["std"])  # as the loader pads
-
-    def probabilities(chunk: torch.Tensor) -> torch.Tensor:
-        x = resize((chunk.float() / 255 - mean) / std, meta["resize"])
-        return predict_logits(model, x, train.tta_flip, train.tta_shift, fill).softmax(1)
-
-    # in the run's evaluation batches: thousands of files in one batch would not fit in memory
-    step = train.eval_batch_size
-    probs = torch.cat([probabilities(pixels[i : i + step]) for i in range(0, len(pixels), step)])
-    k = min(top_k, probs.shape[1])
-    top = probs.topk(k, 1)
-    return [
-        {
-            "file": str(f),
-            "top": [
-                {"class": meta["classes"][i], "probability": float(p)}
-                for p, i in zip(ps.tolist(), idx.tolist())
-            ],
-        }
-        for f, ps, idx in zip(images, top.values, top.indices)
-    ]
+    for i in range(0, len(pixels), train.eval_batch_size):
+        x = resize((pixels[i : i + train.eval_batch_size].float() / 255 - mean) / std, meta["resize"])
+        probs = predict_logits(model, x, train.tta_flip, train.tta_shift, fill).softmax(1)
+        top = probs.topk(min(top_k, probs.shape[1]), 1)
+        for f, ps, idx in zip(images[i:], top.values, top.indices):
+            yield {
+                "file": str(f),
+                "top": [
+                    {"class": meta["classes"][c], "probability": float(p)}
+                    for p, c in zip(ps.tolist(), idx.tolist())
+                ],
+            }
 
 
 # ------------------------------------------------------------------------------------------- export

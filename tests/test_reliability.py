@@ -452,6 +452,44 @@ def test_the_evaluation_floor_is_a_ranks_share_of_the_largest_evaluation_set(
         run.prepare(cfg, tmp_path / "run")
 
 
+def test_each_torchrun_rank_on_a_machine_needs_its_own_memory(tmp_path, monkeypatch):
+    """torchrun's ranks on one machine each hold their own activations and data in the memory they share: each
+    was checked against all of it, and several that fit one by one were let through to be killed together."""
+    from PIL import Image
+
+    from reslab import config, memory
+    from reslab.data.folder import load_folder
+    from reslab.engine.host import check_memory
+    from reslab.errors import ReslabError
+    from reslab.models import activation_bytes, build_model
+
+    cfg = config.load("fast").model
+    model = build_model("resnet8", 1, 10, **cfg.options)
+    _, largest = activation_bytes(model.train(), (1, 28, 28))
+    monkeypatch.setattr(
+        memory, "available", lambda: 2 * 100 * largest - 1
+    )  # room for one rank's batch of 100
+    check_memory(model, cfg, (1, 28, 10), (0, 100), "fp32")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(
+        ReslabError,
+        match=r"^an evaluation batch of resnet8 needs at least .* \(100 images of 1x28x28, fp32\) on each of this "
+        r"machine's 2 torchrun ranks \(.* in all\), more than .*: lower train.eval_batch_size or data.resize, or "
+        r"start fewer ranks on this machine$",
+    ):
+        check_memory(model, cfg, (1, 28, 10), (0, 100), "fp32")
+    for i in range(6):
+        (tmp_path / f"c{i % 2}").mkdir(exist_ok=True)
+        Image.new("L", (100, 100)).save(tmp_path / f"c{i % 2}" / f"{i}.png")
+    monkeypatch.setattr(memory, "available", lambda: 100_000)  # 60,000 bytes a rank
+    with pytest.raises(
+        ReslabError, match=r"need at least 0 MB in memory on each of this machine's 2 torchrun ranks"
+    ):
+        load_folder(str(tmp_path), 0.5, None)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # the other rank on another machine
+    assert load_folder(str(tmp_path), 0.5, None).train_images.shape == (2, 100, 100)
+
+
 def test_a_folder_that_cannot_fit_in_memory_is_one_line_before_it_is_read(tmp_path, monkeypatch):
     from PIL import Image
 

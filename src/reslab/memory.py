@@ -4,6 +4,7 @@ ends a process that takes too much with SIGKILL, without a word, often minutes i
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from . import cgroup
@@ -29,6 +30,23 @@ def available(
     except (OSError, KeyError, ValueError, IndexError):
         return None
     return min([free, *cgroup.limits("memory", _v2_limit, _v1_limit, proc, root)])
+
+
+def local_ranks() -> int:
+    """How many processes torchrun started on this machine (1 without torchrun): each holds its own data and
+    activations in the memory they share."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def on_each_rank(need: int) -> str:
+    """Words for an error line about `need` bytes that each of this machine's torchrun ranks takes: "" where
+    there is one rank."""
+    ranks = local_ranks()
+    return (
+        f" on each of this machine's {ranks} torchrun ranks ({amount(ranks * need)} in all)"
+        if ranks > 1
+        else ""
+    )
 
 
 def amount(n: float) -> str:

@@ -119,10 +119,11 @@ def load_folder(
     side = _side(train, size)
     n = sum(len(files) for part in ((train, test) if train_images else (test,)) for files in part.values())
     need = n * side * side  # bytes if gray: a floor (RGB needs 3x)
-    if (free := memory.available()) is not None and need > free:
+    if (free := memory.available()) is not None and need * memory.local_ranks() > free:
         raise ReslabError(
-            f"{base}: its {n:,} images at {side}x{side} pixels need at least {memory.amount(need)} in memory, more "
-            f"than the {memory.amount(free)} this machine has free: {'lower' if size else 'set'} data.resize"
+            f"{base}: its {n:,} images at {side}x{side} pixels need at least {memory.amount(need)} in memory"
+            f"{memory.on_each_rank(need)}, more than the {memory.amount(free)} this machine has free: "
+            f"{'lower' if size else 'set'} data.resize"
         )
 
     def read(split_files: dict[str, list[Path]]) -> tuple[list[np.ndarray], np.ndarray]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import cgroup
+from .. import cgroup, memory
 from ..config import ModelConfig
 from ..errors import ReslabError
 
@@ -121,16 +121,11 @@ def make_cpu_group(name: str, cpus: float) -> Path:
     return group
 
 
-def _local_ranks() -> int:
-    """How many processes torchrun started on this machine (1 without torchrun)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-
-
 def crowding_cause() -> str:
     """Why a CPU run's threads wait for a CPU, as far as this process can tell: its own threads (or this machine's
     torchrun ranks' together) outnumber the CPUs it may use (its affinity, a container's quota), or else other
     processes take the cores."""
-    threads, ranks = torch.get_num_threads(), _local_ranks()
+    threads, ranks = torch.get_num_threads(), memory.local_ranks()
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     quota = cpu_quota()
     allowed = min(cpus, quota if quota is not None else cpus)
@@ -169,7 +164,7 @@ def fit_threads_to_quota(device: torch.device) -> None:
     global _fitted_to
     if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ or (quota := cpu_quota()) is None:
         return
-    threads = max(1, int(quota / _local_ranks() + 0.5))
+    threads = max(1, int(quota / memory.local_ranks() + 0.5))
     if threads < torch.get_num_threads():
         torch.set_num_threads(threads)
         _fitted_to = quota
@@ -201,11 +196,11 @@ def check_memory(
     (reslab.memory.available), before it loads anything more: the kernel's OOM killer would end it without a word.
     `model` is the run's, built from `cfg`; `data` the images' channels, side and classes; `batches` the images
     of a micro-batch (0: no training) and of an evaluation batch; `smaller_eval` says how to make the latter
-    smaller. The need is a floor (models.activation_bytes), so nothing that fits is refused. A copy of the model
-    runs one forward pass at the side, or at 64 pixels scaled up by the area when the side is larger; near the
-    limit, the count at the side itself decides, on the meta device (shapes only, but its first use imports
-    torch._dynamo: 1.5-2 s). A model of your own that cannot run there is not checked."""
-    from .. import memory
+    smaller. The need is a floor (models.activation_bytes), so nothing that fits is refused; under torchrun each
+    of this machine's ranks needs it in the memory they share. A copy of the model runs one forward pass at the
+    side, or at 64 pixels scaled up by the area when the side is larger; near the limit, the count at the side
+    itself decides, on the meta device (shapes only, but its first use imports torch._dynamo: 1.5-2 s). A model
+    of your own that cannot run there is not checked."""
     from ..models import activation_bytes, build_model
 
     if (free := memory.available()) is None:
@@ -217,7 +212,8 @@ def check_memory(
         with torch.random.fork_rng(devices=[]):  # a dropout's draws: the run's random stream stays as it was
             kept, largest = activation_bytes(copy.deepcopy(model).train(), (channels, small, small))
         if side > small:
-            if max(batches[0] * kept, batches[1] * largest) * (side / small) ** 2 / half < free / 2:
+            scaled = max(batches[0] * kept, batches[1] * largest) * (side / small) ** 2 / half
+            if scaled * memory.local_ranks() < free / 2:
                 return  # far below the limit
             with torch.device("meta"):
                 net = build_model(cfg.name, channels, classes, **cfg.options)
@@ -226,14 +222,16 @@ def check_memory(
         return
     image = f"{channels}x{side}x{side}"
     step = "lower train.batch_size or data.resize, or raise train.accum_steps"
+    fewer = ", or start fewer ranks on this machine" if memory.local_ranks() > 1 else ""
     for what, n, each, advice in (
         ("a training step", batches[0], kept, step),
         ("an evaluation batch", batches[1], largest, smaller_eval),
     ):
-        if (need := n * each // half) > free:
+        if (need := n * each // half) * memory.local_ranks() > free:
             raise ReslabError(
                 f"{what} of {cfg.name} needs at least {memory.amount(need)} ({n:,} images of {image}, "
-                f"{precision}), more than the {memory.amount(free)} this machine has free: {advice}"
+                f"{precision}){memory.on_each_rank(need)}, more than the {memory.amount(free)} this machine has "
+                f"free: {advice}{fewer}"
             )
 
 

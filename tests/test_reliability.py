@@ -466,9 +466,8 @@ def test_each_torchrun_rank_on_a_machine_needs_its_own_memory(tmp_path, monkeypa
     cfg = config.load("fast").model
     model = build_model("resnet8", 1, 10, **cfg.options)
     _, largest = activation_bytes(model.train(), (1, 28, 28))
-    monkeypatch.setattr(
-        memory, "available", lambda: 2 * 100 * largest - 1
-    )  # room for one rank's batch of 100
+    # room for one rank's evaluation batch of 100 images, one byte short of two ranks'
+    monkeypatch.setattr(memory, "available", lambda: 2 * 100 * largest - 1)
     check_memory(model, cfg, (1, 28, 10), (0, 100), "fp32")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     with pytest.raises(

@@ -264,11 +264,12 @@ def predictions(
     std = torch.tensor(meta["std"]).view(1, -1, 1, 1)
     train = config_mod.from_dict(state["config"]).train
     fill = black(meta["mean"], meta["std"])  # as the loader pads
-    for i in range(0, len(pixels), train.eval_batch_size):
-        x = resize((pixels[i : i + train.eval_batch_size].float() / 255 - mean) / std, meta["resize"])
+    step = train.eval_batch_size
+    for i in range(0, len(pixels), step):
+        x = resize((pixels[i : i + step].float() / 255 - mean) / std, meta["resize"])
         probs = predict_logits(model, x, train.tta_flip, train.tta_shift, fill).softmax(1)
         top = probs.topk(min(top_k, probs.shape[1]), 1)
-        for f, ps, idx in zip(images[i:], top.values, top.indices):
+        for f, ps, idx in zip(images[i : i + step], top.values, top.indices):
             yield {
                 "file": str(f),
                 "top": [

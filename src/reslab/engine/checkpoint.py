@@ -90,9 +90,8 @@ def exported(path: Path) -> str | None:
             head = f.read(32)
     except (OSError, zipfile.BadZipFile):
         return None  # torch.load says why
-    return (
-        "ONNX" if head.startswith(b"\x08") and b"pytorch" in head else None
-    )  # ir_version, producer "pytorch"
+    # an ONNX model opens with its ir_version field (0x08) and names its producer, "pytorch"
+    return "ONNX" if head.startswith(b"\x08") and b"pytorch" in head else None
 
 
 def load(path: str | Path, resume: bool = False) -> dict[str, Any]:

@@ -205,6 +205,7 @@ def check_memory(
 
     if (free := memory.available()) is None:
         return
+    ranks = memory.local_ranks()  # this machine's torchrun ranks, each with a step of its own
     half = 1 if precision == "fp32" else 2  # bf16 and fp16 keep activations in 2 bytes, not 4
     channels, side, classes = data
     small = min(side, 64)
@@ -213,7 +214,7 @@ def check_memory(
             kept, largest = activation_bytes(copy.deepcopy(model).train(), (channels, small, small))
         if side > small:
             scaled = max(batches[0] * kept, batches[1] * largest) * (side / small) ** 2 / half
-            if scaled * memory.local_ranks() < free / 2:
+            if scaled * ranks < free / 2:
                 return  # far below the limit
             with torch.device("meta"):
                 net = build_model(cfg.name, channels, classes, **cfg.options)
@@ -222,12 +223,12 @@ def check_memory(
         return
     image = f"{channels}x{side}x{side}"
     step = "lower train.batch_size or data.resize, or raise train.accum_steps"
-    fewer = ", or start fewer ranks on this machine" if memory.local_ranks() > 1 else ""
+    fewer = ", or start fewer ranks on this machine" if ranks > 1 else ""
     for what, n, each, advice in (
         ("a training step", batches[0], kept, step),
         ("an evaluation batch", batches[1], largest, smaller_eval),
     ):
-        if (need := n * each // half) * memory.local_ranks() > free:
+        if (need := n * each // half) * ranks > free:
             raise ReslabError(
                 f"{what} of {cfg.name} needs at least {memory.amount(need)} ({n:,} images of {image}, "
                 f"{precision}){memory.on_each_rank(need)}, more than the {memory.amount(free)} this machine has "

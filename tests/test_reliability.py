@@ -392,7 +392,7 @@ LARGE = {
         # a micro-batch's activations at a time
         ({"train.accum_steps": 4, "train.eval_batch_size": 16}, 16, "a training step"),
         (LARGE, 8, "a training step"),
-        ({"train.eval_batch_size": 256}, 256, "an evaluation batch"),
+        ({"train.eval_batch_size": 256, "train.batch_size": 16}, 256, "an evaluation batch"),
     ],
 )
 def test_a_run_that_cannot_fit_in_memory_is_one_line_before_anything_is_written(
@@ -403,24 +403,28 @@ def test_a_run_that_cannot_fit_in_memory_is_one_line_before_anything_is_written(
     at). A CPU run whose activations alone cannot fit is refused before it starts; one that fits starts."""
     from reslab import config, memory
     from reslab.cli import main
+    from reslab.engine.optim import state_bytes
     from reslab.models import activation_bytes, build_model
 
     overrides = tiny_overrides(tiny_data, **extra)
     cfg = config.load("fast", overrides)  # the recipe `reslab train` lays the overrides on
     side = cfg.data.resize or 28
     with torch.device("meta"):
-        kept, largest = activation_bytes(
-            build_model("resnet8", 1, 10, **cfg.model.options).train(), (1, side, side)
-        )
-    need = batch * (kept if what == "a training step" else largest)
+        model = build_model("resnet8", 1, 10, **cfg.model.options)
+        kept, largest = activation_bytes(model.train(), (1, side, side))
+    # a step also keeps the gradients and SGD's momentum buffers: 2.3 MB for resnet8
+    state = state_bytes(model, cfg.optim, cfg.train.ema > 0)
+    need = batch * kept + state if what == "a training step" else batch * largest
     out = tmp_path / "run"
     argv = ["train", "--out", str(out), "--quiet", "--set", *overrides]
     monkeypatch.setattr(memory, "available", lambda: need - 1)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
-    says = f"{what} of resnet8 needs at least {memory.amount(need)} ({batch} images of 1x{side}x{side}, fp32), more "
-    assert says + f"than the {memory.amount(need - 1)} this machine has free" in err and not out.exists(), err
+    plus = f", plus {memory.amount(state)} of gradients and optimiser state" * (what == "a training step")
+    says = f"{what} of resnet8 needs at least {memory.amount(need)} ({batch} images of 1x{side}x{side}, fp32{plus})"
+    assert says + f", more than the {memory.amount(need - 1)} this machine has free" in err, err
+    assert not out.exists()
     monkeypatch.setattr(memory, "available", lambda: need)
     assert main(argv) == 0
 
@@ -487,6 +491,45 @@ def test_each_torchrun_rank_on_a_machine_needs_its_own_memory(tmp_path, monkeypa
         load_folder(str(tmp_path), 0.5, None)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # the other rank on another machine
     assert load_folder(str(tmp_path), 0.5, None).train_images.shape == (2, 100, 100)
+
+
+def test_a_steps_gradients_and_optimiser_state_count_in_its_memory(monkeypatch):
+    """Beside its activations a training step keeps a gradient per weight, the optimiser's slots, the moving
+    average's copy of the weights and, under DistributedDataParallel, its gradient buckets: 1.2 GB for a
+    ResNet-152 with AdamW and EMA on 2 ranks, which the check left out."""
+    import dataclasses
+
+    from reslab import config, memory
+    from reslab.engine.host import check_memory
+    from reslab.engine.optim import state_bytes
+    from reslab.errors import ReslabError
+    from reslab.models import build_model
+
+    cfg = config.load("fast")
+    model = build_model("resnet8", 1, 10, **cfg.model.options)
+    grads = 4 * sum(p.numel() for p in model.parameters())
+    weights = grads + sum(b.numel() * b.element_size() for b in model.buffers())
+    sgd, adamw = cfg.optim, dataclasses.replace(cfg.optim, name="adamw")
+    assert state_bytes(model, sgd, ema=False) == 2 * grads  # SGD's momentum buffer
+    assert state_bytes(model, dataclasses.replace(sgd, momentum=0.0), ema=False) == grads
+    assert state_bytes(model, adamw, ema=False) == 3 * grads  # AdamW's two moments
+    assert state_bytes(model, adamw, ema=True, ranks=2) == 4 * grads + weights
+    with torch.device("meta"):
+        big = build_model("resnet152", 3, 1000)
+    assert 1.2e9 < state_bytes(big, adamw, ema=True, ranks=2) < 1.21e9
+    # the state alone past the limit: a smaller batch cannot help
+    state = state_bytes(model, adamw, ema=False)
+    monkeypatch.setattr(memory, "available", lambda: state)
+    with pytest.raises(
+        ReslabError,
+        match=r"^a training step of resnet8 needs at least 4 MB \(1 image of 1x28x28, fp32, plus 4 MB of gradients "
+        r"and optimiser state\), more than .*: choose a smaller model, or an optimiser with fewer slots \(adamw keeps "
+        r"two, sgd one\)$",
+    ):
+        check_memory(model, cfg.model, (1, 28, 10), (1, 1), "fp32", state=state + 1)
+    for p in model.parameters():  # frozen weights have no gradient and no slot
+        p.requires_grad_(False)
+    assert state_bytes(model, adamw, ema=True) == weights
 
 
 def test_a_folder_that_cannot_fit_in_memory_is_one_line_before_it_is_read(tmp_path, monkeypatch):

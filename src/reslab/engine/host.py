@@ -191,12 +191,13 @@ def check_memory(
     batches: tuple[int, int],
     precision: str,
     smaller_eval: str = "lower train.eval_batch_size or data.resize",
+    state: int = 0,
 ) -> None:
     """Refuse a CPU run whose training step or evaluation batch cannot fit in the memory this process may take
     (reslab.memory.available), before it loads anything more: the kernel's OOM killer would end it without a word.
     `model` is the run's, built from `cfg`; `data` the images' channels, side and classes; `batches` the images
     of a micro-batch (0: no training) and of an evaluation batch; `smaller_eval` says how to make the latter
-    smaller. The need is a floor (models.activation_bytes), so nothing that fits is refused; under torchrun each
+    smaller; `state` the bytes a training step keeps beside them (optim.state_bytes). The need is a floor (models.activation_bytes), so nothing that fits is refused; under torchrun each
     of this machine's ranks needs it in the memory they share. A copy of the model runs one forward pass at the
     side, or at 64 pixels scaled up by the area when the side is larger; near the limit, the count at the side
     itself decides, on the meta device (shapes only, but its first use imports torch._dynamo: 1.5-2 s). A model
@@ -213,7 +214,8 @@ def check_memory(
         with torch.random.fork_rng(devices=[]):  # a dropout's draws: the run's random stream stays as it was
             kept, largest = activation_bytes(copy.deepcopy(model).train(), (channels, small, small))
         if side > small:
-            scaled = max(batches[0] * kept, batches[1] * largest) * (side / small) ** 2 / half
+            scale = (side / small) ** 2 / half
+            scaled = max(batches[0] * kept * scale + state, batches[1] * largest * scale)
             if scaled * ranks < free / 2:
                 return  # far below the limit
             with torch.device("meta"):
@@ -224,15 +226,18 @@ def check_memory(
     image = f"{channels}x{side}x{side}"
     step = "lower train.batch_size or data.resize, or raise train.accum_steps"
     fewer = ", or start fewer ranks on this machine" if ranks > 1 else ""
-    for what, n, each, advice in (
-        ("a training step", batches[0], kept, step),
-        ("an evaluation batch", batches[1], largest, smaller_eval),
+    if state * ranks > free:  # not even a micro-batch of one image fits beside them
+        step = "choose a smaller model, or an optimiser with fewer slots (adamw keeps two, sgd one)"
+    for what, n, each, kept_too, advice in (
+        ("a training step", batches[0], kept, state, step),
+        ("an evaluation batch", batches[1], largest, 0, smaller_eval),
     ):
-        if (need := n * each // half) * ranks > free:
+        if n and (need := n * each // half + kept_too) * ranks > free:
+            plus = f", plus {memory.amount(kept_too)} of gradients and optimiser state" if kept_too else ""
             raise ReslabError(
-                f"{what} of {cfg.name} needs at least {memory.amount(need)} ({n:,} images of {image}, "
-                f"{precision}){memory.on_each_rank(need)}, more than the {memory.amount(free)} this machine has "
-                f"free: {advice}{fewer}"
+                f"{what} of {cfg.name} needs at least {memory.amount(need)} ({n:,} image{'s' * (n > 1)} of {image}, "
+                f"{precision}{plus}){memory.on_each_rank(need)}, more than the {memory.amount(free)} this "
+                f"machine has free: {advice}{fewer}"
             )
 
 

@@ -17,7 +17,7 @@ from ..errors import ReslabError
 from ..models import build_model, check_forward, count_params, unused_parameters
 from . import checkpoint, dist, gemm_conv, guard, rewrites
 from .host import check_memory, set_up
-from .optim import EMA, SGD, load_optimizer_state, make_optimizer, optimizer_misfit
+from .optim import EMA, SGD, load_optimizer_state, make_optimizer, optimizer_misfit, state_bytes
 from .precision import autocast, memory_format, resolve_device, resolve_precision
 from .warm_start import warm_start
 
@@ -135,7 +135,9 @@ def prepare(cfg: Config, out: Path, quiet: bool = False, warm: bool = True) -> R
             -(-per_rank // cfg.train.accum_steps),
             -(-min(cfg.train.eval_batch_size, held) // ctx.world_size),
         )
-        check_memory(model, cfg.model, (data.in_channels, size, len(data.classes)), batches, precision)
+        state = state_bytes(model, cfg.optim, cfg.train.ema > 0, ctx.world_size)
+        shape = (data.in_channels, size, len(data.classes))
+        check_memory(model, cfg.model, shape, batches, precision, state=state)
     check_forward(model, cfg.model.name, data.in_channels, len(data.classes), size)
     unused = ctx.active and unused_parameters(model, cfg.model.name, (2, data.in_channels, size, size))
     init = warm_start(model, cfg.model.init) if warm and cfg.model.init else ""

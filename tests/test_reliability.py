@@ -368,10 +368,18 @@ def test_available_memory_is_meminfos_under_the_tightest_group_limit(tmp_path):
     assert available(meminfo, proc, tmp_path) == 20_000_000 * 1024
     (tmp_path / "box" / "memory.max").write_text("4000000000\n")  # a container's limit, on the job's parent
     assert available(meminfo, proc, tmp_path) == 4_000_000_000
+    # the pages its processes hold already take room; the page cache ("file") is given back under the limit
+    (tmp_path / "box" / "memory.stat").write_text("anon 1500000000\nfile 2000000000\n")
+    assert available(meminfo, proc, tmp_path) == 2_500_000_000
     proc.write_text("4:memory:/box\n3:cpu:/\n")  # cgroup v1, where "no limit" is about 2**63
     (tmp_path / "memory" / "box").mkdir(parents=True)
     (tmp_path / "memory" / "box" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
     assert available(meminfo, proc, tmp_path) == 20_000_000 * 1024
+    (tmp_path / "memory" / "box" / "memory.limit_in_bytes").write_text("3000000000\n")
+    (tmp_path / "memory" / "box" / "memory.stat").write_text(
+        "cache 9000\nrss 100\ntotal_cache 9000\ntotal_rss 1000\n"
+    )
+    assert available(meminfo, proc, tmp_path) == 3_000_000_000 - 1000
     assert available(tmp_path / "missing", proc, tmp_path) is None  # not Linux: nothing is refused
 
 

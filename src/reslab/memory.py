@@ -10,26 +10,39 @@ from pathlib import Path
 from . import cgroup
 
 
-def _v2_limit(group: Path) -> int:
-    return int((group / "memory.max").read_text())  # "max": a ValueError, no limit
+def _held(stat: Path, key: str) -> int:
+    """The group's memory that cannot be reclaimed (its processes' own pages, not the page cache), from its
+    memory.stat; 0 where the file does not tell."""
+    try:
+        fields = dict(line.split(" ", 1) for line in stat.read_text().splitlines() if " " in line)
+        return int(fields.get(key, 0))
+    except (OSError, ValueError):
+        return 0
 
 
-def _v1_limit(group: Path) -> int:
-    return int((group / "memory.limit_in_bytes").read_text())  # about 2**63 for none
+def _v2_room(group: Path) -> int:
+    limit = int((group / "memory.max").read_text())  # "max": a ValueError, no limit
+    return limit - _held(group / "memory.stat", "anon")
+
+
+def _v1_room(group: Path) -> int:
+    limit = int((group / "memory.limit_in_bytes").read_text())  # about 2**63 for none
+    return limit - _held(group / "memory.stat", "total_rss")  # "total_": its own groups' too
 
 
 def available(
     meminfo: Path = Path("/proc/meminfo"), proc: Path = cgroup.SELF, root: Path = cgroup.ROOT
 ) -> int | None:
-    """Bytes this process may still take at most: MemAvailable, or a control group's whole limit where that is
-    smaller (what the group's processes use already is not taken off: an upper bound, so that a check against it
-    refuses only what cannot fit). None where the kernel does not tell (not Linux)."""
+    """Bytes this process may still take at most: MemAvailable, or less where a control group's limit leaves less
+    room beside the pages its processes hold already (anonymous memory; the page cache, which the kernel takes
+    back under the limit, is not taken off: an upper bound, so that a check against it refuses only what cannot
+    fit). None where the kernel does not tell (not Linux)."""
     try:
         fields = dict(line.split(":", 1) for line in meminfo.read_text().splitlines() if ":" in line)
         free = int(fields["MemAvailable"].split()[0]) * 1024  # "23595520 kB"
     except (OSError, KeyError, ValueError, IndexError):
         return None
-    return min([free, *cgroup.limits("memory", _v2_limit, _v1_limit, proc, root)])
+    return min([free, *cgroup.limits("memory", _v2_room, _v1_room, proc, root)])
 
 
 def local_ranks() -> int:

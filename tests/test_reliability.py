@@ -540,6 +540,39 @@ def test_a_steps_gradients_and_optimiser_state_count_in_its_memory(monkeypatch):
     assert state_bytes(model, adamw, ema=True) == weights
 
 
+def test_a_run_over_a_real_containers_memory_limit_is_one_line_not_killed(tiny_data, tmp_path):
+    """Under a real control group's 1.1 GB limit (needs root and a writable hierarchy), a ResNet-152 with AdamW
+    and EMA is refused in one line: its 931 MB of gradients and optimiser state do not fit beside the ~400 MB the
+    process holds by then. Before the check counted either, the kernel's OOM killer ended it without a word."""
+    from pathlib import Path
+
+    root = Path("/sys/fs/cgroup")
+    v2 = (root / "cgroup.controllers").exists()
+    group = (root if v2 else root / "memory") / f"reslab-test-mem-{os.getpid()}"
+    try:
+        group.mkdir()
+    except OSError as e:
+        pytest.skip(f"cannot make a control group: {e}")
+    try:
+        try:
+            (group / ("memory.max" if v2 else "memory.limit_in_bytes")).write_text(str(1100 * 2**20))
+        except OSError as e:
+            pytest.skip(f"cannot limit a control group's memory: {e}")
+        out = tmp_path / "run"
+        sets = ["model.name=resnet152", "optim.name=adamw", "train.ema=0.999", "train.batch_size=8"]
+        done = subprocess.run(
+            [sys.executable, "-m", "reslab", "train", "--out", str(out), "--quiet"]
+            + ["--set", *tiny_overrides(tiny_data, **{"train.epochs": 1}), *sets],
+            preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())),
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        group.rmdir()
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, (done.returncode, done.stderr)
+    assert "plus 931 MB of gradients and optimiser state" in done.stderr and not out.exists(), done.stderr
+
+
 def test_a_folder_that_cannot_fit_in_memory_is_one_line_before_it_is_read(tmp_path, monkeypatch):
     from PIL import Image
 

@@ -494,7 +494,9 @@ def test_each_torchrun_rank_on_a_machine_needs_its_own_memory(tmp_path, monkeypa
         Image.new("L", (100, 100)).save(tmp_path / f"c{i % 2}" / f"{i}.png")
     monkeypatch.setattr(memory, "available", lambda: 100_000)  # 60,000 bytes a rank
     with pytest.raises(
-        ReslabError, match=r"need at least 0 MB in memory on each of this machine's 2 torchrun ranks"
+        ReslabError,
+        match=r"need at least 0 MB in memory on each of this machine's 2 torchrun ranks \(0 MB in all\), more than the "
+        r"0 MB this machine has free: set data.resize, or start fewer ranks on this machine$",
     ):
         load_folder(str(tmp_path), 0.5, None)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # the other rank on another machine

@@ -62,6 +62,11 @@ def on_each_rank(need: int) -> str:
     )
 
 
+def or_fewer_ranks() -> str:
+    """The advice that ends a memory error line under torchrun with several ranks on this machine: "" without."""
+    return ", or start fewer ranks on this machine" if local_ranks() > 1 else ""
+
+
 def amount(n: float) -> str:
     """Bytes as people read them: "1.5 GB", "32 MB"."""
     return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"

@@ -123,7 +123,7 @@ def load_folder(
         raise ReslabError(
             f"{base}: its {n:,} images at {side}x{side} pixels need at least {memory.amount(need)} in memory"
             f"{memory.on_each_rank(need)}, more than the {memory.amount(free)} this machine has free: "
-            f"{'lower' if size else 'set'} data.resize"
+            f"{'lower' if size else 'set'} data.resize{memory.or_fewer_ranks()}"
         )
 
     def read(split_files: dict[str, list[Path]]) -> tuple[list[np.ndarray], np.ndarray]:

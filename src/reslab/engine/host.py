@@ -225,7 +225,6 @@ def check_memory(
         return
     image = f"{channels}x{side}x{side}"
     step = "lower train.batch_size or data.resize, or raise train.accum_steps"
-    fewer = ", or start fewer ranks on this machine" if ranks > 1 else ""
     if state * ranks > free:  # not even a micro-batch of one image fits beside them
         step = "choose a smaller model, or an optimiser with fewer slots (adamw keeps two, sgd one)"
     for what, n, each, kept_too, advice in (
@@ -237,7 +236,7 @@ def check_memory(
             raise ReslabError(
                 f"{what} of {cfg.name} needs at least {memory.amount(need)} ({n:,} image{'s' * (n > 1)} of {image}, "
                 f"{precision}{plus}){memory.on_each_rank(need)}, more than the {memory.amount(free)} this "
-                f"machine has free: {advice}{fewer}"
+                f"machine has free: {advice}{memory.or_fewer_ranks()}"
             )
 
 

@@ -14,7 +14,7 @@ from torch import nn
 from ..config import Config
 from ..data import TensorLoader, load_dataset, make_loaders, make_test_loader
 from ..errors import ReslabError
-from ..models import build_model, check_forward, count_params, unused_parameters
+from ..models import build_model, check_forward, check_strides, count_params, unused_parameters
 from . import checkpoint, dist, gemm_conv, guard, rewrites
 from .host import check_memory, set_up
 from .optim import EMA, SGD, load_optimizer_state, make_optimizer, optimizer_misfit, state_bytes
@@ -127,6 +127,7 @@ def prepare(cfg: Config, out: Path, quiet: bool = False, warm: bool = True) -> R
     data = load_dataset(cfg.data)
     model = build_model(cfg.model.name, data.in_channels, len(data.classes), **cfg.model.options)
     size = cfg.data.resize or int(data.train_images.shape[-1])
+    check_strides(model, cfg.model.name, size)
     if device.type == "cpu":  # CUDA's allocator says when it runs out; Linux's OOM killer says nothing
         # the images of a micro-batch, and of the largest evaluation batch (test or validation), which is dealt
         # out to the ranks

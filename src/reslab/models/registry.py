@@ -192,6 +192,21 @@ def check_forward(model: nn.Module, name: str, in_channels: int, num_classes: in
         )
 
 
+def check_strides(model: nn.Module, name: str, size: int) -> None:
+    """Refuse a convolution that strides by more than the images' side (model.options first_stride or stem_stride
+    of the library's models): its maps are the 1x1 of a stride of the side, and PyTorch's backward pass for it
+    slows with the stride squared (one 3x3 convolution of 256 images of 16x28x28, forward and backward, on 2 CPU
+    cores: 0.05 s at a stride of 28, 6.7 s at 1024, 128 s at 4096)."""
+    for m in model.modules():
+        # the library's fixed strides of 2 pass on 1-pixel images (data.resize=1)
+        if isinstance(m, nn.Conv2d) and (stride := max(m.stride)) > max(size, 2):
+            raise ReslabError(
+                f"model {name!r} strides a convolution by {stride}, more than the {size}-pixel images' side: "
+                f"a stride of {size} gives the same 1x1 maps, and a larger one only slows the backward pass; "
+                "lower the stride options (model.options)"
+            )
+
+
 def unused_parameters(model: nn.Module, name: str, shape: tuple[int, ...]) -> list[str]:
     """The parameters of a model of your own that a training step leaves without a gradient (DDP must be told
     of them, or it fails at the second step): one forward and backward of a copy on blank images of `shape`, the

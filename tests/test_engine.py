@@ -283,6 +283,29 @@ def test_a_run_resumed_mid_epoch_rolls_back_to_the_epochs_start_as_the_uninterru
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_mid_epoch_checkpoint_without_cuda_generators_resumes(tiny_data, tmp_path):
+    """The checkpoint check takes a missing cuda_rng for a CPU run's none ([]), in a mid-epoch checkpoint's
+    epoch_start too; the resumed run's next mid-epoch checkpoint then asked for the key and failed with a
+    KeyError (a fuzz of checkpoint edits found it)."""
+    cfg = tiny_cfg(tiny_data, **{"train.epochs": 1, "train.checkpoint_every": 1})
+    out = tmp_path / "run"
+
+    def crash(run):
+        if run.batch == 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        fit(cfg, out, quiet=True, on_step=crash)
+    state = checkpoint.load(out / "last.pt", resume=True)
+    assert state["batch"] > 0 and state["epoch_start"]["cuda_rng"] == []
+    del state["epoch_start"]["cuda_rng"], state["cuda_rng"]
+    checkpoint.save(state, out / "last.pt")
+    fit(cfg, out, resume=True, quiet=True)
+    fit(cfg, tmp_path / "whole", quiet=True)
+    rows = [without_timings(read_history(tmp_path / d)) for d in ("whole", "run")]
+    assert rows[0] == rows[1]
+
+
 def test_seed_recipe_with_absurd_lr_never_writes_nan(tiny_data, tmp_path):
     overrides = tiny_overrides(
         tiny_data, **{"model.name": "d2l-resnet18", "optim.lr": 50.0, "train.epochs": 2, "data.resize": 32}

@@ -351,7 +351,8 @@ def save(run: Run, name: str, state: dict | None = None) -> None:
     mid-epoch also holds the snapshot the epoch started from ("epoch_start", with each rank's generators then)."""
     # mid-epoch, a resume must be able to roll back to where this run would
     start = run.epoch_start if run.batch else None
-    start_rng = {k: start[k] for k in ("rng", "cuda_rng")} if start else None
+    # no cuda_rng: a CPU run's none, as the checkpoint check takes it (a checkpoint edited or from elsewhere)
+    start_rng = {"rng": start["rng"], "cuda_rng": start.get("cuda_rng", [])} if start else None
     ranks = dist.all_gather_object((rng_state(run), run.sums[:SHARED], start_rng), run.ctx)
     if not run.ctx.is_main:
         return

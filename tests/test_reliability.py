@@ -754,6 +754,11 @@ DAMAGE = {
         "train",
         "config: not a mapping of",
     ),
+    "tta-shift": (
+        lambda s: s["config"]["train"].__setitem__("tta_shift", 10**30),
+        "predict",
+        "best.pt: train.tta_shift: must be smaller than the 28-pixel inputs, got 1000000000000000000000000000000",
+    ),
     "epoch-start": (
         _snapshot_with_a_wrong_buffer,
         "train",
@@ -773,9 +778,8 @@ def test_a_checkpoint_damaged_inside_is_one_line_and_nothing_changes(finished, t
     run, image = finished
     out = tmp_path / "run"
     shutil.copytree(run, out)
-    name = (
-        "last.pt" if command == "train" else "best.pt"
-    )  # what each reads: a run directory's best.pt to score
+    # what each reads: a run directory's best.pt to score
+    name = "last.pt" if command == "train" else "best.pt"
     state = checkpoint.load(out / name)
     edit(state)
     checkpoint.save(state, out / name)

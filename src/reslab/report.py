@@ -257,12 +257,17 @@ def predictions(
         raise ReslabError("predict: no image files given")
     model, meta, state = load_model(path)
     channels, size = meta["in_channels"], meta["image_size"]
+    train = config_mod.from_dict(state["config"]).train
+    if train.tta_shift >= (seen := meta["resize"] or size):  # a checkpoint edited or from elsewhere
+        raise ReslabError(
+            f"{checkpoint.find(path)}: train.tta_shift: must be smaller than the {seen}-pixel inputs, got "
+            f"{train.tta_shift}"
+        )
     arrays = [read_image(p, channels, size, invert) for p in images]
     pixels = torch.from_numpy(np.stack(arrays))
     pixels = pixels.unsqueeze(1) if channels == 1 else pixels.permute(0, 3, 1, 2)
     mean = torch.tensor(meta["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(meta["std"]).view(1, -1, 1, 1)
-    train = config_mod.from_dict(state["config"]).train
     fill = black(meta["mean"], meta["std"])  # as the loader pads
     step = train.eval_batch_size
     for i in range(0, len(pixels), step):

@@ -197,11 +197,12 @@ def check_memory(
     (reslab.memory.available), before it loads anything more: the kernel's OOM killer would end it without a word.
     `model` is the run's, built from `cfg`; `data` the images' channels, side and classes; `batches` the images
     of a micro-batch (0: no training) and of an evaluation batch; `smaller_eval` says how to make the latter
-    smaller; `state` the bytes a training step keeps beside them (optim.state_bytes). The need is a floor (models.activation_bytes), so nothing that fits is refused; under torchrun each
-    of this machine's ranks needs it in the memory they share. A copy of the model runs one forward pass at the
-    side, or at 64 pixels scaled up by the area when the side is larger; near the limit, the count at the side
-    itself decides, on the meta device (shapes only, but its first use imports torch._dynamo: 1.5-2 s). A model
-    of your own that cannot run there is not checked."""
+    smaller; `state` the bytes a training step keeps beside its activations (optim.state_bytes). The need is a
+    floor (models.activation_bytes), so nothing that fits is refused; under torchrun each of this machine's ranks
+    needs it in the memory they share. A copy of the model runs one forward pass at the side, or at 64 pixels
+    scaled up by the area when the side is larger; near the limit, the count at the side itself decides, on the
+    meta device (shapes only, but its first use imports torch._dynamo: 1.5-2 s). A model of your own that cannot
+    run there is not checked."""
     from ..models import activation_bytes, build_model
 
     if (free := memory.available()) is None:

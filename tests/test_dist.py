@@ -148,6 +148,25 @@ def test_an_error_line_goes_into_the_file_torchrun_reads_each_failed_ranks_reaso
     assert peer.timestamp > failure.timestamp
 
 
+def test_an_error_line_is_one_write_so_the_ranks_lines_do_not_splice(monkeypatch):
+    """Under torchrun every rank may print the same error at the same moment. print writes the line, then its
+    newline, and two ranks' lines spliced into one ("...the shortcut sees xreslab: error: ..."; a fuzz of config
+    keys under torchrun found it). One write of a short line to a pipe is not split."""
+    writes = []
+
+    class Stderr:
+        def write(self, text):
+            writes.append(text)
+            return len(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Stderr())
+    assert cli._main(["train", "--set", "optim.lr=-1"]) == 2
+    assert writes == ["reslab: error: optim.lr: must be > 0, got -1.0\n"]
+
+
 def test_a_dist_timeout_that_is_not_a_number_of_seconds_is_refused(monkeypatch):
     """int() of the variable: "abc" was a ValueError traceback on every rank, "0" or "-5" a timeout that every
     collective would miss; "2.5" was refused."""

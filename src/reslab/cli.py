@@ -321,8 +321,10 @@ def _say(line: str, on_screen: bool = True, after: int = 0) -> None:
     (TORCHELASTIC_ERROR_FILE), so that its summary of the failed ranks names the reason instead of a link.
     torchrun names the earliest failure its root cause, to the second, and of a tie the rank it lists first:
     a rank that stopped because another left says it failed `after` seconds later, so that its cause wins."""
-    if on_screen:
-        print(line, file=sys.stderr)
+    if (
+        on_screen
+    ):  # one write: print's two (the line, then its newline) let torchrun's ranks splice their lines
+        sys.stderr.write(line + "\n")
     if path := os.environ.get("TORCHELASTIC_ERROR_FILE"):
         try:
             Path(path).write_text(json.dumps({"message": line, "timestamp": int(time.time()) + after}))

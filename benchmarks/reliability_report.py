@@ -113,6 +113,7 @@ SELECT = [
     "tests/test_dist.py::test_a_dist_timeout_that_is_not_a_number_of_seconds_is_refused",
     "tests/test_dist.py::test_a_collective_that_timed_out_is_one_line",
     "tests/test_dist.py::test_an_error_line_goes_into_the_file_torchrun_reads_each_failed_ranks_reason_from",
+    "tests/test_dist.py::test_an_error_line_is_one_write_so_the_ranks_lines_do_not_splice",
     "tests/test_engine.py::test_micro_batches_accumulate_the_whole_batchs_step",
     "tests/test_studies.py::test_study_cli_rejects_bad_depths_before_training",
     "tests/test_warm_start.py::test_weights_that_are_not_tensors_are_refused",

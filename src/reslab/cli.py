@@ -321,9 +321,8 @@ def _say(line: str, on_screen: bool = True, after: int = 0) -> None:
     (TORCHELASTIC_ERROR_FILE), so that its summary of the failed ranks names the reason instead of a link.
     torchrun names the earliest failure its root cause, to the second, and of a tie the rank it lists first:
     a rank that stopped because another left says it failed `after` seconds later, so that its cause wins."""
-    if (
-        on_screen
-    ):  # one write: print's two (the line, then its newline) let torchrun's ranks splice their lines
+    # one write: print's two (the line, then its newline) let torchrun's ranks splice their lines
+    if on_screen:
         sys.stderr.write(line + "\n")
     if path := os.environ.get("TORCHELASTIC_ERROR_FILE"):
         try:

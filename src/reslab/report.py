@@ -18,7 +18,7 @@ from torch import nn
 
 from . import config as config_mod
 from . import files
-from .data import black, load_dataset, make_test_loader, resize
+from .data import black, load_dataset, make_test_loader, resize, tta_shift_fault
 from .engine import checkpoint
 from .engine.host import check_memory, set_up
 from .engine.precision import autocast, memory_format, resolve_device, resolve_precision
@@ -258,11 +258,9 @@ def predictions(
     model, meta, state = load_model(path)
     channels, size = meta["in_channels"], meta["image_size"]
     train = config_mod.from_dict(state["config"]).train
-    if train.tta_shift >= (seen := meta["resize"] or size):  # a checkpoint edited or from elsewhere
-        raise ReslabError(
-            f"{checkpoint.find(path)}: train.tta_shift: must be smaller than the {seen}-pixel inputs, got "
-            f"{train.tta_shift}"
-        )
+    # the loader checks a run's own shift; this one comes from a checkpoint, edited or from elsewhere
+    if why := tta_shift_fault(train.tta_shift, meta["resize"] or size):
+        raise ReslabError(f"{checkpoint.find(path)}: {why}")
     arrays = [read_image(p, channels, size, invert) for p in images]
     pixels = torch.from_numpy(np.stack(arrays))
     pixels = pixels.unsqueeze(1) if channels == 1 else pixels.permute(0, 3, 1, 2)

@@ -159,6 +159,13 @@ def make_loaders(
     return train, test
 
 
+def tta_shift_fault(tta_shift: int, seen: int) -> str | None:
+    """Why a test-time shift of `tta_shift` pixels cannot shift inputs of `seen` pixels (None if it can)."""
+    if tta_shift >= seen:
+        return f"train.tta_shift: must be smaller than the {seen}-pixel inputs, got {tta_shift}"
+    return None
+
+
 def make_test_loader(
     data: Dataset,
     cfg: DataConfig,
@@ -169,9 +176,8 @@ def make_test_loader(
     tta_shift: int = 0,
 ) -> TensorLoader:
     """The test loader alone (`reslab eval`); `tta_shift` must be smaller than the images the model sees."""
-    seen = cfg.resize or min(data.test_images.shape[-2:])
-    if tta_shift >= seen:
-        raise ReslabError(f"train.tta_shift: must be smaller than the {seen}-pixel inputs, got {tta_shift}")
+    if why := tta_shift_fault(tta_shift, cfg.resize or min(data.test_images.shape[-2:])):
+        raise ReslabError(why)
     return TensorLoader(
         data.test_images,
         data.test_labels,
@@ -203,4 +209,5 @@ __all__ = [
     "random_crop",
     "random_erasing",
     "resize",
+    "tta_shift_fault",
 ]

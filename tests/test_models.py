@@ -397,6 +397,33 @@ def test_bad_names_and_options_list_the_choices():
     assert build_model("resnet20", always_project=True, shortcut="projection-nobn")
 
 
+def test_a_builders_own_check_from_a_config_names_its_keys_before_data_loads(tmp_path, capsys):
+    """What check_options cannot see (a dropout's range, a shortcut to scale, an order for the shortcut option) the
+    builders check; from a config that is one line under model.options, before the data is looked for."""
+    from reslab import config
+
+    for sets, message in (
+        (["model.options.dropout=2"], "resnet8: dropout must be at least 0 and below 1, got 2"),
+        (
+            ["model.name=plain20", "model.options.shortcut_scale=0.5"],
+            "plain20: shortcut_scale=0.5 needs a shortcut to scale; this unit has none",
+        ),
+        (
+            ["model.options.preact_shortcut=false"],
+            "resnet8: preact_shortcut=False needs order full-preact; in original the shortcut sees x",
+        ),
+    ):
+        with pytest.raises(ReslabError) as caught:
+            config.load("fast", sets)
+        assert str(caught.value) == f"model.options of {message}"
+    run = tmp_path / "run"
+    argv = ["train", "--out", str(run), "--set", f"data.root={tmp_path / 'none'}", "model.options.dropout=2"]
+    assert main(argv) == 2
+    err = "reslab: error: model.options of resnet8: dropout must be at least 0 and below 1, got 2\n"
+    assert capsys.readouterr().err == err
+    assert not run.exists()
+
+
 def test_stem_small_keeps_resolution():
     model = build_model("resnet18", 1, 10, stem="small")
     rows = summary(model, (1, 1, 28, 28), print_table=False)

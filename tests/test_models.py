@@ -68,6 +68,20 @@ def test_activation_bytes_on_the_meta_device_are_a_real_forwards():
         assert kept > largest > 0, name
 
 
+def test_counting_activations_lets_the_model_go():
+    """The memory check counts on a copy of the run's model, which must be freed after: the count's forward graph
+    once held it in a cycle that Python's collector could not see (221 MB of RSS for resnet152, all run long)."""
+    import gc
+    import weakref
+
+    model = build_model("resnet20", 1, 10).train()
+    weight = weakref.ref(next(model.parameters()))
+    assert activation_bytes(model, (1, 28, 28))[0] > 0
+    del model
+    gc.collect()
+    assert weight() is None
+
+
 @pytest.mark.parametrize(
     "name,channels,classes,expected",
     [

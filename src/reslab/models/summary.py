@@ -90,7 +90,9 @@ def activation_bytes(model: nn.Module, image: tuple[int, ...]) -> tuple[int, int
         storage = t.untyped_storage()
         if id(storage) not in weights and t.dim() > 1:  # not BatchNorm's statistics, one per channel
             kept[id(storage)] = storage
-        return t
+        # not t itself: an output saved with its own grad_fn is a cycle through C++ that Python's collector cannot
+        # see, and the graph and the model under it would never be freed (221 MB for resnet152's copy)
+        return t.detach()
 
     def record(m, inputs, output):
         nonlocal largest

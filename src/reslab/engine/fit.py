@@ -329,8 +329,12 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
         while run.epoch < cfg.train.epochs:
             epoch = run.epoch
             # the guard's rollback point: the epoch's start, also for a run resumed within it (its checkpoint's)
-            snap = run.epoch_start if run.batch and run.epoch_start is not None else snapshot(run)
-            run.epoch_start = snap
+            if run.batch and run.epoch_start is not None:
+                snap = run.epoch_start
+            else:
+                # the last epoch's copy goes first: two at once would double what it takes at each epoch's start
+                snap = run.epoch_start = None
+                snap = run.epoch_start = snapshot(run)
             try:
                 metrics = _train_and_evaluate(run, epoch, step_hook)
             except guard.Divergence as e:

@@ -420,8 +420,8 @@ def test_a_run_that_cannot_fit_in_memory_is_one_line_before_anything_is_written(
     with torch.device("meta"):
         model = build_model("resnet8", 1, 10, **cfg.model.options)
         kept, largest = activation_bytes(model.train(), (1, side, side))
-    # a step also keeps the gradients and SGD's momentum buffers: 2.3 MB for resnet8
-    state = state_bytes(model, cfg.optim, cfg.train.ema > 0)
+    # a step also keeps the gradients, SGD's momentum buffers and the guard's copy of both: 4.7 MB for resnet8
+    state = state_bytes(model, cfg.optim, cfg.train.ema > 0, 1, cfg.train.epochs)
     need = batch * kept + state if what == "a training step" else batch * largest
     out = tmp_path / "run"
     argv = ["train", "--out", str(out), "--quiet", "--set", *overrides]
@@ -429,7 +429,8 @@ def test_a_run_that_cannot_fit_in_memory_is_one_line_before_anything_is_written(
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
-    plus = f", plus {memory.amount(state)} of gradients and optimiser state" * (what == "a training step")
+    held = "gradients, optimiser state and the guard's rollback copy"
+    plus = f", plus {memory.amount(state)} of {held}" * (what == "a training step")
     says = f"{what} of resnet8 needs at least {memory.amount(need)} ({batch} images of 1x{side}x{side}, fp32{plus})"
     assert says + f", more than the {memory.amount(need - 1)} this machine has free" in err, err
     assert not out.exists()
@@ -505,8 +506,9 @@ def test_each_torchrun_rank_on_a_machine_needs_its_own_memory(tmp_path, monkeypa
 
 def test_a_steps_gradients_and_optimiser_state_count_in_its_memory(monkeypatch):
     """Beside its activations a training step keeps a gradient per weight, the optimiser's slots, the moving
-    average's copy of the weights and, under DistributedDataParallel, its gradient buckets: 1.2 GB for a
-    ResNet-152 with AdamW and EMA on 2 ranks, which the check left out."""
+    average's copy of the weights, under DistributedDataParallel its gradient buckets, and the guard's copy of
+    the weights, the EMA's and (from the second epoch) the slots: 1.7 GB for a ResNet-152 with AdamW and EMA on
+    2 ranks, which the check left out."""
     import dataclasses
 
     from reslab import config, memory
@@ -520,32 +522,36 @@ def test_a_steps_gradients_and_optimiser_state_count_in_its_memory(monkeypatch):
     grads = 4 * sum(p.numel() for p in model.parameters())
     weights = grads + sum(b.numel() * b.element_size() for b in model.buffers())
     sgd, adamw = cfg.optim, dataclasses.replace(cfg.optim, name="adamw")
-    assert state_bytes(model, sgd, ema=False) == 2 * grads  # SGD's momentum buffer
-    assert state_bytes(model, dataclasses.replace(sgd, momentum=0.0), ema=False) == grads
-    assert state_bytes(model, adamw, ema=False) == 3 * grads  # AdamW's two moments
-    assert state_bytes(model, adamw, ema=True, ranks=2) == 4 * grads + weights
+    # the guard's copy of the weights and buffers is in each
+    assert state_bytes(model, sgd, ema=False) == 2 * grads + weights  # SGD's momentum buffer
+    assert state_bytes(model, dataclasses.replace(sgd, momentum=0.0), ema=False) == grads + weights
+    assert state_bytes(model, adamw, ema=False) == 3 * grads + weights  # AdamW's two moments
+    # and from the second epoch, the guard's copy of them
+    assert state_bytes(model, adamw, ema=False, epochs=2) == 5 * grads + weights
+    assert state_bytes(model, adamw, ema=True, ranks=2) == 4 * grads + 3 * weights  # the EMA's, and its copy
     with torch.device("meta"):
         big = build_model("resnet152", 3, 1000)
-    assert 1.2e9 < state_bytes(big, adamw, ema=True, ranks=2) < 1.21e9
+    assert 1.68e9 < state_bytes(big, adamw, ema=True, ranks=2) < 1.69e9
     # the state alone past the limit: a smaller batch cannot help
     state = state_bytes(model, adamw, ema=False)
     monkeypatch.setattr(memory, "available", lambda: state)
     with pytest.raises(
         ReslabError,
-        match=r"^a training step of resnet8 needs at least 4 MB \(1 image of 1x28x28, fp32, plus 4 MB of gradients "
-        r"and optimiser state\), more than .*: choose a smaller model, or an optimiser with fewer slots \(adamw keeps "
-        r"two, sgd one\)$",
+        match=r"^a training step of resnet8 needs at least 5 MB \(1 image of 1x28x28, fp32, plus 5 MB of gradients, "
+        r"optimiser state and the guard's rollback copy\), more than .*: choose a smaller model, or an optimiser "
+        r"with fewer slots \(adamw keeps two, sgd one\)$",
     ):
         check_memory(model, cfg.model, (1, 28, 10), (1, 1), "fp32", state=state + 1)
     for p in model.parameters():  # frozen weights have no gradient and no slot
         p.requires_grad_(False)
-    assert state_bytes(model, adamw, ema=True) == weights
+    assert state_bytes(model, adamw, ema=True) == 3 * weights
 
 
 def test_a_run_over_a_real_containers_memory_limit_is_one_line_not_killed(tiny_data, tmp_path):
-    """Under a real control group's 1.1 GB limit (needs root and a writable hierarchy), a ResNet-152 with AdamW
-    and EMA is refused in one line: its 931 MB of gradients and optimiser state do not fit beside the ~400 MB the
-    process holds by then. Before the check counted either, the kernel's OOM killer ended it without a word."""
+    """Under a real control group's 1.6 GiB limit (needs root and a writable hierarchy), a ResNet-152 with AdamW
+    and EMA is refused in one line: its 1.4 GB of gradients, optimiser state and the guard's copy do not fit beside
+    the ~400 MB the process holds by then. Before the check counted either, the kernel's OOM killer ended it
+    without a word."""
     from pathlib import Path
 
     root = Path("/sys/fs/cgroup")
@@ -557,7 +563,7 @@ def test_a_run_over_a_real_containers_memory_limit_is_one_line_not_killed(tiny_d
         pytest.skip(f"cannot make a control group: {e}")
     try:
         try:
-            (group / ("memory.max" if v2 else "memory.limit_in_bytes")).write_text(str(1100 * 2**20))
+            (group / ("memory.max" if v2 else "memory.limit_in_bytes")).write_text(str(1600 * 2**20))
         except OSError as e:
             pytest.skip(f"cannot limit a control group's memory: {e}")
         out = tmp_path / "run"
@@ -572,7 +578,10 @@ def test_a_run_over_a_real_containers_memory_limit_is_one_line_not_killed(tiny_d
     finally:
         group.rmdir()
     assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, (done.returncode, done.stderr)
-    assert "plus 931 MB of gradients and optimiser state" in done.stderr and not out.exists(), done.stderr
+    assert (
+        "plus 1.4 GB of gradients, optimiser state and the guard's rollback copy" in done.stderr
+        and not out.exists()
+    ), done.stderr
 
 
 def test_a_folder_that_cannot_fit_in_memory_is_one_line_before_it_is_read(tmp_path, monkeypatch):

@@ -233,7 +233,8 @@ def check_memory(
         ("an evaluation batch", batches[1], largest, 0, smaller_eval),
     ):
         if n and (need := n * each // half + kept_too) * ranks > free:
-            plus = f", plus {memory.amount(kept_too)} of gradients and optimiser state" if kept_too else ""
+            held = "gradients, optimiser state and the guard's rollback copy"
+            plus = f", plus {memory.amount(kept_too)} of {held}" if kept_too else ""
             raise ReslabError(
                 f"{what} of {cfg.name} needs at least {memory.amount(need)} ({n:,} image{'s' * (n > 1)} of {image}, "
                 f"{precision}{plus}){memory.on_each_rank(need)}, more than the {memory.amount(free)} this "

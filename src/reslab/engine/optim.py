@@ -111,16 +111,17 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer 
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused)
 
 
-def state_bytes(model: nn.Module, cfg: OptimConfig, ema: bool, ranks: int = 1) -> int:
+def state_bytes(model: nn.Module, cfg: OptimConfig, ema: bool, ranks: int = 1, epochs: int = 1) -> int:
     """The bytes a training run keeps beside its weights and activations: a gradient per trainable parameter,
     the optimiser's slots (SGD's momentum buffer, none without momentum; AdamW's two moments), with `ema` a copy of
-    the weights and buffers, and under DistributedDataParallel (`ranks` > 1) its gradient buckets, a second copy
-    of the gradients."""
+    the weights and buffers, under DistributedDataParallel (`ranks` > 1) its gradient buckets, a second copy of
+    the gradients, and the divergence guard's copy of each epoch's start: the weights and buffers, the EMA's, and
+    from the second of `epochs` on the slots, which the optimiser fills at its first step."""
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     slots = 2 if cfg.name == "adamw" else int(cfg.momentum != 0)
-    copies = 1 + slots + (ranks > 1)
+    copies = 1 + slots + (ranks > 1) + slots * (epochs > 1)
     weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    return copies * trainable + ema * weights
+    return copies * trainable + (1 + 2 * ema) * weights
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer | SGD, state: dict) -> None:

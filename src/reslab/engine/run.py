@@ -136,7 +136,7 @@ def prepare(cfg: Config, out: Path, quiet: bool = False, warm: bool = True) -> R
             -(-per_rank // cfg.train.accum_steps),
             -(-min(cfg.train.eval_batch_size, held) // ctx.world_size),
         )
-        state = state_bytes(model, cfg.optim, cfg.train.ema > 0, ctx.world_size)
+        state = state_bytes(model, cfg.optim, cfg.train.ema > 0, ctx.world_size, cfg.train.epochs)
         shape = (data.in_channels, size, len(data.classes))
         check_memory(model, cfg.model, shape, batches, precision, state=state)
     check_forward(model, cfg.model.name, data.in_channels, len(data.classes), size)

@@ -59,6 +59,7 @@ SELECT = [
     "tests/test_models.py::test_counting_activations_lets_the_model_go",
     "tests/test_engine.py::test_guard_rolls_back_and_halves_the_lr_on_injected_nan",
     "tests/test_engine.py::test_each_epochs_rollback_copy_replaces_the_last_one_not_beside_it",
+    "tests/test_engine.py::test_a_resumed_run_lets_its_checkpoint_go_once_restored",
     "tests/test_engine.py::test_hopeless_run_stops_cleanly",
     "tests/test_engine.py::test_seed_recipe_with_absurd_lr_never_writes_nan",
     "tests/test_engine.py::test_resume_after_a_crash_is_bit_identical",

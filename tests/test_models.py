@@ -436,6 +436,8 @@ def test_a_builders_own_check_from_a_config_names_its_keys_before_data_loads(tmp
     err = "reslab: error: model.options of resnet8: dropout must be at least 0 and below 1, got 2\n"
     assert capsys.readouterr().err == err
     assert not run.exists()
+    assert main(["summary", "resnet8", "--set", "model.options.dropout=2"]) == 2  # a bare model's options too
+    assert capsys.readouterr().err == err
 
 
 def test_stem_small_keeps_resolution():

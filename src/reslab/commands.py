@@ -125,7 +125,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_summary(args: argparse.Namespace) -> int:
     from . import config
     from .data import describe
-    from .models import build_model, input_size, summary
+    from .models import build_model, check_config_options, input_size, summary
 
     if (args.model is None) == (args.config is None):
         raise ReslabError("summary: name a MODEL or a recipe with --config, one of the two")
@@ -142,6 +142,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
                 "summary MODEL: --set takes model options (model.options.KEY=VALUE); other keys need --config"
             )
         options = model["options"]
+        check_config_options(name, options)
     if args.config is not None:  # the recipe's model and options, at the images and classes its data gives
         cfg = config.load(args.config, args.set)
         name, options = cfg.model.name, cfg.model.options

@@ -398,10 +398,9 @@ def validate(cfg: Config, model: bool = True) -> None:
     if not model:
         return
     # the model name and options are checked here too, before anything is written
-    from .models import check_built, check_options
+    from .models import check_config_options
 
-    check_options(cfg.model.name, cfg.model.options, prefix="model.options.")
-    check_built(cfg.model.name, cfg.model.options, prefix=f"model.options of {cfg.model.name}: ")
+    check_config_options(cfg.model.name, cfg.model.options)
 
 
 def flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

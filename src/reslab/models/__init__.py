@@ -4,7 +4,7 @@ from .blocks import ORDERS, SHORTCUTS, ResidualUnit, ZeroPadShortcut
 from .nets import cifar_resnet, d2l_resnet18, imagenet_resnet, init_weights, make_stage, wide_resnet
 from .registry import (
     build_model,
-    check_built,
+    check_config_options,
     check_forward,
     check_options,
     check_strides,
@@ -25,7 +25,7 @@ __all__ = [
     "ZeroPadShortcut",
     "activation_bytes",
     "build_model",
-    "check_built",
+    "check_config_options",
     "check_forward",
     "check_options",
     "check_strides",

@@ -153,18 +153,20 @@ def check_options(name: str, options: dict[str, object], prefix: str = "") -> No
             raise ReslabError(f"{prefix}{key}: must be a string, got {value!r}")
 
 
-def check_built(name: str, options: dict[str, object], prefix: str = "") -> None:
-    """Build one of the library's own models on the meta device (shapes only: 0.01 s for resnet20, 0.8 s for
-    resnet1202), so that its builder's own checks (a dropout below 1, a shortcut to scale, an order the
-    shortcut allows) are one line naming where the options came from, before data loads. A model of your own
-    is left to its first build: it may need the data's channels, or take long."""
+def check_config_options(name: str, options: dict[str, object]) -> None:
+    """A model's options as a config gives them (model.options; `summary MODEL --set`), each fault one line
+    under model.options: check_options, then for one of the library's own models a build on the meta device
+    (shapes only: 0.01 s for resnet20, 0.8 s for resnet1202), so that its builder's own checks (a dropout below 1,
+    a shortcut to scale, an order the shortcut allows) come before the data loads. A model of your own is left
+    to its first build: it may need the data's channels, or take long."""
+    check_options(name, options, prefix="model.options.")
     if name not in _BUILT_IN:
         return
     try:
         with torch.device("meta"):
             _get(name)(in_channels=1, num_classes=10, **options)
     except ReslabError as e:
-        raise ReslabError(f"{prefix}{e}") from None
+        raise ReslabError(f"model.options of {name}: {e}") from None
 
 
 def build_model(name: str, in_channels: int = 1, num_classes: int = 10, **options) -> nn.Module:

@@ -231,6 +231,29 @@ def test_each_epochs_rollback_copy_replaces_the_last_one_not_beside_it(tiny_data
     assert held == [False, False, False]
 
 
+def test_every_rollback_of_an_epoch_restores_the_optimiser_of_its_start(tiny_data, tmp_path, monkeypatch):
+    """An optimiser takes the tensors it loads as its own (no copy): the retry's steps change the rollback copy it
+    was restored from in place. The loop takes a new copy before the retry, so a second rollback in the same
+    epoch restores the slots the epoch started with, not the retry's."""
+    fit_module = importlib.import_module("reslab.engine.fit")
+    real, restored = fit_module.restore_training_state, []
+
+    def restore(run, state):
+        real(run, state)
+        restored.append([t.clone() for s in run.optimizer.state_dict()["state"].values() for t in s.values()])
+
+    def poison(run):
+        if run.epoch == 1 and run.batch == 3 + 2 * len(restored) and len(restored) < 2:
+            with torch.no_grad():
+                next(run.model.parameters()).fill_(float("nan"))
+
+    monkeypatch.setattr(fit_module, "restore_training_state", restore)
+    cfg = tiny_cfg(tiny_data, **{"train.epochs": 2, "optim.name": "adamw"})
+    summary = fit(cfg, tmp_path / "run", quiet=True, on_step=poison)
+    assert len(summary["guard_events"]) == len(restored) == 2
+    assert all(torch.equal(a, b) for a, b in zip(*restored, strict=True))
+
+
 def test_batched_guard_checks_train_the_same_and_still_roll_back(tiny_data, tmp_path):
     """train.guard_every > 1 (the GPU default, forced here on the CPU) reads the steps' numbers in batches: the
     same updates and metrics bit for bit, and an injected NaN is caught at the next read, named by its step,

@@ -141,6 +141,33 @@ def test_eval_of_a_bf16_run_finds_the_runs_own_figures(tiny_data, tmp_path):
     )
 
 
+def test_load_model_holds_the_model_not_the_checkpoint(trained, monkeypatch):
+    """load_model copies the weights into the model; the checkpoint's tensors (a last.pt's optimiser state too)
+    are let go, not held as long as the evaluation or prediction that loaded them runs."""
+    import gc
+    import weakref
+
+    real, tensors = checkpoint.load, []
+
+    def load(path, **kw):
+        state = real(path, **kw)
+        tensors.extend(weakref.ref(t) for part in ("model", "optimizer") for t in _tensors(state[part]))
+        return state
+
+    monkeypatch.setattr(checkpoint, "load", load)
+    model, meta, rest = load_model(trained / "last.pt")
+    gc.collect()
+    assert len(tensors) > 20 and all(ref() is None for ref in tensors)
+    assert {"config", "epoch", "batch"} <= set(rest) and "optimizer" not in rest
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    values = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, list | tuple) else []
+    return [t for v in values for t in _tensors(v)]
+
+
 def test_predict_on_png_files_matches_the_tensor_pipeline(trained, tmp_path, capsys):
     model, meta, state = load_model(trained)
     cfg = config.from_dict(state["config"])

@@ -29,8 +29,9 @@ from .models import build_model
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict, dict]:
-    """(model in eval mode, meta, checkpoint) from a run directory (its best.pt) or a checkpoint file.
-    The EMA weights are used when the run kept them: they are what the run evaluated."""
+    """(model in eval mode, meta, the checkpoint's other entries: config, epoch, batch, history) from a run
+    directory (its best.pt) or a checkpoint file. The EMA weights are used when the run kept them: they are what
+    the run evaluated."""
     path = checkpoint.find(path)
     state = checkpoint.load(path)
     meta = state.get("meta")
@@ -50,7 +51,10 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict, dict]:
             f"{path}: {bad[0]} holds NaN or infinite values (diverged, or damaged)"
         )
     model.load_state_dict(weights)
-    return model.eval(), meta, state
+    # not the tensors the model copied, nor a last.pt's optimiser state: held as long as the caller evaluates or
+    # predicts, they would double a large model's memory (932 MB beside resnet152's weights with AdamW and EMA)
+    rest = {k: v for k, v in state.items() if k not in ("model", "ema", "optimizer", "epoch_start")}
+    return model.eval(), meta, rest
 
 
 # ------------------------------------------------------------------------------------------- eval

@@ -38,6 +38,7 @@ TESTS = {
     "test_counting_activations_lets_the_model_go": RELEASED,
     "test_each_epochs_rollback_copy_replaces_the_last_one_not_beside_it": RELEASED,
     "test_a_resumed_run_lets_its_checkpoint_go_once_restored": RELEASED,
+    "test_load_model_holds_the_model_not_the_checkpoint": RELEASED,
 }
 SELECT = [
     "tests/test_reliability.py",
@@ -67,6 +68,7 @@ SELECT = [
     "tests/test_engine.py::test_guard_rolls_back_and_halves_the_lr_on_injected_nan",
     "tests/test_engine.py::test_each_epochs_rollback_copy_replaces_the_last_one_not_beside_it",
     "tests/test_engine.py::test_a_resumed_run_lets_its_checkpoint_go_once_restored",
+    "tests/test_report.py::test_load_model_holds_the_model_not_the_checkpoint",
     "tests/test_engine.py::test_hopeless_run_stops_cleanly",
     "tests/test_engine.py::test_seed_recipe_with_absurd_lr_never_writes_nan",
     "tests/test_engine.py::test_resume_after_a_crash_is_bit_identical",

@@ -33,7 +33,7 @@ AREAS = {
     "test_bench": ("benchmarks", "refused in one line / measurements kept / kills told from errors"),
 }
 # tests whose meaning is not their module's: memory let go rather than bad input refused
-RELEASED = ("memory", "what the run no longer needs is freed, not held all run long")
+RELEASED = ("memory", "what is no longer needed is freed, not held as long as the command runs")
 TESTS = {
     "test_counting_activations_lets_the_model_go": RELEASED,
     "test_each_epochs_rollback_copy_replaces_the_last_one_not_beside_it": RELEASED,

@@ -164,7 +164,7 @@ def check_config_options(name: str, options: dict[str, object]) -> None:
         return
     try:
         with torch.device("meta"):
-            _get(name)(in_channels=1, num_classes=10, **options)
+            build_model(name, **options)
     except ReslabError as e:
         raise ReslabError(f"model.options of {name}: {e}") from None
 

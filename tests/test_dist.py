@@ -5,8 +5,11 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -127,6 +130,122 @@ def test_a_rank_whose_peer_died_says_so_in_one_line(tiny_data, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
 
+def on_two_machines(dirs: list[Path], args: list[str]) -> list[tuple[int, str]]:
+    """The README's command for two machines, one rank each: two torchrun agents meeting at a c10d rendezvous on a
+    free port of this machine, each in its own working directory. Each machine's (exit code, output)."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, RESLAB_DIST_TIMEOUT="300", OMP_NUM_THREADS="1")
+    cmd = [
+        TORCHRUN,
+        "--nnodes=2",
+        "--nproc_per_node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=localhost:{port}",
+    ]
+    cmd += ["--rdzv-id=test", "-m", "reslab", *args]
+    logs = [d.parent / f"{d.name}.log" for d in dirs]
+    machines = []
+    for d, log in zip(dirs, logs):
+        with open(log, "w") as f:
+            machines.append(subprocess.Popen(cmd, cwd=d, env=env, stdout=f, stderr=subprocess.STDOUT))
+    return [(m.wait(timeout=600), log.read_text()) for m, log in zip(machines, logs)]
+
+
+@pytest.mark.slow
+def test_two_machines_train_as_two_ranks_and_one_that_lacks_the_run_stops_both_at_once(tiny_data, tmp_path):
+    """Each machine's --out here is its own ("run" in its own directory), not storage both see: rank 0 writes the
+    run where it runs. Resumed, the rank on the machine without it stopped with its line before the ranks met,
+    and the other waited in the join for RESLAB_DIST_TIMEOUT (10 minutes), to end in a traceback of
+    DistStoreError; now it stops as soon as the first has, quoting it."""
+    whole = launch(tmp_path / "whole", tiny_data, 2)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    for d in dirs:
+        d.mkdir()
+    overrides = tiny_overrides(tiny_data, **{"train.epochs": 3})
+    trained = on_two_machines(dirs, ["train", "--out", "run", "--quiet", "--set", *overrides])
+    assert [code for code, _ in trained] == [0, 0], trained
+    # rank 0 is on either machine: torchrun's rendezvous numbers them
+    (run,) = [d / "run" for d in dirs if (d / "run").exists()]
+    a, b = (checkpoint.load(d / "last.pt")["model"] for d in (tmp_path / "whole", run))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same bits as two ranks on one machine
+    before = (run / "last.pt").read_bytes()
+    resumed = on_two_machines(dirs, ["train", "--out", "run", "--resume", "--set", "train.epochs=4"])
+    (lacks,) = [out for d, (_, out) in zip(dirs, resumed) if not (d / "run").exists()]
+    (holds,) = [out for d, (_, out) in zip(dirs, resumed) if (d / "run").exists()]
+    assert all(code != 0 for code, _ in resumed)
+    why = (
+        "cannot resume: run holds no run (no config.yaml, no last.pt): on several machines, --out must be a "
+    )
+    assert f"reslab: error: {why}" in lacks
+    said = re.search(r"reslab: error: rank (\d) stopped: rank (\d) failed before the ranks met: (.*)", holds)
+    assert said and said[1] != said[2] and said[3].startswith(why), holds[-3000:]
+    assert "DistStoreError" not in holds and "reslab/cli.py" not in holds  # no traceback of the rank's
+    assert (run / "last.pt").read_bytes() == before
+
+
+def test_a_rank_that_stops_before_the_ranks_meet_stops_those_that_wait_for_it(monkeypatch):
+    """torchrun's agent serves a store to every rank of a run (here one of this process's own), where the ranks
+    say they came to train and, before they meet, that one stopped. An attempt of torchrun's --max-restarts does
+    not read the last one's word."""
+    from torch.distributed import TCPStore
+
+    from reslab.engine import dist
+
+    store = TCPStore("localhost", 0, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    monkeypatch.setenv("MASTER_PORT", str(store.port))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run")
+    monkeypatch.setenv("RANK", "1")
+
+    def attempt(n: int) -> None:
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", str(n))
+
+    attempt(0)
+    dist.tell_others("reslab: error: --config x.yaml: no such file")
+    dist.tell_others("reslab: error: a second line")  # the first rank to stop is the one quoted
+    said = r"^rank 0 stopped: rank 1 failed before the ranks met: --config x.yaml: no such file$"
+    with pytest.raises(ReslabError, match=said) as stopped:
+        dist.wait_for_ranks(0, 3, 300)
+    assert stopped.value.after == 1  # torchrun names the rank that failed first its root cause
+    attempt(1)  # a rank that waits already: the one that stops stays until it has read why
+    waits = []
+    other = threading.Thread(
+        target=lambda: waits.append(pytest.raises(ReslabError, dist.wait_for_ranks, 0, 2, 300))
+    )
+    other.start()
+    while store.add("reslab/run/1/ready", 0) < 1:
+        time.sleep(0.01)
+    dist.tell_others("reslab: error: --config x.yaml: no such file")
+    assert store.add("reslab/run/1/told", 0) == 1
+    other.join()
+    assert waits and waits[0].match(said)
+    attempt(2)  # every rank comes
+    other = threading.Thread(target=dist.wait_for_ranks, args=(1, 2, 300))
+    other.start()
+    dist.wait_for_ranks(0, 2, 300)
+    other.join()
+    attempt(3)
+    with pytest.raises(
+        ReslabError,
+        match=r"^rank 0 stopped: 1 of the 2 ranks did not come to train in RESLAB_DIST_TIMEOUT=0.2 s$",
+    ):
+        dist.wait_for_ranks(0, 2, 0.2)
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE")  # another launcher: rank 0's join serves the store
+    dist.wait_for_ranks(0, 2, 0.01)
+    port = store.port
+    del store  # the store's machine went
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    with pytest.raises(
+        ReslabError, match=r"^rank 0 stopped: torchrun's store went away before the ranks met"
+    ):
+        dist.wait_for_ranks(0, 2, 0.5)
+
+
 def test_an_error_line_goes_into_the_file_torchrun_reads_each_failed_ranks_reason_from(monkeypatch, tmp_path):
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
@@ -206,6 +325,16 @@ def test_a_collective_that_timed_out_is_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err == (
         "reslab: error: rank 1 stopped: no answer from another rank in RESLAB_DIST_TIMEOUT=10 s: it hangs, "
         "or waits elsewhere\n"
+    )
+    # the join, launched without torchrun's agent (rank 0 serves the store): a rank that never came
+    joined = "wait timeout after 10000ms, keys: /default_pg/0//cpu//0/1"
+    monkeypatch.setattr(
+        commands, "cmd_models", lambda args: (_ for _ in ()).throw(torch.distributed.DistStoreError(joined))
+    )
+    assert cli._main(["models"]) == 1
+    assert capsys.readouterr().err == (
+        "reslab: error: rank 1 stopped: not every rank joined in RESLAB_DIST_TIMEOUT=10 s: one stopped before "
+        "(its own message says why), or cannot reach MASTER_ADDR:MASTER_PORT\n"
     )
 
 

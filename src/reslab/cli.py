@@ -278,10 +278,16 @@ def peer_trouble(text: str) -> str:
     for gone in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"):
         if gone in text:
             return f"another rank left ({gone}); that rank's message says why"
-    if "Timed out waiting" in text:
-        from .engine.dist import timeout_seconds  # loaded by then: a collective raised this
+    if "Timed out waiting" in text or "wait timeout after" in text:
+        from .engine.dist import timeout_seconds  # loaded by then: a collective or the join raised this
 
         limit = f"{timeout_seconds():g}"
+        # the join's (DistStoreError), where torchrun's agent serves no store
+        if "wait timeout after" in text:
+            return (
+                f"not every rank joined in RESLAB_DIST_TIMEOUT={limit} s: one stopped before (its own message "
+                "says why), or cannot reach MASTER_ADDR:MASTER_PORT"
+            )
         return f"no answer from another rank in RESLAB_DIST_TIMEOUT={limit} s: it hangs, or waits elsewhere"
     return ""
 
@@ -329,6 +335,11 @@ def _say(line: str, on_screen: bool = True, after: int = 0) -> None:
             Path(path).write_text(json.dumps({"message": line, "timestamp": int(time.time()) + after}))
         except OSError:
             pass  # the line above is what counts
+    # ranks waiting for this one to join stop now, quoting it; one that stopped for another's sake has nothing to add
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not after:
+        from .engine.dist import tell_others
+
+        tell_others(line)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -340,7 +351,7 @@ def _main(argv: list[str] | None) -> int:
         import_modules(getattr(args, "imports", []))
         return args.func(args)
     except ReslabError as e:
-        _say(f"reslab: error: {e}", e.every_rank or int(os.environ.get("RANK", "0")) == 0)
+        _say(f"reslab: error: {e}", e.every_rank or int(os.environ.get("RANK", "0")) == 0, e.after)
         return e.exit_code
     except KeyboardInterrupt:
         _say("reslab: interrupted")

@@ -24,3 +24,6 @@ class ReslabError(Exception):
     exit_code = 2
     # under torchrun each rank says it; False: the ranks' messages are one, and rank 0 says it
     every_rank = True
+    # under torchrun, seconds to add to the time its error file gives: 1 for a rank that stopped because another
+    # did, so that torchrun names the other one its root cause
+    after = 0

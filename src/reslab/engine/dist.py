@@ -7,6 +7,7 @@ import datetime
 import gc
 import math
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -64,7 +65,9 @@ def setup(device_type: str) -> DistContext:
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        timeout = datetime.timedelta(seconds=timeout_seconds())
+        seconds = timeout_seconds()
+        wait_for_ranks(rank, world, seconds)
+        timeout = datetime.timedelta(seconds=seconds)
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timeout)
         atexit.register(_leave)
     elif not carries(backend := dist.get_backend(), device_type):
@@ -73,6 +76,75 @@ def setup(device_type: str) -> DistContext:
             f"'cpu:gloo,cuda:nccl' to train on both, or train on {'cuda' if device_type == 'cpu' else 'cpu'}"
         )
     return DistContext(rank, world, local_rank)
+
+
+def _store(seconds: float) -> dist.Store | None:
+    """A client of the store torchrun's agent serves every rank of the run, for a word between the ranks before
+    they join the group; None where another launcher set the environment (rank 0's join serves it there)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    timeout = datetime.timedelta(seconds=seconds)
+    return dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+    )
+
+
+def _key(name: str) -> str:
+    """A key of this run's attempt: torchrun keeps its store across the attempts of --max-restarts."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return f"reslab/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{attempt}/{name}"
+
+
+def wait_for_ranks(rank: int, world: int, seconds: float) -> None:
+    """Wait until every rank has come this far, or one has said it stopped before (`tell_others`). A rank that
+    fails before it joins the group (on another machine: a run directory or a config file that machine lacks)
+    left the others waiting in the join for RESLAB_DIST_TIMEOUT (10 minutes), to end in a traceback; or, where
+    its machine served torchrun's store, in a page of C++ frames. Now they stop at once, and say why."""
+    try:
+        if (store := _store(min(seconds, 60.0))) is None:  # its agent serves it before any rank starts
+            return
+        store.add(_key("ready"), 1)
+        deadline = time.monotonic() + seconds
+        while (ready := store.add(_key("ready"), 0)) < world:
+            if store.check([_key("stopped")]):
+                error = ReslabError(f"rank {rank} stopped: {store.get(_key('stopped')).decode()}")
+                store.add(_key("told"), 1)
+                error.after = 1  # torchrun's root cause is the rank that failed first
+                raise error
+            if time.monotonic() > deadline:
+                raise ReslabError(
+                    f"rank {rank} stopped: {world - ready} of the {world} ranks did not come to train in "
+                    f"RESLAB_DIST_TIMEOUT={seconds:g} s"
+                )
+            time.sleep(0.05)
+    except dist.DistError as e:  # the store's machine went: its agent stops when a rank there fails
+        error = ReslabError(
+            f"rank {rank} stopped: torchrun's store went away before the ranks met ({e.__class__.__name__}): a "
+            "rank on the machine that served it failed, and its message says why"
+        )
+        error.after = 1
+        raise error from None
+
+
+def tell_others(line: str) -> None:
+    """Under torchrun, before this rank joined the group: leave its error `line` where the ranks waiting for it
+    read it (`wait_for_ranks`), and give those a moment to read it: where this machine serves torchrun's store,
+    it goes when this rank exits. Once joined, the others learn from their next collective instead."""
+    if dist.is_initialized():
+        return
+    try:
+        if (store := _store(10.0)) is None:
+            return
+        said = line.removeprefix("reslab: ").removeprefix("error: ")
+        # the first rank to stop is the one quoted
+        store.compare_set(
+            _key("stopped"), "", f"rank {os.environ.get('RANK', '?')} failed before the ranks met: {said}"
+        )
+        deadline = time.monotonic() + 5
+        while store.add(_key("told"), 0) < store.add(_key("ready"), 0) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except Exception:  # its own line is said already; the others wait as they did before
+        pass
 
 
 def carries(backend: str, device_type: str) -> bool:

@@ -57,6 +57,15 @@ def no_crowded_warning(monkeypatch):
     monkeypatch.setattr(fit_module, "CROWDED", 1.1)  # above any share of the time
 
 
+@pytest.fixture(scope="session", autouse=True)
+def subprocess_temp_dir(tmp_path_factory):
+    """torchrun leaves a directory of each run's logs in the temp directory (~40 a session in /tmp): the tests'
+    processes take pytest's own, which pytest clears with its old sessions."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmp")))
+        yield
+
+
 @pytest.fixture
 def tiny_data(tmp_path: Path) -> Path:
     return make_dataset(tmp_path / "data")

@@ -137,14 +137,8 @@ def on_two_machines(dirs: list[Path], args: list[str]) -> list[tuple[int, str]]:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, RESLAB_DIST_TIMEOUT="300", OMP_NUM_THREADS="1")
-    cmd = [
-        TORCHRUN,
-        "--nnodes=2",
-        "--nproc_per_node=1",
-        "--rdzv-backend=c10d",
-        f"--rdzv-endpoint=localhost:{port}",
-    ]
-    cmd += ["--rdzv-id=test", "-m", "reslab", *args]
+    rendezvous = ["--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}", "--rdzv-id=test"]
+    cmd = [TORCHRUN, "--nnodes=2", "--nproc_per_node=1", *rendezvous, "-m", "reslab", *args]
     logs = [d.parent / f"{d.name}.log" for d in dirs]
     machines = []
     for d, log in zip(dirs, logs):

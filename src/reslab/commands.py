@@ -35,8 +35,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
             cfg = config.from_dict(checkpoint.load(last, resume=True)["config"], args.set)
         else:
-            shared = int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1  # torchrun's machines
-            where = ": on several machines, --out must be a directory they all see" if shared else ""
+            machines = int(os.environ.get("GROUP_WORLD_SIZE", "1"))  # torchrun's --nnodes
+            where = ": on several machines, --out must be a directory they all see" if machines > 1 else ""
             raise ReslabError(f"cannot resume: {args.out} holds no run (no config.yaml, no last.pt){where}")
         # the run's own config is read; another named with it would be ignored (make train names fast.yaml)
         if args.config is not None and (named := config.load(args.config).name) != cfg.name:

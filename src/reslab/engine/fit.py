@@ -371,11 +371,13 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
             if run.interrupted:
                 raise Interrupted(run.interrupted, out, again)
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if undrawn:  # stopped by an error: the picture still shows every tested epoch
+        if undrawn:  # stopped by an error or a signal: the picture still shows every tested epoch
             with contextlib.suppress(Exception):
                 _write_outputs(run, draw=True)
+        # after the drawing (0.2-0.3 s): under torchrun, a signal that came then, once this rank had saved (the
+        # agent of another machine that lost torchrun's store stops its ranks), killed it before it said so
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _due(done: int, every: int, epochs: int) -> bool:

@@ -125,6 +125,7 @@ SELECT = [
     "tests/test_dist.py::test_a_rank_whose_peer_died_says_so_in_one_line",
     "tests/test_dist.py::test_two_machines_train_as_two_ranks_and_one_that_lacks_the_run_stops_both_at_once",
     "tests/test_dist.py::test_a_rank_that_stops_before_the_ranks_meet_stops_those_that_wait_for_it",
+    "tests/test_dist.py::test_a_signal_that_comes_as_the_ranks_leave_with_their_checkpoint_lets_them_say_so",
     "tests/test_dist.py::test_a_dist_timeout_that_is_not_a_number_of_seconds_is_refused",
     "tests/test_dist.py::test_a_collective_that_timed_out_is_one_line",
     "tests/test_dist.py::test_an_error_line_goes_into_the_file_torchrun_reads_each_failed_ranks_reason_from",

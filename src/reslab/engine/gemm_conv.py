@@ -14,6 +14,14 @@ col2im) take 2.4x less. So:
 
 The choice depends only on shapes, so a run stays deterministic and resumes exactly. Measured: BENCHMARKS.md,
 "Machine C".
+
+On every CPU, bf16 training also takes the weight gradient as a matrix multiply where a convolution strides past
+its input's side (stride 2 on a 1x1 map: an ImageNet-style ResNet's last stage on images of 16 px or less, or the
+notebook's at data.resize=16). There, on a 2-core AVX-512 BF16 EPYC without AMX (PyTorch 2.13.0), oneDNN's bf16
+backward-weights kernel (jit_bf16:avx512_core_bf16) returns a gradient made of memory it never wrote: NaN, inf or
+1e31 in most calls, a finite wrong one (relative error 0.05-1) in some, and now and then the right one, where fp32
+and the forward and input gradient are right. In a scan of maps of 1-10 px, kernels 1-7, strides 1-4 and padding
+0-3 (benchmarks/onednn_bf16_scan.py), every wrong one strode past its input's side, with some padding.
 """
 
 from __future__ import annotations
@@ -124,8 +132,11 @@ class _Conv2dFn(torch.autograd.Function):
 
 
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d that computes in bf16 on small output maps with matrix multiplies (see the module's docstring), with
-    the same parameters and state_dict; plain nn.Conv2d everywhere else."""
+    """nn.Conv2d that computes in bf16 on the CPU with matrix multiplies where oneDNN is wrong (a stride past the
+    input's side), and with `small_maps` on small output maps too (see the module's docstring), with the same
+    parameters and state_dict; plain nn.Conv2d everywhere else."""
+
+    small_maps = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
@@ -136,21 +147,25 @@ class Conv2d(nn.Conv2d):
             return super().forward(x)
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         pixels = out_size(x.shape[2], kh, sh, ph) * out_size(x.shape[3], kw, sw, pw)
-        all_gemm = pixels <= ALL_GEMM_PIXELS
-        if not all_gemm and (pixels > WEIGHT_GRAD_PIXELS or not torch.is_grad_enabled()):
+        all_gemm = self.small_maps and pixels <= ALL_GEMM_PIXELS
+        past_side = sh > x.shape[2] or sw > x.shape[3]
+        weight_gemm = past_side or (self.small_maps and pixels <= WEIGHT_GRAD_PIXELS)
+        if not all_gemm and not (weight_gemm and torch.is_grad_enabled()):
             return super().forward(x)
         bf16 = torch.bfloat16
         bias = None if self.bias is None else self.bias.to(bf16)
         return _Conv2dFn.apply(x.to(bf16), self.weight.to(bf16), bias, self.stride, self.padding, all_gemm)
 
 
-def use_gemm_convs(model: nn.Module) -> int:
+def use_gemm_convs(model: nn.Module, small_maps: bool = True) -> int:
     """Make every plain dense convolution of `model` a Conv2d of this module, in place (parameters and state_dict
-    stay as they are). Returns how many changed."""
+    stay as they are): with `small_maps`, small output maps are matrix multiplies (where that pays: AMX); without,
+    only the weight gradients oneDNN gets wrong are. Returns how many changed."""
     n = 0
     for m in model.modules():
         plain = type(m) is nn.Conv2d and m.groups == 1 and m.dilation == (1, 1) and m.padding_mode == "zeros"
         if plain and not isinstance(m.padding, str):
             m.__class__ = Conv2d
+            m.small_maps = small_maps
             n += 1
     return n

@@ -82,16 +82,19 @@ def speed_up(
     """What training does to a built model, in place, before its first step (bench.make_step does the same):
     engine/rewrites.py's exact rewrites (the stem's max-pool before its ReLU, the head's pool with a cheaper
     backward), and, where they pay, small-map convolutions as matrix multiplies (engine/gemm_conv.py; torch.compile
-    traces them into its graph). `skip` (names of rewrites.REWRITES) and gemm_convs (None: where training would)
-    let a benchmark compare with and without each."""
+    traces them into its graph); in bf16 on any CPU, the weight gradients oneDNN gets wrong as well. `skip` (names
+    of rewrites.REWRITES) and gemm_convs (None: where training would) let a benchmark compare with and without
+    each."""
     unknown = sorted(set(skip) - set(rewrites.REWRITES))
     if unknown:  # a misspelt name would otherwise skip nothing and the comparison would compare nothing
         raise ValueError(f"unknown rewrites {unknown}: choose from {sorted(rewrites.REWRITES)}")
     for name, rewrite in rewrites.REWRITES.items():
         if name not in skip:
             rewrite(model)
-    if gemm_conv.pays(device, precision) if gemm_convs is None else gemm_convs:
-        gemm_conv.use_gemm_convs(model)
+    small_maps = gemm_conv.pays(device, precision) if gemm_convs is None else gemm_convs
+    # on every CPU in bf16: oneDNN's weight gradient of a convolution striding past its input is wrong there
+    if small_maps or (device.type == "cpu" and precision == "bf16"):
+        gemm_conv.use_gemm_convs(model, small_maps)
 
 
 def prepare(cfg: Config, out: Path, quiet: bool = False, warm: bool = True) -> Run:

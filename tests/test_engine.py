@@ -690,6 +690,10 @@ def test_sizes_known_once_the_data_is_read_are_checked_before_any_write(
         (["train.eval_every=0"], "train.eval_every: must be > 0, got 0"),
         (["train.save_every=0"], "train.save_every: must be > 0, got 0"),
         (["data.flip=false", "data.alternate_flip=true"], "data.alternate_flip changes how data.flip"),
+        # without --out, runs/NAME: these would have written into runs/ itself and into ../etc
+        (["name="], "name: one folder's name, as the run directory is runs/NAME by default; got ''"),
+        (["name=../../etc"], "name: one folder's name"),
+        (["name=a/b"], "name: one folder's name"),
     ],
 )
 def test_config_errors_exit_2_and_write_nothing(tmp_path, capsys, overrides, message):

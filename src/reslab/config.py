@@ -335,6 +335,11 @@ def validate(cfg: Config, model: bool = True) -> None:
         if value is not None and (value < 0 or (value == 0 and not allow_zero)):
             raise ReslabError(f"{key}: must be {bound}, got {value}")
 
+    # `reslab train` writes to runs/NAME unless --out says otherwise: a folder's name, not a path out of runs/
+    if cfg.name in ("", ".", "..") or any(c in cfg.name for c in "/\\\0"):
+        raise ReslabError(
+            f"name: one folder's name, as the run directory is runs/NAME by default; got {cfg.name!r}"
+        )
     positive("train.epochs", cfg.train.epochs)
     positive("train.batch_size", cfg.train.batch_size)
     positive("train.accum_steps", cfg.train.accum_steps)

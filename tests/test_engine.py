@@ -643,6 +643,8 @@ def test_ema_and_tta_runs_report_what_eval_of_the_checkpoint_finds(tiny_data, tm
         ({"train.tta_shift": 28}, "train.tta_shift: must be smaller than the 28-pixel inputs, got 28"),
         ({"train.tta_shift": 40, "data.resize": 32}, "smaller than the 32-pixel inputs, got 40"),
         ({"data.crop_padding": 28}, "data.crop_padding: must be smaller than the 28-pixel images, got 28"),
+        # named as itself, not as the memory such a batch would need
+        ({"train.batch_size": 10**12}, "train.batch_size 1000000000000 exceeds the "),
     ],
 )
 def test_sizes_known_once_the_data_is_read_are_checked_before_any_write(

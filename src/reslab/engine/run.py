@@ -131,6 +131,11 @@ def prepare(cfg: Config, out: Path, quiet: bool = False, warm: bool = True) -> R
     model = build_model(cfg.model.name, data.in_channels, len(data.classes), **cfg.model.options)
     size = cfg.data.resize or int(data.train_images.shape[-1])
     check_strides(model, cfg.model.name, size)
+    # before the memory check: a batch of more images than there are is this mistake, whatever it would need
+    if cfg.train.batch_size > len(data.train_labels):
+        raise ReslabError(
+            f"train.batch_size {cfg.train.batch_size} exceeds the {len(data.train_labels)} training images"
+        )
     if device.type == "cpu":  # CUDA's allocator says when it runs out; Linux's OOM killer says nothing
         # the images of a micro-batch, and of the largest evaluation batch (test or validation), which is dealt
         # out to the ranks
@@ -175,10 +180,6 @@ def prepare(cfg: Config, out: Path, quiet: bool = False, warm: bool = True) -> R
             ctx.rank,
             ctx.world_size,
             cfg.train.tta_shift,
-        )
-    if len(train_loader) == 0:
-        raise ReslabError(
-            f"train.batch_size {cfg.train.batch_size} exceeds the {train_loader.num_examples} training images"
         )
     net = model
     if ctx.active:

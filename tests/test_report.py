@@ -348,14 +348,16 @@ def test_eval_on_cuda_without_a_gpu_is_one_line(trained, capsys):
     assert len(err.splitlines()) == 1 and "no CUDA GPU is visible" in err, err
 
 
-def test_huge_image_is_refused(tmp_path):
-    # a 20000 x 20000 PNG header: PIL sees the size before decoding anything
+@pytest.mark.parametrize("side", [20000, 8000])
+def test_huge_image_is_refused_and_nothing_else_said(tmp_path, side):
+    """A PNG header: PIL sees the size before decoding anything. Of 8000 x 8000 (64 M pixels, under twice its
+    limit) PIL only warns, and its DecompressionBombWarning printed two lines of its own before reslab's one."""
     path = tmp_path / "huge.png"
-    Image.new("1", (20000, 20000)).save(path)
-    from reslab.errors import ReslabError
-
-    with pytest.raises(ReslabError, match="too large"):
+    Image.new("1", (side, side)).save(path)
+    with warnings.catch_warnings(record=True) as said, pytest.raises(ReslabError, match="too large"):
+        warnings.simplefilter("always")
         read_image(path, 1, 28)
+    assert not said
 
 
 @pytest.mark.parametrize("first", [True, False])

@@ -199,6 +199,17 @@ def is_gray(mode: str) -> bool:
     return Image.getmodebase(mode) == "L"
 
 
+def open_image(path: str | Path):
+    """PIL's Image.open (the header only) without its warning of an image over MAX_PIXELS, which read_image then
+    refuses in one line of its own."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
 def read_image(path: str | Path, channels: int | None, size: int, invert: bool = False) -> np.ndarray:
     """A user's image file as the training data looked: grayscale (or RGB) uint8, `size` x `size`; with `channels`
     None, as the file is (is_gray of its mode): (size, size) or (size, size, 3).
@@ -209,9 +220,8 @@ def read_image(path: str | Path, channels: int | None, size: int, invert: bool =
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             if img.width * img.height > MAX_PIXELS:
                 raise ReslabError(
                     f"{path}: {img.width}x{img.height} is too large (limit {MAX_PIXELS:,} pixels)"

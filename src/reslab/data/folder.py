@@ -34,11 +34,11 @@ def _channels(files: list[Path]) -> int:
     alone decided, so a gray first image turned every colour image gray, and a float TIFF counted as colour)."""
     from PIL import Image
 
-    from ..report import is_gray
+    from ..report import is_gray, open_image
 
     for f in files:
         try:
-            with Image.open(f) as img:  # the header only
+            with open_image(f) as img:  # the header only
                 if not is_gray(img.mode):
                     return 3
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
@@ -88,11 +88,11 @@ def _side(train: dict, size: int | None) -> int:
     """The side of the square images the folder loads as: `size`, else the first image's larger side."""
     from PIL import Image
 
-    from ..report import read_image
+    from ..report import open_image, read_image
 
     first = next(f for files in train.values() for f in files)
     try:
-        with Image.open(first) as img:
+        with open_image(first) as img:
             return size or max(img.size)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         read_image(first, 1, 1)  # says in one line what is wrong with it

@@ -149,6 +149,36 @@ def test_describe_tells_the_shape_and_classes_load_dataset_gives(tmp_path):
         describe(DataConfig(name="folder", root=str(tmp_path / "none")))
 
 
+def test_idx_data_of_one_class_or_of_two_sizes_is_refused(tmp_path):
+    """Found by an ad hoc fuzz of IDX datasets: labels that were all 0 trained a one-class net (loss 0, accuracy 1
+    whatever it did), and test images of 20 px beside training images of 28 were scored at 20 px without a word."""
+    rng = np.random.default_rng(0)
+
+    def idx(name: str, test_side: int, labels: int) -> str:
+        root = tmp_path / name
+        root.mkdir()
+        for split, n, side in (("train", 12, 28), ("t10k", 6, test_side)):
+            write_idx(
+                root / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, side, side), dtype=np.uint8)
+            )
+            write_idx(root / f"{split}-labels-idx1-ubyte.gz", np.arange(n, dtype=np.uint8) % labels)
+        return str(root)
+
+    with pytest.raises(
+        ReslabError, match="train-labels-idx1-ubyte.gz: every label is 0, one class; a classifier"
+    ):
+        load_dataset(DataConfig(name="idx", root=idx("one", 28, 1)))
+    sizes = idx("sizes", 20, 3)
+    with pytest.raises(
+        ReslabError, match="^data: the test images are 20x20, the training images 28x28; set data.resize"
+    ):
+        load_dataset(DataConfig(name="idx", root=sizes))
+    data = load_dataset(
+        DataConfig(name="idx", root=sizes, resize=24)
+    )  # the loader resizes both, batch by batch
+    assert data.train_images.shape[-1] == 28 and data.test_images.shape[-1] == 20
+
+
 def test_missing_file_and_nothing_found(tmp_path, monkeypatch):
     root = make_dataset(tmp_path / "d", 10, 10)
     (root / "t10k-labels-idx1-ubyte.gz").unlink()

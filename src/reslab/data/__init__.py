@@ -90,6 +90,12 @@ def load_dataset(cfg: DataConfig, train_images: bool = True) -> Dataset:
         return t.unsqueeze(1) if t.ndim == 3 else t
 
     train_x, test_x = tensor(arrays.train_images), tensor(arrays.test_images)
+    if cfg.resize is None and (shape := test_x.shape[-2:]) != (side := train_x.shape[-2:]):
+        # the model would be tested on maps of another size than it trained on, and say nothing
+        raise ReslabError(
+            f"data: the test images are {shape[-2]}x{shape[-1]}, the training images {side[-2]}x{side[-1]}; "
+            "set data.resize to bring both to one size"
+        )
     train_y, val_x, val_y = tensor(arrays.train_labels).long(), None, None
     if cfg.val:
         train_x, train_y, val_x, val_y = hold_out(train_x, train_y, cfg.val)

@@ -198,6 +198,8 @@ def load_arrays(
     if not classes:
         top = int(max(arrays["train_labels"].max(), arrays["test_labels"].max()))
         classes = tuple(str(i) for i in range(top + 1))
+    if len(classes) < 2:  # its loss is 0 whatever the model does, as a folder of one class would be
+        raise IdxError(f"{paths['train_labels']}: every label is 0, one class; a classifier needs at least 2")
     return Arrays(
         arrays["train_images"],
         arrays["train_labels"].astype(np.int64),

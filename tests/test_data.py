@@ -173,9 +173,8 @@ def test_idx_data_of_one_class_or_of_two_sizes_is_refused(tmp_path):
         ReslabError, match="^data: the test images are 20x20, the training images 28x28; set data.resize"
     ):
         load_dataset(DataConfig(name="idx", root=sizes))
-    data = load_dataset(
-        DataConfig(name="idx", root=sizes, resize=24)
-    )  # the loader resizes both, batch by batch
+    # with data.resize the loader resizes both, batch by batch
+    data = load_dataset(DataConfig(name="idx", root=sizes, resize=24))
     assert data.train_images.shape[-1] == 28 and data.test_images.shape[-1] == 20
 
 

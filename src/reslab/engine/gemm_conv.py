@@ -16,12 +16,13 @@ The choice depends only on shapes, so a run stays deterministic and resumes exac
 "Machine C".
 
 On every CPU, bf16 training also takes the weight gradient as a matrix multiply where a convolution strides past
-its input's side (stride 2 on a 1x1 map: an ImageNet-style ResNet's last stage on images of 16 px or less, or the
-notebook's at data.resize=16). There, on a 2-core AVX-512 BF16 EPYC without AMX (PyTorch 2.13.0), oneDNN's bf16
-backward-weights kernel (jit_bf16:avx512_core_bf16) returns a gradient made of memory it never wrote: NaN, inf or
-1e31 in most calls, a finite wrong one (relative error 0.05-1) in some, and now and then the right one, where fp32
-and the forward and input gradient are right. In a scan of maps of 1-10 px, kernels 1-7, strides 1-4 and padding
-0-3 (benchmarks/onednn_bf16_scan.py), every wrong one strode past its input's side, with some padding.
+its input's side (stride 2 over a 1x1 map: the last stage of an ImageNet-style ResNet, or of the notebook's, on
+images of 16 px or less). There, on a 2-core AVX-512 BF16 EPYC without AMX (PyTorch 2.13.0), oneDNN's bf16
+backward-weights kernel (jit_bf16:avx512_core_bf16) returns a gradient that changes from call to call, as memory
+it never wrote would: NaN, inf, 1e31 or a finite wrong value in most calls, the right one in some, where fp32, the
+forward pass and the input gradient are right. In a scan of maps of 1-10 px, kernels 1-7, strides 1-4 and padding 0-3
+(benchmarks/onednn_bf16_scan.py; BENCHMARKS.md, "Machine B, session 83"), every wrong one strode past its input's
+side, with padding.
 """
 
 from __future__ import annotations

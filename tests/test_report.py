@@ -850,6 +850,9 @@ def test_runs_list_hand_edited_files_in_their_rows_without_a_traceback(trained, 
     shutil.copytree(trained, runs / "blank", ignore=shutil.ignore_patterns("*.pt", "*.png"))
     with open(runs / "blank" / "metrics.jsonl", "a") as f:
         f.write("\n\n")  # an editor's blank lines hold no epoch
+    shutil.copytree(trained, runs / "binary", ignore=shutil.ignore_patterns("*.pt", "*.png"))
+    with open(runs / "binary" / "metrics.jsonl", "ab") as f:
+        f.write(b"\xff\n")  # not UTF-8: the decoding error named no file
     assert read_history(runs / "blank") == read_history(trained)
     for extra in ([], ["--seeds"]):
         assert main(["runs", str(runs), "--json", *extra]) == 0
@@ -858,6 +861,9 @@ def test_runs_list_hand_edited_files_in_their_rows_without_a_traceback(trained, 
             assert shown[name]["state"] == f"unreadable ({runs / name / 'metrics.jsonl'}: {said})"
             with pytest.raises(ReslabError, match=re.escape(said)):
                 read_history(runs / name)
+        assert shown["binary"]["state"].startswith(
+            f"unreadable ({runs / 'binary' / 'metrics.jsonl'}: not text ("
+        )
     assert main(["runs", str(runs), "--json"]) == 0
     rows = {Path(r["run"]).name: r for r in json.loads(capsys.readouterr().out)}
     assert rows["train-list"]["planned_epochs"] is None and rows["train-list"]["model"] == "resnet8"

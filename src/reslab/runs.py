@@ -53,8 +53,12 @@ def read_history(run: Path) -> list[dict]:
     path = run / "metrics.jsonl"
     if not path.is_file():
         return []
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise ReslabError(f"{path}: not text ({e.reason} at byte {e.start})") from None
     history = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():  # a blank line (an editor's) holds no epoch
             continue
         try:
@@ -76,8 +80,11 @@ def describe(run: Path) -> dict:
         return {"run": str(run), "state": "no config.yaml; --resume continues it from last.pt"}
     try:
         cfg = yaml.load((run / "config.yaml").read_text(), Loader=SafeLoader) or {}
+    except (OSError, ValueError, yaml.YAMLError) as e:  # a YAML or decoding error does not name the file
+        return {"run": str(run), "state": f"unreadable (config.yaml: {str(e).splitlines()[0]})"}
+    try:
         history = read_history(run)
-    except (OSError, ValueError, yaml.YAMLError, ReslabError) as e:
+    except (OSError, ReslabError) as e:
         return {"run": str(run), "state": f"unreadable ({str(e).splitlines()[0]})"}
     if not isinstance(cfg, dict):
         return {"run": str(run), "state": "unreadable (config.yaml is not a mapping)"}

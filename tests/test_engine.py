@@ -24,7 +24,7 @@ from reslab.engine.steps import predict_logits
 from reslab.errors import ReslabError
 from reslab.models import build_model
 from reslab.report import evaluate_checkpoint
-from reslab.runs import read_history, without_timings
+from reslab.runs import describe, read_history, without_timings
 
 
 def tiny_cfg(data_dir, **extra):
@@ -294,6 +294,13 @@ def test_hopeless_run_stops_cleanly(tiny_data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "diverged" in err and "after 3 retries" in err and "Traceback" not in err
     assert not (out / "metrics.jsonl").exists()  # no NaN metric was ever written
+    # `reslab runs` said "no checkpoint" (or, diverged later, "stopped; --resume continues it")
+    assert json.loads((out / "diverged.json").read_text())["epoch"] == 1
+    said = "diverged in epoch 1; --resume tries again (lower optim.lr with --set)"
+    assert describe(out)["state"] == said
+    # at a learning rate that trains, the resumed run finishes, and the record goes
+    assert main(["train", "--out", str(out), "--quiet", "--resume", "--set", "optim.lr=0.05"]) == 0
+    assert not (out / "diverged.json").exists() and describe(out)["state"] == "finished"
 
 
 def test_a_run_resumed_mid_epoch_rolls_back_to_the_epochs_start_as_the_uninterrupted_one(tiny_data, tmp_path):

@@ -71,11 +71,20 @@ def read_history(run: Path) -> list[dict]:
     return history
 
 
+def gave_up(path: Path) -> str:
+    """' in epoch 3': the epoch diverged.json says the divergence guard gave up in ('' if it cannot be read)."""
+    try:
+        epoch = json.loads(path.read_text()).get("epoch")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return f" in epoch {epoch}" if is_count(epoch) else ""
+
+
 def describe(run: Path) -> dict:
     """What a run directory holds: its model (and the run it started from), epochs done of those planned, last
     and best test accuracy, training seconds and how many epochs other processes slowed (their threads waited for
     a CPU CROWDED of the time or more: the seconds say little of the recipe), and its state (finished, stopped and
-    resumable, training now, or never checkpointed)."""
+    resumable, diverged, training now, or never checkpointed)."""
     if not (run / "config.yaml").is_file():  # deleted by hand: last.pt still holds the config for --resume
         return {"run": str(run), "state": "no config.yaml; --resume continues it from last.pt"}
     try:
@@ -102,6 +111,8 @@ def describe(run: Path) -> dict:
         state = f"training (pid {owner}{f', {left} to go' if left else ''})"
     elif done and done >= (planned or 0) and (run / "summary.json").is_file():
         state = "finished"
+    elif (run / "diverged.json").is_file():
+        state = f"diverged{gave_up(run / 'diverged.json')}; --resume tries again (lower optim.lr with --set)"
     elif (run / "last.pt").is_file():
         state = "stopped; --resume continues it"
     else:

@@ -42,7 +42,8 @@ from .run import (
 from .schedule import lr_at
 from .steps import check_steps, evaluate, loss_fn, train_step
 
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "summary.json", "curves.png")  # what a run writes
+# what a run writes; diverged.json only when the guard gave up, for `reslab runs` to say so
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "summary.json", "curves.png", "diverged.json")
 CURVES_EVERY = 30.0  # seconds between drawings of curves.png (0.2-0.3 s each); a run's end always draws
 
 
@@ -231,6 +232,7 @@ def fit(
                     (out / name).unlink(missing_ok=True)
             for name in ("config.yaml", *RUN_FILES):  # with the lock held, no one else writes these
                 files.remove_temp_files(out / name)
+            (out / "diverged.json").unlink(missing_ok=True)  # a resume tries again
             files.write_text(out / "config.yaml", config_mod.dump(cfg))
         _epochs(run, out, resumed=restored, on_step=on_step)
         summary = _summary(run, time.perf_counter() - wall_start)
@@ -341,7 +343,14 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
             try:
                 metrics = _train_and_evaluate(run, epoch, step_hook)
             except guard.Divergence as e:
-                _log(run, guard.recover(run.guard, e, epoch, cfg.train.max_retries), err=True)
+                try:
+                    said = guard.recover(run.guard, e, epoch, cfg.train.max_retries)
+                except guard.DivergenceError as error:
+                    if run.ctx.is_main:
+                        gave_up = {"epoch": epoch + 1, "error": str(error)}
+                        files.write_text(out / "diverged.json", json.dumps(gave_up) + "\n")
+                    raise
+                _log(run, said, err=True)
                 restore_training_state(run, snap)
                 continue
             run.guard.retries = 0

@@ -346,9 +346,11 @@ def _epochs(run: Run, out: Path, resumed: bool, on_step) -> None:
                 try:
                     said = guard.recover(run.guard, e, epoch, cfg.train.max_retries)
                 except guard.DivergenceError as error:
+                    # for `reslab runs`: a disk that refuses it must not hide the divergence
                     if run.ctx.is_main:
-                        gave_up = {"epoch": epoch + 1, "error": str(error)}
-                        files.write_text(out / "diverged.json", json.dumps(gave_up) + "\n")
+                        with contextlib.suppress(OSError):
+                            gave_up = {"epoch": epoch + 1, "error": str(error)}
+                            files.write_text(out / "diverged.json", json.dumps(gave_up) + "\n")
                     raise
                 _log(run, said, err=True)
                 restore_training_state(run, snap)
